@@ -1,0 +1,91 @@
+"""``torch.compile(model, backend="coach", options={...})``.
+
+The backend is found through the ``torch_dynamo_backends`` entry point in ``pyproject.toml``
+(the one place it is registered). ``options`` take the keywords of :func:`coach_fx.compile`.
+
+Dynamo hands over one FX graph per region between graph breaks; each graph is planned and
+split on its own, so a model with a graph break runs as several end->cloud round trips (one
+per graph). Parameters and buffers that dynamo lifts into graph inputs are turned back into
+attributes, so a plan never ships weights and each half owns its own; they stay the model's
+tensors, so a training step through the compiled model updates the model.
+
+Example::
+
+    >>> cm = torch.compile(model, backend="coach",
+    ...                    options={"network": coach_fx.Network(10), "strategy": "coach"})  # doctest: +SKIP
+    >>> cm(x)                                                                             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from coach_fx.compiled import CompiledModel, plan_model, prepare
+from coach_fx.settings import Settings
+
+#: Every graph compiled by the backend in this process, newest last (for inspection and tests).
+COMPILED: list[CompiledModel] = []
+
+
+def _is_weight(node: fx.Node, value: Any) -> bool:
+    if isinstance(value, nn.Parameter):
+        return True
+    arg = node.meta.get("grapharg")
+    src = repr(getattr(arg, "source", ""))
+    return "_parameters" in src or "_buffers" in src
+
+
+def _lift_weights(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
+    """Replace placeholders that carry parameters/buffers by get_attr; return data input indices."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    root = nn.Module()
+    keep: list[int] = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor) and _is_weight(node, value):
+            name = f"w{i}_{node.name}"[:120]
+            if isinstance(value, nn.Parameter):
+                root.register_parameter(name, value)
+            else:
+                root.register_buffer(name, value)
+            with gm.graph.inserting_before(node):
+                attr = gm.graph.get_attr(name)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+            gm.graph.erase_node(node)
+        else:
+            keep.append(i)
+    for name, mod in gm.named_children():
+        root.add_module(name, mod)
+    new = fx.GraphModule(root, gm.graph, "CoachGraph")
+    new.meta["coach_capture"] = "dynamo"
+    return new, keep
+
+
+def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                  options: dict | None = None, **kw: Any) -> Callable[..., Any]:
+    """The dynamo backend: plan and split one graph, return a callable that runs it."""
+    settings = Settings.from_options(options)
+    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+        raise TypeError("backend='coach' plans static shapes; compile with dynamic=False "
+                        f"(got inputs {[type(x).__name__ for x in example_inputs]})")
+    lifted, keep = _lift_weights(gm, example_inputs)
+    inputs = tuple(example_inputs[i] for i in keep)
+    lifted, inputs, dag = prepare(lifted, inputs, settings)
+    plan, oracle = plan_model(lifted, inputs, dag, settings)
+    cm = CompiledModel(lifted, dag, plan, settings, inputs, oracle)
+    weights = [example_inputs[i] for i in range(len(example_inputs)) if i not in set(keep)]
+    trainable = any(getattr(w, "requires_grad", False) for w in weights)
+    COMPILED.append(cm)
+
+    def run(*args: Any) -> Any:
+        # dynamo's graph states train/eval itself; the straight-through path is needed only
+        # when gradients must reach the weights
+        cm.training = trainable and torch.is_grad_enabled()
+        return cm(*(args[i] for i in keep))
+
+    run.compiled = cm  # type: ignore[attr-defined]
+    return run

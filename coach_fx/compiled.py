@@ -1,0 +1,226 @@
+"""``coach_fx.compile``: capture, annotate, cost, plan and split a model; ``CompiledModel`` runs it.
+
+Example::
+
+    >>> import torch, torchvision, coach_fx
+    >>> model = torchvision.models.resnet18().eval()
+    >>> x = torch.randn(1, 3, 224, 224)
+    >>> cm = coach_fx.compile(model, (x,), network=coach_fx.Network(uplink_mbps=10),
+    ...                       end=coach_fx.Device("pi", slowdown=8), strategy="brute-force")
+    >>> y = cm(x)                       # end half -> in-process link -> cloud half
+    >>> print(cm.report())              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from tabulate import tabulate
+from torch import nn
+
+from coach_fx.accuracy import AccuracyOracle
+from coach_fx.costs import build_dag
+from coach_fx.graph import LayerDAG
+from coach_fx.optimize import Problem, solve
+from coach_fx.optimize.simple import manual
+from coach_fx.passes.annotate import annotate
+from coach_fx.passes.capture import capture
+from coach_fx.passes.partition import Boundary, partition
+from coach_fx.plan import Plan
+from coach_fx.settings import Settings
+
+
+class InputError(ValueError):
+    """An input does not match what the model was compiled for."""
+
+
+def _example_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of the model's positional inputs, "
+                    f"got {type(example_inputs).__name__}")
+
+
+def _identity_link(payload: tuple) -> tuple:
+    return payload
+
+
+class CompiledModel(nn.Module):
+    """A model split into an end and a cloud GraphModule joined by quantized boundary ops.
+
+    ``cm(x)`` returns what the model returns, computed end -> link -> cloud. Attributes:
+    ``plan`` (:class:`coach_fx.Plan`), ``dag`` (:class:`coach_fx.LayerDAG`), ``end_module`` and
+    ``cloud_module`` (``torch.fx.GraphModule``), ``boundary`` (what crosses, in payload order).
+    """
+
+    def __init__(self, gm: fx.GraphModule, dag: LayerDAG, plan: Plan, settings: Settings,
+                 example_inputs: Sequence[Any], oracle: AccuracyOracle | None = None) -> None:
+        super().__init__()
+        self.gm, self.dag, self.plan, self.settings = gm, dag, plan, settings
+        self.oracle = oracle
+        self.example_inputs = tuple(example_inputs)
+        self.input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.end_module, self.cloud_module, self.boundary = partition(gm, plan.end_nodes, plan.bits)
+        self._train_end, self._train_cloud, _ = partition(gm, plan.end_nodes, plan.bits, mode="train")
+        self.link: Callable[[tuple], tuple] = _identity_link
+        self.train(gm.training)
+
+    # -------------------------------------------------------------- running
+    def check_inputs(self, args: Sequence[Any]) -> None:
+        """Raise :class:`InputError` naming the expected shape/dtype before any work is done."""
+        if len(args) != len(self.example_inputs):
+            raise InputError(f"expected {len(self.example_inputs)} input(s) "
+                             f"({', '.join(self.input_names)}), got {len(args)}")
+        for i, (a, e) in enumerate(zip(args, self.example_inputs)):
+            name = self.input_names[i] if i < len(self.input_names) else str(i)
+            if isinstance(e, torch.Tensor):
+                if not isinstance(a, torch.Tensor):
+                    raise InputError(f"input {i} ({name!r}) must be a tensor of shape "
+                                     f"{tuple(e.shape)}, got {type(a).__name__}")
+                if a.shape != e.shape or a.dtype != e.dtype:
+                    raise InputError(
+                        f"input {i} ({name!r}) has shape {tuple(a.shape)} and dtype {a.dtype}; "
+                        f"expected shape {tuple(e.shape)} and dtype {e.dtype} (the example "
+                        "inputs the model was compiled for; compile again for another shape)")
+
+    def _bind(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
+        if not kwargs:
+            return args
+        args = list(args)
+        for name in self.input_names[len(args):]:
+            if name not in kwargs:
+                raise InputError(f"missing input {name!r}")
+            args.append(kwargs[name])
+        extra = set(kwargs) - set(self.input_names)
+        if extra:
+            raise InputError(f"unexpected keyword input(s) {sorted(extra)}")
+        return tuple(args)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args = self._bind(args, kwargs)
+        self.check_inputs(args)
+        if self.training and torch.is_grad_enabled():
+            # fake-quantized boundary whose gradient passes straight through
+            payload = self._train_end(*args)
+            return payload if self.boundary.end_only else self._train_cloud(*payload)
+        out = self.end_module(*args)
+        if self.boundary.end_only:
+            return out
+        return self.cloud_module(*self.link(out))
+
+    # -------------------------------------------------------------- reporting
+    def report(self) -> str:
+        """The plan and its predicted stage times as a table."""
+        p = self.plan
+        head = (f"plan: {p.strategy}, objective {p.objective}; {len(p.end_nodes)}/{len(self.dag)} "
+                f"nodes on the end; crossing: "
+                + (", ".join(f"{x}@{p.bits[x]}b" for x in p.cut) or "nothing"))
+        if p.accuracy is not None:
+            head += f"\naccuracy: {p.note}"
+        rows = [["T_end", p.t_end * 1e3], ["T_link", p.t_link * 1e3], ["T_cloud", p.t_cloud * 1e3],
+                ["latency", p.latency * 1e3], ["period", p.period * 1e3],
+                ["throughput /s", p.throughput], ["bubble ratio", p.bubble_ratio],
+                ["bytes sent", p.bytes_sent]]
+        return head + "\n" + tabulate(rows, headers=["predicted", "ms / value"], floatfmt=".3f")
+
+    def prediction_check(self, repeat: int = 10) -> dict[str, float]:
+        """How well the per-node sum of host times predicts each half run as one module."""
+        host = getattr(self.dag, "host_times", None)
+        if host is None:
+            return {}
+        end_set = set(self.plan.end_nodes)
+        pred_end = sum(host.get(m, 0.0) for v in end_set for m in self.dag.members[v])
+        pred_cloud = sum(host.get(m, 0.0) for v in self.dag.nodes if v not in end_set
+                         for m in self.dag.members[v])
+        with torch.no_grad():
+            payload = self.end_module(*self.example_inputs)
+            meas_end = _median_time(lambda: self.end_module(*self.example_inputs), repeat)
+            meas_cloud = 0.0 if self.boundary.end_only else \
+                _median_time(lambda: self.cloud_module(*payload), repeat)
+        def err(pred: float, meas: float) -> float:
+            return (pred - meas) / meas if meas > 0 else 0.0
+        return {"end_pred_s": pred_end, "end_meas_s": meas_end, "end_err": err(pred_end, meas_end),
+                "cloud_pred_s": pred_cloud, "cloud_meas_s": meas_cloud,
+                "cloud_err": err(pred_cloud, meas_cloud)}
+
+
+def _median_time(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Settings
+            ) -> tuple[fx.GraphModule, tuple, LayerDAG]:
+    """Capture, annotate and cost ``model``: the (GraphModule, inputs, LayerDAG) to plan on."""
+    inputs = _example_tuple(example_inputs)
+    gm = capture(model, inputs, settings.leaf_modules)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    try:
+        annotate(gm, inputs)
+    except Exception as e:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        raise InputError(f"running {type(model).__name__} on the example inputs {shapes} "
+                         f"failed: {e}") from e
+    dag = build_dag(gm, inputs, settings)
+    return gm, inputs, dag
+
+
+def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Settings,
+               strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
+    """Plan an already prepared model with ``strategy`` (default: the settings')."""
+    strategy = strategy or settings.strategy
+    if strategy == "manual":
+        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
+        return manual(problem, settings.end_nodes, settings.manual_bits), oracle
+    if oracle is None and strategy not in ("end-only",):
+        oracle = AccuracyOracle(gm, dag, settings, inputs)
+    problem = Problem(dag, settings.network, settings.objective, settings.bits,
+                      settings.input_bits, oracle)
+    kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
+    plan = solve(strategy, problem, **kw)
+    if oracle is not None:
+        plan.accuracy = oracle.metric(plan.end_nodes, plan.bits)
+        plan.accuracy_ok = plan.accuracy <= oracle.budget + 1e-12
+        what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
+                "l2": "output relative L2"}[oracle.mode]
+        plan.note = f"{what} {plan.accuracy:.4f} (limit {oracle.budget:g}) on calibration data" \
+            if oracle.mode != "l2" else f"{what} {plan.accuracy:.4f} (limit {oracle.budget:g}) on the example inputs"
+    return plan, oracle
+
+
+def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: Any = None,
+            cloud: Any = None, strategy: str = "coach", objective: str = "throughput",
+            accuracy_budget: float = 0.005, calibration: Any = None,
+            bits: Sequence[int] = (2, 3, 4, 5, 6, 8, 16, 32), costs: str = "measured",
+            **options: Any) -> CompiledModel:
+    """Split ``model`` between an end device and the cloud; see the module docstring.
+
+    Other keywords (``end_nodes``, ``manual_bits``, ``input_bits``, ``output_tolerance``,
+    ``leaf_modules``, ``max_plans``, ``progress``...) are fields of :class:`coach_fx.Settings`.
+    """
+    kw: dict[str, Any] = dict(strategy=strategy, objective=objective, accuracy_budget=accuracy_budget,
+                              calibration=calibration, bits=bits, costs=costs)
+    for k, v in (("network", network), ("end", end), ("cloud", cloud)):
+        if v is not None:
+            kw[k] = v
+    if "bits" in options:
+        raise TypeError("bits given twice")
+    if strategy == "manual" and "manual_bits" not in options and isinstance(bits, (int, Mapping)):
+        options["manual_bits"] = bits
+        kw["bits"] = (2, 3, 4, 5, 6, 8, 16, 32)
+    settings = Settings.from_options(options, **kw)
+    gm, inputs, dag = prepare(model, example_inputs, settings)
+    plan, oracle = plan_model(gm, inputs, dag, settings)
+    return CompiledModel(gm, dag, plan, settings, inputs, oracle)

@@ -1,0 +1,124 @@
+"""Per-node costs on the end and the cloud device, and the LayerDAG built from them.
+
+Two sources:
+
+* ``measured``: an ``fx.Interpreter`` times every node on this host (one warm-up run, then the
+  median of ``repeat`` runs); a device's time is the host time × its ``slowdown``.
+* ``analytic``: FLOPs and bytes moved from ``passes.annotate`` over a fixed host rate
+  (:data:`HOST_FLOPS`, :data:`HOST_BYTES_PER_S`, :data:`OP_OVERHEAD_S`); deterministic, so
+  tests and the planner benchmark do not depend on the load of this machine.
+
+Example::
+
+    >>> dag = build_dag(gm, example_inputs, Settings(costs="analytic"))   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from coach_fx.graph import LayerDAG
+from coach_fx.progress import Progress
+from coach_fx.settings import Device, Settings
+
+HOST_FLOPS = 20e9            # FLOP/s of the reference host in the analytic model
+HOST_BYTES_PER_S = 10e9      # memory bandwidth of the reference host
+OP_OVERHEAD_S = 5e-6         # fixed cost of launching one op
+ANALYTIC_QUANT_S_PER_ELEM = 4e-9   # quantize+pack (or unpack+dequantize) per element
+
+
+class _Timer(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.times: dict[str, float] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        t0 = time.perf_counter()
+        out = super().run_node(n)
+        self.times[n.name] = time.perf_counter() - t0
+        return out
+
+
+def measure_node_times(gm: fx.GraphModule, example_inputs: Sequence[Any], repeat: int = 5,
+                       progress: Callable[[int, int, str], None] | None = None) -> dict[str, float]:
+    """Median seconds per fx node on this host (after one warm-up run)."""
+    runs: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for r in range(repeat + 1):
+            timer = _Timer(gm)
+            timer.run(*example_inputs)
+            if r:  # run 0 warms caches and allocators
+                for k, v in timer.times.items():
+                    runs.setdefault(k, []).append(v)
+            if progress:
+                progress(r + 1, repeat + 1, "profiling")
+    return {k: statistics.median(v) for k, v in runs.items()}
+
+
+def analytic_node_times(gm: fx.GraphModule) -> dict[str, float]:
+    """Host seconds per fx node from FLOPs and bytes moved (needs ``passes.annotate``)."""
+    out = {}
+    for n in gm.graph.nodes:
+        info = n.meta.get("coach")
+        if info is None or n.op in ("placeholder", "output", "get_attr") or info["kind"] == "value":
+            out[n.name] = 0.0
+            continue
+        out[n.name] = OP_OVERHEAD_S + info["flops"] / HOST_FLOPS + info["moved"] / HOST_BYTES_PER_S
+    return out
+
+
+def measure_quant_cost(numel: int = 1 << 20, bits: int = 8, repeat: int = 3) -> tuple[float, float]:
+    """Host seconds per element to quantize+pack and to unpack+dequantize."""
+    import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
+    x = torch.randn(numel)
+    ops = torch.ops.coach
+    def q() -> Any:
+        c, s, z = ops.quantize(x, bits)
+        return ops.pack(c, bits), s, z
+    p, s, z = q()
+    def dq() -> Any:
+        return ops.dequantize(ops.unpack(p, bits, [numel]), s, z, bits, torch.float32)
+    def best(f: Callable[[], Any]) -> float:
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return min(ts) / numel
+    return best(q), best(dq)
+
+
+def device_times(host: dict[str, float], device: Device) -> dict[str, float]:
+    """A device's per-node seconds: host × slowdown, overridden by the device's own figures."""
+    own = dict(device.node_costs or {})
+    return {k: own.get(k, v * device.slowdown) for k, v in host.items()}
+
+
+def host_times(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> dict[str, float]:
+    if settings.costs == "analytic":
+        return analytic_node_times(gm)
+    bar = Progress("profiling", enabled=settings.progress, fn=settings.progress_fn)
+    try:
+        return measure_node_times(gm, example_inputs, settings.profile_repeat, bar.update)
+    finally:
+        bar.close()
+
+
+def build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
+              host: dict[str, float] | None = None) -> LayerDAG:
+    """LayerDAG of an annotated GraphModule with end and cloud costs from ``settings``."""
+    host = host if host is not None else host_times(gm, example_inputs, settings)
+    if settings.costs == "analytic":
+        qh = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM)
+    else:
+        qh = measure_quant_cost()
+    quant = (qh[0] * settings.end.slowdown, qh[1] * settings.cloud.slowdown)
+    dag = LayerDAG.from_graph_module(gm, device_times(host, settings.end),
+                                     device_times(host, settings.cloud), quant)
+    dag.host_times = host  # kept for the prediction check in `coach plan`
+    return dag

@@ -1,0 +1,302 @@
+"""``LayerDAG``: the plain, read-only view of an annotated graph that the optimizer works on.
+
+Only nodes that compute a tensor are DAG nodes. Parameters and buffers (``get_attr``) and
+shape or size arithmetic fold into the nodes that read them; a ``getitem`` that picks a
+tensor out of a tuple-valued node folds into that node. So a plan never ships weights, and
+free-floating constants do not multiply the plans.
+
+Edges: ``u -> v`` when v reads u's tensor (a *data* edge: u crosses if v is in the cloud and u
+on the end) or reads a size computed from u (an *order* edge: v on the end needs u on the end;
+the size itself crosses as a plain value, costing nothing worth modelling).
+
+Example::
+
+    >>> dag = LayerDAG.from_graph_module(gm, t_end, t_cloud)          # doctest: +SKIP
+    >>> dag.nodes[:3], dag.preds("layer1_0_conv1"), dag.crossing({"conv1", "bn1"})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """What the optimizer knows of one DAG node (or model input)."""
+
+    name: str
+    numel: int
+    bytes: int          # output bytes at its own precision (float32: 4 per element)
+    quantizable: bool   # a floating-point tensor: may be sent with fewer bits
+    t_end: float        # seconds on the end device
+    t_cloud: float      # seconds on the cloud device
+    flops: float = 0.0
+
+
+class LayerDAG:
+    """Nodes in topological order, with predecessors, successors, bytes and costs."""
+
+    def __init__(self, inputs: Mapping[str, NodeData], nodes: Mapping[str, NodeData],
+                 data_preds: Mapping[str, Iterable[str]], order_preds: Mapping[str, Iterable[str]],
+                 outputs: Iterable[str], members: Mapping[str, tuple[str, ...]] | None = None,
+                 quant_s_per_elem: tuple[float, float] = (0.0, 0.0)) -> None:
+        self.inputs: tuple[str, ...] = tuple(inputs)
+        self.nodes: tuple[str, ...] = tuple(nodes)
+        self.info: dict[str, NodeData] = {**inputs, **nodes}
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        node_set = set(self.nodes)
+        self._data_readers: dict[str, set[str]] = {n: set() for n in self.info}
+        self._preds: dict[str, frozenset[str]] = {}
+        self._succs: dict[str, set[str]] = {n: set() for n in self.nodes}
+        for v in self.nodes:
+            dp = set(data_preds.get(v, ()))
+            op = set(order_preds.get(v, ()))
+            for u in dp:
+                self._data_readers[u].add(v)
+            ps = frozenset(p for p in dp | op if p in node_set and p != v)
+            self._preds[v] = ps
+            for u in ps:
+                self._succs[u].add(v)
+                if self.index[u] >= self.index[v]:
+                    raise ValueError(f"LayerDAG: nodes not in topological order ({u} -> {v})")
+        self.outputs: tuple[str, ...] = tuple(dict.fromkeys(outputs))
+        self.members: dict[str, tuple[str, ...]] = dict(members or {n: (n,) for n in self.nodes})
+        #: seconds per element to quantize+pack on the end / unpack+dequantize in the cloud
+        self.quant_s_per_elem = quant_s_per_elem
+        self._pred_mask = [sum(1 << self.index[p] for p in self._preds[v]) for v in self.nodes]
+
+    # ----------------------------------------------------------------- structure
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def preds(self, name: str) -> frozenset[str]:
+        return self._preds[name]
+
+    def succs(self, name: str) -> frozenset[str]:
+        return frozenset(self._succs[name])
+
+    def readers(self, name: str) -> frozenset[str]:
+        """DAG nodes that read ``name``'s tensor as data."""
+        return frozenset(self._data_readers[name])
+
+    def is_closed(self, end_nodes: Iterable[str]) -> bool:
+        """Whether ``end_nodes`` is closed under predecessors (a valid plan)."""
+        s = set(end_nodes)
+        return all(self._preds[v] <= s for v in s)
+
+    def crossing(self, end_nodes: Iterable[str]) -> tuple[str, ...]:
+        """Tensors sent from end to cloud: end outputs (or model inputs) read in the cloud.
+
+        Each is sent once however many cloud nodes read it. When the cloud computes part of the
+        output, outputs computed on the end cross too (the cloud assembles the result).
+        """
+        s = set(end_nodes)
+        if len(s) == len(self.nodes):
+            return ()
+        on_end = [*self.inputs, *(v for v in self.nodes if v in s)]
+        out = set(self.outputs)
+        return tuple(u for u in on_end if self._data_readers[u] - s or u in out)
+
+    def ancestors(self, names: Iterable[str]) -> set[str]:
+        """``names`` and everything they depend on (the smallest closed set holding them)."""
+        todo, seen = list(names), set()
+        while todo:
+            v = todo.pop()
+            if v in seen or v not in self.index:
+                continue
+            seen.add(v)
+            todo.extend(self._preds[v])
+        return seen
+
+    def articulation_nodes(self) -> tuple[str, ...]:
+        """Nodes that every input -> output path passes through, in topological order.
+
+        In a topological order v is on every path exactly when no edge (including the virtual
+        source -> root and output -> sink edges) jumps over v's position.
+        """
+        n = len(self.nodes)
+        cover = [0] * (n + 1)   # difference array over positions strictly inside an edge
+        def jump(a: int, b: int) -> None:
+            if b - a > 1:
+                cover[a + 1] += 1
+                cover[b] -= 1
+        for v in self.nodes:
+            j = self.index[v]
+            # the virtual source (position -1) feeds roots and every reader of a model input
+            if not self._preds[v] or any(v in self._data_readers[i] for i in self.inputs):
+                jump(-1, j)
+            for u in self._preds[v]:
+                jump(self.index[u], j)
+        sinks = set(self.outputs) | {v for v in self.nodes if not self._succs[v]}
+        for v in sinks:
+            if v in self.index:
+                jump(self.index[v], n)
+        result, run = [], 0
+        for i, v in enumerate(self.nodes):
+            run += cover[i]
+            if run == 0:
+                result.append(v)
+        return tuple(result)
+
+    def closed_sets(self, limit: int | None = None) -> Iterator[frozenset[str]]:
+        """Every predecessor-closed set, from the empty set; ``limit`` raises past that count."""
+        n = len(self.nodes)
+        masks = self._pred_mask
+        count = 0
+        stack = [(0, 0)]
+        while stack:
+            i, s = stack.pop()
+            if i == n:
+                count += 1
+                if limit is not None and count > limit:
+                    raise PlanSpaceTooLarge(limit)
+                yield frozenset(self.nodes[j] for j in range(n) if s >> j & 1)
+                continue
+            stack.append((i + 1, s))
+            if masks[i] & ~s == 0:
+                stack.append((i + 1, s | (1 << i)))
+
+    def count_closed_sets(self, limit: int) -> int:
+        """How many closed sets there are, counting up to ``limit`` (then ``limit + 1``)."""
+        try:
+            return sum(1 for _ in self.closed_sets(limit))
+        except PlanSpaceTooLarge:
+            return limit + 1
+
+    # ----------------------------------------------------------------- costs
+    def t_end(self, name: str) -> float:
+        return self.info[name].t_end
+
+    def t_cloud(self, name: str) -> float:
+        return self.info[name].t_cloud
+
+    def nbytes(self, name: str) -> int:
+        return self.info[name].bytes
+
+    def output_bytes(self) -> int:
+        return sum(self.info[o].bytes for o in self.outputs)
+
+    def with_costs(self, t_end: Mapping[str, float], t_cloud: Mapping[str, float]) -> "LayerDAG":
+        """A copy with other per-node times (same structure)."""
+        from dataclasses import replace
+        new = object.__new__(LayerDAG)
+        new.__dict__.update(self.__dict__)
+        new.info = {k: replace(d, t_end=t_end.get(k, d.t_end), t_cloud=t_cloud.get(k, d.t_cloud))
+                    for k, d in self.info.items()}
+        return new
+
+    def __repr__(self) -> str:
+        return f"LayerDAG({len(self.inputs)} inputs, {len(self.nodes)} nodes, outputs={self.outputs})"
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_graph_module(cls, gm: fx.GraphModule, node_t_end: Mapping[str, float],
+                          node_t_cloud: Mapping[str, float],
+                          quant_s_per_elem: tuple[float, float] = (0.0, 0.0)) -> "LayerDAG":
+        """Fold an annotated GraphModule (``passes.annotate``) into a LayerDAG.
+
+        ``node_t_end``/``node_t_cloud`` give seconds per fx node; a DAG node costs the sum of
+        its members (size arithmetic is charged to nobody: it is microseconds).
+        """
+        groups = dag_groups(gm)
+        inputs: dict[str, NodeData] = {}
+        nodes: dict[str, NodeData] = {}
+        members: dict[str, list[str]] = {}
+        for n in gm.graph.nodes:
+            g = groups.get(n.name)
+            if n.op == "placeholder":
+                info = n.meta.get("coach")
+                if info is None:
+                    raise ValueError("LayerDAG needs an annotated graph (run passes.annotate first)")
+                inputs[n.name] = NodeData(n.name, info["numel"], info["bytes"],
+                                          info["kind"] == "tensor" and info["float"], 0.0, 0.0)
+            elif g is not None:
+                members.setdefault(g, []).append(n.name)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        for g, ms in members.items():
+            ns = [by_name[m] for m in ms]
+            tensors = [m for m in ns if m.meta["coach"]["kind"] == "tensor"]
+            head = ns[0]
+            if head.meta["coach"]["kind"] == "tensor" or not tensors:
+                sent = [head]
+            else:
+                sent = tensors
+            info = [m.meta["coach"] for m in sent]
+            nodes[g] = NodeData(
+                g, sum(i["numel"] for i in info), sum(i["bytes"] for i in info),
+                all(i["kind"] == "tensor" and i["float"] for i in info),
+                sum(node_t_end.get(m, 0.0) for m in ms), sum(node_t_cloud.get(m, 0.0) for m in ms),
+                sum(by_name[m].meta["coach"]["flops"] for m in ms))
+        data_preds, order_preds = {}, {}
+        for g, ms in members.items():
+            dp, op = set(), set()
+            for m in ms:
+                for a in by_name[m].all_input_nodes:
+                    _classify_read(a, groups, g, dp, op)
+            data_preds[g], order_preds[g] = dp, op
+        outs: list[str] = []
+        for n in gm.graph.nodes:
+            if n.op == "output":
+                dp, op = set(), set()
+                for a in n.all_input_nodes:
+                    _classify_read(a, groups, None, dp, op)
+                outs = sorted(dp | op, key=lambda x: list(by_name).index(x))
+        return cls(inputs, nodes, data_preds, order_preds, outs,
+                   {g: tuple(ms) for g, ms in members.items()}, quant_s_per_elem)
+
+
+class PlanSpaceTooLarge(ValueError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the model has more than {limit:,} predecessor-closed sets: too many for "
+                         f"brute force (limit max_plans={limit:,}); use strategy='coach'")
+        self.limit = limit
+
+
+def _classify_read(a: fx.Node, groups: Mapping[str, str], me: str | None,
+                   data: set[str], order: set[str]) -> None:
+    """Record what reading fx node ``a`` means for a DAG node: a data or an order dependency."""
+    if a.op == "placeholder":
+        data.add(a.name)
+    elif a.name in groups:
+        if groups[a.name] != me:
+            data.add(groups[a.name])
+    elif a.op == "get_attr":
+        return
+    else:  # size arithmetic: depends on whatever it was computed from
+        stack, seen = list(a.all_input_nodes), set()
+        while stack:
+            b = stack.pop()
+            if b.name in seen:
+                continue
+            seen.add(b.name)
+            if b.op == "placeholder":
+                order.add(b.name)
+            elif b.name in groups:
+                if groups[b.name] != me:
+                    order.add(groups[b.name])
+            elif b.op != "get_attr":
+                stack.extend(b.all_input_nodes)
+
+
+def dag_groups(gm: fx.GraphModule) -> dict[str, str]:
+    """fx node name -> DAG node name, for the fx nodes that belong to a DAG node."""
+    groups: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        info = n.meta.get("coach")
+        if info is None:
+            raise ValueError(f"node {n.name} is not annotated (run passes.annotate first)")
+        if info["kind"] == "value":
+            continue
+        src = n.args[0] if n.args else None
+        if (n.op == "call_function" and n.target is operator.getitem and isinstance(src, fx.Node)
+                and src.name in groups and src.meta["coach"]["kind"] == "tensors"):
+            groups[n.name] = groups[src.name]   # picks a tensor out of a tuple-valued node
+        else:
+            groups[n.name] = n.name
+    return groups

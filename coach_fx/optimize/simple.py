@@ -1,0 +1,28 @@
+"""The fixed strategies: ``manual`` (the caller's cut), ``end-only`` and ``cloud-only``."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from coach_fx.optimize.problem import Problem
+from coach_fx.plan import Plan, evaluate, plan_bits
+
+
+def manual(p: Problem, end_nodes: Sequence[str] | None, bits: int | Mapping[str, int]) -> Plan:
+    """The caller's end set and bits (an int for every crossing tensor, or name -> bits)."""
+    if end_nodes is None:
+        raise ValueError("strategy='manual' needs end_nodes=[...] (names from cm.dag.nodes)")
+    s = frozenset(end_nodes)
+    cut = p.dag.crossing(s) if p.dag.is_closed(s) else ()
+    b = plan_bits(p.dag, cut, bits) if not isinstance(bits, Mapping) else dict(bits)
+    return evaluate(p.dag, s, b, p.network, strategy="manual", objective=p.objective)
+
+
+def end_only(p: Problem) -> Plan:
+    return p.price(p.dag.nodes, 32, "end-only")
+
+
+def cloud_only(p: Problem, allowed: Sequence[int] | None = None) -> Plan:
+    """Everything in the cloud; the raw input crosses at ``input_bits``."""
+    plan = p.price((), 32, "cloud-only")
+    return plan

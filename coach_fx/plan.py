@@ -1,0 +1,140 @@
+"""``Plan`` and ``evaluate``: the price of a cut with the formulas of DESIGN.md §1.
+
+    T_end   = Σ_{v∈S} t_end(v) + quantize/pack time of the crossing tensors
+    T_link  = Σ_{x∈X(S)} bytes(x, b_x) / uplink + rtt/2          (0 when nothing crosses)
+    T_cloud = Σ_{v∉S} t_cloud(v) + unpack/dequantize + output bytes / downlink + rtt/2
+    latency = T_end + T_link + T_cloud;  period = max(...);  throughput = 1 / period
+    bubble  = 1 - (T_end + T_link + T_cloud) / (3 · period)
+
+Example::
+
+    >>> plan = evaluate(dag, end_nodes={"conv1", "bn1", "relu"}, bits=8, network=Network(10))  # doctest: +SKIP
+    >>> plan.period, plan.bits                                                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from coach_fx.graph import LayerDAG
+from coach_fx.settings import Network
+
+#: Fixed bytes of one message on the wire (magic, version, request id, count, flags).
+MESSAGE_HEADER_BYTES = 24
+#: Fixed bytes per tensor on the wire (dtype, bits, rank, shape, scale, zero point, length).
+TENSOR_HEADER_BYTES = 56
+
+
+def wire_bytes(numel: int, raw_bytes: int, quantizable: bool, bits: int) -> int:
+    """Payload bytes of one crossing tensor sent with ``bits`` bits, with its header."""
+    if not quantizable or bits >= 32:
+        body = raw_bytes
+    elif bits == 16:
+        body = min(raw_bytes, numel * 2)
+    else:
+        body = math.ceil(numel * bits / 8)
+    return body + TENSOR_HEADER_BYTES
+
+
+@dataclass
+class Plan:
+    """Where the model is cut, how many bits each crossing tensor gets, and what that costs."""
+
+    strategy: str
+    end_nodes: tuple[str, ...]
+    cut: tuple[str, ...]
+    bits: dict[str, int]
+    t_end: float
+    t_link: float
+    t_cloud: float
+    bytes_sent: int
+    objective: str = "throughput"
+    #: Measured accuracy metric of the plan (drop, disagreement or relative L2; see ``note``).
+    accuracy: float | None = None
+    accuracy_ok: bool | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def latency(self) -> float:
+        return self.t_end + self.t_link + self.t_cloud
+
+    @property
+    def period(self) -> float:
+        return max(self.t_end, self.t_link, self.t_cloud)
+
+    @property
+    def throughput(self) -> float:
+        return 1.0 / self.period if self.period > 0 else math.inf
+
+    @property
+    def bubble_ratio(self) -> float:
+        return 1.0 - self.latency / (3 * self.period) if self.period > 0 else 0.0
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """The objective as a sort key (smaller is better)."""
+        if self.objective == "latency":
+            return (self.latency, self.period)
+        return (self.period, self.latency)
+
+    def summary(self) -> dict:
+        bits = sorted(set(self.bits.values()))
+        return {"strategy": self.strategy, "end nodes": len(self.end_nodes),
+                "crossing": len(self.cut), "bits": "/".join(map(str, bits)) or "-",
+                "KB sent": self.bytes_sent / 1e3, "T_end ms": self.t_end * 1e3,
+                "T_link ms": self.t_link * 1e3, "T_cloud ms": self.t_cloud * 1e3,
+                "latency ms": self.latency * 1e3, "period ms": self.period * 1e3,
+                "throughput /s": self.throughput, "bubble": self.bubble_ratio}
+
+
+def plan_bits(dag: LayerDAG, cut: Iterable[str], bits: int | Mapping[str, int],
+              input_bits: int | None = None) -> dict[str, int]:
+    """Bits per crossing tensor: ``bits`` for each (an int, or a mapping with 32 as default);
+    model inputs get ``input_bits`` when given; tensors that are not float go as they are (32)."""
+    out = {}
+    for x in cut:
+        if not dag.info[x].quantizable:
+            out[x] = 32
+        elif isinstance(bits, Mapping):
+            out[x] = int(bits.get(x, 32))
+        elif input_bits is not None and x in dag.inputs:
+            out[x] = input_bits
+        else:
+            out[x] = int(bits)
+    return out
+
+
+def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, int],
+             network: Network, *, strategy: str = "manual", objective: str = "throughput",
+             input_bits: int | None = None) -> Plan:
+    """Price the plan that runs ``end_nodes`` on the end device (must be predecessor-closed)."""
+    s = set(end_nodes)
+    unknown = s - set(dag.nodes)
+    if unknown:
+        raise ValueError(f"unknown node(s) in end_nodes: {sorted(unknown)[:5]}")
+    if not dag.is_closed(s):
+        missing = sorted({p for v in s for p in dag.preds(v)} - s, key=dag.index.get)
+        raise ValueError(f"end_nodes is not closed under predecessors: missing {missing[:5]}")
+    cut = dag.crossing(s)
+    b = plan_bits(dag, cut, bits, input_bits)
+    t_end = sum(dag.t_end(v) for v in s)
+    t_cloud = sum(dag.t_cloud(v) for v in dag.nodes if v not in s)
+    q_end, q_cloud = dag.quant_s_per_elem
+    nbytes = 0
+    for x in cut:
+        d = dag.info[x]
+        nbytes += wire_bytes(d.numel, d.bytes, d.quantizable, b[x])
+        if d.quantizable and b[x] < 32:
+            t_end += q_end * d.numel
+            t_cloud += q_cloud * d.numel
+    t_link = 0.0
+    if len(s) < len(dag.nodes):
+        nbytes += MESSAGE_HEADER_BYTES
+        half_rtt = network.rtt_ms / 2e3
+        t_link = network.up_seconds(nbytes) + half_rtt
+        t_cloud += network.down_seconds(dag.output_bytes() + MESSAGE_HEADER_BYTES) + half_rtt
+    order = tuple(v for v in dag.nodes if v in s)
+    return Plan(strategy, order, cut, b, t_end, t_link, t_cloud, nbytes, objective)

@@ -1,0 +1,141 @@
+"""Settings dataclasses: the network, the two devices, and one ``Settings`` passed down.
+
+Example::
+
+    >>> from coach_fx import Network, Device
+    >>> net = Network(uplink_mbps=10, rtt_ms=20)
+    >>> end = Device("jetson", slowdown=8)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from coach_fx.traces import Trace
+
+#: Every bit width a crossing tensor may get (32 = float as is, 16 = half, <= 8 quantized).
+DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Network:
+    """The link between end and cloud.
+
+    ``uplink_mbps``/``downlink_mbps`` in Mbit/s (downlink defaults to the uplink); ``rtt_ms``
+    is split evenly into a fixed per-message cost on the way up and on the way back. A trace
+    (``Network.from_trace``) plans with its time-weighted mean rate and replays the samples at
+    run time.
+    """
+
+    uplink_mbps: float = 10.0
+    downlink_mbps: float | None = None
+    rtt_ms: float = 0.0
+    trace: Trace | None = None
+
+    def __post_init__(self) -> None:
+        if not self.uplink_mbps > 0:
+            raise ValueError(f"uplink_mbps must be > 0, got {self.uplink_mbps}")
+        if self.downlink_mbps is not None and not self.downlink_mbps > 0:
+            raise ValueError(f"downlink_mbps must be > 0, got {self.downlink_mbps}")
+        if self.rtt_ms < 0:
+            raise ValueError(f"rtt_ms must be >= 0, got {self.rtt_ms}")
+
+    @classmethod
+    def from_trace(cls, path: str | Path, scale: float = 1.0, rtt_ms: float = 0.0,
+                   downlink_mbps: float | None = None) -> "Network":
+        """A network whose uplink follows a recorded trace (either format), rate × ``scale``."""
+        trace = Trace.load(path, scale=scale)
+        mean = trace.mean_mbps
+        if mean <= 0:
+            raise ValueError(f"trace {path} has mean rate 0")
+        return cls(uplink_mbps=mean, downlink_mbps=downlink_mbps, rtt_ms=rtt_ms, trace=trace)
+
+    def with_uplink(self, mbps: float) -> "Network":
+        return replace(self, uplink_mbps=mbps, trace=None)
+
+    @property
+    def down_mbps(self) -> float:
+        return self.downlink_mbps if self.downlink_mbps is not None else self.uplink_mbps
+
+    def up_seconds(self, nbytes: float) -> float:
+        return nbytes * 8 / (self.uplink_mbps * 1e6)
+
+    def down_seconds(self, nbytes: float) -> float:
+        return nbytes * 8 / (self.down_mbps * 1e6)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A compute device: costs measured (or modelled) on this host, times ``slowdown``.
+
+    ``node_costs`` maps node names to seconds and overrides the host cost of those nodes
+    (the slowdown is not applied to them: they are this device's own figures).
+    """
+
+    name: str = "device"
+    slowdown: float = 1.0
+    node_costs: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.slowdown > 0:
+            raise ValueError(f"Device {self.name!r}: slowdown must be > 0, got {self.slowdown}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``coach_fx.compile`` takes, passed down instead of globals."""
+
+    network: Network = field(default_factory=Network)
+    end: Device = field(default_factory=lambda: Device("end", slowdown=4.0))
+    cloud: Device = field(default_factory=lambda: Device("cloud", slowdown=1.0))
+    strategy: str = "coach"
+    objective: str = "throughput"
+    accuracy_budget: float = 0.005
+    #: (inputs, labels or None): a tensor / tuple of tensors batched on dim 0.
+    calibration: Any = None
+    bits: Sequence[int] = DEFAULT_BITS
+    costs: str = "measured"
+    #: Relative L2 error of the output allowed when there is no calibration data.
+    output_tolerance: float = 0.02
+    #: Bits of a model input when it crosses raw (cloud-only): camera frames are 8-bit.
+    input_bits: int = 8
+    #: For ``strategy="manual"``: the end set and bits (an int for all, or name -> bits).
+    end_nodes: Sequence[str] | None = None
+    manual_bits: int | Mapping[str, int] = 32
+    #: Extra leaf module types or qualified names for tracing.
+    leaf_modules: Sequence[Any] = ()
+    #: Brute force refuses DAGs with more predecessor-closed sets than this.
+    max_plans: int = 200_000
+    profile_repeat: int = 5
+    progress: bool = True
+    #: Called with (done, total, label) during long work instead of the default bar.
+    progress_fn: Callable[[int, int, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("throughput", "latency"):
+            raise ValueError(f"objective must be 'throughput' or 'latency', got {self.objective!r}")
+        if self.costs not in ("measured", "analytic"):
+            raise ValueError(f"costs must be 'measured' or 'analytic', got {self.costs!r}")
+        bad = [b for b in self.bits if b not in DEFAULT_BITS]
+        if bad or not self.bits:
+            raise ValueError(f"bits must be a non-empty subset of {DEFAULT_BITS}; got {tuple(self.bits)}")
+        if not 0 <= self.accuracy_budget < 1:
+            raise ValueError(f"accuracy_budget must be in [0, 1), got {self.accuracy_budget}")
+        if self.input_bits not in DEFAULT_BITS:
+            raise ValueError(f"input_bits must be one of {DEFAULT_BITS}, got {self.input_bits}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, **kw: Any) -> "Settings":
+        """Build from keyword options (``torch.compile(..., options=...)``), naming unknown keys."""
+        merged = {**(options or {}), **kw}
+        if "bits" in merged and isinstance(merged["bits"], int):
+            merged["bits"] = (merged["bits"],)
+        if isinstance(merged.get("network"), (int, float)):
+            merged["network"] = Network(uplink_mbps=float(merged["network"]))
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise TypeError(f"unknown coach option(s) {unknown}; known: {sorted(known)}")
+        return cls(**merged)

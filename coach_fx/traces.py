@@ -1,0 +1,91 @@
+"""Bandwidth traces: read both formats of ``../shared/traces`` (and a user's own file).
+
+* two columns ``seconds<TAB>Mbit/s`` (norway-hsdpa, fcc): one sample per line;
+* Mahimahi: one millisecond timestamp per 1500-byte delivery opportunity (lines repeat when
+  several packets fit in that millisecond); binned here into a rate per ``bin_s``.
+
+Example::
+
+    >>> t = Trace.load("../shared/traces/norway-hsdpa/norway_bus_1")   # doctest: +SKIP
+    >>> t.rate_at(3.0), t.mean_mbps                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+MAHIMAHI_PACKET_BYTES = 1500
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A piecewise-constant rate: ``mbps[i]`` holds from ``times[i]`` to ``times[i+1]``; loops."""
+
+    times: tuple[float, ...]
+    mbps: tuple[float, ...]
+    duration: float
+    name: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path, scale: float = 1.0, bin_s: float = 0.1) -> "Trace":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"bandwidth trace {path} does not exist")
+        rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+        if not rows:
+            raise ValueError(f"bandwidth trace {path} is empty")
+        try:
+            if all(len(r) == 1 for r in rows):
+                return cls._from_mahimahi([int(r[0]) for r in rows], scale, bin_s, path.name)
+            if all(len(r) == 2 for r in rows):
+                pts = [(float(a), float(b)) for a, b in rows]
+                return cls._from_pairs(pts, scale, path.name)
+        except ValueError as e:
+            raise ValueError(f"bandwidth trace {path}: bad number ({e})") from None
+        raise ValueError(f"bandwidth trace {path}: expected 'seconds<TAB>Mbit/s' lines or "
+                         "Mahimahi millisecond timestamps, one per line")
+
+    @classmethod
+    def constant(cls, mbps: float) -> "Trace":
+        return cls((0.0,), (float(mbps),), math.inf, f"{mbps} Mbit/s")
+
+    @classmethod
+    def _from_pairs(cls, pts: list[tuple[float, float]], scale: float, name: str) -> "Trace":
+        t0 = pts[0][0]
+        times = tuple(t - t0 for t, _ in pts)
+        if any(b < a for a, b in zip(times, times[1:])):
+            raise ValueError(f"bandwidth trace {name}: timestamps go backwards")
+        step = (times[-1] / (len(times) - 1)) if len(times) > 1 else 1.0
+        if any(r < 0 for _, r in pts):
+            raise ValueError(f"bandwidth trace {name}: negative rate")
+        return cls(times, tuple(r * scale for _, r in pts), times[-1] + step, name)
+
+    @classmethod
+    def _from_mahimahi(cls, ms: list[int], scale: float, bin_s: float, name: str) -> "Trace":
+        if any(b < a for a, b in zip(ms, ms[1:])):
+            raise ValueError(f"bandwidth trace {name}: timestamps go backwards")
+        duration = max(ms[-1] / 1000.0, bin_s)
+        nbins = max(1, math.ceil(duration / bin_s))
+        counts = [0] * nbins
+        for m in ms:
+            counts[min(nbins - 1, int(m / 1000.0 / bin_s))] += 1
+        per_bin = MAHIMAHI_PACKET_BYTES * 8 / 1e6 / bin_s
+        return cls(tuple(i * bin_s for i in range(nbins)),
+                   tuple(c * per_bin * scale for c in counts), nbins * bin_s, name)
+
+    def rate_at(self, t: float) -> float:
+        """Mbit/s at time ``t`` (the trace loops)."""
+        if math.isfinite(self.duration):
+            t = t % self.duration
+        return self.mbps[max(0, bisect.bisect_right(self.times, t) - 1)]
+
+    @property
+    def mean_mbps(self) -> float:
+        """Time-weighted mean rate."""
+        if not math.isfinite(self.duration):
+            return self.mbps[0]
+        ends = self.times[1:] + (self.duration,)
+        return sum(r * (e - s) for r, s, e in zip(self.mbps, self.times, ends)) / self.duration

@@ -1,0 +1,122 @@
+"""Annotate: run the graph once on example inputs and record, per node, in ``node.meta['coach']``:
+
+* ``kind``: ``"tensor"`` (one tensor), ``"tensors"`` (a tuple/list holding tensors),
+  ``"value"`` (anything else: sizes, ints, None);
+* ``shape``, ``dtype``, ``numel``, ``bytes`` (output bytes at its own precision; for
+  ``tensors`` the sum), ``float`` (whether the tensor is floating point);
+* ``flops`` and ``moved`` (bytes read and written, parameters included): the inputs of the
+  analytic cost model in ``coach_fx.costs``.
+
+Before/after::
+
+    %conv1 = call_module[target=conv1](args=(%x,))
+    # after annotate(gm, (x,)):
+    %conv1.meta['coach'] == {'kind': 'tensor', 'shape': (1, 64, 112, 112), 'bytes': 3211264,
+                             'flops': 236027904.0, ...}
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _module_flops(mod: nn.Module, args: tuple, out: Any) -> float:
+    outs = _tensors(out)
+    n_out = sum(t.numel() for t in outs)
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return 2.0 * n_out * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+    if isinstance(mod, nn.Linear):
+        return 2.0 * n_out * mod.in_features
+    if isinstance(mod, nn.MultiheadAttention):
+        q = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if q is not None:
+            seq_tokens = q.numel() // mod.embed_dim
+            seq_len = q.shape[1] if mod.batch_first and q.dim() == 3 else q.shape[0]
+            return 2.0 * seq_tokens * mod.embed_dim * (4 * mod.embed_dim + 2 * seq_len)
+    if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+        return 4.0 * n_out
+    return float(n_out)
+
+
+_MATMUL = {torch.matmul, torch.mm, torch.bmm, operator.matmul, "matmul", "mm", "bmm"}
+
+
+def _function_flops(target: Any, args: tuple, kwargs: dict, out: Any) -> float:
+    outs = _tensors(out)
+    n_out = sum(t.numel() for t in outs)
+    name = getattr(target, "__name__", str(target))
+    if target in (F.conv1d, F.conv2d, F.conv3d) or "convolution" in name or name.startswith("conv"):
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if isinstance(w, torch.Tensor):
+            return 2.0 * n_out * math.prod(w.shape[1:])
+    if target is F.linear or name in ("linear", "addmm", "linear.default", "addmm.default"):
+        w = args[1] if len(args) > 1 else kwargs.get("weight")
+        if target is not F.linear and "addmm" in name and len(args) > 2:
+            w = args[2]
+            if isinstance(w, torch.Tensor):
+                return 2.0 * n_out * w.shape[0]
+        if isinstance(w, torch.Tensor):
+            return 2.0 * n_out * w.shape[-1]
+    if target in _MATMUL or name in ("matmul", "mm", "bmm", "mm.default", "bmm.default"):
+        a = args[0] if args else None
+        if isinstance(a, torch.Tensor) and a.dim() >= 1:
+            return 2.0 * n_out * a.shape[-1]
+    return float(n_out)
+
+
+class _Annotator(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        info: dict[str, Any] = {}
+        if isinstance(out, torch.Tensor):
+            info.update(kind="tensor", shape=tuple(out.shape), dtype=out.dtype,
+                        numel=out.numel(), bytes=_nbytes(out), float=out.is_floating_point())
+        elif _tensors(out):
+            ts = _tensors(out)
+            info.update(kind="tensors", shape=None, dtype=None, numel=sum(t.numel() for t in ts),
+                        bytes=sum(_nbytes(t) for t in ts), float=False)
+        else:
+            info.update(kind="value", shape=None, dtype=None, numel=0, bytes=0, float=False,
+                        value_type=type(out).__name__)
+        ins = _tensors((args, kwargs))
+        moved = sum(_nbytes(t) for t in ins) + info["bytes"]
+        if n.op == "call_module":
+            mod = self.fetch_attr(n.target)
+            moved += sum(_nbytes(p) for p in mod.parameters()) + sum(_nbytes(b) for b in mod.buffers())
+            flops = _module_flops(mod, args, out)
+        elif n.op in ("call_function", "call_method"):
+            flops = _function_flops(n.target, args, kwargs, out)
+        else:
+            flops, moved = 0.0, 0
+        info.update(flops=flops if info["kind"] != "value" else 0.0, moved=moved)
+        n.meta["coach"] = info
+        return out
+
+
+def annotate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Record shape, bytes and analytic cost inputs of every node (in place); returns ``gm``."""
+    with torch.no_grad():
+        _Annotator(gm).run(*example_inputs)
+    return gm

@@ -1,0 +1,118 @@
+"""Capture: turn an ``nn.Module`` into a ``torch.fx.GraphModule``.
+
+Order of attempts:
+
+1. ``symbolic_trace`` with a leaf policy: torch.nn built-ins are leaves (one node each), and
+   the caller may add module types or qualified names;
+2. ``torch.export`` (handles some constructs fx cannot, e.g. shape-dependent Python control
+   flow); its parameters are plain attributes of the returned module, so each half of a split
+   still owns its own weights;
+3. otherwise :class:`CaptureError` naming the module, the source line and the construct.
+
+Example::
+
+    >>> gm = capture(torchvision.models.resnet18(), (torch.randn(1, 3, 224, 224),))  # doctest: +SKIP
+    >>> gm.meta["coach_capture"]                                                   # doctest: +SKIP
+    'symbolic_trace'
+"""
+
+from __future__ import annotations
+
+import linecache
+import traceback
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured into a graph; the message says where and why."""
+
+
+class CoachTracer(fx.Tracer):
+    """fx tracer whose leaves are torch.nn built-ins plus user-given types or qualified names."""
+
+    def __init__(self, leaf_modules: Sequence[Any] = ()) -> None:
+        super().__init__()
+        self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or module_qualified_name in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch: where the user's code hit the problem."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/coach_fx/" not in f.filename
+              and "/passes/" not in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+    return f"{f.filename}:{f.lineno} in {f.name}: `{line}`"
+
+
+def _construct(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = str(exc).lower()
+    if "control flow" in low or "data-dependent" in low or "data dependent" in low \
+            or "guardondatadependent" in type(exc).__name__.lower():
+        kind = "data-dependent control flow"
+    elif "iterate" in low or "len(" in low:
+        kind = "iteration over a traced value"
+    else:
+        kind = type(exc).__name__
+    return f"{kind} ({msg[:200]})"
+
+
+def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Sequence[Any] = (),
+            allow_export: bool = True) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule; ``gm.meta['coach_capture']`` says which way worked."""
+    if isinstance(model, fx.GraphModule) and not leaf_modules:
+        model.meta.setdefault("coach_capture", "graph_module")
+        return model
+    name = type(model).__name__
+    try:
+        tracer = CoachTracer(leaf_modules)
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, name)
+        gm.meta["coach_capture"] = "symbolic_trace"
+        return gm
+    except Exception as trace_exc:  # noqa: BLE001 - any tracing failure moves on to export
+        first = f"symbolic_trace failed at {_user_frame(trace_exc)}: {_construct(trace_exc)}"
+        if not allow_export:
+            raise CaptureError(f"cannot capture {name}: {first}") from trace_exc
+    try:
+        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        gm = ep.module()
+        if not isinstance(gm, fx.GraphModule):
+            raise CaptureError("torch.export did not return a GraphModule")
+        gm = _plain_graph_module(gm)
+        gm.meta["coach_capture"] = "torch.export"
+        return gm
+    except Exception as export_exc:  # noqa: BLE001
+        second = f"torch.export failed at {_user_frame(export_exc)}: {_construct(export_exc)}"
+        raise CaptureError(
+            f"cannot capture {name}:\n  {first}\n  {second}\n"
+            "Rewrite the construct with tensor ops (torch.where, torch.cond), mark the submodule "
+            "that holds it as a leaf (leaf_modules=[...]), or use "
+            "torch.compile(model, backend='coach'), which plans each graph between breaks."
+        ) from export_exc
+
+
+def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's pytree in/out codegen so the module takes and returns flat tensors."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            graph.output(fx.map_arg(node.args[0], lambda n: env[n]))
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    out = fx.GraphModule(gm, graph, type(gm).__name__)
+    return out

@@ -1,0 +1,172 @@
+"""Boundary custom ops: ``coach::quantize``, ``coach::pack``, ``coach::unpack``, ``coach::dequantize``.
+
+They are ``torch.library.custom_op``s with fake implementations, so a graph that holds them
+survives ``split_module``, ``torch.export`` and inductor. Quantization is uniform affine per
+tensor with plain integer tensors (no ``torch.ao``)::
+
+    q  = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)      # uint8 codes
+    x' = (q - zero_point) * scale
+
+``pack`` stores ``bits`` bits per code, so a tensor of ``n`` elements takes exactly
+``ceil(n * bits / 8)`` bytes; ``unpack`` gives the codes back bit-exactly.
+
+16 bits is half precision: the codes are ``x / scale`` as float16, where ``scale`` is the power
+of two that puts the largest magnitude near 2**14, so neither large activations overflow to inf
+nor tiny ones flush to zero.
+
+Example::
+
+    >>> import torch, coach_fx.passes.ops as ops
+    >>> x = torch.randn(4, 5)
+    >>> q, s, z = torch.ops.coach.quantize(x, 4)
+    >>> p = torch.ops.coach.pack(q, 4); p.numel()
+    10
+    >>> y = torch.ops.coach.dequantize(torch.ops.coach.unpack(p, 4, [4, 5]), s, z, 4, x.dtype)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Bit widths the boundary ops handle (32 = the tensor as is, no op at all).
+QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)
+ALL_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes of one packed tensor on the wire (payload only, no header)."""
+    return math.ceil(numel * bits / 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"coach quantize supports bits {QUANT_BITS}; got {bits}")
+
+
+def _qparams(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    qmax = (1 << bits) - 1
+    lo = torch.clamp(x.min().float(), max=0.0)
+    hi = torch.clamp(x.max().float(), min=0.0)
+    # A constant tensor has range 0; any positive scale represents it exactly.
+    scale = torch.clamp((hi - lo) / qmax, min=torch.finfo(torch.float32).tiny * 1e6)
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
+    return scale, zero
+
+
+@torch.library.custom_op("coach::quantize", mutates_args=())
+def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor quantization; returns (codes, scale, zero_point): uint8 codes for bits <= 8
+    (uniform affine), float16 codes for 16."""
+    _check_bits(bits)
+    if bits == 16:
+        # A power of two (exact to apply) that puts the largest magnitude near 2**14: half's
+        # range is then used in full, neither overflowing large nor flushing tiny activations.
+        amax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.exp2(torch.ceil(torch.log2(amax)) - 14)
+        return (x.detach().float() / scale).to(torch.float16), scale, x.new_zeros((), dtype=torch.int32)
+    scale, zero = _qparams(x.detach(), bits)
+    q = torch.clamp(torch.round(x.detach().float() / scale) + zero, 0, (1 << bits) - 1)
+    return q.to(torch.uint8), scale, zero
+
+
+@quantize.register_fake
+def _(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    return (x.new_empty(x.shape, dtype=torch.float16 if bits == 16 else torch.uint8), x.new_empty((), dtype=torch.float32),
+            x.new_empty((), dtype=torch.int32))
+
+
+@torch.library.custom_op("coach::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+               dtype: torch.dtype) -> Tensor:
+    """Inverse of ``quantize``: ``(codes - zero_point) * scale`` in ``dtype``."""
+    _check_bits(bits)
+    if bits == 16:
+        return (codes.float() * scale).to(dtype)
+    return ((codes.to(torch.int32) - zero_point).float() * scale).to(dtype)
+
+
+@dequantize.register_fake
+def _(codes: Tensor, scale: Tensor, zero_point: Tensor, bits: int, dtype: torch.dtype) -> Tensor:
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+def _shifts(bits: int, device: torch.device) -> Tensor:
+    return torch.arange(bits, device=device, dtype=torch.uint8)
+
+
+@torch.library.custom_op("coach::pack", mutates_args=())
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes of ``bits`` bits each into ``ceil(numel*bits/8)`` bytes (LSB first)."""
+    _check_bits(bits)
+    if bits == 16:
+        return codes.reshape(-1).to(torch.float16).view(torch.uint8).clone()
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    # Spread every code into its bits, then regroup the bit stream eight at a time.
+    stream = ((flat.unsqueeze(1) >> _shifts(bits, flat.device)) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    return (stream.reshape(-1, 8) << _shifts(8, flat.device)).sum(1, dtype=torch.uint8)
+
+
+@pack.register_fake
+def _(codes: Tensor, bits: int) -> Tensor:
+    n = codes.numel()
+    return codes.new_empty(((n * bits + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("coach::unpack", mutates_args=())
+def unpack(packed: Tensor, bits: int, shape: list[int]) -> Tensor:
+    """Inverse of ``pack``: the uint8 codes, reshaped to ``shape``."""
+    _check_bits(bits)
+    numel = math.prod(shape)
+    if packed.numel() != packed_nbytes(numel, bits):
+        raise ValueError(f"packed tensor has {packed.numel()} bytes; {numel} codes of {bits} bits "
+                         f"need {packed_nbytes(numel, bits)}")
+    if bits == 16:
+        return packed.view(torch.float16).reshape(shape).clone()
+    if bits == 8:
+        return packed.reshape(shape).clone()
+    stream = ((packed.unsqueeze(1) >> _shifts(8, packed.device)) & 1).reshape(-1)[: numel * bits]
+    codes = (stream.reshape(numel, bits) << _shifts(bits, packed.device)).sum(1, dtype=torch.uint8)
+    return codes.reshape(shape)
+
+
+@unpack.register_fake
+def _(packed: Tensor, bits: int, shape: list[int]) -> Tensor:
+    return packed.new_empty(shape, dtype=torch.float16 if bits == 16 else torch.uint8)
+
+
+@torch.library.custom_op("coach::fake_quantize", mutates_args=())
+def fake_quantize(x: Tensor, bits: int) -> Tensor:
+    """Quantize then dequantize in one op; its gradient passes straight through (for training)."""
+    if bits >= 32:
+        return x.clone()
+    q, s, z = quantize(x, bits)
+    return dequantize(q, s, z, bits, x.dtype)
+
+
+@fake_quantize.register_fake
+def _(x: Tensor, bits: int) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _fq_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature
+    pass
+
+
+def _fq_backward(ctx, grad: Tensor):  # noqa: ANN001
+    return grad, None
+
+
+fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
+
+
+def roundtrip(x: Tensor, bits: int) -> Tensor:
+    """What the cloud sees of ``x`` sent with ``bits`` bits (eager helper for tests)."""
+    return x if bits >= 32 else fake_quantize(x, bits)

@@ -1,0 +1,180 @@
+"""Partition: apply a plan to an annotated GraphModule and split it into two GraphModules.
+
+* the **end** module takes the model's inputs and returns the flat tuple of *payloads* of the
+  crossing values: per float tensor sent with b <= 16 bits ``(packed uint8, scale, zero_point)``
+  from ``coach::quantize`` -> ``coach::pack``; with 32 bits, and for anything that is not a
+  float tensor (integer tensors, sizes, ints), the value as it is;
+* the **cloud** module takes those payloads (``coach::unpack`` -> ``coach::dequantize``) and
+  returns what the model returns.
+
+When every output is computed on the end (end-only) the end module returns the model's output
+and the cloud module is the identity. Parameters and buffers (``get_attr``) and submodules go
+with the half that reads them, so each half owns only its own weights (shared objects with the
+model, so training one trains the other). Size arithmetic runs on the end when it can and
+crosses as a plain value; otherwise it runs in the cloud.
+
+Before/after for ``y = fc(relu(conv(x)))`` cut after ``relu`` with 8 bits::
+
+    end:   conv -> relu -> coach.quantize(relu, 8) -> coach.pack(codes, 8) -> (packed, scale, zp)
+    cloud: (packed, scale, zp) -> coach.unpack -> coach.dequantize -> fc -> y
+
+``mode="train"`` replaces quantize/pack/unpack/dequantize by ``coach::fake_quantize``, whose
+gradient passes straight through, so ``loss.backward()`` reaches both halves.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+import torch.fx as fx
+
+import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
+from coach_fx.graph import dag_groups
+
+_ops = torch.ops.coach
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """One value that crosses from end to cloud and how it travels."""
+
+    name: str            # fx node name on the end side
+    dag_node: str        # the DAG node (or model input) it belongs to
+    kind: str            # "quant" (b <= 16: packed, scale, zero point) or "raw" (as is)
+    bits: int
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+
+    @property
+    def n_payload(self) -> int:
+        return 3 if self.kind == "quant" else 1
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """What joins the two halves: the crossing values in payload order."""
+
+    crossings: tuple[Crossing, ...]
+    end_only: bool
+
+    @property
+    def n_payload(self) -> int:
+        return sum(c.n_payload for c in self.crossings)
+
+
+def _sides(gm: fx.GraphModule, groups: Mapping[str, str], end: set[str]) -> dict[str, str | None]:
+    """'end' or 'cloud' per fx node; None for get_attr (copied into whichever half reads it)."""
+    side: dict[str, str | None] = {}
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            side[n.name] = "end"
+        elif n.op == "get_attr":
+            side[n.name] = None
+        elif n.name in groups:
+            side[n.name] = "end" if groups[n.name] in end else "cloud"
+        elif n.op == "output":
+            side[n.name] = "end" if all(side[a.name] in ("end", None) for a in n.all_input_nodes) \
+                else "cloud"
+        else:  # size arithmetic: on the end whenever its inputs are there
+            side[n.name] = "end" if all(side[a.name] in ("end", None) for a in n.all_input_nodes) \
+                else "cloud"
+    return side
+
+
+def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env and a.op == "get_attr":
+            env[a] = graph.node_copy(a)
+        return env[a]
+    env[node] = graph.node_copy(node, arg)
+    return env[node]
+
+
+def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, int],
+              mode: str = "deploy") -> tuple[fx.GraphModule, fx.GraphModule, Boundary]:
+    """Split annotated ``gm`` into (end module, cloud module, boundary) for ``end_nodes``.
+
+    ``bits`` maps DAG node names (or model input names) to bits; a crossing value that is a
+    float tensor and not listed goes with 32 bits.
+    """
+    if mode not in ("deploy", "train"):
+        raise ValueError(f"mode must be 'deploy' or 'train', got {mode!r}")
+    groups = dag_groups(gm)
+    end = set(end_nodes)
+    unknown = end - set(groups.values())
+    if unknown:
+        raise ValueError(f"partition: unknown DAG node(s) {sorted(unknown)[:5]}")
+    side = _sides(gm, groups, end)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    end_only = side[output.name] == "end"
+
+    crossing_nodes: list[fx.Node] = []
+    for n in gm.graph.nodes:
+        if side.get(n.name) == "end" and n.op != "output":
+            if any(side[u.name] == "cloud" for u in n.users):
+                crossing_nodes.append(n)
+
+    eg, cg = fx.Graph(), fx.Graph()
+    eenv: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if side[n.name] == "end" and n.op != "output":
+            _copy_into(eg, n, eenv)
+
+    crossings: list[Crossing] = []
+    payload: list[fx.Node] = []
+    for n in crossing_nodes:
+        info = n.meta["coach"]
+        owner = groups.get(n.name, n.name)
+        b = int(bits.get(owner, 32))
+        if info["kind"] == "tensors":
+            raise NotImplementedError(
+                f"partition: a tuple of tensors ({n.name}) would cross the cut; cut before or "
+                "after the node that unpacks it")
+        is_float = info["kind"] == "tensor" and info["float"]
+        kind = "raw" if not is_float or b >= 32 else "quant"
+        if is_float and b not in (2, 3, 4, 5, 6, 8, 16, 32):
+            raise ValueError(f"partition: bits for {owner} must be one of 2,3,4,5,6,8,16,32; got {b}")
+        c = Crossing(n.name, owner, kind, b if kind != "raw" else 32, info["shape"], info["dtype"])
+        crossings.append(c)
+        v = eenv[n]
+        if mode == "train" and kind != "raw":
+            payload.append(eg.call_function(_ops.fake_quantize.default, (v, b)))
+        elif kind == "quant":
+            q = eg.call_function(_ops.quantize.default, (v, b))
+            codes, scale, zp = (eg.call_function(operator.getitem, (q, i)) for i in range(3))
+            payload += [eg.call_function(_ops.pack.default, (codes, b)), scale, zp]
+        else:
+            payload.append(v)
+
+    boundary = Boundary(tuple(crossings), end_only)
+    if end_only:
+        eg.output(fx.map_arg(output.args[0], lambda a: eenv[a]))
+        result = cg.placeholder("result")
+        cg.output(result)
+    else:
+        eg.output(tuple(payload))
+        cenv: dict[fx.Node, fx.Node] = {}
+        for c in crossings:
+            src = next(n for n in crossing_nodes if n.name == c.name)
+            if mode == "train" and c.kind != "raw":
+                cenv[src] = cg.placeholder(f"{c.name}_fq")
+            elif c.kind == "quant":
+                packed, scale, zp = (cg.placeholder(f"{c.name}_{s}") for s in ("packed", "scale", "zp"))
+                codes = cg.call_function(_ops.unpack.default, (packed, c.bits, list(c.shape)))
+                cenv[src] = cg.call_function(_ops.dequantize.default,
+                                             (codes, scale, zp, c.bits, c.dtype))
+            else:
+                cenv[src] = cg.placeholder(c.name)
+        for n in gm.graph.nodes:
+            if side[n.name] == "cloud" and n.op != "output":
+                _copy_into(cg, n, cenv)
+        cg.output(fx.map_arg(output.args[0], lambda a: cenv[a] if a in cenv else _copy_into(cg, a, cenv)))
+
+    end_gm = fx.GraphModule(gm, eg, "EndModule")
+    cloud_gm = fx.GraphModule(gm, cg, "CloudModule")
+    for half in (end_gm, cloud_gm):
+        half.meta["coach_boundary"] = boundary
+    return end_gm, cloud_gm, boundary

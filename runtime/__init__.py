@@ -1,0 +1,1 @@
+"""Everything that runs online (installed as ``coach_fx.runtime``): links, workers, pipeline."""
