@@ -41,7 +41,10 @@ def _is_weight(node: fx.Node, value: Any) -> bool:
 
 def _lift_weights(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
     """Replace placeholders that carry parameters/buffers by get_attr; return data input indices."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # work on a copy: dynamo still reads the graph it gave us to decide what to pass in
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     root = nn.Module()
     keep: list[int] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
@@ -51,16 +54,16 @@ def _lift_weights(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx
                 root.register_parameter(name, value)
             else:
                 root.register_buffer(name, value)
-            with gm.graph.inserting_before(node):
-                attr = gm.graph.get_attr(name)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
             attr.meta = dict(node.meta)
             node.replace_all_uses_with(attr)
-            gm.graph.erase_node(node)
+            graph.erase_node(node)
         else:
             keep.append(i)
     for name, mod in gm.named_children():
         root.add_module(name, mod)
-    new = fx.GraphModule(root, gm.graph, "CoachGraph")
+    new = fx.GraphModule(root, graph, "CoachGraph")
     new.meta["coach_capture"] = "dynamo"
     return new, keep
 
@@ -72,6 +75,7 @@ def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if any(not isinstance(x, torch.Tensor) for x in example_inputs):
         raise TypeError("backend='coach' plans static shapes; compile with dynamic=False "
                         f"(got inputs {[type(x).__name__ for x in example_inputs]})")
+    n_expected = len(example_inputs)
     lifted, keep = _lift_weights(gm, example_inputs)
     inputs = tuple(example_inputs[i] for i in keep)
     lifted, inputs, dag = prepare(lifted, inputs, settings)
@@ -85,6 +89,8 @@ def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         # dynamo's graph states train/eval itself; the straight-through path is needed only
         # when gradients must reach the weights
         cm.training = trainable and torch.is_grad_enabled()
+        if len(args) != n_expected:
+            raise RuntimeError(f"coach backend: called with {len(args)} inputs, compiled for {n_expected}")
         return cm(*(args[i] for i in keep))
 
     run.compiled = cm  # type: ignore[attr-defined]

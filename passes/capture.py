@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import linecache
+import os
 import traceback
 from typing import Any, Sequence
 
@@ -47,9 +48,10 @@ class CoachTracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch: where the user's code hit the problem."""
+    ours = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
+            os.path.dirname(os.path.dirname(os.path.abspath(torch.fx.__file__))))
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/coach_fx/" not in f.filename
-              and "/passes/" not in f.filename]
+              if not os.path.abspath(f.filename).startswith(ours)]
     if not frames:
         return "unknown location"
     f = frames[-1]
@@ -106,12 +108,22 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Seque
 
 
 def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop export's pytree in/out codegen so the module takes and returns flat tensors."""
+    """Drop export's pytree codegen: flat inputs, the model's own output structure in the graph.
+
+    The input-guard call is dropped too: ``CompiledModel`` checks input shapes itself.
+    """
+    from coach_fx._compat import tree_unflatten
+
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    spec = getattr(gm, "_out_spec", None)
     for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == "_guards_fn":
+            continue
         if node.op == "output":
-            graph.output(fx.map_arg(node.args[0], lambda n: env[n]))
+            flat = fx.map_arg(node.args[0], lambda n: env[n])
+            out = tree_unflatten(list(flat), spec) if spec is not None else flat
+            graph.output(out)
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     out = fx.GraphModule(gm, graph, type(gm).__name__)

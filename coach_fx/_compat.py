@@ -1,0 +1,12 @@
+"""The one place that touches private torch API (kept small so upgrades break in one file)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils import _pytree as pytree
+
+
+def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
+    """``torch.utils._pytree.tree_unflatten``: rebuild a nested output from its leaves."""
+    return pytree.tree_unflatten(leaves, spec)

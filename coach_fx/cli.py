@@ -1,0 +1,142 @@
+"""The ``coach`` command: ``coach plan`` and ``coach demo``.
+
+    coach plan --model torchvision:resnet18 --uplink-mbps 10 --slowdown 8
+    coach plan --model resnet50 --strategy all
+    coach demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from tabulate import tabulate
+
+from coach_fx.compiled import CompiledModel, plan_model, prepare
+from coach_fx.models import load_model
+from coach_fx.optimize import COMPARED, STRATEGIES
+from coach_fx.settings import Device, Network, Settings
+
+
+def _settings(a: argparse.Namespace, strategy: str) -> Settings:
+    if a.trace:
+        net = Network.from_trace(a.trace, scale=a.trace_scale, rtt_ms=a.rtt_ms,
+                                 downlink_mbps=a.downlink_mbps)
+    else:
+        net = Network(a.uplink_mbps, a.downlink_mbps, a.rtt_ms)
+    return Settings(network=net, end=Device("end", a.slowdown), cloud=Device("cloud", a.cloud_slowdown),
+                    strategy=strategy, objective=a.objective, costs=a.costs,
+                    accuracy_budget=a.budget, profile_repeat=a.repeat)
+
+
+def compare_table(rows: list[dict]) -> str:
+    """One row per strategy: latency, period, throughput, bubble ratio, bytes, bits, accuracy."""
+    out = []
+    for p in rows:
+        bits = sorted(set(p.bits.values()))
+        acc = "-" if p.accuracy is None else f"{p.accuracy:.4f}{'' if p.accuracy_ok else ' (over budget)'}"
+        out.append([p.strategy, p.latency * 1e3, p.period * 1e3, p.throughput, p.bubble_ratio,
+                    p.bytes_sent / 1e3, "/".join(map(str, bits)) or "-", len(p.end_nodes), acc])
+    return tabulate(out, headers=["strategy", "latency ms", "period ms", "throughput /s", "bubble",
+                                  "KB sent", "bits", "end nodes", "accuracy loss"], floatfmt=".2f")
+
+
+def _plans(gm, inputs, dag, settings, strategies):  # noqa: ANN001, ANN202
+    plans, oracle = [], None
+    for st in strategies:
+        plan, oracle = plan_model(gm, inputs, dag, settings, st, oracle)
+        plans.append(plan)
+    return plans, oracle
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    model, shape = load_model(a.model)
+    x = torch.randn(a.batch, *shape)
+    strategies = list(COMPARED) if a.strategy == "all" else [a.strategy]
+    settings = _settings(a, strategies[0])
+    t0 = time.perf_counter()
+    gm, inputs, dag = prepare(model, (x,), settings)
+    t_prep = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    plans, oracle = _plans(gm, inputs, dag, settings, strategies)
+    t_plan = time.perf_counter() - t1
+    net = settings.network
+    print(f"model {a.model}: {len(dag)} DAG nodes, input {tuple(x.shape)}; uplink "
+          f"{net.uplink_mbps:.2f} Mbit/s, end slowdown {a.slowdown}, costs {a.costs}")
+    cm = CompiledModel(gm, dag, plans[0], settings, inputs, oracle)
+    print(cm.report())
+    if len(plans) > 1:
+        print()
+        print(compare_table(plans))
+    if a.costs == "measured":
+        chk = cm.prediction_check()
+        if chk:
+            print(f"\nper-node sum vs whole half (host): end {chk['end_pred_s']*1e3:.2f} ms predicted, "
+                  f"{chk['end_meas_s']*1e3:.2f} ms measured ({chk['end_err']:+.1%}); cloud "
+                  f"{chk['cloud_pred_s']*1e3:.2f} ms predicted, {chk['cloud_meas_s']*1e3:.2f} ms "
+                  f"measured ({chk['cloud_err']:+.1%})")
+    print(f"\ntiming: capture+profile {t_prep:.2f} s, planning {t_plan:.3f} s"
+          + (f" ({oracle.evals} accuracy evaluations)" if oracle else ""))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    model, shape = load_model(a.model)
+    x = torch.randn(a.batch, *shape)
+    settings = _settings(a, "coach")
+    print(f"coach demo: {a.model}, batch {a.batch}, uplink {a.uplink_mbps} Mbit/s, "
+          f"end device {a.slowdown}x slower than this host")
+    t0 = time.perf_counter()
+    gm, inputs, dag = prepare(model, (x,), settings)
+    plans, oracle = _plans(gm, inputs, dag, settings, COMPARED)
+    cm = CompiledModel(gm, dag, plans[0], settings, inputs, oracle)
+    with torch.no_grad():
+        ref = model(x)
+        y = cm(x)
+    err = ((y - ref).norm() / ref.norm()).item()
+    print(cm.report())
+    print()
+    print(compare_table(plans))
+    best_base = min((p for p in plans[1:]), key=lambda p: p.period)
+    print(f"\nsplit run: end half -> in-process link ({cm.plan.bytes_sent/1e3:.1f} KB) -> cloud half; "
+          f"output relative L2 error vs eager {err:.2e}")
+    print(f"coach throughput {plans[0].throughput:.2f}/s vs best baseline "
+          f"{best_base.strategy} {best_base.throughput:.2f}/s "
+          f"({plans[0].throughput / best_base.throughput:.2f}x); done in {time.perf_counter() - t0:.1f} s")
+    return 0 if err <= max(settings.output_tolerance, 0.05) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="coach", description="end-cloud split inference for PyTorch")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("plan", "demo"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="torchvision:resnet18",
+                       help="torchvision:NAME, digits, or package.module:callable")
+        p.add_argument("--uplink-mbps", type=float, default=10.0)
+        p.add_argument("--downlink-mbps", type=float, default=None)
+        p.add_argument("--rtt-ms", type=float, default=0.0)
+        p.add_argument("--trace", default=None, help="bandwidth trace file (plans with its mean)")
+        p.add_argument("--trace-scale", type=float, default=1.0)
+        p.add_argument("--slowdown", type=float, default=8.0, help="end device slowdown vs this host")
+        p.add_argument("--cloud-slowdown", type=float, default=1.0)
+        p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+        p.add_argument("--costs", choices=["measured", "analytic"], default="measured")
+        p.add_argument("--budget", type=float, default=0.005, help="accuracy budget")
+        p.add_argument("--batch", type=int, default=1 if name == "plan" else 2)
+        p.add_argument("--repeat", type=int, default=5, help="profiling runs per node")
+        if name == "plan":
+            p.add_argument("--strategy", default="coach",
+                           choices=sorted(STRATEGIES) + ["all"])
+    a = ap.parse_args(argv)
+    try:
+        return cmd_plan(a) if a.cmd == "plan" else cmd_demo(a)
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"coach: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Integration: coach_fx.compile end to end, and the split of torchvision models against eager."""
+
+import pytest
+import torch
+from torch import nn
+
+import coach_fx
+from coach_fx.compiled import InputError, prepare
+from coach_fx.models import load_model
+from coach_fx.passes.partition import partition
+from coach_fx.settings import Settings
+
+S = Settings(costs="analytic", progress=False)
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg11", "googlenet", "densenet121",
+          "efficientnet_b0", "vit_b_16"]
+
+
+def spread_plans(dag):
+    """Six end sets from cloud-only to end-only, plus one crossing >= 2 tensors if any."""
+    sets = sorted(dag.closed_sets(limit=50_000), key=len)
+    picks = [sets[i * (len(sets) - 1) // 5] for i in range(6)]
+    multi = [s for s in sets if len(dag.crossing(s)) >= 2]
+    if multi:
+        picks.append(multi[len(multi) // 2])
+    return picks
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_split_matches_eager(name):
+    pytest.importorskip("torchvision")
+    model, shape = load_model(f"torchvision:{name}")
+    x = torch.randn(1, *shape)
+    gm, inputs, dag = prepare(model, (x,), S)
+    with torch.no_grad():
+        ref = model(x)
+    picks = spread_plans(dag)
+    assert len(picks) >= 5
+    if any(len(dag.crossing(s)) >= 2 for s in dag.closed_sets(limit=50_000)):
+        assert any(len(dag.crossing(s)) >= 2 for s in picks)
+    for end in picks:
+        cut = dag.crossing(end)
+        for bits, check in ((32, "max"), (16, 1e-3), (8, 0.03)):
+            e, c, b = partition(gm, end, {n: bits for n in cut})
+            with torch.no_grad():
+                payload = e(x)
+                y = payload if b.end_only else c(*payload)
+            if check == "max":
+                assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), (name, len(end), bits)
+            else:
+                err = ((y - ref).norm() / ref.norm()).item()
+                assert err <= check, (name, len(end), bits, err)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.c1(x)))
+        return self.fc((self.c2(h) + h).mean((2, 3)))
+
+
+def test_compile_default_coach_and_report():
+    m = Small().eval()
+    x = torch.randn(2, 3, 16, 16)
+    cm = coach_fx.compile(m, (x,), network=coach_fx.Network(5), end=coach_fx.Device("e", 10),
+                          costs="analytic", progress=False)
+    assert cm.plan.strategy == "coach"
+    assert cm.plan.accuracy_ok
+    with torch.no_grad():
+        y = cm(x)
+    assert ((y - m(x)).norm() / m(x).norm()) <= 0.02 + 1e-6
+    rep = cm.report()
+    assert "T_link" in rep and "period" in rep
+    assert set(cm.plan.end_nodes) <= set(cm.dag.nodes)
+    assert isinstance(cm.end_module, torch.fx.GraphModule)
+
+
+def test_manual_strategy_and_bits_dict():
+    m = Small().eval()
+    x = torch.randn(1, 3, 16, 16)
+    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["c1", "bn", "relu"],
+                          bits={"relu": 16}, costs="analytic", progress=False)
+    assert cm.plan.cut == ("relu",) and cm.plan.bits == {"relu": 16}
+    with torch.no_grad():
+        assert torch.allclose(cm(x), m(x), rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="closed"):
+        coach_fx.compile(m, (x,), strategy="manual", end_nodes=["c2"], bits=8, costs="analytic")
+
+
+def test_wrong_input_shape_names_expected_before_work():
+    m = Small().eval()
+    x = torch.randn(1, 3, 16, 16)
+    cm = coach_fx.compile(m, (x,), strategy="end-only", costs="analytic", progress=False)
+    calls = []
+    cm.end_module.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(InputError, match=r"expected shape \(1, 3, 16, 16\)"):
+        cm(torch.randn(1, 3, 32, 32))
+    with pytest.raises(InputError, match="expected 1 input"):
+        cm(x, x)
+    assert not calls
+
+
+def test_training_step_reaches_both_halves():
+    m = Small().train()
+    x = torch.randn(4, 3, 16, 16)
+    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["c1", "bn", "relu"], bits=4,
+                          costs="analytic", progress=False)
+    assert cm.training
+    loss = cm(x).square().mean()
+    loss.backward()
+    assert m.c1.weight.grad is not None and m.c1.weight.grad.abs().sum() > 0   # end half
+    assert m.fc.weight.grad is not None and m.fc.weight.grad.abs().sum() > 0   # cloud half
+
+
+def test_unknown_option_and_strategy():
+    m = Small().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(TypeError, match="unknown coach option"):
+        coach_fx.compile(m, (x,), bogus=1)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        coach_fx.compile(m, (x,), strategy="nope", costs="analytic", progress=False)
+
+
+def test_brute_force_equals_coach_on_small_model():
+    m = Small().eval()
+    x = torch.randn(1, 3, 16, 16)
+    a = coach_fx.compile(m, (x,), strategy="coach", costs="analytic", progress=False)
+    b = coach_fx.compile(m, (x,), strategy="brute-force", costs="analytic", progress=False)
+    assert a.plan.score == pytest.approx(b.plan.score)
+
+
+def test_resnet18_end_half_exports():
+    pytest.importorskip("torchvision")
+    model, shape = load_model("torchvision:resnet18")
+    x = torch.randn(1, *shape)
+    gm, inputs, dag = prepare(model, (x,), S)
+    end = dag.ancestors([dag.nodes[30]])
+    e, c, b = partition(gm, end, {n: 6 for n in dag.crossing(end)})
+    ep = torch.export.export(e, (x,))
+    got, want = ep.module()(x), e(x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not (SHARED / "traces").is_dir():
+        pytest.skip(f"needs ../shared/traces (not found at {SHARED}); a fresh clone has none")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+os.environ.setdefault("COACH_PROGRESS", "0")

@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import coach_fx.passes.ops as ops
+from coach_fx.passes.ops import packed_nbytes
+
+c = torch.ops.coach
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@given(n=st.integers(1, 300), seed=st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_pack_unpack_bit_exact(bits, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+    packed = c.pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == math.ceil(n * bits / 8) == packed_nbytes(n, bits)
+    assert torch.equal(c.unpack(packed, bits, [n]), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_quantize_error_within_half_step(bits):
+    x = torch.randn(3, 7, 5) * 4
+    q, s, z = c.quantize(x, bits)
+    assert q.dtype == torch.uint8 and int(q.max()) < (1 << bits)
+    y = c.dequantize(c.unpack(c.pack(q, bits), bits, list(x.shape)), s, z, bits, x.dtype)
+    assert (y - x).abs().max() <= s / 2 + 1e-5 * x.abs().max()
+
+
+def test_half_keeps_range_and_tiny_values():
+    for scale in (1e-9, 1.0, 1e7):
+        x = torch.randn(1000) * scale
+        q, s, z = c.quantize(x, 16)
+        y = c.dequantize(c.unpack(c.pack(q, 16), 16, [1000]), s, z, 16, torch.float32)
+        assert torch.isfinite(y).all()
+        assert (y - x).norm() / x.norm() < 1e-3
+        assert c.pack(q, 16).numel() == 2000
+
+
+def test_constant_tensor_roundtrips():
+    x = torch.full((10,), 3.5)
+    assert torch.allclose(ops.roundtrip(x, 4), x, atol=1e-3)
+    z = torch.zeros(10)
+    assert torch.equal(ops.roundtrip(z, 2), z)
+
+
+def test_bad_bits_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        c.quantize(torch.randn(3), 7)
+    with pytest.raises(ValueError, match="need"):
+        c.unpack(torch.zeros(3, dtype=torch.uint8), 4, [100])
+
+
+def test_fake_quantize_straight_through_gradient():
+    x = torch.randn(20, requires_grad=True)
+    c.fake_quantize(x, 4).sum().backward()
+    assert torch.equal(x.grad, torch.ones(20))
+
+
+def test_ops_export_with_fake_kernels():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            q, s, z = c.quantize(x, 4)
+            p = c.pack(q, 4)
+            return c.dequantize(c.unpack(p, 4, [2, 9]), s, z, 4, torch.float32)
+
+    x = torch.randn(2, 9)
+    ep = torch.export.export(M(), (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"coach.quantize.default", "coach.pack.default", "coach.unpack.default"} <= targets
+    assert torch.allclose(ep.module()(x), M()(x))
