@@ -228,10 +228,16 @@ def _conquer(sp: _Space, nodes: list[int], exact_sets: bool, limit: int, depth: 
 def candidate_sets(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
                    block_limit: int = 4096) -> Iterator[frozenset[str]]:
     """End sets worth pricing: every closed set, less those a Pareto argument rules out."""
+    for s in candidate_masks(dag, bits, exact_sets, block_limit):
+        yield frozenset(dag.nodes[i] for i in range(len(dag.nodes)) if s >> i & 1)
+
+
+def candidate_masks(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
+                    block_limit: int = 4096) -> Iterator[int]:
+    """``candidate_sets`` as bitmasks over ``dag.index`` positions."""
     sp = _Space(dag, bits)
     arts = [dag.index[a] for a in dag.articulation_nodes()]
     bounds = [-1] + arts + [sp.n]
-    names = dag.nodes
     seen: set[int] = set()
     for j in range(len(bounds) - 1):
         prefix = (1 << (bounds[j] + 1)) - 1
@@ -241,7 +247,7 @@ def candidate_sets(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
             s = prefix | t
             if s not in seen:
                 seen.add(s)
-                yield frozenset(names[i] for i in range(sp.n) if s >> i & 1)
+                yield s
     full = (1 << sp.n) - 1
     if full not in seen:
-        yield frozenset(names)
+        yield full
