@@ -31,6 +31,24 @@ from coach_fx.plan import plan_bits
 from coach_fx.settings import Settings
 
 
+#: Keep the reference run's activations for reuse up to this many bytes.
+ACTIVATION_CACHE_BYTES = 1 << 30
+
+_ops = torch.ops.coach
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op not in ("output", "get_attr"):
+            self.values[n.name] = out
+        return out
+
+
 def _as_tuple(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
@@ -69,7 +87,8 @@ class AccuracyOracle:
         self.evals = 0
         self._cache: dict[tuple, float] = {}
         self._split_cache: dict[tuple, Any] = {}
-        self.reference = self._run(lambda *xs: gm(*xs))
+        self._acts: list[dict[str, Any]] | None = []
+        self.reference = self._run(self._record)
         if self.mode == "labels":
             if labels.shape[0] != n:
                 raise ValueError(f"calibration has {n} inputs but {labels.shape[0]} labels")
@@ -88,6 +107,32 @@ class AccuracyOracle:
                 outs.append(_flat_output(fn(*xs)))
         return torch.cat(outs)
 
+    def _record(self, *xs: Any) -> Any:
+        """Run the model once, keeping every node's output (the end half of any candidate is
+        then free: only its cloud half runs), unless that would take too much memory."""
+        if self._acts is None:
+            return self.gm(*xs)
+        rec = _Recorder(self.gm)
+        out = rec.run(*xs)
+        self._acts.append(rec.values)
+        held = sum(t.numel() * t.element_size() for acts in self._acts for v in acts.values()
+                   for t in _tensors(v))
+        if held > ACTIVATION_CACHE_BYTES:
+            self._acts = None
+        return out
+
+    def _run_split(self, end_nodes: Iterable[str], bits: dict[str, int]) -> torch.Tensor:
+        e, c, boundary = partition(self.gm, set(end_nodes), bits, mode="train")
+        if self._acts is None:
+            return self._run(lambda *xs: c(*_as_tuple(e(*xs))))
+        outs = []
+        with torch.no_grad():
+            for acts in self._acts:
+                payload = [_ops.fake_quantize(acts[x.name], x.bits) if x.kind == "quant"
+                           else acts[x.name] for x in boundary.crossings]
+                outs.append(_flat_output(c(*payload)))
+        return torch.cat(outs)
+
     @staticmethod
     def _top1(out: torch.Tensor, labels: torch.Tensor) -> float:
         return (out.argmax(1) == labels.reshape(-1)).float().mean().item()
@@ -100,8 +145,7 @@ class AccuracyOracle:
             return 0.0
         if key in self._cache:
             return self._cache[key]
-        e, c, _ = partition(self.gm, set(end_nodes), dict(key), mode="train")
-        out = self._run(lambda *xs: c(*_as_tuple(e(*xs))))
+        out = self._run_split(end_nodes, dict(key))
         self.evals += 1
         ref = self.reference
         if self.mode == "labels":
