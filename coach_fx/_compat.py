@@ -10,3 +10,16 @@ from torch.utils import _pytree as pytree
 def tree_unflatten(leaves: list[Any], spec: Any) -> Any:
     """``torch.utils._pytree.tree_unflatten``: rebuild a nested output from its leaves."""
     return pytree.tree_unflatten(leaves, spec)
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """``torch.utils._pytree.tree_flatten``: (leaves, spec)."""
+    return pytree.tree_flatten(tree)
+
+
+def treespec_dumps(spec: Any) -> str:
+    return pytree.treespec_dumps(spec)
+
+
+def treespec_loads(text: str) -> Any:
+    return pytree.treespec_loads(text)

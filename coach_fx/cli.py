@@ -28,7 +28,7 @@ def _settings(a: argparse.Namespace, strategy: str) -> Settings:
         net = Network(a.uplink_mbps, a.downlink_mbps, a.rtt_ms)
     return Settings(network=net, end=Device("end", a.slowdown), cloud=Device("cloud", a.cloud_slowdown),
                     strategy=strategy, objective=a.objective, costs=a.costs,
-                    accuracy_budget=a.budget, profile_repeat=a.repeat)
+                    accuracy_budget=a.budget, profile_repeat=a.repeat, threads=a.threads)
 
 
 def compare_table(rows: list[dict]) -> str:
@@ -79,6 +79,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
                   f"measured ({chk['cloud_err']:+.1%})")
     print(f"\ntiming: capture+profile {t_prep:.2f} s, planning {t_plan:.3f} s"
           + (f" ({oracle.evals} accuracy evaluations)" if oracle else ""))
+    if a.save:
+        print(f"saved to {cm.save(a.save)}")
     return 0
 
 
@@ -108,6 +110,65 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if err <= max(settings.output_tolerance, 0.05) else 1
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from coach_fx.runtime.artifact import load_half
+    from coach_fx.runtime.link import GlooEndpoint
+    from coach_fx.runtime.pipeline import CloudWorker
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    half = load_half(a.dir, "cloud")
+    slowdown = a.slowdown if a.slowdown is not None else half.meta["cloud"]["slowdown"]
+    print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (slowdown {slowdown}); "
+          "waiting for the end side", flush=True)
+    ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
+    worker = CloudWorker(half.module, half.boundary, ep, slowdown=slowdown)
+    try:
+        worker.serve()
+    finally:
+        ep.close()
+    print(f"coach serve: served {worker.served} requests, busy {worker.busy_s:.2f} s", flush=True)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from coach_fx.runtime.artifact import load_half, make_frames
+    from coach_fx.runtime.link import GlooEndpoint
+    from coach_fx.runtime.pipeline import EndWorker
+    from coach_fx.traces import Trace
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    half = load_half(a.dir, "end")
+    if half.boundary.end_only:
+        raise ValueError(f"{a.dir} holds an end-only plan: nothing to send to a cloud")
+    shape = Trace.load(a.trace, scale=a.trace_scale) if a.trace else (
+        Trace.constant(a.uplink_mbps) if a.uplink_mbps else None)
+    slowdown = a.slowdown if a.slowdown is not None else half.meta["end"]["slowdown"]
+    frames = make_frames(half.input_specs, a.frames, a.seed)
+    ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
+    worker = EndWorker(half.module, half.boundary, ep, half.out_spec, slowdown=slowdown,
+                       timeout_s=a.timeout)
+    try:
+        outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
+        worker.close()
+    finally:
+        ep.close()
+    rate = f"trace {a.trace} x{a.trace_scale}" if a.trace else (
+        f"{a.uplink_mbps} Mbit/s" if a.uplink_mbps else "unshaped")
+    ref = f"; end half {worker.reference_s * 1e3:.2f} ms on this host" if worker.reference_s else ""
+    print(f"coach run: {a.frames} frames, end slowdown {slowdown}, uplink {rate}{ref}")
+    print(stats.table())
+    if a.save_outputs:
+        from coach_fx._compat import tree_flatten
+        arrays = {f"o{i}_{j}": t.numpy() for i, o in enumerate(outs)
+                  for j, t in enumerate(tree_flatten(o)[0]) if isinstance(t, torch.Tensor)}
+        np.savez(a.save_outputs, **arrays)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="coach", description="end-cloud split inference for PyTorch")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -127,13 +188,36 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--budget", type=float, default=0.005, help="accuracy budget")
         p.add_argument("--batch", type=int, default=1 if name == "plan" else 2)
         p.add_argument("--repeat", type=int, default=5, help="profiling runs per node")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch threads for profiling (match what each side will use)")
         if name == "plan":
             p.add_argument("--strategy", default="coach",
                            choices=sorted(STRATEGIES) + ["all"])
+        if name == "plan":
+            p.add_argument("--save", default=None, metavar="DIR",
+                           help="write the plan and both halves (for coach serve / coach run)")
+    for name in ("serve", "run"):
+        p = sub.add_parser(name, help="cloud side of a saved plan" if name == "serve"
+                           else "end side of a saved plan: stream frames to a coach serve")
+        p.add_argument("dir")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=29517)
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds before a peer counts as gone")
+        p.add_argument("--slowdown", type=float, default=None, help="default: the saved plan's")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch threads for this side (on a small host: 1 per side)")
+        if name == "run":
+            p.add_argument("--trace", default=None, help="shape the uplink to this bandwidth trace")
+            p.add_argument("--trace-scale", type=float, default=1.0)
+            p.add_argument("--uplink-mbps", type=float, default=None, help="shape to a constant rate")
+            p.add_argument("--frames", type=int, default=50)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--save-outputs", default=None, metavar="FILE.npz")
     a = ap.parse_args(argv)
+    cmds = {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve, "run": cmd_run}
     try:
-        return cmd_plan(a) if a.cmd == "plan" else cmd_demo(a)
-    except (ValueError, TypeError, RuntimeError) as e:
+        return cmds[a.cmd](a)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
         print(f"coach: error: {e}", file=sys.stderr)
         return 2
 

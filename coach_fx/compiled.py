@@ -23,14 +23,14 @@ from tabulate import tabulate
 from torch import nn
 
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.costs import build_dag
+from coach_fx.costs import build_dag, torch_threads
 from coach_fx.graph import LayerDAG
 from coach_fx.optimize import Problem, solve
 from coach_fx.optimize.simple import manual
 from coach_fx.passes.annotate import annotate
 from coach_fx.passes.capture import capture
 from coach_fx.passes.partition import Boundary, partition
-from coach_fx.plan import Plan
+from coach_fx.plan import MESSAGE_HEADER_BYTES, Plan
 from coach_fx.settings import Settings
 
 
@@ -114,6 +114,85 @@ class CompiledModel(nn.Module):
             return out
         return self.cloud_module(*self.link(out))
 
+    # -------------------------------------------------------------- streams
+    @property
+    def out_spec(self) -> Any:
+        """The structure of the model's output (leaves travel flat on the wire)."""
+        if getattr(self, "_out_spec", None) is None:
+            from coach_fx._compat import tree_flatten
+            with torch.no_grad():
+                self._out_spec = tree_flatten(self.gm(*self.example_inputs))[1]
+        return self._out_spec
+
+    def predicted(self) -> dict[str, float]:
+        p = self.plan
+        return {"t_end": p.t_end, "t_link": p.t_link, "t_cloud": p.t_cloud, "latency": p.latency,
+                "period": p.period, "throughput": p.throughput, "bubble_ratio": p.bubble_ratio,
+                "bytes_sent": p.bytes_sent}
+
+    def stream(self, inputs: Sequence[Any], *, pipelined: bool = True, link: Any = None,
+               timeout_s: float = 30.0, queue_size: int = 2) -> tuple[list[Any], Any]:
+        """Run a stream through end -> link -> cloud as a three-stage pipeline, in-process.
+
+        ``inputs``: frames, each a tensor or a tuple of the model's inputs. The link defaults
+        to an in-process one with the compile-time network (its trace, if it has one); the
+        end (and cloud) devices are emulated with their slowdowns. Returns (outputs in order,
+        :class:`coach_fx.runtime.pipeline.Stats`). ``pipelined=False`` runs one request at a
+        time, for comparison.
+        """
+        from coach_fx.runtime.pipeline import run_local
+
+        frames = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in inputs]
+        for f in frames:
+            self.check_inputs(f)
+        if self.boundary.end_only:
+            with torch_threads(self.settings.threads):
+                outs, stats = run_local(self.end_module, frames, self.settings.end.slowdown)
+            stats.predicted = self.predicted()
+            return outs, stats
+        with torch_threads(self.settings.threads):
+            return self._stream(frames, pipelined, link, timeout_s, queue_size)
+
+    def _stream(self, frames: list[tuple], pipelined: bool, link: Any, timeout_s: float,
+                queue_size: int) -> tuple[list[Any], Any]:
+        from coach_fx.runtime.link import InProcessLink
+        from coach_fx.runtime.pipeline import CloudWorker, EndWorker
+
+        link = link or InProcessLink.for_network(self.settings.network)
+        cloud = CloudWorker(self.cloud_module, self.boundary, link.cloud,
+                            slowdown=self.settings.cloud.slowdown).start()
+        end = EndWorker(self.end_module, self.boundary, link.end, self.out_spec,
+                        slowdown=self.settings.end.slowdown, queue_size=queue_size, timeout_s=timeout_s)
+        try:
+            return end.run(frames, pipelined=pipelined, predicted=self.predicted())
+        finally:
+            try:
+                end.close()
+            except Exception:  # noqa: BLE001 - the link may already be down
+                pass
+            cloud.join(1.0)
+
+    def save(self, path: str) -> str:
+        """Write the plan and each half on its own (``coach serve DIR`` / ``coach run DIR``)."""
+        from coach_fx.runtime.artifact import save
+        from dataclasses import asdict
+        net = self.settings.network
+        meta = {"plan": {k: v for k, v in asdict(self.plan).items() if k != "extra"},
+                "network": {"uplink_mbps": net.uplink_mbps, "downlink_mbps": net.down_mbps,
+                            "rtt_ms": net.rtt_ms},
+                "end": {"name": self.settings.end.name, "slowdown": self.settings.end.slowdown},
+                "cloud": {"name": self.settings.cloud.name, "slowdown": self.settings.cloud.slowdown},
+                "predicted": self.predicted()}
+        meta["plan"]["end_nodes"] = list(self.plan.end_nodes)
+        meta["plan"]["cut"] = list(self.plan.cut)
+        was = self.training
+        self.eval()
+        try:
+            return str(save(path, self.end_module, self.cloud_module, self.boundary,
+                            self.example_inputs, self.out_spec, meta))
+        finally:
+            self.train(was)
+
     # -------------------------------------------------------------- reporting
     def report(self) -> str:
         """The plan and its predicted stage times as a table."""
@@ -128,6 +207,37 @@ class CompiledModel(nn.Module):
                 ["throughput /s", p.throughput], ["bubble ratio", p.bubble_ratio],
                 ["bytes sent", p.bytes_sent]]
         return head + "\n" + tabulate(rows, headers=["predicted", "ms / value"], floatfmt=".3f")
+
+    def calibrate(self, repeat: int = 5) -> Plan:
+        """Re-measure the chosen plan's halves as whole modules on this host and re-price it.
+
+        The search prices plans with per-node costs; a half run as one module (with its
+        quantize/pack, or unpack/dequantize, and message encoding) takes somewhat different
+        time (``prediction_check`` says how much). The plan's stage times become the measured
+        ones × each device's slowdown; the per-node figures stay in ``plan.extra``.
+        """
+        from coach_fx.runtime.codec import entries_to_payload, output_to_entries, payload_to_entries
+        from coach_fx.runtime.wire import decode, encode
+
+        p = self.plan
+        if self.boundary.end_only:
+            return p
+        x = self.example_inputs
+        with torch.no_grad(), torch_threads(self.settings.threads):
+            def end() -> bytes:
+                return encode(0, payload_to_entries(self.boundary, self.end_module(*x)))
+            msg = end()
+            def cloud() -> bytes:
+                out = self.cloud_module(*entries_to_payload(self.boundary, decode(msg)[3]))
+                return encode(0, output_to_entries(out)[0])
+            t_end = _median_time(end, repeat)
+            t_cloud = _median_time(cloud, repeat)
+        net = self.settings.network
+        p.extra.update(model_t_end=p.t_end, model_t_cloud=p.t_cloud, calibrated=True)
+        p.t_end = t_end * self.settings.end.slowdown
+        p.t_cloud = (t_cloud * self.settings.cloud.slowdown + net.rtt_ms / 2e3
+                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES))
+        return p
 
     def prediction_check(self, repeat: int = 10) -> dict[str, float]:
         """How well the per-node sum of host times predicts each half run as one module."""
@@ -223,4 +333,7 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
     settings = Settings.from_options(options, **kw)
     gm, inputs, dag = prepare(model, example_inputs, settings)
     plan, oracle = plan_model(gm, inputs, dag, settings)
-    return CompiledModel(gm, dag, plan, settings, inputs, oracle)
+    cm = CompiledModel(gm, dag, plan, settings, inputs, oracle)
+    if settings.costs == "measured" and settings.calibrate:
+        cm.calibrate()
+    return cm

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -72,7 +73,7 @@ def analytic_node_times(gm: fx.GraphModule) -> dict[str, float]:
     return out
 
 
-def measure_quant_cost(numel: int = 1 << 20, bits: int = 8, repeat: int = 3) -> tuple[float, float]:
+def measure_quant_cost(numel: int = 1 << 18, bits: int = 8, repeat: int = 3) -> tuple[float, float]:
     """Host seconds per element to quantize+pack and to unpack+dequantize."""
     import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
     x = torch.randn(numel)
@@ -80,6 +81,7 @@ def measure_quant_cost(numel: int = 1 << 20, bits: int = 8, repeat: int = 3) -> 
     def q() -> Any:
         c, s, z = ops.quantize(x, bits)
         return ops.pack(c, bits), s, z
+    q()   # warm-up
     p, s, z = q()
     def dq() -> Any:
         return ops.dequantize(ops.unpack(p, bits, [numel]), s, z, bits, torch.float32)
@@ -91,6 +93,20 @@ def measure_quant_cost(numel: int = 1 << 20, bits: int = 8, repeat: int = 3) -> 
             ts.append(time.perf_counter() - t0)
         return min(ts) / numel
     return best(q), best(dq)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_times(host: dict[str, float], device: Device) -> dict[str, float]:
@@ -112,12 +128,20 @@ def host_times(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
 def build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
               host: dict[str, float] | None = None) -> LayerDAG:
     """LayerDAG of an annotated GraphModule with end and cloud costs from ``settings``."""
+    with torch_threads(settings.threads):
+        return _build_dag(gm, example_inputs, settings, host)
+
+
+def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
+               host: dict[str, float] | None) -> LayerDAG:
     host = host if host is not None else host_times(gm, example_inputs, settings)
-    if settings.costs == "analytic":
-        qh = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM)
-    else:
-        qh = measure_quant_cost()
-    quant = (qh[0] * settings.end.slowdown, qh[1] * settings.cloud.slowdown)
+    quant = {}
+    for b in settings.bits:
+        if b >= 32:
+            continue
+        qe, qc = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM) if settings.costs == "analytic" \
+            else measure_quant_cost(bits=b)
+        quant[b] = (qe * settings.end.slowdown, qc * settings.cloud.slowdown)
     dag = LayerDAG.from_graph_module(gm, device_times(host, settings.end),
                                      device_times(host, settings.cloud), quant)
     dag.host_times = host  # kept for the prediction check in `coach plan`

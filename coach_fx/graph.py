@@ -43,7 +43,8 @@ class LayerDAG:
     def __init__(self, inputs: Mapping[str, NodeData], nodes: Mapping[str, NodeData],
                  data_preds: Mapping[str, Iterable[str]], order_preds: Mapping[str, Iterable[str]],
                  outputs: Iterable[str], members: Mapping[str, tuple[str, ...]] | None = None,
-                 quant_s_per_elem: tuple[float, float] = (0.0, 0.0)) -> None:
+                 quant_s_per_elem: tuple[float, float] | Mapping[int, tuple[float, float]] = (0.0, 0.0)
+                 ) -> None:
         self.inputs: tuple[str, ...] = tuple(inputs)
         self.nodes: tuple[str, ...] = tuple(nodes)
         self.info: dict[str, NodeData] = {**inputs, **nodes}
@@ -65,7 +66,8 @@ class LayerDAG:
                     raise ValueError(f"LayerDAG: nodes not in topological order ({u} -> {v})")
         self.outputs: tuple[str, ...] = tuple(dict.fromkeys(outputs))
         self.members: dict[str, tuple[str, ...]] = dict(members or {n: (n,) for n in self.nodes})
-        #: seconds per element to quantize+pack on the end / unpack+dequantize in the cloud
+        #: seconds per element to quantize+pack on the end / unpack+dequantize in the cloud,
+        #: one pair for every bit width or a pair per bit width
         self.quant_s_per_elem = quant_s_per_elem
         self._pred_mask = [sum(1 << self.index[p] for p in self._preds[v]) for v in self.nodes]
 
@@ -177,6 +179,15 @@ class LayerDAG:
     def nbytes(self, name: str) -> int:
         return self.info[name].bytes
 
+    def quant_cost(self, bits: int) -> tuple[float, float]:
+        """(end, cloud) seconds per element to send a float tensor with ``bits`` bits."""
+        if bits >= 32:
+            return (0.0, 0.0)
+        q = self.quant_s_per_elem
+        if isinstance(q, Mapping):
+            return q.get(bits) or q[min(q, key=lambda b: abs(b - bits))]
+        return q
+
     def output_bytes(self) -> int:
         return sum(self.info[o].bytes for o in self.outputs)
 
@@ -196,7 +207,8 @@ class LayerDAG:
     @classmethod
     def from_graph_module(cls, gm: fx.GraphModule, node_t_end: Mapping[str, float],
                           node_t_cloud: Mapping[str, float],
-                          quant_s_per_elem: tuple[float, float] = (0.0, 0.0)) -> "LayerDAG":
+                          quant_s_per_elem: tuple[float, float] | Mapping[int, tuple[float, float]] = (0.0, 0.0)
+                          ) -> "LayerDAG":
         """Fold an annotated GraphModule (``passes.annotate``) into a LayerDAG.
 
         ``node_t_end``/``node_t_cloud`` give seconds per fx node; a DAG node costs the sum of

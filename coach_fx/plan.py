@@ -122,12 +122,12 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
     b = plan_bits(dag, cut, bits, input_bits)
     t_end = sum(dag.t_end(v) for v in s)
     t_cloud = sum(dag.t_cloud(v) for v in dag.nodes if v not in s)
-    q_end, q_cloud = dag.quant_s_per_elem
     nbytes = 0
     for x in cut:
         d = dag.info[x]
         nbytes += wire_bytes(d.numel, d.bytes, d.quantizable, b[x])
         if d.quantizable and b[x] < 32:
+            q_end, q_cloud = dag.quant_cost(b[x])
             t_end += q_end * d.numel
             t_cloud += q_cloud * d.numel
     t_link = 0.0

@@ -109,6 +109,13 @@ class Settings:
     #: Brute force refuses DAGs with more predecessor-closed sets than this.
     max_plans: int = 200_000
     profile_repeat: int = 5
+    #: torch intra-op threads for profiling and for in-process streams (None: torch's default).
+    #: On a small host give each emulated device one thread, so that the end and the cloud
+    #: stage of a stream do not compete for the same cores.
+    threads: int | None = None
+    #: With measured costs, re-measure the chosen plan's halves as whole modules and report
+    #: those stage times (``CompiledModel.calibrate``).
+    calibrate: bool = True
     progress: bool = True
     #: Called with (done, total, label) during long work instead of the default bar.
     progress_fn: Callable[[int, int, str], None] | None = None

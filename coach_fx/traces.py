@@ -82,6 +82,29 @@ class Trace:
             t = t % self.duration
         return self.mbps[max(0, bisect.bisect_right(self.times, t) - 1)]
 
+    def finish_time(self, start: float, nbytes: float) -> float:
+        """When ``nbytes`` sent from time ``start`` have crossed a link that follows this trace
+        (the trace loops; a stretch at rate 0 just passes)."""
+        bits = nbytes * 8.0
+        if not math.isfinite(self.duration):
+            return start + bits / (self.mbps[0] * 1e6)
+        if max(self.mbps) <= 0:
+            raise ValueError(f"trace {self.name} has rate 0 everywhere: nothing can be sent")
+        base = math.floor(start / self.duration) * self.duration
+        t = start - base
+        i = max(0, bisect.bisect_right(self.times, t) - 1)
+        while True:
+            end = self.times[i + 1] if i + 1 < len(self.times) else self.duration
+            rate = self.mbps[i] * 1e6
+            cap = (end - t) * rate
+            if bits <= cap and rate > 0:
+                return base + t + bits / rate
+            bits -= cap
+            t = end
+            i += 1
+            if i == len(self.times):
+                i, t, base = 0, 0.0, base + self.duration
+
     @property
     def mean_mbps(self) -> float:
         """Time-weighted mean rate."""

@@ -25,7 +25,7 @@ def send_seconds(p: Problem, u: str, bits: int) -> float:
     b = p.input_bits if u in p.dag.inputs and d.quantizable else (bits if d.quantizable else 32)
     t = p.network.up_seconds(wire_bytes(d.numel, d.bytes, d.quantizable, b))
     if d.quantizable and b < 32:
-        q_end, q_cloud = p.dag.quant_s_per_elem
+        q_end, q_cloud = p.dag.quant_cost(b)
         t += (q_end + q_cloud) * d.numel
     return t
 

@@ -1,0 +1,116 @@
+"""Saved plans: ``cm.save(dir)`` writes each half on its own so that each side loads only its own.
+
+    dir/plan.json   the plan, the boundary (what crosses, how), input specs, output structure,
+                    devices and network
+    dir/end.pt2     the end half   (torch.export.save)
+    dir/cloud.pt2   the cloud half (torch.export.save; absent for an end-only plan)
+
+These are local files the user wrote; nothing received over the network is ever loaded with
+pickle or ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import coach_fx.passes.ops  # noqa: F401 - the halves call torch.ops.coach.*
+from coach_fx._compat import treespec_dumps, treespec_loads
+from coach_fx.passes.partition import Boundary, Crossing
+
+FORMAT = 1
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dt = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"plan.json: unknown dtype {name!r}")
+    return dt
+
+
+def boundary_to_json(b: Boundary) -> dict:
+    return {"end_only": b.end_only,
+            "crossings": [{**asdict(c), "dtype": str(c.dtype) if c.dtype else None,
+                           "shape": list(c.shape) if c.shape is not None else None}
+                          for c in b.crossings]}
+
+
+def boundary_from_json(d: dict) -> Boundary:
+    cs = tuple(Crossing(c["name"], c["dag_node"], c["kind"], int(c["bits"]),
+                        tuple(c["shape"]) if c["shape"] is not None else None, _dtype(c["dtype"]))
+               for c in d["crossings"])
+    return Boundary(cs, bool(d["end_only"]))
+
+
+@dataclass
+class SavedHalf:
+    module: Any
+    boundary: Boundary
+    meta: dict
+
+    @property
+    def out_spec(self) -> Any:
+        return treespec_loads(self.meta["out_spec"])
+
+    @property
+    def input_specs(self) -> list[dict]:
+        return self.meta["inputs"]
+
+
+def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.Module,
+         boundary: Boundary, example_inputs: Sequence[Any], out_spec: Any, meta: dict) -> Path:
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.export.save(torch.export.export(end_module, tuple(example_inputs)), d / "end.pt2")
+        if not boundary.end_only:
+            payload = end_module(*example_inputs)
+            torch.export.save(torch.export.export(cloud_module, tuple(payload)), d / "cloud.pt2")
+    inputs = [{"shape": list(x.shape), "dtype": str(x.dtype)} for x in example_inputs]
+    doc = {"format": FORMAT, **meta, "boundary": boundary_to_json(boundary), "inputs": inputs,
+           "out_spec": treespec_dumps(out_spec)}
+    (d / "plan.json").write_text(json.dumps(doc, indent=1))
+    return d
+
+
+def load_half(path: str | Path, side: str) -> SavedHalf:
+    """Load one half (``"end"`` or ``"cloud"``) of a saved plan."""
+    d = Path(path)
+    if side not in ("end", "cloud"):
+        raise ValueError(f"side must be 'end' or 'cloud', got {side!r}")
+    meta_path = d / "plan.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save()")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')}, this version reads {FORMAT}")
+    boundary = boundary_from_json(meta["boundary"])
+    f = d / f"{side}.pt2"
+    if side == "cloud" and boundary.end_only:
+        raise ValueError(f"{d} holds an end-only plan: there is no cloud half to serve")
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing")
+    module = torch.export.load(f).module()
+    return SavedHalf(module, boundary, meta)
+
+
+def make_frames(input_specs: list[dict], n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` random frames matching the saved input specs (the same for the same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for _ in range(n):
+        xs = []
+        for spec in input_specs:
+            dt = _dtype(spec["dtype"])
+            if dt.is_floating_point:
+                xs.append(torch.randn(spec["shape"], generator=g).to(dt))
+            else:
+                xs.append(torch.randint(0, 10, spec["shape"], generator=g).to(dt))
+        frames.append(tuple(xs))
+    return frames

@@ -1,0 +1,78 @@
+"""Between the halves and the wire: end payloads <-> message entries, outputs <-> entries.
+
+The end module returns, per crossing in ``Boundary`` order, ``(packed, scale, zero_point)``
+for a quantized tensor or the value itself; the cloud module takes the same flat tuple. The
+decoded entries are checked against the boundary (count, kind, shape, bits, dtype), so a
+well-formed message for another plan is refused too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from coach_fx._compat import tree_flatten, tree_unflatten
+from coach_fx.passes.partition import Boundary
+from coach_fx.runtime.wire import QUANT, RAW, STATS, Entry, WireError
+
+
+def payload_to_entries(boundary: Boundary, payload: Sequence[Any]) -> list[Entry]:
+    entries, k = [], 0
+    for c in boundary.crossings:
+        if c.kind == "quant":
+            packed, scale, zero = payload[k:k + 3]
+            entries.append(Entry.quantized(packed, scale, zero, c.bits, c.shape, c.dtype))
+            k += 3
+        else:
+            entries.append(Entry.of_value(payload[k]))
+            k += 1
+    return entries
+
+
+def entries_to_payload(boundary: Boundary, entries: Sequence[Entry]) -> tuple:
+    if len(entries) != len(boundary.crossings):
+        raise WireError(f"message has {len(entries)} entries; this plan's cut sends "
+                        f"{len(boundary.crossings)}")
+    out: list[Any] = []
+    for c, e in zip(boundary.crossings, entries):
+        if c.kind == "quant":
+            if e.kind != QUANT or e.bits != c.bits or tuple(e.shape) != tuple(c.shape) or e.dtype != c.dtype:
+                raise WireError(f"entry for {c.name}: expected {c.bits}-bit {c.dtype} of shape "
+                                f"{tuple(c.shape)}, got {e.kind_name} {e.bits}-bit {e.dtype} {tuple(e.shape)}")
+            out += [e.data, torch.tensor(e.scale, dtype=torch.float32),
+                    torch.tensor(e.zero_point, dtype=torch.int32)]
+        else:
+            v = e.value()
+            if c.shape is not None and isinstance(v, torch.Tensor) and (
+                    tuple(v.shape) != tuple(c.shape) or v.dtype != c.dtype):
+                raise WireError(f"entry for {c.name}: expected {c.dtype} of shape {tuple(c.shape)}, "
+                                f"got {v.dtype} {tuple(v.shape)}")
+            if e.kind == QUANT:
+                raise WireError(f"entry for {c.name}: quantized, but this plan sends it as is")
+            out.append(v)
+    return tuple(out)
+
+
+def output_to_entries(out: Any) -> tuple[list[Entry], Any]:
+    leaves, spec = tree_flatten(out)
+    return [Entry.of_value(v) for v in leaves], spec
+
+
+def entries_to_output(entries: Sequence[Entry], spec: Any) -> Any:
+    leaves = [e.value() for e in entries if e.kind != STATS]
+    try:
+        return tree_unflatten(leaves, spec)
+    except Exception as e:  # noqa: BLE001
+        raise WireError(f"result does not match the model's output structure: {e}") from None
+
+
+def stats_of(entries: Sequence[Entry]) -> list[float]:
+    for e in entries:
+        if e.kind == STATS:
+            return e.value().tolist()
+    return []
+
+
+__all__ = ["payload_to_entries", "entries_to_payload", "output_to_entries", "entries_to_output",
+           "stats_of", "RAW"]

@@ -1,0 +1,288 @@
+"""The binary message format between end and cloud, and its validating decoder.
+
+Little-endian. A message is a 24-byte header, then one 56-byte header per entry, then the
+entries' bytes back to back::
+
+    message: magic b"COCH" | version u16 | flags u16 | request id u64 | plan id u16 |
+             entry count u16 | crc32 u32 (of everything after the message header)
+    entry:   kind u8 | dtype u8 | bits u8 | rank u8 | shape 8 x u32 | scale f32 |
+             zero point i32 | byte count u64 | reserved u32
+
+Entry kinds: a quantized tensor (``bits`` <= 16: ``ceil(numel*bits/8)`` packed bytes, with the
+dtype it dequantizes to), a raw tensor, or a small Python value (int, float, bool, None, a
+size / tuple of ints), so everything that crosses a cut can travel. Nothing is pickled and
+nothing goes through ``torch.load``: the decoder checks every field against :data:`LIMITS`
+before it allocates, and any problem raises :class:`WireError` (and only that).
+
+Example::
+
+    >>> msg = encode(7, [Entry.raw(torch.ones(3))])
+    >>> req, plan, flags, entries = decode(msg)
+    >>> entries[0].value()
+    tensor([1., 1., 1.])
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
+
+MAGIC = b"COCH"
+VERSION = 1
+MAX_RANK = 8
+
+_MSG = struct.Struct("<4sHHQHHI")
+_ENT = struct.Struct("<BBBB8IfiQI")
+assert _MSG.size == MESSAGE_HEADER_BYTES and _ENT.size == TENSOR_HEADER_BYTES
+
+# message flags
+FLAG_RESULT = 1       # cloud -> end: the model's output
+FLAG_ERROR = 2        # cloud -> end: the request failed; one entry holds the message (uint8)
+FLAG_CACHE_HIT = 4    # answered from the semantic cache (audit copy)
+FLAG_CONTROL = 8      # control traffic (handshake, close)
+
+# entry kinds
+QUANT, RAW, INT, FLOAT, BOOL, NONE, SIZE, INTS, STATS = range(9)
+_KIND_NAMES = {QUANT: "quant", RAW: "raw", INT: "int", FLOAT: "float", BOOL: "bool",
+               NONE: "none", SIZE: "size", INTS: "ints", STATS: "stats"}
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
+           torch.int16, torch.int32, torch.int64, torch.bool]
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+_FLOATS = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the decoder accepts; a field outside these is rejected before any allocation."""
+
+    max_entries: int = 256
+    max_elements: int = 1 << 28            # per tensor
+    max_message_bytes: int = 1 << 30       # 1 GiB
+    max_dim: int = 1 << 31
+
+
+LIMITS = Limits()
+
+
+class WireError(ValueError):
+    """A message that is malformed, truncated, corrupted, too large or of another version."""
+
+
+@dataclass
+class Entry:
+    """One decoded (or to-be-encoded) entry."""
+
+    kind: int
+    dtype: torch.dtype = torch.float32
+    bits: int = 32
+    shape: tuple[int, ...] = ()
+    scale: float = 1.0
+    zero_point: int = 0
+    data: Any = None   # torch.uint8 tensor of the bytes, or the Python value
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def quantized(cls, packed: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int,
+                  bits: int, shape: Sequence[int], dtype: torch.dtype) -> "Entry":
+        return cls(QUANT, dtype, bits, tuple(int(s) for s in shape), float(scale), int(zero_point),
+                   packed.reshape(-1).contiguous().view(torch.uint8))
+
+    @classmethod
+    def raw(cls, t: torch.Tensor) -> "Entry":
+        t = t.detach().contiguous()
+        if t.dtype not in _CODE:
+            raise WireError(f"cannot send tensors of dtype {t.dtype}")
+        return cls(RAW, t.dtype, 32, tuple(t.shape), data=t.reshape(-1).view(torch.uint8)
+                   if t.dtype != torch.bool else t.reshape(-1).to(torch.uint8))
+
+    @classmethod
+    def of_value(cls, v: Any) -> "Entry":
+        if isinstance(v, torch.Tensor):
+            return cls.raw(v)
+        if v is None:
+            return cls(NONE)
+        if isinstance(v, bool):
+            return cls(BOOL, data=v)
+        if isinstance(v, int):
+            return cls(INT, data=v)
+        if isinstance(v, float):
+            return cls(FLOAT, data=v)
+        if isinstance(v, (torch.Size, tuple, list)) and all(isinstance(i, int) for i in v):
+            if len(v) > MAX_RANK * 64:
+                raise WireError("tuple of ints too long")
+            kind = SIZE if isinstance(v, torch.Size) else INTS
+            return cls(kind, data=tuple(int(i) for i in v))
+        raise WireError(f"cannot send a value of type {type(v).__name__}")
+
+    @classmethod
+    def stats(cls, values: Sequence[float]) -> "Entry":
+        return cls(STATS, torch.float64, 32, (len(values),),
+                   data=torch.tensor(list(values), dtype=torch.float64).view(torch.uint8))
+
+    # ---------------------------------------------------------------- views
+    @property
+    def kind_name(self) -> str:
+        return _KIND_NAMES[self.kind]
+
+    def value(self) -> Any:
+        """The tensor or Python value this entry carries (quantized entries: the packed bytes)."""
+        if self.kind in (RAW, STATS):
+            if self.dtype == torch.bool:
+                return self.data.to(torch.bool).reshape(self.shape)
+            return self.data.view(self.dtype).reshape(self.shape)
+        if self.kind == QUANT:
+            return self.data
+        if self.kind == NONE:
+            return None
+        if self.kind == SIZE:
+            return torch.Size(self.data)
+        return self.data
+
+
+def _payload_bytes(e: Entry) -> bytes | memoryview:
+    if e.kind in (QUANT, RAW, STATS):
+        return memoryview(e.data.numpy()).cast("B")
+    if e.kind == INT:
+        return struct.pack("<q", e.data)
+    if e.kind == FLOAT:
+        return struct.pack("<d", e.data)
+    if e.kind == BOOL:
+        return struct.pack("<?", e.data)
+    if e.kind in (SIZE, INTS):
+        return struct.pack(f"<{len(e.data)}q", *e.data)
+    return b""
+
+
+def _expected_nbytes(kind: int, dtype: torch.dtype, bits: int, shape: tuple[int, ...], nbytes: int) -> int:
+    numel = math.prod(shape)
+    if kind == QUANT:
+        return math.ceil(numel * bits / 8)
+    if kind in (RAW, STATS):
+        return numel * (1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size())
+    if kind in (INT, FLOAT):
+        return 8
+    if kind == BOOL:
+        return 1
+    if kind == NONE:
+        return 0
+    return nbytes if nbytes % 8 == 0 else -1   # SIZE / INTS: 8 bytes per int
+
+
+def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: int = 0) -> bytes:
+    """One message as bytes."""
+    if len(entries) > LIMITS.max_entries:
+        raise WireError(f"{len(entries)} entries; at most {LIMITS.max_entries}")
+    heads, bodies = [], []
+    for e in entries:
+        body = _payload_bytes(e)
+        shape = tuple(e.shape) if e.kind in (QUANT, RAW, STATS) else ()
+        if len(shape) > MAX_RANK:
+            raise WireError(f"tensor of rank {len(shape)}; at most {MAX_RANK}")
+        dims = list(shape) + [0] * (MAX_RANK - len(shape))
+        heads.append(_ENT.pack(e.kind, _CODE.get(e.dtype, 0), e.bits, len(shape), *dims,
+                               e.scale, e.zero_point, len(body), 0))
+        bodies.append(body)
+    rest = b"".join(heads) + b"".join(bytes(b) if isinstance(b, memoryview) else b for b in bodies)
+    return _MSG.pack(MAGIC, VERSION, flags, request_id, plan_id, len(entries), zlib.crc32(rest)) + rest
+
+
+def peek_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
+    """(request id, plan id, flags, entry count) of a message, checking magic and version."""
+    if len(buf) < _MSG.size:
+        raise WireError(f"message of {len(buf)} bytes is shorter than its {_MSG.size}-byte header")
+    magic, version, flags, req, plan, count, _ = _MSG.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {bytes(magic)!r}: not a coach_fx message")
+    if version != VERSION:
+        raise WireError(f"message format version {version}; this side speaks version {VERSION} "
+                        "(upgrade the older side)")
+    if count > LIMITS.max_entries:
+        raise WireError(f"{count} entries; at most {LIMITS.max_entries}")
+    return req, plan, flags, count
+
+
+def decode(buf: bytes | bytearray | memoryview, limits: Limits = LIMITS) -> tuple[int, int, int, list[Entry]]:
+    """(request id, plan id, flags, entries) of a message; raises :class:`WireError` only."""
+    try:
+        return _decode(buf, limits)
+    except WireError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any slip in a hostile message is a WireError
+        raise WireError(f"malformed message: {type(e).__name__}: {e}") from None
+
+
+def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, int, int, list[Entry]]:
+    if len(buf) > limits.max_message_bytes:
+        raise WireError(f"message of {len(buf)} bytes exceeds the limit of {limits.max_message_bytes}")
+    req, plan, flags, count = peek_header(buf)
+    crc = _MSG.unpack_from(buf, 0)[6]
+    view = memoryview(buf)
+    if zlib.crc32(view[_MSG.size:]) != crc:
+        raise WireError("checksum mismatch: the message was corrupted or truncated")
+    pos = _MSG.size
+    heads = []
+    total = 0
+    for i in range(count):
+        if pos + _ENT.size > len(buf):
+            raise WireError(f"truncated: entry header {i} of {count} is missing")
+        kind, code, bits, rank, *rest = _ENT.unpack_from(buf, pos)
+        dims, (scale, zero, nbytes, _) = rest[:MAX_RANK], rest[MAX_RANK:]
+        pos += _ENT.size
+        if kind not in _KIND_NAMES:
+            raise WireError(f"entry {i}: unknown kind {kind}")
+        if code >= len(_DTYPES):
+            raise WireError(f"entry {i}: unknown dtype code {code}")
+        if rank > MAX_RANK:
+            raise WireError(f"entry {i}: rank {rank} > {MAX_RANK}")
+        shape = tuple(dims[:rank])
+        if any(d > limits.max_dim for d in shape) or any(dims[rank:]):
+            raise WireError(f"entry {i}: bad shape {dims}")
+        numel = math.prod(shape)
+        if numel > limits.max_elements:
+            raise WireError(f"entry {i}: {numel} elements exceed the limit of {limits.max_elements}")
+        dtype = _DTYPES[code]
+        if kind == QUANT:
+            if bits not in (2, 3, 4, 5, 6, 8, 16):
+                raise WireError(f"entry {i}: quantized with {bits} bits")
+            if dtype not in _FLOATS:
+                raise WireError(f"entry {i}: quantized entry of non-float dtype {dtype}")
+            if not math.isfinite(scale) or scale <= 0:
+                raise WireError(f"entry {i}: bad scale {scale}")
+            if not 0 <= zero < (1 << min(bits, 16)):
+                raise WireError(f"entry {i}: zero point {zero} out of range for {bits} bits")
+        if kind in (SIZE, INTS) and nbytes > 8 * MAX_RANK * 64:
+            raise WireError(f"entry {i}: tuple of ints too long")
+        want = _expected_nbytes(kind, dtype, bits, shape, nbytes)
+        if nbytes != want:
+            raise WireError(f"entry {i}: {nbytes} bytes, expected {want} for its shape and bits")
+        total += nbytes
+        heads.append((kind, dtype, bits, shape, scale, zero, nbytes))
+    if pos + total != len(buf):
+        raise WireError(f"message has {len(buf) - pos} payload bytes; its headers announce {total}")
+    entries = []
+    for kind, dtype, bits, shape, scale, zero, nbytes in heads:
+        chunk = view[pos:pos + nbytes]
+        pos += nbytes
+        if kind in (QUANT, RAW, STATS):
+            data = torch.frombuffer(bytearray(chunk), dtype=torch.uint8) if nbytes else \
+                torch.empty(0, dtype=torch.uint8)
+            entries.append(Entry(kind, dtype, bits, shape, scale, zero, data))
+        elif kind == INT:
+            entries.append(Entry(INT, data=struct.unpack("<q", chunk)[0]))
+        elif kind == FLOAT:
+            entries.append(Entry(FLOAT, data=struct.unpack("<d", chunk)[0]))
+        elif kind == BOOL:
+            entries.append(Entry(BOOL, data=bool(chunk[0])))
+        elif kind == NONE:
+            entries.append(Entry(NONE))
+        else:
+            entries.append(Entry(kind, data=struct.unpack(f"<{nbytes // 8}q", chunk)))
+    return req, plan, flags, entries

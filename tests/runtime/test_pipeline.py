@@ -1,0 +1,155 @@
+"""The in-process pipeline, and the same plan run for real in two processes over gloo."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import coach_fx
+from coach_fx.runtime.artifact import load_half, make_frames
+from coach_fx.runtime.link import InProcessLink
+from coach_fx.runtime.pipeline import CloudWorker, EndWorker, RemoteError
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = self.a(h) + h
+        return {"logits": self.head(y.mean((2, 3))), "feat": y.mean()}
+
+
+def compiled(end_nodes=("stem", "relu", "a"), bits=8, **kw):
+    m = Net().eval()
+    x = torch.randn(1, 3, 12, 12)
+    return coach_fx.compile(m, (x,), strategy="manual", end_nodes=list(end_nodes), bits=bits,
+                            costs="analytic", progress=False, network=coach_fx.Network(50), **kw), m
+
+
+def test_stream_matches_direct_calls_in_order():
+    cm, m = compiled()
+    assert len(cm.plan.cut) == 2                       # the skip and the branch cross
+    frames = [torch.randn(1, 3, 12, 12) for _ in range(12)]
+    outs, stats = cm.stream(frames)
+    with torch.no_grad():
+        for f, o in zip(frames, outs):
+            want = cm(f)
+            assert torch.equal(o["logits"], want["logits"]) and torch.equal(o["feat"], want["feat"])
+    assert stats.n == 12 and len(stats.latencies) == 12
+    assert stats.bytes_sent == 12 * cm.plan.bytes_sent
+    assert 0 <= stats.bubble_ratio <= 1 and stats.throughput > 0
+    assert "throughput" in stats.table()
+
+
+def test_sequential_mode_and_end_only():
+    cm, _ = compiled()
+    outs, st = cm.stream([torch.randn(1, 3, 12, 12) for _ in range(4)], pipelined=False)
+    assert len(outs) == 4
+    cm2, m = compiled(end_nodes=[n for n in compiled()[0].dag.nodes])
+    x = torch.randn(1, 3, 12, 12)
+    outs, st = cm2.stream([x])
+    assert st.bytes_sent == 0 and torch.allclose(outs[0]["logits"], m(x)["logits"])
+
+
+def test_stream_rejects_wrong_shape_before_sending():
+    cm, _ = compiled()
+    with pytest.raises(coach_fx.InputError, match="expected shape"):
+        cm.stream([torch.randn(1, 3, 12, 12), torch.randn(2, 3, 12, 12)])
+
+
+def test_cloud_failure_reaches_the_end_side():
+    cm, _ = compiled()
+    link = InProcessLink(50.0)
+    def broken(*a):
+        raise RuntimeError("out of memory on the cloud")
+    cloud = CloudWorker(broken, cm.boundary, link.cloud).start()
+    end = EndWorker(cm.end_module, cm.boundary, link.end, cm.out_spec, timeout_s=5)
+    with pytest.raises(RemoteError, match="out of memory"):
+        end.run([torch.randn(1, 3, 12, 12)])
+    end.close()
+    cloud.join(1)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _coach(*args):
+    return [sys.executable, "-m", "coach_fx.cli", *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    cm, _ = compiled(bits=4)
+    d = tmp_path_factory.mktemp("plan")
+    cm.save(d)
+    return cm, d
+
+
+def test_save_loads_each_half_alone(saved):
+    cm, d = saved
+    end, cloud = load_half(d, "end"), load_half(d, "cloud")
+    assert end.boundary == cm.boundary == cloud.boundary
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        out = cloud.module(*end.module(x))
+        assert torch.allclose(out["logits"], cm(x)["logits"], atol=1e-5)
+    assert sum(p.numel() for p in end.module.parameters()) < sum(p.numel() for p in cm.gm.parameters())
+
+
+def test_two_processes_over_gloo_match_in_process(saved, tmp_path):
+    cm, d = saved
+    port = _free_port()
+    frames = make_frames(load_half(d, "end").input_specs, 6, seed=3)
+    want, _ = cm.stream(frames)
+    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = tmp_path / "out.npz"
+        run = subprocess.run(_coach("run", d, "--port", port, "--frames", 6, "--seed", 3,
+                                    "--save-outputs", out, "--timeout", 30),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "throughput" in run.stdout
+        got = np.load(out)
+        for i, w in enumerate(want):
+            assert np.allclose(got[f"o{i}_0"], w["logits"].numpy(), atol=1e-5)
+            assert np.allclose(got[f"o{i}_1"], w["feat"].numpy(), atol=1e-5)
+        assert serve.wait(timeout=30) == 0
+    finally:
+        serve.kill()
+
+
+def test_killed_cloud_gives_clear_error_within_timeout(saved):
+    cm, d = saved
+    port = _free_port()
+    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--slowdown", 50),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run = subprocess.Popen(_coach("run", d, "--port", port, "--frames", 2000, "--timeout", 5),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(6)           # connected and streaming by now
+        serve.kill()
+        t0 = time.monotonic()
+        out, _ = run.communicate(timeout=60)
+        assert run.returncode != 0
+        assert time.monotonic() - t0 < 20
+        assert "cloud" in out and ("gone" in out or "no message" in out or "within" in out), out
+    finally:
+        serve.kill()
+        if run.poll() is None:
+            run.kill()
