@@ -182,6 +182,11 @@ class TokenBucket:
         return self.free_at
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
 class GlooEndpoint:
     """One side of a gloo link: rank 0 is the cloud (it hosts the TCP store), rank 1 the end."""
 
@@ -196,6 +201,8 @@ class GlooEndpoint:
             raise ValueError(f"role must be 'end' or 'cloud', got {role!r}")
         self.torch, self.dist = torch, dist
         self.role = role
+        self.peer_name = "cloud" if role == "end" else "end"
+        self.addr = f"{host}:{port}"
         self.rank = 0 if role == "cloud" else 1
         self.peer = 1 - self.rank
         self.timeout_s = timeout_s
@@ -224,9 +231,11 @@ class GlooEndpoint:
             RealClock().sleep_until(start)
         try:
             dist.send(head, dst=self.peer, group=self.out_group)
-            dist.send(body, dst=self.peer, group=self.out_group)
+            if len(msg):
+                dist.send(body, dst=self.peer, group=self.out_group)
         except Exception as e:  # noqa: BLE001
-            raise PeerGone(f"sending to the {'cloud' if self.role == 'end' else 'end'} failed: {e}") from None
+            raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone (while sending): "
+                           f"{_first_line(e)}") from None
         end = self.bucket.finish() if self.bucket else time.monotonic()
         self.busy_s += end - start
         self.bytes += len(msg)
@@ -237,11 +246,11 @@ class GlooEndpoint:
             work.wait(timedelta(seconds=timeout if timeout is not None else self.timeout_s))
         except Exception as e:  # noqa: BLE001
             text = str(e).lower()
-            peer = "cloud" if self.role == "end" else "end"
             if "timed out" in text or "timeout" in text:
-                raise LinkTimeout(f"no {what} from the {peer} within "
+                raise LinkTimeout(f"no {what} from the {self.peer_name} side ({self.addr}) within "
                                   f"{timeout if timeout is not None else self.timeout_s} s") from None
-            raise PeerGone(f"the {peer} side is gone ({what}): {e}") from None
+            raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone (waiting for a {what}): "
+                           f"{_first_line(e)}") from None
 
     def recv(self, timeout: float | None = None) -> bytes:
         torch, dist = self.torch, self.dist

@@ -176,22 +176,29 @@ def _expected_nbytes(kind: int, dtype: torch.dtype, bits: int, shape: tuple[int,
     return nbytes if nbytes % 8 == 0 else -1   # SIZE / INTS: 8 bytes per int
 
 
-def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: int = 0) -> bytes:
-    """One message as bytes."""
+def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: int = 0) -> bytearray:
+    """One message (a bytearray: the receiver's tensors can share its memory)."""
     if len(entries) > LIMITS.max_entries:
         raise WireError(f"{len(entries)} entries; at most {LIMITS.max_entries}")
-    heads, bodies = [], []
-    for e in entries:
-        body = _payload_bytes(e)
+    bodies = [_payload_bytes(e) for e in entries]
+    sizes = [len(b) if not isinstance(b, memoryview) else b.nbytes for b in bodies]
+    buf = bytearray(_MSG.size + _ENT.size * len(entries) + sum(sizes))
+    pos = _MSG.size
+    for e, n in zip(entries, sizes):
         shape = tuple(e.shape) if e.kind in (QUANT, RAW, STATS) else ()
         if len(shape) > MAX_RANK:
             raise WireError(f"tensor of rank {len(shape)}; at most {MAX_RANK}")
         dims = list(shape) + [0] * (MAX_RANK - len(shape))
-        heads.append(_ENT.pack(e.kind, _CODE.get(e.dtype, 0), e.bits, len(shape), *dims,
-                               e.scale, e.zero_point, len(body), 0))
-        bodies.append(body)
-    rest = b"".join(heads) + b"".join(bytes(b) if isinstance(b, memoryview) else b for b in bodies)
-    return _MSG.pack(MAGIC, VERSION, flags, request_id, plan_id, len(entries), zlib.crc32(rest)) + rest
+        _ENT.pack_into(buf, pos, e.kind, _CODE.get(e.dtype, 0), e.bits, len(shape), *dims,
+                       e.scale, e.zero_point, n, 0)
+        pos += _ENT.size
+    view = memoryview(buf)
+    for b, n in zip(bodies, sizes):   # one copy of each payload, straight into the message
+        view[pos:pos + n] = b
+        pos += n
+    crc = zlib.crc32(view[_MSG.size:])
+    _MSG.pack_into(buf, 0, MAGIC, VERSION, flags, request_id, plan_id, len(entries), crc)
+    return buf
 
 
 def peek_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
@@ -272,8 +279,10 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
         chunk = view[pos:pos + nbytes]
         pos += nbytes
         if kind in (QUANT, RAW, STATS):
-            data = torch.frombuffer(bytearray(chunk), dtype=torch.uint8) if nbytes else \
-                torch.empty(0, dtype=torch.uint8)
+            # share a writable buffer's memory; copy out of a read-only one
+            share = not chunk.readonly and (pos - nbytes) % 8 == 0   # aligned for any dtype
+            data = (torch.frombuffer(chunk if share else bytearray(chunk), dtype=torch.uint8)
+                    if nbytes else torch.empty(0, dtype=torch.uint8))
             entries.append(Entry(kind, dtype, bits, shape, scale, zero, data))
         elif kind == INT:
             entries.append(Entry(INT, data=struct.unpack("<q", chunk)[0]))
