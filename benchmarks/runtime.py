@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -65,10 +64,10 @@ def overhead(frames: int) -> dict:
         return (time.perf_counter() - t0) / len(xs)
     eager(), split()   # warm-up
     e, s = [], []
-    for _ in range(3):   # interleaved, so that drift on this shared machine hits both alike
+    for _ in range(5):   # interleaved, so that drift on this shared machine hits both alike
         e.append(eager())
         s.append(split())
-    te, ts = statistics.median(e), statistics.median(s)
+    te, ts = min(e), min(s)   # the least disturbed run of each
     return {"eager ms": te * 1e3, "split ms": ts * 1e3, "ratio": ts / te, "crossing": len(cm.plan.cut)}
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -217,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     cmds = {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve, "run": cmd_run}
     try:
         return cmds[a.cmd](a)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as e:
         print(f"coach: error: {e}", file=sys.stderr)
+        if a.cmd in ("serve", "run"):
+            # a failed gloo link may leave a receive posted; its C++ teardown would abort
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

@@ -161,8 +161,11 @@ class CompiledModel(nn.Module):
         link = link or InProcessLink.for_network(self.settings.network)
         cloud = CloudWorker(self.cloud_module, self.boundary, link.cloud,
                             slowdown=self.settings.cloud.slowdown).start()
+        # a calibrated plan measured the end half on this host: emulate the device from that
+        ref = self.plan.extra.get("end_host_s")
         end = EndWorker(self.end_module, self.boundary, link.end, self.out_spec,
-                        slowdown=self.settings.end.slowdown, queue_size=queue_size, timeout_s=timeout_s)
+                        slowdown=self.settings.end.slowdown, queue_size=queue_size, timeout_s=timeout_s,
+                        reference_s=ref)
         try:
             return end.run(frames, pipelined=pipelined, predicted=self.predicted())
         finally:
@@ -233,7 +236,8 @@ class CompiledModel(nn.Module):
             t_end = _median_time(end, repeat)
             t_cloud = _median_time(cloud, repeat)
         net = self.settings.network
-        p.extra.update(model_t_end=p.t_end, model_t_cloud=p.t_cloud, calibrated=True)
+        p.extra.update(model_t_end=p.t_end, model_t_cloud=p.t_cloud, calibrated=True,
+                       end_host_s=t_end, cloud_host_s=t_cloud)
         p.t_end = t_end * self.settings.end.slowdown
         p.t_cloud = (t_cloud * self.settings.cloud.slowdown + net.rtt_ms / 2e3
                      + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES))

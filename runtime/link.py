@@ -220,6 +220,7 @@ class GlooEndpoint:
         self.in_group = self._down if role == "end" else self._up
         self.busy_s = 0.0
         self.bytes = 0
+        self._pending = None
 
     def send(self, msg: bytes) -> float:
         torch, dist = self.torch, self.dist
@@ -254,8 +255,14 @@ class GlooEndpoint:
 
     def recv(self, timeout: float | None = None) -> bytes:
         torch, dist = self.torch, self.dist
-        head = torch.empty(1, dtype=torch.int64)
-        self._wait(dist.irecv(head, src=self.peer, group=self.in_group), timeout, "message header")
+        # a receive that timed out stays posted in gloo: wait on that same one next time, or the
+        # next message would land in an abandoned buffer
+        if self._pending is None:
+            head = torch.empty(1, dtype=torch.int64)
+            self._pending = (dist.irecv(head, src=self.peer, group=self.in_group), head)
+        work, head = self._pending
+        self._wait(work, timeout, "message header")
+        self._pending = None
         n = int(head.item())
         if not 0 <= n <= self.MAX_MESSAGE:   # checked before allocating
             raise LinkError(f"peer announced a message of {n} bytes (limit {self.MAX_MESSAGE})")

@@ -21,10 +21,12 @@ Example::
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tabulate import tabulate
@@ -32,7 +34,7 @@ from tabulate import tabulate
 from coach_fx.passes.partition import Boundary
 from coach_fx.runtime.codec import (entries_to_output, entries_to_payload, output_to_entries,
                                     payload_to_entries, stats_of)
-from coach_fx.runtime.link import Endpoint, LinkError
+from coach_fx.runtime.link import Endpoint, LinkError, LinkTimeout
 from coach_fx.runtime.wire import (FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError, decode,
                                    encode)
 
@@ -102,6 +104,22 @@ class Stats:
         return tabulate(rows, headers=["measured", "value", "predicted"], floatfmt=".3f")
 
 
+#: GIL switch interval during a stream. The pipeline hands each request from thread to thread
+#: (compute -> sender -> cloud -> receiver); with Python's default of 5 ms a thread woken by
+#: such a handoff can wait that long for the GIL, which cost ~10 % per request here.
+SWITCH_INTERVAL_S = 0.0002
+
+
+@contextmanager
+def fast_handoff() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 def _emulate(start: float, slowdown: float, reference_s: float | None = None) -> float:
     """Wait so that the work begun at ``start`` seems to run ``slowdown`` times slower.
 
@@ -160,10 +178,15 @@ class CloudWorker:
 
     def serve(self) -> None:
         """Serve until the end side sends close (or the link goes away)."""
+        with fast_handoff():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             msg = self.endpoint.recv(self.idle_timeout)
             reply = self.handle(msg)
-            if reply is None:
+            if reply is None:   # close: acknowledge, so the end's receiver stops cleanly
+                self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL))
                 return
             t0 = time.perf_counter()
             self.endpoint.send(reply)
@@ -184,113 +207,100 @@ class CloudWorker:
             self._thread.join(timeout)
 
 
-class EndWorker:
-    """Runs the end half over a stream and collects the results in order."""
+class RequestFailed(RuntimeError):
+    """Stands in a stream's results for a request that could not be served (fallback="error")."""
 
-    def __init__(self, end_module: Callable[..., Any], boundary: Boundary, endpoint: Endpoint,
+    def __init__(self, request_id: int, reason: str) -> None:
+        super().__init__(f"request {request_id} failed: {reason}")
+        self.request_id = request_id
+        self.reason = reason
+
+
+class EndWorker:
+    """Runs the end half over a stream and collects the results in order.
+
+    Faults: when the link or the cloud fails (an error, or no result for ``timeout_s`` while
+    requests are in flight), ``fallback=None`` raises; ``"local"`` runs the affected and the
+    following requests on the end device with ``local_module`` (the whole model);
+    ``"error"`` gives them a :class:`RequestFailed` result. Meanwhile ``reconnect`` (a callable
+    returning a fresh endpoint) is retried every ``retry_s`` and the stream goes back to the
+    cloud once it succeeds. Every request gets exactly one result, in order: a late reply for
+    a request already settled is dropped, not delivered twice. At most ``max_inflight``
+    requests wait for the cloud at once, so memory stays bounded however long the stream.
+    """
+
+    def __init__(self, end_module: Callable[..., Any], boundary: Boundary, endpoint: Endpoint | None,
                  out_spec: Any, slowdown: float = 1.0, queue_size: int = 2,
-                 timeout_s: float = 30.0, plan_id: int = 0, calibrate: bool = True) -> None:
+                 timeout_s: float = 30.0, plan_id: int = 0, calibrate: bool = True,
+                 reference_s: float | None = None, fallback: str | None = None,
+                 local_module: Callable[..., Any] | None = None,
+                 reconnect: Callable[[], Endpoint] | None = None, retry_s: float = 0.5,
+                 max_inflight: int = 8) -> None:
+        if fallback not in (None, "local", "error"):
+            raise ValueError(f"fallback must be None, 'local' or 'error', got {fallback!r}")
+        if fallback == "local" and local_module is None:
+            raise ValueError("fallback='local' needs local_module (the whole model on the end device)")
         self.end_module, self.boundary, self.endpoint = end_module, boundary, endpoint
-        self.calibrate = calibrate
-        self.reference_s: float | None = None
         self.out_spec = out_spec
         self.slowdown = slowdown
         self.queue_size = queue_size
         self.timeout_s = timeout_s
         self.plan_id = plan_id
+        self.calibrate = calibrate
+        #: the end half's time on this host; the emulated device takes ``slowdown ×`` this
+        #: (measured before the stream when not given)
+        self.reference_s = reference_s
+        self.fallback, self.local_module = fallback, local_module
+        self.reconnect, self.retry_s = reconnect, retry_s
+        self.max_inflight = max(1, max_inflight)
+        self.events: list[str] = []
 
+    # ------------------------------------------------------------------ the stream
     def run(self, inputs: Iterable[Sequence[Any]], pipelined: bool = True,
             predicted: dict | None = None) -> tuple[list[Any], Stats]:
-        frames = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in inputs]
-        n = len(frames)
-        outputs: list[Any] = [None] * n
-        started = [0.0] * n
-        done = [0.0] * n
-        send_q: queue.Queue = queue.Queue(self.queue_size)
-        errors: list[BaseException] = []
-        busy = {"end": 0.0, "link": 0.0, "cloud": 0.0, "bytes": 0}
-        got_result = threading.Semaphore(0)
-        stop = threading.Event()
-
-        def fail(e: BaseException) -> None:
-            errors.append(e)
-            stop.set()
-
-        def sender() -> None:
-            try:
-                while True:
-                    item = send_q.get()
-                    if item is None or stop.is_set():
-                        return
-                    busy["link"] += self.endpoint.send(item)
-                    busy["bytes"] += len(item)
-            except BaseException as e:  # noqa: BLE001
-                fail(e)
-
-        def receiver() -> None:
-            try:
-                for _ in range(n):
-                    if stop.is_set():
-                        return
-                    msg = self.endpoint.recv(self.timeout_s)
-                    req, _, flags, entries = decode(msg)
-                    if not 0 <= req < n or done[req]:
-                        raise WireError(f"result for unknown or repeated request {req}")
-                    if flags & FLAG_ERROR:
-                        text = bytes(entries[0].value().tolist()).decode(errors="replace")
-                        raise RemoteError(f"the cloud failed on request {req}: {text}")
-                    st = stats_of(entries)
-                    busy["cloud"] += st[0] if st else 0.0
-                    outputs[req] = entries_to_output(entries, self.out_spec)
-                    done[req] = time.perf_counter()
-                    got_result.release()
-            except BaseException as e:  # noqa: BLE001
-                fail(e)
-
-        threads = [threading.Thread(target=sender, daemon=True, name="coach-send"),
-                   threading.Thread(target=receiver, daemon=True, name="coach-recv")]
-        for t in threads:
-            t.start()
-        if self.calibrate and frames and self.slowdown > 1.0:
-            self.reference_s = self._reference(frames[0])
+        st = _StreamState(self)
+        it = iter(inputs)
+        first = next(it, None)
+        if first is None:
+            return [], Stats(0, [], 0.0, 0.0, 0.0, 0.0, 0.0, 0, predicted or {})
+        first = tuple(first) if isinstance(first, (tuple, list)) else (first,)
+        if self.calibrate and self.reference_s is None and self.slowdown > 1.0:
+            self.reference_s = self._reference(first)
+        if self.endpoint is not None:
+            st.start_link(self.endpoint)
         t_begin = time.perf_counter()
+
+        def frames() -> Iterable[tuple]:
+            yield first
+            for x in it:
+                yield tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
         try:
-            with torch.no_grad():
-                for i, x in enumerate(frames):
-                    if stop.is_set():
-                        break
-                    t0 = started[i] = time.perf_counter()
-                    payload = self.end_module(*x)
-                    msg = encode(i, payload_to_entries(self.boundary, payload), 0, self.plan_id)
-                    busy["end"] += _emulate(t0, self.slowdown, self.reference_s)
-                    while not stop.is_set():
-                        try:
-                            send_q.put(msg, timeout=0.1)   # blocks while the link is behind
-                            break
-                        except queue.Full:
-                            continue
-                    if not pipelined:
-                        self._wait_one(got_result, stop)
-            if not stop.is_set():
-                send_q.put(None)
-            deadline = time.perf_counter() + self.timeout_s
-            threads[1].join(max(0.0, deadline - time.perf_counter()))
-            if threads[1].is_alive() and not errors:
-                errors.append(LinkError(f"results did not arrive within {self.timeout_s} s"))
+            with torch.no_grad(), fast_handoff():
+                for i, x in enumerate(frames()):
+                    st.settle_failed()
+                    st.started.append(time.perf_counter())
+                    st.done.append(0.0)
+                    st.results.append(_PENDING)
+                    if not st.up:
+                        st.try_reconnect()
+                    if st.up and st.send(i, x):
+                        if not pipelined:
+                            st.wait_until(lambda: st.results[i] is not _PENDING or not st.up)
+                    else:
+                        st.settle(i, x, "the cloud is unavailable")
+                st.finish()
         finally:
-            stop.set()
-            try:
-                send_q.put_nowait(None)
-            except queue.Full:
-                pass
-        if errors:
-            raise errors[0]
-        wall = max(done) - t_begin if n else 0.0
-        thr = steady_throughput(done, wall)
-        lat = [d - s for d, s in zip(done, started)]
-        stats = Stats(n, lat, wall, thr, busy["end"], busy["link"], busy["cloud"], busy["bytes"],
-                      predicted or {})
-        return outputs, stats
+            st.stop_link()
+        wall = (max(st.done) - t_begin) if st.done else 0.0
+        lat = [d - s for d, s in zip(st.done, st.started)]
+        stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall), st.busy["end"],
+                      st.busy["link"], st.busy["cloud"], st.busy["bytes"], predicted or {})
+        stats.local = st.local            # type: ignore[attr-defined]
+        stats.failed = st.failed          # type: ignore[attr-defined]
+        stats.dropped = st.dropped        # type: ignore[attr-defined]
+        stats.reconnects = st.reconnects  # type: ignore[attr-defined]
+        return st.results, stats
 
     def _reference(self, x: tuple) -> float:
         """The end half's own time on this host (median of 9 runs after 3 warm-up runs)."""
@@ -303,17 +313,236 @@ class EndWorker:
                     ts.append(time.perf_counter() - t0)
         return sorted(ts)[len(ts) // 2]
 
-    def _wait_one(self, sem: threading.Semaphore, stop: threading.Event) -> None:
-        deadline = time.perf_counter() + self.timeout_s
-        while not sem.acquire(timeout=0.05):
-            if stop.is_set():
-                return
-            if time.perf_counter() > deadline:
-                raise LinkError(f"no result within {self.timeout_s} s")
-
-    def close(self) -> None:
-        """Tell the cloud worker to stop serving."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Tell the cloud worker to stop serving and wait for its acknowledgement."""
+        if self.endpoint is None:
+            return
         self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL, self.plan_id))
+        receiver = getattr(self, "_receiver_thread", None)
+        if receiver is not None:
+            receiver.join(timeout)
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "<pending>"
+
+
+_PENDING = _Pending()
+
+
+class _StreamState:
+    """The shared state of one stream: what is in flight, what is settled, the link's epoch."""
+
+    def __init__(self, w: EndWorker) -> None:
+        self.w = w
+        self.results: list[Any] = []
+        self.started: list[float] = []
+        self.done: list[float] = []
+        self.inflight: dict[int, tuple] = {}
+        self.to_settle: list[tuple[int, str]] = []
+        self.cv = threading.Condition()
+        self.up = False
+        self.epoch = 0
+        self.error: BaseException | None = None
+        self.busy = {"end": 0.0, "link": 0.0, "cloud": 0.0, "bytes": 0}
+        self.local = self.failed = self.dropped = self.reconnects = 0
+        self.last_try = 0.0
+        self.stopped_epoch = -1
+        self.threads: list[threading.Thread] = []
+        self.send_q: queue.Queue = queue.Queue(w.queue_size)
+
+    # -------------------------------------------------------------- link lifecycle
+    def start_link(self, endpoint: Endpoint) -> None:
+        self.w.endpoint = endpoint
+        with self.cv:
+            self.epoch += 1
+            self.up = True
+            epoch = self.epoch
+        self.send_q = queue.Queue(self.w.queue_size)
+        self.threads = [threading.Thread(target=self._sender, args=(epoch, endpoint, self.send_q),
+                                         daemon=True, name="coach-send"),
+                        threading.Thread(target=self._receiver, args=(epoch, endpoint),
+                                         daemon=True, name="coach-recv")]
+        for t in self.threads:
+            t.start()
+        self.w._receiver_thread = self.threads[1]
+
+    def stop_link(self) -> None:
+        with self.cv:
+            self.stopped_epoch = self.epoch if self.up else -1
+            self.up = False
+            self.epoch += 1
+            self.cv.notify_all()
+        try:
+            self.send_q.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def link_failed(self, epoch: int, e: BaseException) -> None:
+        with self.cv:
+            if epoch != self.epoch or not self.up:
+                return
+            if self.w.fallback is None:
+                self.error = e
+            self.up = False
+            self.w.events.append(f"link down: {e}")
+            for i in sorted(self.inflight):
+                self.to_settle.append((i, str(e)))
+            self.cv.notify_all()
+        if self.w.endpoint is not None:
+            try:
+                self.w.endpoint.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def try_reconnect(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.w.reconnect is None or time.perf_counter() - self.last_try < self.w.retry_s:
+            return
+        self.last_try = time.perf_counter()
+        try:
+            endpoint = self.w.reconnect()
+        except Exception as e:  # noqa: BLE001 - still down; try again later
+            self.w.events.append(f"reconnect failed: {e}")
+            return
+        self.reconnects += 1
+        self.w.events.append("reconnected")
+        self.start_link(endpoint)
+
+    # -------------------------------------------------------------- per request
+    def send(self, i: int, x: tuple) -> bool:
+        """Compute the end half and queue the message; False if the link is down."""
+        w = self.w
+        self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
+        if not self.up:
+            return False
+        t0 = time.perf_counter()
+        payload = w.end_module(*x)
+        msg = encode(i, payload_to_entries(w.boundary, payload), 0, w.plan_id)
+        self.busy["end"] += _emulate(t0, w.slowdown, w.reference_s)
+        with self.cv:
+            if not self.up:
+                return False
+            self.inflight[i] = x
+            epoch, q = self.epoch, self.send_q
+        while True:
+            try:
+                q.put((epoch, msg), timeout=0.05)
+                return True
+            except queue.Full:
+                if epoch != self.epoch or not self.up:
+                    return True   # the failure handler has taken the request over
+
+    def settle(self, i: int, x: tuple | None, reason: str) -> None:
+        """Give request ``i`` its result without the cloud (or fail the stream)."""
+        w = self.w
+        if self.error is not None:
+            raise self.error
+        if w.fallback is None:
+            raise LinkError(f"request {i}: {reason}")
+        if w.fallback == "local":
+            t0 = time.perf_counter()
+            out = w.local_module(*x)
+            self.busy["end"] += _emulate(t0, w.slowdown)
+            self.local += 1
+        else:
+            out = RequestFailed(i, reason)
+            self.failed += 1
+        with self.cv:
+            if self.results[i] is _PENDING:
+                self.results[i] = out
+                self.done[i] = time.perf_counter()
+            self.cv.notify_all()
+
+    def settle_failed(self) -> None:
+        with self.cv:
+            todo, self.to_settle = self.to_settle, []
+            frames = {i: self.inflight.pop(i, None) for i, _ in todo}
+        if self.error is not None:
+            raise self.error
+        for i, reason in todo:
+            if self.results[i] is _PENDING:
+                self.settle(i, frames[i], reason)
+
+    def wait_until(self, cond: Callable[[], bool]) -> None:
+        with self.cv:
+            while not cond():
+                if self.error is not None:
+                    raise self.error
+                if self.to_settle:
+                    break
+                self.cv.wait(0.05)
+        self.settle_failed()
+
+    def finish(self) -> None:
+        """Wait for every request to be settled, reconnecting or falling back as needed."""
+        while True:
+            self.settle_failed()
+            with self.cv:
+                pending = [i for i, r in enumerate(self.results) if r is _PENDING]
+                if not pending:
+                    return
+                if self.up:
+                    self.cv.wait(0.05)
+                    continue
+                queued = {i for i, _ in self.to_settle}
+                self.to_settle += [(i, "the cloud is unavailable") for i in pending if i not in queued]
+
+    # -------------------------------------------------------------- threads
+    def _sender(self, epoch: int, endpoint: Endpoint, q: queue.Queue) -> None:
+        try:
+            while True:
+                item = q.get()
+                if item is None or item[0] != self.epoch:
+                    return
+                self.busy["link"] += endpoint.send(item[1])
+                self.busy["bytes"] += len(item[1])
+        except BaseException as e:  # noqa: BLE001
+            self.link_failed(epoch, e)
+
+    def _receiver(self, epoch: int, endpoint: Endpoint) -> None:
+        w = self.w
+        last = time.perf_counter()
+        try:
+            # runs past the stream's end, until the cloud acknowledges close or the link fails
+            while epoch == self.epoch or self.stopped_epoch == epoch:
+                try:
+                    msg = endpoint.recv(min(0.25, w.timeout_s))
+                except LinkTimeout:
+                    with self.cv:
+                        busy = bool(self.inflight)
+                    if busy and time.perf_counter() - last > w.timeout_s:
+                        raise LinkError(f"no result from the cloud for {w.timeout_s} s with "
+                                        f"{len(self.inflight)} request(s) in flight: it stalled") from None
+                    if not busy:
+                        last = time.perf_counter()
+                    continue
+                last = time.perf_counter()
+                req, _, flags, entries = decode(msg)
+                if flags & FLAG_CONTROL:
+                    return      # the cloud acknowledged close
+                if flags & FLAG_ERROR:
+                    text = bytes(entries[0].value().tolist()).decode(errors="replace")
+                    raise RemoteError(f"the cloud failed on request {req}: {text}")
+                out = entries_to_output(entries, w.out_spec)
+                st = stats_of(entries)
+                with self.cv:
+                    if req not in self.inflight or self.results[req] is not _PENDING:
+                        self.dropped += 1     # late or repeated: already settled
+                        continue
+                    del self.inflight[req]
+                    self.busy["cloud"] += st[0] if st else 0.0
+                    self.results[req] = out
+                    self.done[req] = time.perf_counter()
+                    self.cv.notify_all()
+        except RemoteError as e:
+            with self.cv:
+                self.error = e
+                self.cv.notify_all()
+        except BaseException as e:  # noqa: BLE001
+            self.link_failed(epoch, e)
 
 
 def steady_throughput(done: Sequence[float], wall: float) -> float:

@@ -1,0 +1,201 @@
+"""A plain TCP link with mutual authentication, for deployments that need to survive faults.
+
+Frames: an 8-byte little-endian length, then the message (checked against a limit before any
+allocation). Before any message is accepted both sides prove they hold the shared token:
+
+    cloud -> end:  b"COCHAUTH" | version u16 | 32-byte nonce_c
+    end   -> cloud: HMAC-SHA256(token, nonce_c | b"end")  | 32-byte nonce_e
+    cloud -> end:  HMAC-SHA256(token, nonce_e | b"cloud")
+
+A peer without the token is refused and logged (``logging`` channel ``coach_fx.runtime``).
+The cloud binds to the address it is given (``127.0.0.1`` by default), never to every
+interface unless asked to. :class:`TcpServer` accepts one end at a time and takes the next
+when that one goes; :func:`connect` dials (with retries until its timeout).
+
+Example::
+
+    >>> server = TcpServer("127.0.0.1", 0, token=b"secret")          # doctest: +SKIP
+    >>> end = connect("127.0.0.1", server.port, token=b"secret")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import struct
+import time
+
+from coach_fx.runtime.link import LinkError, LinkTimeout, PeerGone, RealClock, TokenBucket
+from coach_fx.traces import Trace
+
+log = logging.getLogger("coach_fx.runtime")
+
+HELLO = b"COCHAUTH"
+AUTH_VERSION = 1
+MAX_MESSAGE = 1 << 30
+_LEN = struct.Struct("<Q")
+
+
+class AuthError(LinkError):
+    """The peer could not prove it holds the shared token (or spoke another protocol)."""
+
+
+def _token(token: bytes | str | None) -> bytes:
+    token = token if token is not None else os.environ.get("COACH_TOKEN")
+    if not token:
+        raise AuthError("no shared token: pass token=... (or --token) or set COACH_TOKEN")
+    return token.encode() if isinstance(token, str) else bytes(token)
+
+
+def _mac(token: bytes, nonce: bytes, who: bytes) -> bytes:
+    return hmac.new(token, nonce + who, hashlib.sha256).digest()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise PeerGone("connection closed by the peer")
+        got += k
+    return bytes(buf)
+
+
+class TcpEndpoint:
+    """One authenticated connection; ``send``/``recv`` whole messages."""
+
+    def __init__(self, sock: socket.socket, peer_name: str, addr: str, timeout_s: float,
+                 shape: Trace | None = None) -> None:
+        self.sock, self.peer_name, self.addr = sock, peer_name, addr
+        self.timeout_s = timeout_s
+        self.bucket = TokenBucket(shape) if shape is not None else None
+        self.busy_s = 0.0
+        self.bytes = 0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, msg: bytes | bytearray) -> float:
+        t0 = time.monotonic()
+        start = self.bucket.wait(len(msg)) if self.bucket else t0
+        if self.bucket:
+            RealClock().sleep_until(start)
+        try:
+            self.sock.settimeout(self.timeout_s)
+            self.sock.sendall(_LEN.pack(len(msg)))
+            self.sock.sendall(msg)
+        except socket.timeout:
+            raise LinkTimeout(f"the {self.peer_name} side ({self.addr}) took no data for "
+                              f"{self.timeout_s} s") from None
+        except OSError as e:
+            raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone (while sending): {e}") from None
+        end = self.bucket.finish() if self.bucket else time.monotonic()
+        self.busy_s += end - start
+        self.bytes += len(msg)
+        return end - start
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        try:
+            self.sock.settimeout(timeout if timeout is not None else self.timeout_s)
+            n = _LEN.unpack(_recv_exact(self.sock, _LEN.size))[0]
+            if n > MAX_MESSAGE:
+                raise LinkError(f"the {self.peer_name} side announced {n} bytes (limit {MAX_MESSAGE})")
+            self.sock.settimeout(self.timeout_s)
+            return _recv_exact(self.sock, n)
+        except socket.timeout:
+            raise LinkTimeout(f"nothing from the {self.peer_name} side ({self.addr}) within "
+                              f"{timeout if timeout is not None else self.timeout_s} s") from None
+        except PeerGone as e:
+            raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone: {e}") from None
+        except OSError as e:
+            raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone: {e}") from None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class TcpServer:
+    """The cloud's listening socket, bound to the given address only."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: bytes | str | None = None,
+                 timeout_s: float = 30.0) -> None:
+        self.token = _token(token)
+        self.timeout_s = timeout_s
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.refused = 0
+
+    def accept(self, timeout: float | None = None) -> TcpEndpoint:
+        """The next end that proves it holds the token (others are refused and logged)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.01, deadline - time.monotonic())
+            self.sock.settimeout(left)
+            try:
+                conn, addr = self.sock.accept()
+            except socket.timeout:
+                raise LinkTimeout(f"no end connected to {self.host}:{self.port} within {timeout} s") from None
+            peer = f"{addr[0]}:{addr[1]}"
+            try:
+                conn.settimeout(min(self.timeout_s, 10.0))
+                nonce_c = os.urandom(32)
+                conn.sendall(HELLO + struct.pack("<H", AUTH_VERSION) + nonce_c)
+                reply = _recv_exact(conn, 64)
+                if not hmac.compare_digest(reply[:32], _mac(self.token, nonce_c, b"end")):
+                    raise AuthError("bad token")
+                conn.sendall(_mac(self.token, reply[32:], b"cloud"))
+            except (AuthError, OSError, PeerGone) as e:
+                self.refused += 1
+                log.warning("coach cloud %s:%s refused peer %s: %s", self.host, self.port, peer, e)
+                conn.close()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LinkTimeout(f"no authenticated end within {timeout} s") from None
+                continue
+            return TcpEndpoint(conn, "end", peer, self.timeout_s)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: float = 30.0,
+            shape: Trace | None = None, retry_for: float = 0.0) -> TcpEndpoint:
+    """Dial the cloud and authenticate both ways; retry refused connections for ``retry_for`` s."""
+    key = _token(token)
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise PeerGone(f"cannot reach the cloud at {host}:{port}: {e}") from None
+            time.sleep(0.1)
+    try:
+        hello = _recv_exact(sock, len(HELLO) + 2 + 32)
+        if hello[:len(HELLO)] != HELLO:
+            raise AuthError(f"{host}:{port} is not a coach cloud")
+        version = struct.unpack("<H", hello[len(HELLO):len(HELLO) + 2])[0]
+        if version != AUTH_VERSION:
+            raise AuthError(f"cloud speaks handshake version {version}, this end {AUTH_VERSION}")
+        nonce_c = hello[-32:]
+        nonce_e = os.urandom(32)
+        sock.sendall(_mac(key, nonce_c, b"end") + nonce_e)
+        proof = _recv_exact(sock, 32)
+        if not hmac.compare_digest(proof, _mac(key, nonce_e, b"cloud")):
+            raise AuthError(f"the cloud at {host}:{port} does not hold the shared token")
+    except PeerGone:
+        sock.close()
+        raise AuthError(f"the cloud at {host}:{port} refused this end (wrong token?)") from None
+    except socket.timeout:
+        sock.close()
+        raise AuthError(f"no handshake from {host}:{port} within the timeout") from None
+    except AuthError:
+        sock.close()
+        raise
+    return TcpEndpoint(sock, "cloud", f"{host}:{port}", timeout_s, shape)
