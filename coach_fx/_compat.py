@@ -23,3 +23,12 @@ def treespec_dumps(spec: Any) -> str:
 
 def treespec_loads(text: str) -> Any:
     return pytree.treespec_loads(text)
+
+
+def dynamo_export(model: Any, inputs: tuple) -> Any:
+    """One FX graph of ``model`` as dynamo sees it (``torch._dynamo.export``); raises on a
+    graph break."""
+    import torch._dynamo
+
+    gm, _guards = torch._dynamo.export(model)(*inputs)
+    return gm

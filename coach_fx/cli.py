@@ -81,7 +81,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     print(f"\ntiming: capture+profile {t_prep:.2f} s, planning {t_plan:.3f} s"
           + (f" ({oracle.evals} accuracy evaluations)" if oracle else ""))
     if a.save:
-        print(f"saved to {cm.save(a.save)}")
+        print(f"saved to {cm.save(a.save, whole=a.save_whole)}")
     return 0
 
 
@@ -112,7 +112,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from coach_fx.runtime.artifact import load_half
+    from coach_fx.artifact import load_half
     from coach_fx.runtime.link import GlooEndpoint
     from coach_fx.runtime.pipeline import CloudWorker
 
@@ -120,14 +120,25 @@ def cmd_serve(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     half = load_half(a.dir, "cloud")
     slowdown = a.slowdown if a.slowdown is not None else half.meta["cloud"]["slowdown"]
-    print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (slowdown {slowdown}); "
-          "waiting for the end side", flush=True)
-    ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
-    worker = CloudWorker(half.module, half.boundary, ep, slowdown=slowdown)
-    try:
-        worker.serve()
-    finally:
-        ep.close()
+    if a.link == "tcp":
+        from coach_fx.runtime.tcp import TcpServer
+        server = TcpServer(a.host, a.port, token=a.token, timeout_s=a.timeout)
+        print(f"coach serve: cloud half of {a.dir} on {server.host}:{server.port} (tcp, token "
+              f"required, slowdown {slowdown}); waiting for the end side", flush=True)
+        worker = CloudWorker(half.module, half.boundary, None, slowdown=slowdown)
+        try:
+            worker.serve_forever(server)
+        finally:
+            server.close()
+    else:
+        print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (gloo, slowdown "
+              f"{slowdown}); waiting for the end side", flush=True)
+        ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
+        worker = CloudWorker(half.module, half.boundary, ep, slowdown=slowdown)
+        try:
+            worker.serve()
+        finally:
+            ep.close()
     print(f"coach serve: served {worker.served} requests, busy {worker.busy_s:.2f} s", flush=True)
     return 0
 
@@ -135,7 +146,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from coach_fx.runtime.artifact import load_half, make_frames
+    from coach_fx.artifact import load_half, make_frames
     from coach_fx.runtime.link import GlooEndpoint
     from coach_fx.runtime.pipeline import EndWorker
     from coach_fx.traces import Trace
@@ -149,22 +160,40 @@ def cmd_run(a: argparse.Namespace) -> int:
         Trace.constant(a.uplink_mbps) if a.uplink_mbps else None)
     slowdown = a.slowdown if a.slowdown is not None else half.meta["end"]["slowdown"]
     frames = make_frames(half.input_specs, a.frames, a.seed)
-    ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
+    local = load_half(a.dir, "model").module if a.fallback == "local" else None
+    if a.link == "tcp":
+        from coach_fx.runtime.tcp import connect
+
+        def dial() -> object:
+            return connect(a.host, a.port, token=a.token, timeout_s=a.timeout, shape=shape)
+        ep = dial() if not a.fallback else None
+        reconnect = dial
+    else:
+        ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
+        reconnect = None
     worker = EndWorker(half.module, half.boundary, ep, half.out_spec, slowdown=slowdown,
-                       timeout_s=a.timeout)
+                       timeout_s=a.timeout, fallback=a.fallback, local_module=local,
+                       reconnect=reconnect)
     try:
         outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
-        worker.close()
+        try:
+            worker.close()
+        except Exception:  # noqa: BLE001 - the cloud may be gone (a fallback handled it)
+            pass
     finally:
-        ep.close()
+        if worker.endpoint is not None:
+            worker.endpoint.close()
     rate = f"trace {a.trace} x{a.trace_scale}" if a.trace else (
         f"{a.uplink_mbps} Mbit/s" if a.uplink_mbps else "unshaped")
     ref = f"; end half {worker.reference_s * 1e3:.2f} ms on this host" if worker.reference_s else ""
     print(f"coach run: {a.frames} frames, end slowdown {slowdown}, uplink {rate}{ref}")
     print(stats.table())
+    if a.fallback:
+        print(f"faults: {stats.local} run locally, {stats.failed} failed, {stats.dropped} late "
+              f"replies dropped, {stats.reconnects} reconnects")
     if a.save_outputs:
         from coach_fx._compat import tree_flatten
-        arrays = {f"o{i}_{j}": t.numpy() for i, o in enumerate(outs)
+        arrays = {f"o{i}_{j}": t.numpy() for i, o in enumerate(outs) if not isinstance(o, Exception)
                   for j, t in enumerate(tree_flatten(o)[0]) if isinstance(t, torch.Tensor)}
         np.savez(a.save_outputs, **arrays)
     return 0
@@ -197,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "plan":
             p.add_argument("--save", default=None, metavar="DIR",
                            help="write the plan and both halves (for coach serve / coach run)")
+            p.add_argument("--save-whole", action="store_true",
+                           help="with --save: also the whole model (for coach run --fallback local)")
     for name in ("serve", "run"):
         p = sub.add_parser(name, help="cloud side of a saved plan" if name == "serve"
                            else "end side of a saved plan: stream frames to a coach serve")
@@ -207,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--slowdown", type=float, default=None, help="default: the saved plan's")
         p.add_argument("--threads", type=int, default=None,
                        help="torch threads for this side (on a small host: 1 per side)")
+        p.add_argument("--link", choices=["tcp", "gloo"], default="tcp",
+                       help="tcp: authenticated, binds only --host (default); gloo: "
+                            "torch.distributed, unauthenticated, for trusted networks")
+        p.add_argument("--token", default=None,
+                       help="shared secret for --link tcp (default: $COACH_TOKEN)")
         if name == "run":
             p.add_argument("--trace", default=None, help="shape the uplink to this bandwidth trace")
             p.add_argument("--trace-scale", type=float, default=1.0)
@@ -214,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--frames", type=int, default=50)
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--save-outputs", default=None, metavar="FILE.npz")
+            p.add_argument("--fallback", choices=["local", "error"], default=None,
+                           help="when the cloud fails: run requests locally (needs a plan saved "
+                                "with --save-whole) or fail them; reconnects meanwhile")
     a = ap.parse_args(argv)
     cmds = {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve, "run": cmd_run}
     try:

@@ -175,9 +175,10 @@ class CompiledModel(nn.Module):
                 pass
             cloud.join(1.0)
 
-    def save(self, path: str) -> str:
-        """Write the plan and each half on its own (``coach serve DIR`` / ``coach run DIR``)."""
-        from coach_fx.runtime.artifact import save
+    def save(self, path: str, whole: bool = False) -> str:
+        """Write the plan and each half on its own (``coach serve DIR`` / ``coach run DIR``);
+        ``whole=True`` also writes the whole model, for ``coach run --fallback local``."""
+        from coach_fx.artifact import save
         from dataclasses import asdict
         net = self.settings.network
         meta = {"plan": {k: v for k, v in asdict(self.plan).items() if k != "extra"},
@@ -192,7 +193,7 @@ class CompiledModel(nn.Module):
         self.eval()
         try:
             return str(save(path, self.end_module, self.cloud_module, self.boundary,
-                            self.example_inputs, self.out_spec, meta))
+                            self.example_inputs, self.out_spec, meta, self.gm if whole else None))
         finally:
             self.train(was)
 

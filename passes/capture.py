@@ -7,7 +7,9 @@ Order of attempts:
 2. ``torch.export`` (handles some constructs fx cannot, e.g. shape-dependent Python control
    flow); its parameters are plain attributes of the returned module, so each half of a split
    still owns its own weights;
-3. otherwise :class:`CaptureError` naming the module, the source line and the construct.
+3. the dynamo graph (``torch._dynamo.export``), when the model is one graph for dynamo;
+4. otherwise :class:`CaptureError` naming the module, and for each attempt the source line and
+   the construct that stopped it.
 
 Example::
 
@@ -48,7 +50,10 @@ class CoachTracer(fx.Tracer):
 
 def _user_frame(exc: BaseException) -> str:
     """The innermost traceback frame outside torch: where the user's code hit the problem."""
+    import coach_fx
+
     ours = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
+            os.path.dirname(os.path.abspath(coach_fx.__file__)),
             os.path.dirname(os.path.dirname(os.path.abspath(torch.fx.__file__))))
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not os.path.abspath(f.filename).startswith(ours)]
@@ -99,12 +104,20 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Seque
         return gm
     except Exception as export_exc:  # noqa: BLE001
         second = f"torch.export failed at {_user_frame(export_exc)}: {_construct(export_exc)}"
+    try:
+        from coach_fx._compat import dynamo_export
+        gm = dynamo_export(model, tuple(example_inputs))
+        gm = _plain_graph_module(gm)
+        gm.meta["coach_capture"] = "dynamo"
+        return gm
+    except Exception as dynamo_exc:  # noqa: BLE001
+        third = f"the dynamo graph failed at {_user_frame(dynamo_exc)}: {_construct(dynamo_exc)}"
         raise CaptureError(
-            f"cannot capture {name}:\n  {first}\n  {second}\n"
+            f"cannot capture {name}:\n  {first}\n  {second}\n  {third}\n"
             "Rewrite the construct with tensor ops (torch.where, torch.cond), mark the submodule "
             "that holds it as a leaf (leaf_modules=[...]), or use "
             "torch.compile(model, backend='coach'), which plans each graph between breaks."
-        ) from export_exc
+        ) from dynamo_exc
 
 
 def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

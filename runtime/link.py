@@ -94,13 +94,15 @@ class Channel:
         self.messages = 0
         self.closed = False
         self._lock = threading.Lock()
+        self.t0 = self.clock.now()   # the trace starts when the link does
 
     def send(self, msg: bytes) -> float:
         if self.closed:
             raise PeerGone("link closed")
         with self._lock:  # one message on the wire at a time
             start = max(self.clock.now(), self.free_at)
-            finish = self.trace.finish_time(start, len(msg)) if self.trace else start
+            finish = (self.t0 + self.trace.finish_time(start - self.t0, len(msg))
+                      if self.trace else start)
             self.free_at = finish
             self.clock.sleep_until(finish)   # the sender is busy while its bytes are on the wire
             self.busy_s += finish - start
@@ -141,6 +143,10 @@ class _InProcessEnd:
     def close(self) -> None:
         self.out.close()
 
+    def abort(self) -> None:
+        """After a fault the in-process channels stay usable: what is stalled arrives later
+        (and the end drops replies it has already settled)."""
+
     @property
     def last_wire_s(self) -> float:
         return getattr(self.inp, "last_wire_s", 0.0)
@@ -171,10 +177,11 @@ class TokenBucket:
         self.trace = trace
         self.clock = clock or RealClock()
         self.free_at = 0.0
+        self.t0 = self.clock.now()   # the trace starts with the bucket
 
     def wait(self, nbytes: int) -> float:
         start = max(self.clock.now(), self.free_at)
-        self.free_at = self.trace.finish_time(start, nbytes)
+        self.free_at = self.t0 + self.trace.finish_time(start - self.t0, nbytes)
         return start
 
     def finish(self) -> float:
@@ -270,6 +277,10 @@ class GlooEndpoint:
         if n:
             self._wait(dist.irecv(body, src=self.peer, group=self.in_group), timeout, "message body")
         return body.numpy().tobytes()
+
+    def abort(self) -> None:
+        """After a fault: leave the process group alone (tearing it down from a worker thread
+        with a receive posted would abort the process)."""
 
     def close(self) -> None:
         try:

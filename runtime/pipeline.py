@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import queue
 import sys
 import threading
@@ -39,6 +40,7 @@ from coach_fx.runtime.wire import (FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry,
                                    encode)
 
 CLOSE_ID = (1 << 64) - 1
+log = logging.getLogger("coach_fx.runtime")
 
 
 class RemoteError(RuntimeError):
@@ -192,6 +194,22 @@ class CloudWorker:
             self.endpoint.send(reply)
             self.busy_s += time.perf_counter() - t0
 
+    def serve_forever(self, server: Any, max_sessions: int | None = None) -> None:
+        """Serve end after end on an authenticated server (``runtime.tcp.TcpServer``): when an
+        end goes away the next one is accepted; an end's close request stops the worker."""
+        sessions = 0
+        while max_sessions is None or sessions < max_sessions:
+            self.endpoint = server.accept()
+            sessions += 1
+            try:
+                self.serve()
+                return
+            except LinkError as e:   # that end went away: wait for the next
+                log.warning("coach cloud: the end at %s went away (%s); waiting for the next",
+                            getattr(self.endpoint, "addr", "?"), e)
+            finally:
+                self.endpoint.close()
+
     def start(self) -> "CloudWorker":
         def run() -> None:
             try:
@@ -317,7 +335,11 @@ class EndWorker:
         """Tell the cloud worker to stop serving and wait for its acknowledgement."""
         if self.endpoint is None:
             return
-        self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL, self.plan_id))
+        try:
+            self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL, self.plan_id))
+        except LinkError as e:   # the link is down already: nothing to close
+            self.events.append(f"close: {e}")
+            return
         receiver = getattr(self, "_receiver_thread", None)
         if receiver is not None:
             receiver.join(timeout)
@@ -390,9 +412,10 @@ class _StreamState:
             for i in sorted(self.inflight):
                 self.to_settle.append((i, str(e)))
             self.cv.notify_all()
-        if self.w.endpoint is not None:
+        ep = self.w.endpoint
+        if ep is not None:
             try:
-                self.w.endpoint.close()
+                getattr(ep, "abort", ep.close)()
             except Exception:  # noqa: BLE001
                 pass
 

@@ -119,6 +119,8 @@ class TcpEndpoint:
         except OSError:
             pass
 
+    abort = close
+
 
 class TcpServer:
     """The cloud's listening socket, bound to the given address only."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import coach_fx
-from coach_fx.runtime.artifact import load_half, make_frames
+from coach_fx.artifact import load_half, make_frames
 from coach_fx.runtime.link import InProcessLink
 from coach_fx.runtime.pipeline import CloudWorker, EndWorker, RemoteError
 
@@ -116,12 +116,12 @@ def test_two_processes_over_gloo_match_in_process(saved, tmp_path):
     port = _free_port()
     frames = make_frames(load_half(d, "end").input_specs, 6, seed=3)
     want, _ = cm.stream(frames)
-    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30),
+    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30, "--link", "gloo"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = tmp_path / "out.npz"
         run = subprocess.run(_coach("run", d, "--port", port, "--frames", 6, "--seed", 3,
-                                    "--save-outputs", out, "--timeout", 30),
+                                    "--save-outputs", out, "--timeout", 30, "--link", "gloo"),
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "throughput" in run.stdout
@@ -137,10 +137,10 @@ def test_two_processes_over_gloo_match_in_process(saved, tmp_path):
 def test_killed_cloud_gives_clear_error_within_timeout(saved):
     cm, d = saved
     port = _free_port()
-    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--slowdown", 50),
+    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--slowdown", 50, "--link", "gloo"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        run = subprocess.Popen(_coach("run", d, "--port", port, "--frames", 2000, "--timeout", 5),
+        run = subprocess.Popen(_coach("run", d, "--port", port, "--frames", 2000, "--timeout", 5, "--link", "gloo"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(6)           # connected and streaming by now
         serve.kill()

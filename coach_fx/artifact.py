@@ -5,8 +5,11 @@
     dir/end.pt2     the end half   (torch.export.save)
     dir/cloud.pt2   the cloud half (torch.export.save; absent for an end-only plan)
 
-These are local files the user wrote; nothing received over the network is ever loaded with
-pickle or ``torch.load``.
+    dir/model.pt2   the whole model (only with ``whole=True``: for ``fallback="local"``)
+
+These are local files the user wrote (``torch.export.load`` reads them); nothing received
+over the network is ever loaded with pickle or ``torch.load`` (``coach_fx.runtime`` never
+calls either).
 """
 
 from __future__ import annotations
@@ -64,11 +67,14 @@ class SavedHalf:
 
 
 def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.Module,
-         boundary: Boundary, example_inputs: Sequence[Any], out_spec: Any, meta: dict) -> Path:
+         boundary: Boundary, example_inputs: Sequence[Any], out_spec: Any, meta: dict,
+         whole: torch.nn.Module | None = None) -> Path:
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.export.save(torch.export.export(end_module, tuple(example_inputs)), d / "end.pt2")
+        if whole is not None:   # for fallback="local": the end device can run everything
+            torch.export.save(torch.export.export(whole, tuple(example_inputs)), d / "model.pt2")
         if not boundary.end_only:
             payload = end_module(*example_inputs)
             torch.export.save(torch.export.export(cloud_module, tuple(payload)), d / "cloud.pt2")
@@ -80,10 +86,11 @@ def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.M
 
 
 def load_half(path: str | Path, side: str) -> SavedHalf:
-    """Load one half (``"end"`` or ``"cloud"``) of a saved plan."""
+    """Load one half (``"end"`` or ``"cloud"``) of a saved plan, or the whole model (``"model"``,
+    written with ``cm.save(dir, whole=True)``, for ``fallback="local"``)."""
     d = Path(path)
-    if side not in ("end", "cloud"):
-        raise ValueError(f"side must be 'end' or 'cloud', got {side!r}")
+    if side not in ("end", "cloud", "model"):
+        raise ValueError(f"side must be 'end', 'cloud' or 'model', got {side!r}")
     meta_path = d / "plan.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save()")
