@@ -109,6 +109,9 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback):
             if p.poll() is None:
                 p.kill()
     check_exactly_once(frames, results, m, allow_failed=fallback == "error")
+    print(f"\nkill/restart fallback={fallback}: {len(results)} results, {stats.local} local, "
+          f"{stats.failed} failed, {stats.dropped} late dropped, {stats.reconnects} reconnects; "
+          f"events: {end.events[:3]}")
     assert stats.reconnects >= 1, end.events
     settled_without_cloud = stats.local if fallback == "local" else stats.failed
     assert settled_without_cloud >= 1
@@ -137,6 +140,8 @@ def test_zero_bandwidth_stall_falls_back_and_drops_late_replies():
     end.close()
     cloud.join(2)
     check_exactly_once(frames, results, m)
+    print(f"\nstall: {len(results)} results, {stats.local} local, {stats.dropped} late dropped, "
+          f"{stats.reconnects} reconnects; events: {end.events[:2]}")
     assert stats.local >= 1 and stats.reconnects >= 1, end.events
     assert stats.local < len(frames)
 
