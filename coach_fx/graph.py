@@ -191,15 +191,6 @@ class LayerDAG:
     def output_bytes(self) -> int:
         return sum(self.info[o].bytes for o in self.outputs)
 
-    def with_costs(self, t_end: Mapping[str, float], t_cloud: Mapping[str, float]) -> "LayerDAG":
-        """A copy with other per-node times (same structure)."""
-        from dataclasses import replace
-        new = object.__new__(LayerDAG)
-        new.__dict__.update(self.__dict__)
-        new.info = {k: replace(d, t_end=t_end.get(k, d.t_end), t_cloud=t_cloud.get(k, d.t_cloud))
-                    for k, d in self.info.items()}
-        return new
-
     def __repr__(self) -> str:
         return f"LayerDAG({len(self.inputs)} inputs, {len(self.nodes)} nodes, outputs={self.outputs})"
 

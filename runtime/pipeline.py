@@ -60,6 +60,10 @@ class Stats:
     cloud_busy_s: float
     bytes_sent: int
     predicted: dict = field(default_factory=dict)
+    local: int = 0        # requests run on the end device after a fault (fallback="local")
+    failed: int = 0       # requests given a RequestFailed result (fallback="error")
+    dropped: int = 0      # late or repeated replies dropped (already settled)
+    reconnects: int = 0
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -313,11 +317,8 @@ class EndWorker:
         wall = (max(st.done) - t_begin) if st.done else 0.0
         lat = [d - s for d, s in zip(st.done, st.started)]
         stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall), st.busy["end"],
-                      st.busy["link"], st.busy["cloud"], st.busy["bytes"], predicted or {})
-        stats.local = st.local            # type: ignore[attr-defined]
-        stats.failed = st.failed          # type: ignore[attr-defined]
-        stats.dropped = st.dropped        # type: ignore[attr-defined]
-        stats.reconnects = st.reconnects  # type: ignore[attr-defined]
+                      st.busy["link"], st.busy["cloud"], st.busy["bytes"], predicted or {},
+                      st.local, st.failed, st.dropped, st.reconnects)
         return st.results, stats
 
     def _reference(self, x: tuple) -> float:

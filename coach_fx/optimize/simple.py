@@ -22,7 +22,6 @@ def end_only(p: Problem) -> Plan:
     return p.price(p.dag.nodes, 32, "end-only")
 
 
-def cloud_only(p: Problem, allowed: Sequence[int] | None = None) -> Plan:
+def cloud_only(p: Problem) -> Plan:
     """Everything in the cloud; the raw input crosses at ``input_bits``."""
-    plan = p.price((), 32, "cloud-only")
-    return plan
+    return p.price((), 32, "cloud-only")

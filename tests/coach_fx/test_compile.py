@@ -37,10 +37,13 @@ def test_torchvision_split_matches_eager(name):
     assert len(picks) >= 5
     if any(len(dag.crossing(s)) >= 2 for s in dag.closed_sets(limit=50_000)):
         assert any(len(dag.crossing(s)) >= 2 for s in picks)
+    everything = {id(p) for p in model.parameters()}
     for end in picks:
         cut = dag.crossing(end)
         for bits, check in ((32, "max"), (16, 1e-3), (8, 0.03)):
             e, c, b = partition(gm, end, {n: bits for n in cut})
+            pe, pc = {id(p) for p in e.parameters()}, {id(p) for p in c.parameters()}
+            assert not pe & pc and pe | pc == everything    # each weight in exactly one half
             with torch.no_grad():
                 payload = e(x)
                 y = payload if b.end_only else c(*payload)

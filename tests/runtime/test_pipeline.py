@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,10 @@ import coach_fx
 from coach_fx.artifact import load_half, make_frames
 from coach_fx.runtime.link import InProcessLink
 from coach_fx.runtime.pipeline import CloudWorker, EndWorker, RemoteError
+
+# the installed console script: run from the source folder, "python -m coach_fx.cli" would
+# import the source tree, which has no coach_fx.passes (pyproject maps it from passes/)
+COACH = str(Path(sys.executable).with_name("coach"))
 
 
 class Net(nn.Module):
@@ -89,7 +94,7 @@ def _free_port() -> int:
 
 
 def _coach(*args):
-    return [sys.executable, "-m", "coach_fx.cli", *map(str, args)]
+    return [COACH, *map(str, args)]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,10 @@ from coach_fx.runtime.tcp import AuthError, TcpServer, connect
 from coach_fx.runtime.wire import Entry, WireError, decode, encode
 from coach_fx.traces import Trace
 
+# the installed console script: run from the source folder, "python -m coach_fx.cli" would
+# import the source tree, which has no coach_fx.passes (pyproject maps it from passes/)
+COACH = str(Path(sys.executable).with_name("coach"))
+
 TOKEN = "s3cret-for-tests"
 
 
@@ -65,7 +69,7 @@ def _free_port():
 
 
 def _serve(d, port):
-    return subprocess.Popen([sys.executable, "-m", "coach_fx.cli", "serve", str(d), "--port", str(port),
+    return subprocess.Popen([COACH, "serve", str(d), "--port", str(port),
                              "--token", TOKEN, "--timeout", "10"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
