@@ -249,10 +249,18 @@ class CompiledModel(nn.Module):
         host = getattr(self.dag, "host_times", None)
         if host is None:
             return {}
+        # the cost model's host figures for each half, boundary ops included (no network)
         end_set = set(self.plan.end_nodes)
-        pred_end = sum(host.get(m, 0.0) for v in end_set for m in self.dag.members[v])
-        pred_cloud = sum(host.get(m, 0.0) for v in self.dag.nodes if v not in end_set
-                         for m in self.dag.members[v])
+        q_end = q_cloud = 0.0
+        for x in self.plan.cut:
+            d = self.dag.info[x]
+            if d.quantizable and self.plan.bits[x] < 32:
+                qe, qc = self.dag.quant_cost(self.plan.bits[x])
+                q_end += qe * d.numel / self.settings.end.slowdown
+                q_cloud += qc * d.numel / self.settings.cloud.slowdown
+        pred_end = q_end + sum(host.get(m, 0.0) for v in end_set for m in self.dag.members[v])
+        pred_cloud = q_cloud + sum(host.get(m, 0.0) for v in self.dag.nodes if v not in end_set
+                                   for m in self.dag.members[v])
         with torch.no_grad():
             payload = self.end_module(*self.example_inputs)
             meas_end = _median_time(lambda: self.end_module(*self.example_inputs), repeat)

@@ -88,8 +88,12 @@ def coach(p: Problem, block_limit: int = 4096) -> Plan:
                 best is not None and best.score[0] <= first[k] and best.score[1] <= second[k]):
             break
         s = frozenset(names[i] for i in range(len(names)) if masks[k] >> i & 1)
+        # only bit widths that could still beat the best plan are worth an accuracy check
+        allowed = [b for b in p.bits if best is None or p.price(s, b, "coach").score < best.score]
+        if not allowed:
+            continue
         resolved += 1
-        best = better(best, p.resolve(s, "coach"))
+        best = better(best, p.resolve(s, "coach", allowed))
     if best is None:
         raise ValueError("coach: no plan meets the accuracy budget with the allowed bits "
                          f"{p.bits}; raise accuracy_budget or allow more bits")

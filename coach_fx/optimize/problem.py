@@ -48,9 +48,20 @@ class Problem:
 
     def resolve(self, end_nodes: Iterable[str], strategy: str,
                 allowed: Sequence[int] | None = None) -> Plan | None:
-        """The plan for this end set with its true minimum bits; None if no bits meet the budget."""
+        """The best plan for this end set over the bit widths that meet the budget; None if none.
+
+        Accuracy is monotone in bits, so the feasible widths are those from the fewest that
+        pass; the cheapest of them is usually the fewest, but not always: a tensor sent as is
+        (32) needs no quantize/pack work, which can outweigh its extra bytes on a fast link.
+        """
         b = self.feasible_bits(end_nodes, allowed)
-        return None if b is None else self.price(end_nodes, b, strategy)
+        if b is None:
+            return None
+        best = None
+        for w in sorted(allowed or self.bits):
+            if w >= b:
+                best = better(best, self.price(end_nodes, w, strategy))
+        return best
 
 
 def better(a: Plan | None, b: Plan | None) -> Plan | None:
