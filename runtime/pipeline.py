@@ -107,7 +107,10 @@ class Stats:
                 ["cloud stage ms (util)", f"{c*1e3:.2f} ({uc:.0%})", pr("t_cloud")],
                 ["bubble ratio", self.bubble_ratio, pr("bubble_ratio", 1)],
                 ["KB sent / request", self.bytes_sent / max(self.n, 1) / 1e3, pr("bytes_sent", 1e-3)]]
-        return tabulate(rows, headers=["measured", "value", "predicted"], floatfmt=".3f")
+        def fmt(v: Any) -> Any:
+            return f"{v:.3f}" if isinstance(v, float) else v
+        rows = [[name, fmt(v), fmt(p_)] for name, v, p_ in rows]
+        return tabulate(rows, headers=["measured", "value", "predicted"], disable_numparse=True)
 
 
 #: GIL switch interval during a stream. The pipeline hands each request from thread to thread
@@ -431,8 +434,9 @@ class _StreamState:
         except Exception as e:  # noqa: BLE001 - still down; try again later
             self.w.events.append(f"reconnect failed: {e}")
             return
-        self.reconnects += 1
-        self.w.events.append("reconnected")
+        if self.epoch > 0:   # not the first connection of a stream that began without one
+            self.reconnects += 1
+        self.w.events.append("reconnected" if self.epoch > 0 else "connected")
         self.start_link(endpoint)
 
     # -------------------------------------------------------------- per request
