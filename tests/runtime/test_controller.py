@@ -1,0 +1,46 @@
+import pytest
+
+from coach_fx.runtime.controller import BandwidthEstimator, BitController, CutProfile, PlanSwitcher
+
+
+def test_harmonic_mean_resists_a_lucky_sample():
+    est = BandwidthEstimator(window=4)
+    assert est.mbps is None
+    for mbps in (10, 10, 10, 1000):
+        est.add(mbps * 1e6 / 8, 1.0)
+    assert est.mbps < 14          # an arithmetic mean would say 257
+    est.add(0, 1.0)               # empty transfers are not samples
+    assert len(est.samples) == 4
+
+
+def test_bits_fall_after_a_step_drop_and_rise_after_recovery():
+    # 200k floats cross; compute bottleneck 40 ms; accuracy-safe minimum 3 bits
+    prof = CutProfile(quant_numel=200_000, raw_bytes=0, n_tensors=1, min_bits=3, compute_s=0.04)
+    ctl, est = BitController(prof), BandwidthEstimator(window=5)
+    schedule = [200.0] * 20 + [8.0] * 20 + [200.0] * 20
+    chosen = []
+    for mbps in schedule:
+        b = ctl.choose(est.mbps)
+        chosen.append(b)
+        nbytes = prof.message_bytes(b)
+        est.add(nbytes, nbytes * 8 / (mbps * 1e6))
+    assert chosen[19] >= 8                    # fast link: more bits fit in the bottleneck
+    assert min(chosen[20:40]) == 3 and chosen[20 + 5] == 3   # fell within the window
+    assert all(b >= 3 for b in chosen)        # never below the safe minimum
+    assert chosen[40 + 5] == chosen[19]       # back up within the window after recovery
+    assert ctl.link_bound(1.0) and not ctl.link_bound(200.0)
+
+
+def test_plan_switch_only_after_the_estimate_stays():
+    sw = PlanSwitcher(edges_mbps=[5.0, 20.0], plans=[10, 11, 12], hold=4)
+    assert sw.plan == 12                              # starts in the fastest band
+    for mbps in (3, 30, 3, 30, 3, 3, 3):              # flapping, then three in a row
+        sw.update(mbps)
+    assert sw.plan == 12 and sw.switches == 0
+    sw.update(3)                                      # the fourth in a row
+    assert sw.plan == 10 and sw.switches == 1
+    for _ in range(10):
+        sw.update(10)
+    assert sw.plan == 11 and sw.switches == 2
+    with pytest.raises(ValueError):
+        PlanSwitcher([5.0], [1, 2, 3])
