@@ -45,8 +45,13 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.op not in ("output", "get_attr"):
-            self.values[n.name] = out
+            # a copy: a later in-place op (relu_, +=) would otherwise change what we keep
+            self.values[n.name] = out.clone() if isinstance(out, torch.Tensor) else out
         return out
+
+
+def _fresh(v: Any) -> Any:
+    return v.clone() if isinstance(v, torch.Tensor) else v
 
 
 def _as_tuple(x: Any) -> tuple:
@@ -128,8 +133,9 @@ class AccuracyOracle:
         outs = []
         with torch.no_grad():
             for acts in self._acts:
+                # fresh tensors each time: the cloud half may modify its inputs in place
                 payload = [_ops.fake_quantize(acts[x.name], x.bits) if x.kind == "quant"
-                           else acts[x.name] for x in boundary.crossings]
+                           else _fresh(acts[x.name]) for x in boundary.crossings]
                 outs.append(_flat_output(c(*payload)))
         return torch.cat(outs)
 

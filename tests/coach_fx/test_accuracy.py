@@ -65,3 +65,4 @@ def test_oracle_modes_and_memo(digits):
     assert agree.mode == "agreement"
     l2 = AccuracyOracle(gm, dag, Settings(costs="analytic"), inputs)
     assert l2.mode == "l2" and l2.budget == 0.02
+
