@@ -29,7 +29,7 @@ from coach_fx.optimize import Problem, solve
 from coach_fx.optimize.simple import manual
 from coach_fx.passes.annotate import annotate
 from coach_fx.passes.capture import capture
-from coach_fx.passes.partition import Boundary, partition
+from coach_fx.passes.partition import partition
 from coach_fx.plan import MESSAGE_HEADER_BYTES, Plan
 from coach_fx.settings import Settings
 
@@ -338,8 +338,6 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
     for k, v in (("network", network), ("end", end), ("cloud", cloud)):
         if v is not None:
             kw[k] = v
-    if "bits" in options:
-        raise TypeError("bits given twice")
     if strategy == "manual" and "manual_bits" not in options and isinstance(bits, (int, Mapping)):
         options["manual_bits"] = bits
         kw["bits"] = (2, 3, 4, 5, 6, 8, 16, 32)

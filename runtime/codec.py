@@ -14,7 +14,7 @@ import torch
 
 from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.partition import Boundary
-from coach_fx.runtime.wire import QUANT, RAW, STATS, Entry, WireError
+from coach_fx.runtime.wire import QUANT, STATS, Entry, WireError
 
 
 def payload_to_entries(boundary: Boundary, payload: Sequence[Any]) -> list[Entry]:
@@ -75,4 +75,4 @@ def stats_of(entries: Sequence[Entry]) -> list[float]:
 
 
 __all__ = ["payload_to_entries", "entries_to_payload", "output_to_entries", "entries_to_output",
-           "stats_of", "RAW"]
+           "stats_of"]

@@ -10,9 +10,10 @@ entries' bytes back to back::
 
 Entry kinds: a quantized tensor (``bits`` <= 16: ``ceil(numel*bits/8)`` packed bytes, with the
 dtype it dequantizes to), a raw tensor, or a small Python value (int, float, bool, None, a
-size / tuple of ints), so everything that crosses a cut can travel. Nothing is pickled and
-nothing goes through ``torch.load``: the decoder checks every field against :data:`LIMITS`
-before it allocates, and any problem raises :class:`WireError` (and only that).
+size / tuple of ints), so everything that crosses a cut can travel. No Python object is ever
+rebuilt from received bytes (no object serialization, no torch loader): the decoder checks
+every field against :data:`LIMITS` before it allocates, and any problem raises
+:class:`WireError` (and only that).
 
 Example::
 

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -19,5 +18,3 @@ def _seed():
     torch.manual_seed(0)
     yield
 
-
-os.environ.setdefault("COACH_PROGRESS", "0")

@@ -1,7 +1,6 @@
 """The accuracy oracle and the budget on a trained model (digits)."""
 
 import pytest
-import torch
 
 import coach_fx
 from coach_fx.accuracy import AccuracyOracle
