@@ -27,7 +27,7 @@ from coach_fx.costs import build_dag, torch_threads
 from coach_fx.graph import LayerDAG
 from coach_fx.optimize import Problem, solve
 from coach_fx.optimize.simple import manual
-from coach_fx.passes.annotate import annotate
+from coach_fx.passes.annotate import annotate, keeps_effect
 from coach_fx.passes.capture import capture
 from coach_fx.passes.partition import partition
 from coach_fx.plan import MESSAGE_HEADER_BYTES, Plan
@@ -288,7 +288,7 @@ def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Se
     """Capture, annotate and cost ``model``: the (GraphModule, inputs, LayerDAG) to plan on."""
     inputs = _example_tuple(example_inputs)
     gm = capture(model, inputs, settings.leaf_modules)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=keeps_effect)
     gm.recompile()
     try:
         annotate(gm, inputs)

@@ -241,6 +241,17 @@ class LayerDAG:
                 for a in by_name[m].all_input_nodes:
                     _classify_read(a, groups, g, dp, op)
             data_preds[g], order_preds[g] = dp, op
+        # an in-place op changes a tensor for everyone who reads it later: they follow it
+        from coach_fx.passes.annotate import mutated_input
+        pos = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        for n in gm.graph.nodes:
+            v = mutated_input(n)
+            if v is None or n.name not in groups:
+                continue
+            for r in v.users:
+                g = groups.get(r.name)
+                if g is not None and pos[r.name] > pos[n.name] and g != groups[n.name]:
+                    order_preds[g].add(groups[n.name])
         outs: list[str] = []
         for n in gm.graph.nodes:
             if n.op == "output":

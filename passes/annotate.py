@@ -85,6 +85,36 @@ def _function_flops(target: Any, args: tuple, kwargs: dict, out: Any) -> float:
     return float(n_out)
 
 
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.iand, operator.ior, operator.ixor}
+
+
+def mutated_input(n: fx.Node) -> fx.Node | None:
+    """The node whose tensor ``n`` modifies in place (``relu_``, ``+=``, ``inplace=True``,
+    aten ops that write their first argument), if any."""
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if first is None:
+        return None
+    if n.op == "call_function":
+        if n.target in _INPLACE_FUNCTIONS or n.kwargs.get("inplace") is True:
+            return first
+        schema = getattr(n.target, "_schema", None)      # aten ops in export / dynamo graphs
+        if schema is not None and schema.arguments and schema.arguments[0].alias_info is not None \
+                and schema.arguments[0].alias_info.is_write:
+            return first
+    elif n.op == "call_method" and n.target.endswith("_") and not n.target.endswith("__"):
+        return first
+    elif n.op == "call_module" and n.graph.owning_module is not None:
+        if getattr(n.graph.owning_module.get_submodule(n.target), "inplace", False) is True:
+            return first
+    return None
+
+
+def keeps_effect(n: fx.Node) -> bool:
+    """For dead-code elimination: an in-place op changes its input even if its result is unused."""
+    return n.is_impure() or mutated_input(n) is not None
+
+
 class _Annotator(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)

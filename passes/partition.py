@@ -33,6 +33,7 @@ import torch.fx as fx
 
 import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
 from coach_fx.graph import dag_groups
+from coach_fx.passes.annotate import mutated_input
 
 _ops = torch.ops.coach
 
@@ -84,6 +85,19 @@ def _sides(gm: fx.GraphModule, groups: Mapping[str, str], end: set[str]) -> dict
     return side
 
 
+def _emit(eg: fx.Graph, v: fx.Node, c: "Crossing", mode: str, copy: bool = False) -> list[fx.Node]:
+    """The payload nodes that send ``v`` (``copy``: v is modified later, keep today's value)."""
+    if mode == "train" and c.kind != "raw":
+        return [eg.call_function(_ops.fake_quantize.default, (v, c.bits))]
+    if c.kind == "quant":
+        q = eg.call_function(_ops.quantize.default, (v, c.bits))
+        codes, scale, zp = (eg.call_function(operator.getitem, (q, i)) for i in range(3))
+        return [eg.call_function(_ops.pack.default, (codes, c.bits)), scale, zp]
+    if copy and c.shape is not None:
+        return [eg.call_method("clone", (v,))]
+    return [v]
+
+
 def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
     def arg(a: fx.Node) -> fx.Node:
         if a not in env and a.op == "get_attr":
@@ -117,14 +131,7 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
             if any(side[u.name] == "cloud" for u in n.users):
                 crossing_nodes.append(n)
 
-    eg, cg = fx.Graph(), fx.Graph()
-    eenv: dict[fx.Node, fx.Node] = {}
-    for n in gm.graph.nodes:
-        if side[n.name] == "end" and n.op != "output":
-            _copy_into(eg, n, eenv)
-
     crossings: list[Crossing] = []
-    payload: list[fx.Node] = []
     for n in crossing_nodes:
         info = n.meta["coach"]
         owner = groups.get(n.name, n.name)
@@ -137,17 +144,39 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
         kind = "raw" if not is_float or b >= 32 else "quant"
         if is_float and b not in (2, 3, 4, 5, 6, 8, 16, 32):
             raise ValueError(f"partition: bits for {owner} must be one of 2,3,4,5,6,8,16,32; got {b}")
-        c = Crossing(n.name, owner, kind, b if kind != "raw" else 32, info["shape"], info["dtype"])
-        crossings.append(c)
-        v = eenv[n]
-        if mode == "train" and kind != "raw":
-            payload.append(eg.call_function(_ops.fake_quantize.default, (v, b)))
-        elif kind == "quant":
-            q = eg.call_function(_ops.quantize.default, (v, b))
-            codes, scale, zp = (eg.call_function(operator.getitem, (q, i)) for i in range(3))
-            payload += [eg.call_function(_ops.pack.default, (codes, b)), scale, zp]
-        else:
-            payload.append(v)
+        crossings.append(Crossing(n.name, owner, kind, b if kind != "raw" else 32, info["shape"],
+                                  info["dtype"]))
+
+    # An end-side in-place op (relu_, +=) may change a crossing tensor after it was made; the
+    # cloud must see it as its readers would have in the original graph: capture it just
+    # before the first such change that follows the last cloud reader.
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    capture_before: dict[fx.Node, str] = {}   # end node -> crossing captured just before it
+    for n, c in zip(crossing_nodes, crossings):
+        readers = [order[u] for u in n.users if side[u.name] == "cloud"]
+        changes = [m for m in n.users if side[m.name] == "end" and mutated_input(m) is n]
+        first_r, last_r = min(readers), max(readers)
+        if any(first_r < order[m] < last_r for m in changes):
+            raise NotImplementedError(
+                f"partition: {n.name} is modified in place on the end ({changes[0].name}) between "
+                "its cloud readers; cut elsewhere")
+        later = [m for m in changes if order[m] > last_r]
+        if later:
+            capture_before[min(later, key=order.get)] = c.name
+
+    eg, cg = fx.Graph(), fx.Graph()
+    eenv: dict[fx.Node, fx.Node] = {}
+    sent: dict[str, list[fx.Node]] = {}
+    by_name = {c.name: (n, c) for n, c in zip(crossing_nodes, crossings)}
+    for n in gm.graph.nodes:
+        if side[n.name] == "end" and n.op != "output":
+            if n in capture_before:
+                v, c = by_name[capture_before[n]]
+                sent[c.name] = _emit(eg, eenv[v], c, mode, copy=True)
+            _copy_into(eg, n, eenv)
+    payload: list[fx.Node] = []
+    for n, c in zip(crossing_nodes, crossings):
+        payload += sent.get(c.name) or _emit(eg, eenv[n], c, mode)
 
     boundary = Boundary(tuple(crossings), end_only)
     if end_only:

@@ -114,3 +114,36 @@ def test_end_half_exports():
     got = ep.module()(x)
     want = e(x)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+class MutatesAfterCloudReader(nn.Module):
+    """`h.relu_()` on the end after the cloud has (in graph order) read h."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.cloud_head = nn.Conv2d(4, 4, 1)
+        self.end_branch = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        a = self.cloud_head(h)
+        h.relu_()
+        b = self.end_branch(h)
+        return a + b
+
+
+def test_in_place_ops_survive_capture_and_split():
+    m = MutatesAfterCloudReader().eval()
+    x = torch.randn(1, 3, 6, 6)
+    gm, _, dag = prepare(m, (x,), S)
+    assert "relu_" in dag.nodes                       # not dropped as dead code
+    assert "relu_" in dag.preds("end_branch")         # reads h after the change: follows it
+    end = dag.ancestors(["end_branch"])
+    for mode in ("deploy", "train"):
+        e, c, b = partition(gm, end, {}, mode=mode)
+        with torch.no_grad():
+            assert torch.allclose(c(*e(x)), m(x), atol=1e-6)
+    e, c, b = partition(gm, end, {"c1": 8})
+    with torch.no_grad():
+        assert ((c(*e(x)) - m(x)).norm() / m(x).norm()) < 0.03
