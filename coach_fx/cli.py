@@ -164,9 +164,17 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.link == "tcp":
         from coach_fx.runtime.tcp import connect
 
-        def dial() -> object:
-            return connect(a.host, a.port, token=a.token, timeout_s=a.timeout, shape=shape)
-        ep = dial() if not a.fallback else None
+        def dial(retry_for: float = 0.0) -> object:
+            return connect(a.host, a.port, token=a.token, timeout_s=a.timeout, shape=shape,
+                           retry_for=retry_for)
+        # wait for the cloud to come up (it listens once its half is loaded), so that the
+        # end half is timed for the emulation while the host is quiet
+        try:
+            ep = dial(retry_for=a.timeout)
+        except Exception:  # noqa: BLE001
+            if not a.fallback:
+                raise
+            ep = None
         reconnect = dial
     else:
         ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
