@@ -80,15 +80,6 @@ class Plan:
             return (self.latency, self.period)
         return (self.period, self.latency)
 
-    def summary(self) -> dict:
-        bits = sorted(set(self.bits.values()))
-        return {"strategy": self.strategy, "end nodes": len(self.end_nodes),
-                "crossing": len(self.cut), "bits": "/".join(map(str, bits)) or "-",
-                "KB sent": self.bytes_sent / 1e3, "T_end ms": self.t_end * 1e3,
-                "T_link ms": self.t_link * 1e3, "T_cloud ms": self.t_cloud * 1e3,
-                "latency ms": self.latency * 1e3, "period ms": self.period * 1e3,
-                "throughput /s": self.throughput, "bubble": self.bubble_ratio}
-
 
 def plan_bits(dag: LayerDAG, cut: Iterable[str], bits: int | Mapping[str, int],
               input_bits: int | None = None) -> dict[str, int]:

@@ -9,7 +9,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,9 +51,6 @@ class Network:
         if mean <= 0:
             raise ValueError(f"trace {path} has mean rate 0")
         return cls(uplink_mbps=mean, downlink_mbps=downlink_mbps, rtt_ms=rtt_ms, trace=trace)
-
-    def with_uplink(self, mbps: float) -> "Network":
-        return replace(self, uplink_mbps=mbps, trace=None)
 
     @property
     def down_mbps(self) -> float:

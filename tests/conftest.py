@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,13 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

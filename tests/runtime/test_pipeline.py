@@ -1,6 +1,5 @@
 """The in-process pipeline, and the same plan run for real in two processes over gloo."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -85,14 +84,6 @@ def test_cloud_failure_reaches_the_end_side():
     cloud.join(1)
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _coach(*args):
     return [COACH, *map(str, args)]
 
@@ -116,9 +107,9 @@ def test_save_loads_each_half_alone(saved):
     assert sum(p.numel() for p in end.module.parameters()) < sum(p.numel() for p in cm.gm.parameters())
 
 
-def test_two_processes_over_gloo_match_in_process(saved, tmp_path):
+def test_two_processes_over_gloo_match_in_process(saved, tmp_path, free_port):
     cm, d = saved
-    port = _free_port()
+    port = free_port
     frames = make_frames(load_half(d, "end").input_specs, 6, seed=3)
     want, _ = cm.stream(frames)
     serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30, "--link", "gloo"),
@@ -139,9 +130,9 @@ def test_two_processes_over_gloo_match_in_process(saved, tmp_path):
         serve.kill()
 
 
-def test_killed_cloud_gives_clear_error_within_timeout(saved):
+def test_killed_cloud_gives_clear_error_within_timeout(saved, free_port):
     cm, d = saved
-    port = _free_port()
+    port = free_port
     serve = subprocess.Popen(_coach("serve", d, "--port", port, "--slowdown", 50, "--link", "gloo"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -3,7 +3,6 @@ hostile bytes on the wire. Every request gets exactly one result, in order."""
 
 import ast
 import logging
-import socket
 import struct
 import subprocess
 import sys
@@ -60,14 +59,6 @@ def check_exactly_once(frames, results, m, allow_failed=False):
             assert torch.allclose(r[0], want[0], atol=2e-2) and torch.allclose(r[1], want[1], rtol=2e-2, atol=2e-2)
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _serve(d, port):
     return subprocess.Popen([COACH, "serve", str(d), "--port", str(port),
                              "--token", TOKEN, "--timeout", "10"],
@@ -75,10 +66,10 @@ def _serve(d, port):
 
 
 @pytest.mark.parametrize("fallback", ["local", "error"])
-def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback):
+def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
     cm, m = compiled()
     cm.save(tmp_path)
-    port = _free_port()
+    port = free_port
     serve = _serve(tmp_path, port)
     frames = [torch.randn(1, 3, 8, 8) for _ in range(250)]
     shape = Trace.constant(0.5)   # ~1.7 KB a message: ~30 ms each, the stream takes ~5 s
