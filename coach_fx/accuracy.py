@@ -1,8 +1,8 @@
 """Accuracy of a candidate cut with quantized crossing tensors, for the bit search.
 
-Only the crossing tensors are fake-quantized (``passes.partition`` in ``mode="train"``: the
-same quantizer as deployment, no packing), calibration data is run in batches, and results
-are memoized by (crossing set, bits). Three modes, chosen from ``Settings.calibration``:
+Only the crossing tensors are fake-quantized (the same quantizer as deployment, no packing;
+each sample on its own, as each request is quantized when deployed), calibration data is run
+in batches, and results are memoized by (crossing set, bits). Three modes, chosen from ``Settings.calibration``:
 
 * ``(inputs, labels)`` -> **labels**: top-1 accuracy drop against the unquantized model <= budget;
 * ``inputs`` alone (or ``(inputs, None)``) -> **agreement**: 1 - top-1 agreement with the
@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from coach_fx.graph import LayerDAG
 from coach_fx.passes.annotate import _tensors
+from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.passes.partition import partition
 from coach_fx.plan import plan_bits
 from coach_fx.settings import Settings
@@ -34,7 +35,6 @@ from coach_fx.settings import Settings
 #: Keep the reference run's activations for reuse up to this many bytes.
 ACTIVATION_CACHE_BYTES = 1 << 30
 
-_ops = torch.ops.coach
 
 
 class _Recorder(fx.Interpreter):
@@ -88,6 +88,11 @@ class AccuracyOracle:
         ex = example_inputs[0] if example_inputs else None
         static = gm.meta.get("coach_capture") != "symbolic_trace"
         self.batch = (ex.shape[0] if static and isinstance(ex, torch.Tensor) and ex.dim() else batch_size)
+        #: samples per request, as the model was compiled for (the example input's batch):
+        #: each request's crossing tensors are quantized together, as deployed
+        self.request = ex.shape[0] if isinstance(ex, torch.Tensor) and ex.dim() else 1
+        if self.batch % self.request:
+            self.batch = max(self.request, self.batch - self.batch % self.request)
         self.n = n
         self.evals = 0
         self._cache: dict[tuple, float] = {}
@@ -127,14 +132,21 @@ class AccuracyOracle:
         return out
 
     def _run_split(self, end_nodes: Iterable[str], bits: dict[str, int]) -> torch.Tensor:
+        # Each calibration sample's crossing tensors are quantized on their own, as each
+        # request is when deployed (one scale per tensor per request, not per batch).
         e, c, boundary = partition(self.gm, set(end_nodes), bits, mode="train")
         if self._acts is None:
-            return self._run(lambda *xs: c(*_as_tuple(e(*xs))))
+            e32, c32, _ = partition(self.gm, set(end_nodes), {})
+            def run(*xs: Any) -> Any:
+                vals = _as_tuple(e32(*xs))
+                return c32(*[fake_quantize_per_sample(v, x.bits, self.request) if x.kind == "quant" else v
+                             for v, x in zip(vals, boundary.crossings)])
+            return self._run(run)
         outs = []
         with torch.no_grad():
             for acts in self._acts:
                 # fresh tensors each time: the cloud half may modify its inputs in place
-                payload = [_ops.fake_quantize(acts[x.name], x.bits) if x.kind == "quant"
+                payload = [fake_quantize_per_sample(acts[x.name], x.bits, self.request) if x.kind == "quant"
                            else _fresh(acts[x.name]) for x in boundary.crossings]
                 outs.append(_flat_output(c(*payload)))
         return torch.cat(outs)

@@ -147,7 +147,8 @@ class CompiledModel(nn.Module):
             self.check_inputs(f)
         if self.boundary.end_only:
             with torch_threads(self.settings.threads):
-                outs, stats = run_local(self.end_module, frames, self.settings.end.slowdown)
+                outs, stats = run_local(self.end_module, frames, self.settings.end.slowdown,
+                                        self.plan.extra.get("end_host_s"))
             stats.predicted = self.predicted()
             return outs, stats
         with torch_threads(self.settings.threads):
@@ -156,7 +157,7 @@ class CompiledModel(nn.Module):
     def _stream(self, frames: list[tuple], pipelined: bool, link: Any, timeout_s: float,
                 queue_size: int) -> tuple[list[Any], Any]:
         from coach_fx.runtime.link import InProcessLink
-        from coach_fx.runtime.pipeline import CloudWorker, EndWorker
+        from coach_fx.runtime.pipeline import CloudWorker, EndWorker, run_session
 
         link = link or InProcessLink.for_network(self.settings.network)
         cloud = CloudWorker(self.cloud_module, self.boundary, link.cloud,
@@ -166,14 +167,7 @@ class CompiledModel(nn.Module):
         end = EndWorker(self.end_module, self.boundary, link.end, self.out_spec,
                         slowdown=self.settings.end.slowdown, queue_size=queue_size, timeout_s=timeout_s,
                         reference_s=ref)
-        try:
-            return end.run(frames, pipelined=pipelined, predicted=self.predicted())
-        finally:
-            try:
-                end.close()
-            except Exception:  # noqa: BLE001 - the link may already be down
-                pass
-            cloud.join(1.0)
+        return run_session(end, cloud, frames, pipelined=pipelined, predicted=self.predicted())
 
     def save(self, path: str, whole: bool = False) -> str:
         """Write the plan and each half on its own (``coach serve DIR`` / ``coach run DIR``);
@@ -224,9 +218,13 @@ class CompiledModel(nn.Module):
         from coach_fx.runtime.wire import decode, encode
 
         p = self.plan
-        if self.boundary.end_only:
-            return p
         x = self.example_inputs
+        if self.boundary.end_only:   # the whole model on the end device
+            with torch.no_grad(), torch_threads(self.settings.threads):
+                t_end = _median_time(lambda: self.end_module(*x), repeat)
+            p.extra.update(model_t_end=p.t_end, calibrated=True, end_host_s=t_end)
+            p.t_end = t_end * self.settings.end.slowdown
+            return p
         with torch.no_grad(), torch_threads(self.settings.threads):
             def end() -> bytes:
                 return encode(0, payload_to_entries(self.boundary, self.end_module(*x)))

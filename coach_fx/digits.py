@@ -66,14 +66,34 @@ class DigitsNet(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def digits_splits(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """((x_train, y_train), (x_calib, y_calib), (x_test, y_test)); x in [0, 1], shape (N,1,8,8)."""
+class CameraDigitsNet(DigitsNet):
+    """The digits network for camera-sized frames: the 8x8 digit seen as a 32x32 frame
+    (bilinear upsampling), with a strided stem and a pool that bring it back to 8x8.
+
+    An edge-style front end: the features after the stem (16x8x8) are smaller than the frame
+    at few bits, so a cut there is worth it on a slow link; the 8x8 model's raw input (64
+    bytes) is smaller than any of its features, so every plan for it sends the input.
+    """
+
+    input_shape = (1, 32, 32)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def digits_splits(seed: int = 0, frame: int = 8) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """((x_train, y_train), (x_calib, y_calib), (x_test, y_test)); x in [0, 1], shape
+    (N, 1, frame, frame) (``frame`` > 8: the digits upsampled bilinearly, as a camera sees them)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("the digits model needs scikit-learn (pip install 'coach-fx[test]')") from e
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if frame != 8:
+        x = nn.functional.interpolate(x, size=(frame, frame), mode="bilinear", align_corners=False)
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
@@ -81,15 +101,23 @@ def digits_splits(seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], ...
     return (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:])
 
 
-def _cache_path() -> Path:
+def _cache_path(frame: int = 8) -> Path:
     root = Path(os.environ.get("COACH_CACHE", Path.home() / ".cache" / "coach_fx"))
-    return root / "digits_net_v1.npz"
+    return root / ("digits_net_v1.npz" if frame == 8 else f"digits_net_{frame}px_v1.npz")
 
 
-def train_digits_model(epochs: int = 20, seed: int = 0) -> DigitsNet:
+def _net(frame: int) -> DigitsNet:
+    if frame == 8:
+        return DigitsNet()
+    if frame == 32:
+        return CameraDigitsNet()
+    raise ValueError(f"digits model: frame must be 8 or 32, got {frame}")
+
+
+def train_digits_model(epochs: int = 20, seed: int = 0, frame: int = 8) -> DigitsNet:
     torch.manual_seed(seed)
-    (xtr, ytr), _, _ = digits_splits()
-    model = DigitsNet()
+    (xtr, ytr), _, _ = digits_splits(frame=frame)
+    model = _net(frame)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -104,16 +132,17 @@ def train_digits_model(epochs: int = 20, seed: int = 0) -> DigitsNet:
     return model.eval()
 
 
-def load_digits_model() -> DigitsNet:
-    """The trained model (trained once, then loaded from the on-disk cache)."""
-    path = _cache_path()
-    model = DigitsNet()
+def load_digits_model(frame: int = 8) -> DigitsNet:
+    """The trained model for ``frame`` x ``frame`` inputs (8: the digits as they are; 32:
+    :class:`CameraDigitsNet`), trained once, then loaded from the on-disk cache."""
+    path = _cache_path(frame)
+    model = _net(frame)
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
             state = {k: torch.from_numpy(z[k]) for k in z.files}
         model.load_state_dict(state)
         return model.eval()
-    model = train_digits_model()
+    model = train_digits_model(frame=frame)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **{k: v.detach().numpy() for k, v in model.state_dict().items()})

@@ -1,4 +1,5 @@
-"""Model specs for the CLI and benchmarks: ``torchvision:NAME`` or ``package.module:callable``.
+"""Model specs for the CLI and benchmarks: ``torchvision:NAME``, ``digits`` (``digits:32``: camera-sized
+frames) or ``package.module:callable``.
 
 Random weights only: nothing is downloaded.
 """
@@ -18,6 +19,8 @@ _TV_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": False},
 def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
     """(model in eval mode, input shape without batch) for ``spec``."""
     torch.manual_seed(seed)
+    if spec in ("digits", "digits:"):
+        spec = "digits:8"
     if ":" not in spec:
         spec = "torchvision:" + spec
     source, name = spec.split(":", 1)
@@ -37,7 +40,8 @@ def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
         return model.eval(), (3, size, size)
     if source == "digits":
         from coach_fx.digits import load_digits_model
-        return load_digits_model(), (1, 8, 8)
+        frame = int(name) if name.isdigit() else 8
+        return load_digits_model(frame), (1, frame, frame)
     module = importlib.import_module(source)
     fn = getattr(module, name)
     model = fn() if callable(fn) and not isinstance(fn, nn.Module) else fn

@@ -56,10 +56,9 @@ def _qparams(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return scale, zero
 
 
-@torch.library.custom_op("coach::quantize", mutates_args=())
-def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-tensor quantization; returns (codes, scale, zero_point): uint8 codes for bits <= 8
-    (uniform affine), float16 codes for 16."""
+def quantize_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The body of ``coach::quantize`` as a plain function (the runtime calls it per request
+    without the dispatcher's overhead; the graphs call the op)."""
     _check_bits(bits)
     if bits == 16:
         # A power of two (exact to apply) that puts the largest magnitude near 2**14: half's
@@ -72,20 +71,34 @@ def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(torch.uint8), scale, zero
 
 
+@torch.library.custom_op("coach::quantize", mutates_args=())
+def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-tensor quantization; returns (codes, scale, zero_point): uint8 codes for bits <= 8
+    (uniform affine), float16 codes for 16."""
+    return quantize_impl(x, bits)
+
+
 @quantize.register_fake
 def _(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     return (x.new_empty(x.shape, dtype=torch.float16 if bits == 16 else torch.uint8), x.new_empty((), dtype=torch.float32),
             x.new_empty((), dtype=torch.int32))
 
 
-@torch.library.custom_op("coach::dequantize", mutates_args=())
-def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
-               dtype: torch.dtype) -> Tensor:
-    """Inverse of ``quantize``: ``(codes - zero_point) * scale`` in ``dtype``."""
+def dequantize_impl(codes: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+                    dtype: torch.dtype) -> Tensor:
+    """The body of ``coach::dequantize`` as a plain function (the runtime calls it per request
+    without the dispatcher's overhead; the graphs call the op)."""
     _check_bits(bits)
     if bits == 16:
         return (codes.float() * scale).to(dtype)
     return ((codes.to(torch.int32) - zero_point).float() * scale).to(dtype)
+
+
+@torch.library.custom_op("coach::dequantize", mutates_args=())
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+               dtype: torch.dtype) -> Tensor:
+    """Inverse of ``quantize``: ``(codes - zero_point) * scale`` in ``dtype``."""
+    return dequantize_impl(codes, scale, zero_point, bits, dtype)
 
 
 @dequantize.register_fake
@@ -97,9 +110,9 @@ def _shifts(bits: int, device: torch.device) -> Tensor:
     return torch.arange(bits, device=device, dtype=torch.uint8)
 
 
-@torch.library.custom_op("coach::pack", mutates_args=())
-def pack(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes of ``bits`` bits each into ``ceil(numel*bits/8)`` bytes (LSB first)."""
+def pack_impl(codes: Tensor, bits: int) -> Tensor:
+    """The body of ``coach::pack`` as a plain function (the runtime calls it per request
+    without the dispatcher's overhead; the graphs call the op)."""
     _check_bits(bits)
     if bits == 16:
         return codes.reshape(-1).to(torch.float16).view(torch.uint8).clone()
@@ -114,15 +127,21 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return (stream.reshape(-1, 8) << _shifts(8, flat.device)).sum(1, dtype=torch.uint8)
 
 
+@torch.library.custom_op("coach::pack", mutates_args=())
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes of ``bits`` bits each into ``ceil(numel*bits/8)`` bytes (LSB first)."""
+    return pack_impl(codes, bits)
+
+
 @pack.register_fake
 def _(codes: Tensor, bits: int) -> Tensor:
     n = codes.numel()
     return codes.new_empty(((n * bits + 7) // 8,), dtype=torch.uint8)
 
 
-@torch.library.custom_op("coach::unpack", mutates_args=())
-def unpack(packed: Tensor, bits: int, shape: list[int]) -> Tensor:
-    """Inverse of ``pack``: the uint8 codes, reshaped to ``shape``."""
+def unpack_impl(packed: Tensor, bits: int, shape: list[int]) -> Tensor:
+    """The body of ``coach::unpack`` as a plain function (the runtime calls it per request
+    without the dispatcher's overhead; the graphs call the op)."""
     _check_bits(bits)
     numel = math.prod(shape)
     if packed.numel() != packed_nbytes(numel, bits):
@@ -135,6 +154,12 @@ def unpack(packed: Tensor, bits: int, shape: list[int]) -> Tensor:
     stream = ((packed.unsqueeze(1) >> _shifts(8, packed.device)) & 1).reshape(-1)[: numel * bits]
     codes = (stream.reshape(numel, bits) << _shifts(bits, packed.device)).sum(1, dtype=torch.uint8)
     return codes.reshape(shape)
+
+
+@torch.library.custom_op("coach::unpack", mutates_args=())
+def unpack(packed: Tensor, bits: int, shape: list[int]) -> Tensor:
+    """Inverse of ``pack``: the uint8 codes, reshaped to ``shape``."""
+    return unpack_impl(packed, bits, shape)
 
 
 @unpack.register_fake
@@ -170,3 +195,29 @@ fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
 def roundtrip(x: Tensor, bits: int) -> Tensor:
     """What the cloud sees of ``x`` sent with ``bits`` bits (eager helper for tests)."""
     return x if bits >= 32 else fake_quantize(x, bits)
+
+
+def fake_quantize_per_sample(x: Tensor, bits: int, group: int = 1) -> Tensor:
+    """Each request of a batch quantized on its own, then dequantized: what ``quantize`` ->
+    ``dequantize`` give every request of ``group`` samples (dim 0), for a whole calibration
+    batch at once (a scale shared by the batch would be coarser or finer than any request's)."""
+    if bits >= 32 or not x.is_floating_point() or x.dim() == 0:
+        return x
+    _check_bits(bits)
+    n = x.shape[0]
+    if group > 1 and n % group:
+        cut = n - n % group
+        return torch.cat([fake_quantize_per_sample(x[:cut], bits, group),
+                          fake_quantize_per_sample(x[cut:], bits, n % group)])
+    flat = x.detach().reshape(n // max(group, 1), -1).float()
+    if bits == 16:
+        amax = flat.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+        scale = torch.exp2(torch.ceil(torch.log2(amax)) - 14)[:, None]
+        return ((flat / scale).half().float() * scale).to(x.dtype).reshape(x.shape)
+    qmax = (1 << bits) - 1
+    lo = flat.amin(1).clamp(max=0.0)
+    hi = flat.amax(1).clamp(min=0.0)
+    scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny * 1e6)[:, None]
+    zero = torch.round(-lo[:, None] / scale).clamp(0, qmax)
+    q = torch.clamp(torch.round(flat / scale) + zero, 0, qmax)
+    return ((q - zero) * scale).to(x.dtype).reshape(x.shape)

@@ -10,8 +10,8 @@ hits (``audit_rate``) is still sent to the cloud; when the cloud disagrees, the 
 is dropped and the right one learns the sample. The cache never answers for a class it has
 not seen confirmed.
 
-The end worker's use of it and the online benchmark are still to come; this module is the
-data structure and its calibration.
+``runtime.online.OnlinePolicy`` uses it per request in the end worker; ``coach_fx.online``
+calibrates it (thresholds on a replayed calibration stream, similarity bands to bits).
 
 Example::
 
@@ -27,19 +27,59 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 
-def pooled_features(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One normalized vector per sample: each tensor averaged over its spatial dims, joined."""
+def pooled_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarray:
+    """One normalized vector per sample: each tensor average-pooled over its spatial dims
+    (to ``grid`` x ``grid`` cells for images: 2 keeps the coarse layout that tells a 6 from a
+    9, which a global mean loses), each part normalized, then joined.
+
+    numpy, not torch: on a slow end device torch's per-op overhead would cost more than the
+    arithmetic on these few small tensors (it is paid on every request).
+    """
     parts = []
     for t in tensors:
-        t = t.detach().float()
-        if t.dim() > 2:
-            t = t.flatten(2).mean(2)
-        parts.append(t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1))
-    v = torch.cat(parts, dim=1)
-    return torch.nn.functional.normalize(v, dim=1).squeeze(0)
+        a = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
+        if a.ndim == 4 and grid > 1:
+            n, c, h, w = a.shape
+            if h % grid == 0 and w % grid == 0:
+                a = a.reshape(n, c, grid, h // grid, grid, w // grid).mean(axis=(3, 5))
+            else:
+                a = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(a), grid).numpy()
+            a = a.reshape(n, -1)
+        elif a.ndim > 2:
+            a = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2)
+        a = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
+        parts.append(a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12))
+    v = np.concatenate(parts, axis=1)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return v[0] if v.shape[0] == 1 else v
+
+
+def _vec_rows(feats: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(feats, torch.Tensor):
+        feats = feats.detach().cpu().numpy()
+    return np.asarray(feats, dtype=np.float64)
+
+
+def locality_stream(labels: torch.Tensor, n: int, mean_run: float = 10.0, seed: int = 0) -> list[int]:
+    """Indices of ``n`` samples forming a stream with temporal locality: a class persists for a
+    geometric number of frames (mean ``mean_run``), each frame a random sample of that class."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels.tolist()):
+        by_class.setdefault(int(c), []).append(i)
+    classes = sorted(by_class)
+    out: list[int] = []
+    while len(out) < n:
+        c = rng.choice(classes)
+        run = 1
+        while rng.random() > 1.0 / mean_run:
+            run += 1
+        out += [rng.choice(by_class[c]) for _ in range(run)]
+    return out[:n]
 
 
 @dataclass
@@ -54,14 +94,22 @@ class Lookup:
 
 @dataclass
 class _Center:
-    total: torch.Tensor
+    total: np.ndarray
     count: int
     score: float
     last: int
 
     @property
-    def vector(self) -> torch.Tensor:
-        return torch.nn.functional.normalize(self.total, dim=0)
+    def vector(self) -> np.ndarray:
+        return self.total / max(float(np.linalg.norm(self.total)), 1e-12)
+
+
+def _vec(feat: torch.Tensor | np.ndarray) -> np.ndarray:
+    # numpy for the per-request arithmetic on a few short vectors: torch's per-op overhead
+    # would be most of a lookup, on the end device and in the calibration's replays
+    if isinstance(feat, torch.Tensor):
+        feat = feat.detach().cpu().numpy()
+    return np.asarray(feat, dtype=np.float64).reshape(-1)
 
 
 class SemanticCache:
@@ -75,37 +123,46 @@ class SemanticCache:
         self.rng = random.Random(seed)
         self.t = 0
         self.hits = self.lookups = self.corrections = self.evictions = 0
+        self._matrix: tuple[list[int], np.ndarray] | None = None
 
-    def lookup(self, feat: torch.Tensor) -> Lookup:
+    def _centers(self) -> tuple[list[int], np.ndarray]:
+        if self._matrix is None:
+            labels = list(self.centers)
+            self._matrix = (labels, np.stack([self.centers[c].vector for c in labels]))
+        return self._matrix
+
+    def lookup(self, feat: torch.Tensor | np.ndarray) -> Lookup:
         self.lookups += 1
         if not self.centers:
             return Lookup(None, None, 0.0, 0.0, False)
-        labels = list(self.centers)
-        sims = torch.stack([self.centers[c].vector for c in labels]) @ feat
-        order = torch.argsort(sims, descending=True)
-        top = float(sims[order[0]])
-        second = float(sims[order[1]]) if len(labels) > 1 else -1.0
-        best = labels[int(order[0])]
+        labels, m = self._centers()
+        sims = m @ _vec(feat)
+        i = int(np.argmax(sims))
+        top = float(sims[i])
+        second = float(np.max(np.delete(sims, i))) if len(labels) > 1 else -1.0
+        best = labels[i]
         hit = top >= self.sim_threshold and top - second >= self.margin
         if not hit:
             return Lookup(None, best, top, top - second, False)
         self.hits += 1
         return Lookup(best, best, top, top - second, True, self.rng.random() < self.audit_rate)
 
-    def confirm(self, feat: torch.Tensor, label: int) -> None:
+    def confirm(self, feat: torch.Tensor | np.ndarray, label: int) -> None:
         """Learn from a label the cloud returned."""
         self.t += 1
+        self._matrix = None
         for c in self.centers.values():
             c.score *= self.decay
         c = self.centers.get(label)
+        v = _vec(feat)
         if c is None:
             if len(self.centers) >= self.capacity:
                 victim = min(self.centers, key=lambda k: (self.centers[k].score, self.centers[k].last))
                 del self.centers[victim]
                 self.evictions += 1
-            self.centers[label] = _Center(feat.clone(), 1, 1.0, self.t)
+            self.centers[label] = _Center(v.copy(), 1, 1.0, self.t)
             return
-        c.total += feat
+        c.total += v
         c.count += 1
         c.score += 1.0
         c.last = self.t
@@ -118,6 +175,7 @@ class SemanticCache:
             return True
         self.corrections += 1
         self.centers.pop(cached, None)
+        self._matrix = None
         self.confirm(feat, cloud)
         return False
 
@@ -127,7 +185,7 @@ class SemanticCache:
                   margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15)) -> tuple[float, float, float]:
         """(sim_threshold, margin, hit rate) that maximize hits while the share of samples a
         hit would answer wrongly stays within ``budget``; centers from the same samples'
-        labels (the cloud's answers on calibration data)."""
+        labels (the cloud's answers on calibration data), every class present."""
         classes = sorted(set(labels.tolist()))
         centers = torch.stack([torch.nn.functional.normalize(feats[labels == c].mean(0), dim=0)
                                for c in classes])
@@ -144,3 +202,83 @@ class SemanticCache:
                 if (hit & wrong).float().mean().item() <= budget and hit.float().mean().item() > best[2]:
                     best = (st, mg, hit.float().mean().item())
         return best
+
+    def replay(self, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int]) -> tuple[int, int]:
+        """Run ``stream`` (sample indices) through this cache as the end worker would: misses
+        and audits learn the label; returns (hits, wrong hits)."""
+        hits = wrong = 0
+        feats = _vec_rows(feats)
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        for i in stream:
+            f, y = feats[i], int(labels[i])
+            r = self.lookup(f)
+            if r.hit:
+                hits += 1
+                wrong += r.label != y
+                if r.audit:
+                    self.audit(f, r.label, y)
+            else:
+                self.confirm(f, y)
+        return hits, wrong
+
+    @classmethod
+    def calibrate_on_stream(cls, feats: torch.Tensor, labels: torch.Tensor,
+                            streams: Sequence[Sequence[int]], budget: float, capacity: int = 16,
+                            audit_rate: float = 0.1, max_hit_error: float = 0.01,
+                            sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
+                            margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
+                            ) -> tuple[float, float, float]:
+        """(sim_threshold, margin, hit rate) that maximize hits on replayed calibration streams
+        while wrong hits stay within ``budget`` of the frames of *every* stream.
+
+        Replaying streams through a cache of the deployed capacity matters: with few classes
+        cached the top-1/top-2 margin is taken among them only, so a sample of an uncached
+        class can look confident; calibrating with every class's center present would not see
+        those wrong hits. Give streams drawn from disjoint parts of the calibration data:
+        thresholds that pass on each are less fitted to the few samples a stream repeats.
+        Besides the budget (one wrong hit more than seen must still fit), at most
+        ``max_hit_error`` of the hits may be wrong: features that tell classes apart poorly
+        should not answer at all. ``labels``: the cloud's answers (the model's predictions).
+        """
+        best = (1.0, 1.0, 0.0)
+        total = sum(len(s) for s in streams)
+        feats, labels = _vec_rows(feats), labels.tolist()
+        for mg in margins:
+            for st in sorted(sims, reverse=True):   # strictest first
+                hits = wrong = 0
+                fail = False
+                for stream in streams:
+                    h, w = cls(st, mg, capacity, audit_rate).replay(feats, labels, stream)
+                    hits, wrong = hits + h, wrong + w
+                    fail = fail or w + 1 > budget * len(stream)
+                if fail:
+                    break       # looser thresholds only add wrong hits
+                if wrong + 1 <= max_hit_error * hits and hits / total > best[2]:
+                    best = (st, mg, hits / total)
+        return best
+
+    @staticmethod
+    def similarity_bits(similarity: torch.Tensor, agrees: dict[int, torch.Tensor], min_bits: int,
+                        budget: float, edges: Sequence[float] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8),
+                        min_samples: int = 20) -> list[tuple[float, int]]:
+        """Similarity bands -> bits below ``min_bits`` that stay safe in that band.
+
+        ``similarity``: each calibration sample's top-1 similarity to the class centers;
+        ``agrees[b]``: whether the cloud's answer with ``b`` bits equals the unquantized one,
+        per sample. A band [edge, 1] gets the fewest bits whose disagreement among its samples
+        stays within ``budget``; returned as (edge, bits), highest edge first, only where that
+        is below ``min_bits``.
+        """
+        out: list[tuple[float, int]] = []
+        for edge in sorted(edges, reverse=True):
+            m = similarity >= edge
+            if int(m.sum()) < min_samples:
+                continue
+            ok = [b for b in sorted(agrees) if b < min_bits
+                  and 1.0 - agrees[b][m].float().mean().item() <= budget]
+            # the fewest bits from which every width up to min_bits passes (as for min_bits:
+            # one lucky width below a failing one is noise, not safety)
+            safe = [b for b in ok if all(w in ok for w in agrees if b <= w < min_bits)]
+            if safe:
+                out.append((edge, min(safe)))
+        return out

@@ -14,7 +14,10 @@ import torch
 
 from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.partition import Boundary
+from coach_fx.passes.ops import QUANT_BITS, dequantize_impl, pack_impl, quantize_impl, unpack_impl
 from coach_fx.runtime.wire import QUANT, STATS, Entry, WireError
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def payload_to_entries(boundary: Boundary, payload: Sequence[Any]) -> list[Entry]:
@@ -30,7 +33,14 @@ def payload_to_entries(boundary: Boundary, payload: Sequence[Any]) -> list[Entry
     return entries
 
 
-def entries_to_payload(boundary: Boundary, entries: Sequence[Entry]) -> tuple:
+def entries_to_payload(boundary: Boundary, entries: Sequence[Entry],
+                       accept_quantized: bool = False) -> tuple:
+    """The cloud half's inputs from a message's entries, checked against ``boundary``.
+
+    ``accept_quantized``: a float tensor the plan sends as is may come quantized with any bits
+    the boundary ops handle (the online controller picks them per request); it is unpacked
+    and dequantized here, before the cloud half runs.
+    """
     if len(entries) != len(boundary.crossings):
         raise WireError(f"message has {len(entries)} entries; this plan's cut sends "
                         f"{len(boundary.crossings)}")
@@ -42,16 +52,38 @@ def entries_to_payload(boundary: Boundary, entries: Sequence[Entry]) -> tuple:
                                 f"{tuple(c.shape)}, got {e.kind_name} {e.bits}-bit {e.dtype} {tuple(e.shape)}")
             out += [e.data, torch.tensor(e.scale, dtype=torch.float32),
                     torch.tensor(e.zero_point, dtype=torch.int32)]
+        elif e.kind == QUANT:
+            if not accept_quantized or c.shape is None or c.dtype not in _FLOATS:
+                raise WireError(f"entry for {c.name}: quantized, but this plan sends it as is")
+            out.append(_dequantized(c, e))
         else:
             v = e.value()
             if c.shape is not None and isinstance(v, torch.Tensor) and (
                     tuple(v.shape) != tuple(c.shape) or v.dtype != c.dtype):
                 raise WireError(f"entry for {c.name}: expected {c.dtype} of shape {tuple(c.shape)}, "
                                 f"got {v.dtype} {tuple(v.shape)}")
-            if e.kind == QUANT:
-                raise WireError(f"entry for {c.name}: quantized, but this plan sends it as is")
             out.append(v)
     return tuple(out)
+
+
+def _dequantized(c: Any, e: Entry) -> torch.Tensor:
+    if e.bits not in QUANT_BITS or tuple(e.shape) != tuple(c.shape) or e.dtype != c.dtype:
+        raise WireError(f"entry for {c.name}: expected a quantized {c.dtype} of shape "
+                        f"{tuple(c.shape)}, got {e.bits}-bit {e.dtype} {tuple(e.shape)}")
+    codes = unpack_impl(e.data, e.bits, list(c.shape))
+    return dequantize_impl(codes, torch.tensor(e.scale, dtype=torch.float32),
+                           torch.tensor(e.zero_point, dtype=torch.int32), e.bits, c.dtype)
+
+
+def quantized_entry(value: torch.Tensor, bits: int) -> Entry:
+    """``value`` as a message entry with ``bits`` (32: as it is), through the boundary ops."""
+    value = value.detach()
+    if bits >= 32 or not value.is_floating_point():
+        return Entry.of_value(value)
+    # the boundary ops' own code, called directly: per request the dispatcher's overhead
+    # would cost more than the arithmetic on a small tensor
+    codes, scale, zero = quantize_impl(value, bits)
+    return Entry.quantized(pack_impl(codes, bits), scale, zero, bits, tuple(value.shape), value.dtype)
 
 
 def output_to_entries(out: Any) -> tuple[list[Entry], Any]:
@@ -74,5 +106,5 @@ def stats_of(entries: Sequence[Entry]) -> list[float]:
     return []
 
 
-__all__ = ["payload_to_entries", "entries_to_payload", "output_to_entries", "entries_to_output",
+__all__ = ["payload_to_entries", "entries_to_payload", "quantized_entry", "output_to_entries", "entries_to_output",
            "stats_of"]

@@ -1,7 +1,7 @@
 """Online control (DESIGN.md §6): bandwidth estimate, per-request bits, plan switching.
 
-Pieces, each usable on its own (the end worker's integration and the online benchmark are
-still to come):
+Pieces, each usable on its own; ``runtime.online.OnlinePolicy`` joins them (and the semantic
+cache) per request in the end worker:
 
 * :class:`BandwidthEstimator`: bytes over receive duration of recent transfers (reported back
   by the cloud with each result), smoothed by a **harmonic mean** of the last ``window``
@@ -13,6 +13,8 @@ still to come):
   compute bottleneck (no link bubble), never below the accuracy-safe minimum found offline.
 * :class:`PlanSwitcher`: plans compiled for a few bandwidth bands; it switches band only
   after the estimate has stayed in another band for ``hold`` consecutive requests.
+* :class:`OnlineController`: the three together, per request, without tensors (the end
+  worker's policy and the simulator both run it).
 
 Example::
 
@@ -61,6 +63,10 @@ class CutProfile:
     n_tensors: int          # crossing values (each has a header on the wire)
     min_bits: int           # the accuracy-safe minimum found offline
     compute_s: float        # the compute bottleneck: max(T_end, T_cloud)
+    #: (bits, T_end, T_cloud) per bit width when quantizing costs differ by width (packing
+    #: 6 bits costs far more than 8 on a large tensor): bits are then chosen for the shortest
+    #: period, not only for the link
+    stage_s: tuple[tuple[int, float, float], ...] | None = None
 
     def message_bytes(self, bits: int) -> int:
         body = self.quant_numel * (4 if bits >= 32 else 2 if bits == 16 else 0)
@@ -77,16 +83,33 @@ class BitController:
 
     def __init__(self, profile: CutProfile, bits: Sequence[int] = (2, 3, 4, 5, 6, 8, 16, 32)) -> None:
         self.profile = profile
+        self.all_bits = sorted(bits)
         self.bits = sorted(b for b in bits if b >= profile.min_bits) or [profile.min_bits]
 
-    def choose(self, mbps: float | None, floor: int | None = None) -> int:
-        """Bits for the next request at estimated ``mbps`` (unknown: the safe minimum)."""
-        lo = max(self.profile.min_bits, floor or 0)
-        allowed = [b for b in self.bits if b >= lo] or [self.bits[-1]]
+    def choose(self, mbps: float | None, floor: int | None = None,
+               compute_s: float | None = None, headroom: float = 1.0) -> int:
+        """Bits for the next request at estimated ``mbps`` (unknown: the safe minimum).
+
+        ``floor`` replaces the accuracy-safe minimum for this request: the semantic cache lowers
+        it for a sample close to a known class (its similarity band's calibrated bits).
+        ``compute_s`` replaces the profile's compute bottleneck (measured while running).
+        """
+        lo = self.profile.min_bits if floor is None else floor
+        limit = (self.profile.compute_s if compute_s is None else compute_s) * headroom
+        allowed = [b for b in self.all_bits if b >= lo] or [self.all_bits[-1]]
         if mbps is None:
             return allowed[0]
+        stages = {b: (e, c) for b, e, c in self.profile.stage_s or ()}
+        if all(b in stages for b in allowed):
+            # the shortest period over the widths (link time with the headroom), and among
+            # those within 2 % of it the most bits
+            def period(b: int) -> float:
+                e, c = stages[b]
+                return max(e, c, self.profile.link_seconds(b, mbps) / headroom)
+            best = min(period(b) for b in allowed)
+            return max(b for b in allowed if period(b) <= 1.02 * best)
         for b in reversed(allowed):
-            if self.profile.link_seconds(b, mbps) <= self.profile.compute_s:
+            if self.profile.link_seconds(b, mbps) <= limit:
                 return b
         return allowed[0]
 
@@ -139,3 +162,66 @@ class PlanSwitcher:
             self.band, self._candidate, self._streak = self._candidate, None, 0
             self.switches += 1
         return self.plan
+
+
+class OnlineController:
+    """The per-request decisions of DESIGN.md §6 without any tensor: which plan, how many bits,
+    and what each result teaches. ``runtime.online.OnlinePolicy`` runs it in the end worker and
+    ``runtime.simulate`` in the discrete-event simulator, so both follow the same rules.
+
+    ``profiles``: plan id -> :class:`CutProfile`; ``edges_mbps`` / ``band_plans``: the bands
+    (``PlanSwitcher``); ``end_s``: plan id -> the end stage's time, used with the cloud's
+    reported compute time as the bottleneck the bits are sized against (``headroom`` keeps the
+    link a little under it: the estimate trails the link).
+    """
+
+    def __init__(self, profiles: dict[int, CutProfile], edges_mbps: Sequence[float] = (),
+                 band_plans: Sequence[int] | None = None, *, start: int = 0, adaptive: bool = True,
+                 switching: bool = True, hold: int = 5, window: int = 5, headroom: float = 0.9,
+                 end_s: dict[int, float] | None = None) -> None:
+        if start not in profiles:
+            raise ValueError(f"start plan {start} is not among the plans {sorted(profiles)}")
+        band_plans = list(band_plans) if band_plans is not None else [start] * (len(edges_mbps) + 1)
+        unknown = set(band_plans) - set(profiles)
+        if unknown:
+            raise ValueError(f"band plans {sorted(unknown)} are not among the plans")
+        self.profiles = profiles
+        self.switcher = PlanSwitcher(edges_mbps, band_plans, hold=hold,
+                                     start=band_plans.index(start) if start in band_plans else None) \
+            if switching and edges_mbps else None
+        self.current = start
+        self.adaptive, self.headroom = adaptive, headroom
+        self.estimator = BandwidthEstimator(window)
+        self.bit_controllers = {k: BitController(p) for k, p in profiles.items()}
+        self.end_s = dict(end_s or {})
+        self.cloud_s: dict[int, float] = {}
+
+    def bits(self, plan: int, floor: int | None = None, end_s: float | None = None) -> int | None:
+        """Bits for the next request on ``plan`` (None when not adaptive: the offline bits)."""
+        if not self.adaptive:
+            return None
+        return self.bit_controllers[plan].choose(self.estimator.mbps, floor,
+                                                 self.compute_s(plan, end_s), self.headroom)
+
+    def compute_s(self, plan: int, end_s: float | None = None) -> float:
+        """The compute bottleneck of ``plan`` as measured so far."""
+        end = end_s if end_s is not None else self.end_s.get(plan, 0.0)
+        cloud = self.cloud_s.get(plan)
+        if cloud is None:
+            return self.profiles[plan].compute_s
+        return max(end, cloud)
+
+    def on_result(self, plan: int | None, nbytes: float, wire_s: float, cloud_s: float | None) -> None:
+        """A result came back: a bandwidth sample (its message's bytes over its time on the
+        wire) and the cloud's compute time; may switch the plan."""
+        if plan is not None and cloud_s is not None:
+            prev = self.cloud_s.get(plan)
+            self.cloud_s[plan] = cloud_s if prev is None else 0.8 * prev + 0.2 * cloud_s
+        if nbytes > 0 and wire_s > 0:
+            self.estimator.add(nbytes, wire_s)
+            if self.switcher is not None:
+                self.current = self.switcher.update(self.estimator.mbps)
+
+    @property
+    def switches(self) -> int:
+        return self.switcher.switches if self.switcher is not None else 0

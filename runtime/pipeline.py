@@ -48,6 +48,33 @@ class RemoteError(RuntimeError):
 
 
 @dataclass
+class Prepared:
+    """What the end side does with one frame: the message to send (None: nothing is sent) and,
+    for a frame answered on the end device (a semantic-cache hit), the answer; a message sent
+    with an answer is an audit copy whose reply only checks the answer."""
+
+    msg: bytes | bytearray | None
+    answer: Any = None
+    answered: bool = False
+    #: this work's time on this host measured alone (the emulated device takes slowdown x it)
+    reference_s: float | None = None
+
+
+class StaticPolicy:
+    """One plan, its bits fixed at compile time: run the end half, encode what it returns."""
+
+    def __init__(self, end_module: Callable[..., Any], boundary: Boundary, plan_id: int = 0) -> None:
+        self.end_module, self.boundary, self.plan_id = end_module, boundary, plan_id
+
+    def prepare(self, i: int, x: tuple) -> Prepared:
+        return Prepared(encode(i, payload_to_entries(self.boundary, self.end_module(*x)), 0,
+                               self.plan_id))
+
+    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+        """A result came back (``audit``: for a frame already answered on the end)."""
+
+
+@dataclass
 class Stats:
     """Measured figures of one stream."""
 
@@ -64,6 +91,7 @@ class Stats:
     failed: int = 0       # requests given a RequestFailed result (fallback="error")
     dropped: int = 0      # late or repeated replies dropped (already settled)
     reconnects: int = 0
+    answered_on_end: int = 0   # answered by the end device's policy (semantic-cache hits)
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -150,8 +178,10 @@ class CloudWorker:
 
     def __init__(self, cloud_module: Callable[..., Any], boundary: Boundary, endpoint: Endpoint,
                  slowdown: float = 1.0, plans: dict[int, tuple[Callable[..., Any], Boundary]] | None = None,
-                 idle_timeout: float | None = None) -> None:
+                 idle_timeout: float | None = None, adaptive: bool = False) -> None:
         self.plans = plans or {0: (cloud_module, boundary)}
+        #: accept float crossings quantized with bits chosen per request (online control)
+        self.adaptive = adaptive
         self.endpoint = endpoint
         self.slowdown = slowdown
         self.idle_timeout = idle_timeout
@@ -171,7 +201,7 @@ class CloudWorker:
             if plan_id not in self.plans:
                 raise WireError(f"unknown plan id {plan_id}")
             module, boundary = self.plans[plan_id]
-            payload = entries_to_payload(boundary, entries)
+            payload = entries_to_payload(boundary, entries, self.adaptive)
             with torch.no_grad():
                 out = module(*payload)
             out_entries, _ = output_to_entries(out)
@@ -260,7 +290,7 @@ class EndWorker:
                  reference_s: float | None = None, fallback: str | None = None,
                  local_module: Callable[..., Any] | None = None,
                  reconnect: Callable[[], Endpoint] | None = None, retry_s: float = 0.5,
-                 max_inflight: int = 8) -> None:
+                 max_inflight: int = 8, policy: Any = None) -> None:
         if fallback not in (None, "local", "error"):
             raise ValueError(f"fallback must be None, 'local' or 'error', got {fallback!r}")
         if fallback == "local" and local_module is None:
@@ -279,6 +309,10 @@ class EndWorker:
         self.reconnect, self.retry_s = reconnect, retry_s
         self.max_inflight = max(1, max_inflight)
         self.events: list[str] = []
+        #: per frame, what to send (``prepare``) and what to learn from results (``on_result``):
+        #: :class:`StaticPolicy` for one compiled plan, ``runtime.online.OnlinePolicy`` for the
+        #: bandwidth controller, plan switching and the semantic cache
+        self.policy = policy if policy is not None else StaticPolicy(end_module, boundary, plan_id)
 
     # ------------------------------------------------------------------ the stream
     def run(self, inputs: Iterable[Sequence[Any]], pipelined: bool = True,
@@ -289,7 +323,8 @@ class EndWorker:
         if first is None:
             return [], Stats(0, [], 0.0, 0.0, 0.0, 0.0, 0.0, 0, predicted or {})
         first = tuple(first) if isinstance(first, (tuple, list)) else (first,)
-        if self.calibrate and self.reference_s is None and self.slowdown > 1.0:
+        if self.calibrate and self.reference_s is None and self.slowdown > 1.0 and \
+                isinstance(self.policy, StaticPolicy):
             self.reference_s = self._reference(first)
         if self.endpoint is not None:
             st.start_link(self.endpoint)
@@ -321,7 +356,7 @@ class EndWorker:
         lat = [d - s for d, s in zip(st.done, st.started)]
         stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall), st.busy["end"],
                       st.busy["link"], st.busy["cloud"], st.busy["bytes"], predicted or {},
-                      st.local, st.failed, st.dropped, st.reconnects)
+                      st.local, st.failed, st.dropped, st.reconnects, st.answered)
         return st.results, stats
 
     def _reference(self, x: tuple) -> float:
@@ -373,7 +408,8 @@ class _StreamState:
         self.epoch = 0
         self.error: BaseException | None = None
         self.busy = {"end": 0.0, "link": 0.0, "cloud": 0.0, "bytes": 0}
-        self.local = self.failed = self.dropped = self.reconnects = 0
+        self.local = self.failed = self.dropped = self.reconnects = self.answered = 0
+        self.audits: set[int] = set()   # answered on the end, a copy sent to check the answer
         self.last_try = 0.0
         self.stopped_epoch = -1
         self.threads: list[threading.Thread] = []
@@ -444,17 +480,35 @@ class _StreamState:
     def send(self, i: int, x: tuple) -> bool:
         """Compute the end half and queue the message; False if the link is down."""
         w = self.w
-        self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
+        if isinstance(w.policy, StaticPolicy):
+            self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
         if not self.up:
             return False
         t0 = time.perf_counter()
-        payload = w.end_module(*x)
-        msg = encode(i, payload_to_entries(w.boundary, payload), 0, w.plan_id)
-        self.busy["end"] += _emulate(t0, w.slowdown, w.reference_s)
+        prep = w.policy.prepare(i, x)
+        ref = prep.reference_s if prep.reference_s is not None else w.reference_s
+        self.busy["end"] += _emulate(t0, w.slowdown, ref)
+        if prep.answered:
+            with self.cv:
+                self.results[i] = prep.answer
+                self.done[i] = time.perf_counter()
+                self.answered += 1
+                if prep.msg is not None:
+                    self.audits.add(i)
+                self.cv.notify_all()
+            if prep.msg is None:
+                return True
+        msg = prep.msg
+        if not isinstance(w.policy, StaticPolicy):
+            # a policy may answer on the end: it prepares first, so that its answers go on
+            # while the link is stalled; what it sends waits for room in flight
+            self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
         with self.cv:
             if not self.up:
-                return False
-            self.inflight[i] = x
+                self.audits.discard(i)
+                return prep.answered
+            if not prep.answered:
+                self.inflight[i] = x
             epoch, q = self.epoch, self.send_q
         while True:
             try:
@@ -558,20 +612,40 @@ class _StreamState:
                 out = entries_to_output(entries, w.out_spec)
                 st = stats_of(entries)
                 with self.cv:
-                    if req not in self.inflight or self.results[req] is not _PENDING:
+                    audit = req in self.audits
+                    if audit:
+                        self.audits.discard(req)
+                        self.busy["cloud"] += st[0] if st else 0.0
+                    elif req not in self.inflight or self.results[req] is not _PENDING:
                         self.dropped += 1     # late or repeated: already settled
                         continue
-                    del self.inflight[req]
-                    self.busy["cloud"] += st[0] if st else 0.0
-                    self.results[req] = out
-                    self.done[req] = time.perf_counter()
-                    self.cv.notify_all()
+                    else:
+                        del self.inflight[req]
+                        self.busy["cloud"] += st[0] if st else 0.0
+                        self.results[req] = out
+                        self.done[req] = time.perf_counter()
+                        self.cv.notify_all()
+                w.policy.on_result(req, out, st, audit)
         except RemoteError as e:
             with self.cv:
                 self.error = e
                 self.cv.notify_all()
         except BaseException as e:  # noqa: BLE001
             self.link_failed(epoch, e)
+
+
+def run_session(end: EndWorker, cloud: CloudWorker, frames: Iterable[Sequence[Any]],
+                **run: Any) -> tuple[list[Any], Stats]:
+    """Run ``frames`` through ``end`` against a started in-process ``cloud``, then close the
+    session (the cloud worker stops), whatever happened."""
+    try:
+        return end.run(frames, **run)
+    finally:
+        try:
+            end.close()
+        except Exception:  # noqa: BLE001 - the link may already be down
+            pass
+        cloud.join(1.0)
 
 
 def steady_throughput(done: Sequence[float], wall: float) -> float:
@@ -586,8 +660,9 @@ def steady_throughput(done: Sequence[float], wall: float) -> float:
 
 
 def run_local(end_module: Callable[..., Any], inputs: Iterable[Sequence[Any]],
-              slowdown: float = 1.0) -> tuple[list[Any], Stats]:
-    """An end-only plan: every frame computed on the end device, nothing sent."""
+              slowdown: float = 1.0, reference_s: float | None = None) -> tuple[list[Any], Stats]:
+    """An end-only plan: every frame computed on the end device, nothing sent
+    (``reference_s``: the model's time on this host measured alone, see ``_emulate``)."""
     outs, lat = [], []
     t_begin = time.perf_counter()
     busy = 0.0
@@ -597,7 +672,7 @@ def run_local(end_module: Callable[..., Any], inputs: Iterable[Sequence[Any]],
             x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
             t0 = time.perf_counter()
             outs.append(end_module(*x))
-            took = _emulate(t0, slowdown)
+            took = _emulate(t0, slowdown, reference_s)
             busy += took
             lat.append(took)
             done.append(time.perf_counter())

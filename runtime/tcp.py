@@ -76,6 +76,7 @@ class TcpEndpoint:
         self.bucket = TokenBucket(shape) if shape is not None else None
         self.busy_s = 0.0
         self.bytes = 0
+        self.last_wire_s = 0.0
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, msg: bytes | bytearray) -> float:
@@ -104,7 +105,12 @@ class TcpEndpoint:
             if n > MAX_MESSAGE:
                 raise LinkError(f"the {self.peer_name} side announced {n} bytes (limit {MAX_MESSAGE})")
             self.sock.settimeout(self.timeout_s)
-            return _recv_exact(self.sock, n)
+            t0 = time.monotonic()
+            msg = _recv_exact(self.sock, n)
+            # from the first byte after the length to the last: the message's time on the
+            # wire as this side saw it (the online controller's bandwidth sample)
+            self.last_wire_s = time.monotonic() - t0
+            return msg
         except socket.timeout:
             raise LinkTimeout(f"nothing from the {self.peer_name} side ({self.addr}) within "
                               f"{timeout if timeout is not None else self.timeout_s} s") from None

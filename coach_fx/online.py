@@ -1,0 +1,553 @@
+"""``coach_fx.compile_online``: plans for a few bandwidth bands, compiled up front, with the
+calibration the online controller and the semantic cache need (DESIGN.md §6).
+
+What it prepares, per distinct plan (all halves cut from one GraphModule, so they share the
+model's weights):
+
+* an end half that returns the crossing tensors *unquantized* and a cloud half that takes
+  them: the runtime quantizes each request with the bits the controller picks
+  (``coach::quantize``/``pack`` on the end, ``unpack``/``dequantize`` before the cloud half);
+* the accuracy-safe minimum bits (the planner's accuracy oracle: ``accuracy_budget`` ×
+  (1 - ``cache_share``) on the calibration data);
+* the semantic cache's hit thresholds, calibrated by replaying a calibration stream with
+  temporal locality through a cache of the deployed capacity, so that wrong hits stay within
+  ``accuracy_budget`` × ``cache_share``; and the similarity bands whose samples stay safe
+  with fewer bits;
+* the stage times of its halves, measured on this host as whole modules.
+
+Example::
+
+    >>> om = coach_fx.compile_online(model, (x,), network=coach_fx.Network.from_trace(path),
+    ...                              end=coach_fx.Device("pi", 10), calibration=(xc, yc))  # doctest: +SKIP
+    >>> outs, stats, policy = om.stream(frames, mode="full")                              # doctest: +SKIP
+    >>> print(om.report())                                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from coach_fx.accuracy import AccuracyOracle
+from coach_fx.compiled import CompiledModel, InputError, plan_model, prepare
+from coach_fx.costs import torch_threads
+from coach_fx.passes.ops import QUANT_BITS, fake_quantize_per_sample, packed_nbytes
+from coach_fx.passes.partition import partition
+from coach_fx.plan import Plan, evaluate
+from coach_fx.settings import Network, Settings
+
+#: A band gets its own plan only when that plan's period there is this much shorter than the
+#: offline plan's.
+SWITCH_GAIN = 0.95
+
+#: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants).
+MODES = {
+    "fixed": dict(adaptive=False, switching=False, cache=False, similarity_bits=False),
+    "adaptive": dict(adaptive=True, switching=True, cache=False, similarity_bits=False),
+    "cache": dict(adaptive=False, switching=False, cache=True, similarity_bits=False),
+    "full": dict(adaptive=True, switching=True, cache=True, similarity_bits=True),
+}
+
+
+def band_rates(network: Network, n: int = 5) -> list[float]:
+    """Representative uplink rates to plan for: a trace's time-weighted quantiles (10 %..90 %),
+    or the fixed rate × 1/4..4."""
+    tr = network.trace
+    if tr is None or not math.isfinite(tr.duration):
+        return [network.uplink_mbps * f for f in (0.25, 0.5, 1.0, 2.0, 4.0)][:n]
+    ends = tr.times[1:] + (tr.duration,)
+    pts = sorted((r, e - s) for r, s, e in zip(tr.mbps, tr.times, ends) if e > s)
+    total = sum(w for _, w in pts)
+    out = []
+    for q in [(k + 0.5) / n for k in range(n)]:
+        acc = 0.0
+        for r, w in pts:
+            acc += w
+            if acc >= q * total:
+                out.append(max(r, 1e-3))
+                break
+    return sorted(set(out))
+
+
+def _batched(fn: Callable[..., Any], inputs: tuple, batch: int) -> list[Any]:
+    """``fn`` over the calibration inputs, ``batch`` samples at a time; one result per call."""
+    n = inputs[0].shape[0]
+    with torch.no_grad():
+        return [fn(*(x[i:i + batch] for x in inputs)) for i in range(0, n, batch)]
+
+
+class OnlineModel:
+    """Plans for bandwidth bands and everything the online runtime needs to run them.
+
+    ``plans`` / ``variants``: by plan id; ``bands[with_cache]``: (edges in Mbit/s, plan ids),
+    n edges and n + 1 plans, for running with and without the semantic cache; ``fixed``: the
+    id of the plan for the network as given (its mean rate), what the ``"fixed"`` mode runs
+    and where every mode starts.
+    """
+
+    def __init__(self, gm: Any, dag: Any, settings: Settings, plans: dict[int, Plan],
+                 variants: dict[int, Any], cloud: dict[int, tuple],
+                 bands: dict[bool, tuple[list[float], list[int]]], fixed: int,
+                 example_inputs: tuple, out_spec: Any, capacity: int, audit_rate: float,
+                 hold: int) -> None:
+        self.gm, self.dag, self.settings = gm, dag, settings
+        self.plans, self.variants, self.cloud = plans, variants, cloud
+        self.bands, self.fixed = bands, fixed
+        self.example_inputs, self.out_spec = example_inputs, out_spec
+        self.capacity, self.audit_rate, self.hold = capacity, audit_rate, hold
+
+    def policy(self, mode: str = "full", seed: int = 0) -> Any:
+        """A fresh :class:`coach_fx.runtime.online.OnlinePolicy` for ``mode`` (see ``MODES``)."""
+        from coach_fx.runtime.online import OnlinePolicy
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        edges, band_plans = self.bands[MODES[mode]["cache"]]
+        return OnlinePolicy(list(self.variants.values()), edges, band_plans,
+                            start=self.fixed, capacity=self.capacity, audit_rate=self.audit_rate,
+                            hold=self.hold, seed=seed, end_slowdown=self.settings.end.slowdown,
+                            **MODES[mode])
+
+    def stream(self, frames: Sequence[Any], *, mode: str = "full", link: Any = None,
+               timeout_s: float = 30.0, queue_size: int = 2, seed: int = 0) -> tuple[list[Any], Any, Any]:
+        """Run ``frames`` end -> link -> cloud in-process with the online policy of ``mode``.
+
+        The link defaults to an in-process one following the compile-time network (its trace).
+        Returns (outputs in order, :class:`~coach_fx.runtime.pipeline.Stats`, the policy, whose
+        ``summary()`` tells hits, bits and switches).
+        """
+        from coach_fx.runtime.link import InProcessLink
+        from coach_fx.runtime.pipeline import CloudWorker, EndWorker, run_session
+
+        xs = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in frames]
+        for x in xs:
+            _check(x, self.example_inputs)
+        link = link or InProcessLink.for_network(self.settings.network)
+        policy = self.policy(mode, seed)
+        with torch_threads(self.settings.threads):
+            cloud = CloudWorker(None, None, link.cloud, slowdown=self.settings.cloud.slowdown,
+                                plans=self.cloud, adaptive=True).start()
+            end = EndWorker(None, None, link.end, self.out_spec, slowdown=self.settings.end.slowdown,
+                            queue_size=queue_size, timeout_s=timeout_s, policy=policy)
+            outs, stats = run_session(end, cloud, xs)
+        return outs, stats, policy
+
+    def report(self) -> str:
+        """The bands, their plans and each plan's calibration as tables."""
+        out = []
+        for with_cache in sorted(set(self.bands), reverse=True):
+            edges, band_plans = self.bands[with_cache]
+            if not with_cache and self.bands[False] == self.bands[True]:
+                continue
+            rows = []
+            lims = [0.0] + list(edges) + [math.inf]
+            for k, pid in enumerate(band_plans):
+                rows.append([f"{lims[k]:.2f}-{lims[k + 1]:.2f}", pid])
+            out.append(("with the cache" if with_cache else "without the cache") + ": "
+                       + ", ".join(f"{b} Mbit/s -> plan {p}" for b, p in rows))
+        rows = []
+        for pid, p in self.plans.items():
+            v = self.variants[pid]
+            c = v.cache
+            rows.append([pid, ", ".join(p.cut) or "nothing (end-only)", v.profile.min_bits,
+                         (v.reference_s or 0) * self.settings.end.slowdown * 1e3, p.t_cloud * 1e3,
+                         f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
+                         if c else "off",
+                         " ".join(f"{e}:{b}b" for e, b in c.bits_by_similarity) if c else "-"])
+        head = (f"online plans: {len(self.plans)} distinct; fixed plan {self.fixed} (for the network "
+                f"as given, {self.settings.network.uplink_mbps:.2f} Mbit/s)\n" + "\n".join(out))
+        return head + "\n" + tabulate(rows, headers=["plan", "cut", "min bits", "end ms",
+                                                     "cloud ms", "cache hits (calib.)",
+                                                     "similarity -> bits"], floatfmt=".2f")
+
+
+def _check(x: tuple, example: tuple) -> None:
+    for i, (a, e) in enumerate(zip(x, example)):
+        if isinstance(e, torch.Tensor) and (not isinstance(a, torch.Tensor) or a.shape != e.shape
+                                            or a.dtype != e.dtype):
+            got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise InputError(f"input {i} is {got}; expected shape {tuple(e.shape)} and dtype {e.dtype}")
+    if len(x) != len(example):
+        raise InputError(f"expected {len(example)} input(s), got {len(x)}")
+
+
+def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | None = None,
+                   end: Any = None, cloud: Any = None, calibration: Any = None,
+                   accuracy_budget: float = 0.005, cache_share: float = 0.5,
+                   bands_mbps: Sequence[float] | None = None, cache: bool = True,
+                   grid: int | Sequence[int] = (2, 4, 8),
+                   capacity: int = 4, audit_rate: float = 0.1, hold: int = 5,
+                   locality: float = 10.0, **options: Any) -> OnlineModel:
+    """Compile ``model`` for online control: a plan per bandwidth band, sharing weights.
+
+    ``calibration``: (inputs, labels) batched on dim 0 (required: bits and cache thresholds are
+    calibrated on it; the budget counts answers that differ from the unquantized model's, so
+    the labels only serve the offline planner). ``bands_mbps``: the rates to plan for
+    (default: ``band_rates``); switching happens at the geometric midpoints between them.
+    ``capacity``: classes the cache holds (a handful: streams have temporal locality);
+    ``grid``: the pooling grid(s) of the cache's features (per plan the one that hits most);
+    ``locality``: mean frames a class persists in the calibration stream the thresholds are
+    tuned on. Other keywords are :class:`coach_fx.Settings` fields.
+
+    With ``cache``, a band's plan is chosen cache-aware: among the planner's plans and the
+    single-tensor cuts, the one whose period is shortest once the calibrated hit rate takes
+    its share of requests off the link and the cloud (a deeper cut often has features that
+    hit far more often, for a little more end time).
+    """
+    if calibration is None:
+        raise ValueError("compile_online needs calibration=(inputs, labels): the safe bits and the "
+                         "cache's thresholds are calibrated on it")
+    if not 0 <= cache_share < 1:
+        raise ValueError(f"cache_share must be in [0, 1), got {cache_share}")
+    bits_budget = accuracy_budget * (1 - cache_share if cache else 1)
+    # The budget counts answers that differ from the unquantized model's (a stream repeats what
+    # it sees: every changed answer costs), so the planner's oracle runs in agreement mode.
+    calib_inputs = calibration[0] if isinstance(calibration, (tuple, list)) and len(calibration) == 2 \
+        else calibration
+    kw: dict[str, Any] = dict(accuracy_budget=bits_budget, calibration=(calib_inputs, None))
+    for k, v in (("network", network), ("end", end), ("cloud", cloud)):
+        if v is not None:
+            kw[k] = v
+    settings = Settings.from_options(options, **kw)
+    gm, inputs, dag = prepare(model, example_inputs, settings)
+    oracle = AccuracyOracle(gm, dag, settings, inputs)
+    net = settings.network
+    rates = sorted(bands_mbps) if bands_mbps is not None else band_rates(net)
+    if not rates or min(rates) <= 0:
+        raise ValueError(f"bands_mbps must be positive rates, got {rates}")
+    cal = _Calibration(gm, dag, oracle, settings, bits_budget, accuracy_budget * cache_share,
+                       grid, capacity, audit_rate, locality, cache)
+    # measure with the threads the streams will use (the halves' times decide the plans)
+    with torch_threads(settings.threads):
+        return _compile(gm, inputs, dag, settings, oracle, cal, rates, cache, capacity,
+                        audit_rate, hold)
+
+
+def _compile(gm: Any, inputs: tuple, dag: Any, settings: Settings, oracle: AccuracyOracle,
+             cal: "_Calibration", rates: list[float], cache: bool, capacity: int,
+             audit_rate: float, hold: int) -> OnlineModel:
+    net = settings.network
+
+    def at(rate: float) -> Settings:
+        return dataclasses.replace(settings, network=Network(rate, net.downlink_mbps, net.rtt_ms))
+
+    # the offline plan for the network as given, and the planner's plan for each band
+    offline_plan = plan_model(gm, inputs, dag, settings, oracle=oracle)[0]
+    offline = offline_plan.end_nodes
+    planned = {r: plan_model(gm, inputs, dag, at(r), oracle=oracle)[0].end_nodes for r in rates}
+    candidates = {offline, *planned.values()}
+    if cache:
+        # cloud-only and the single-tensor cuts whose end work alone is shorter than the
+        # slowest band's planned period: the others cannot win whatever their hit rate
+        slowest = max(cal.expected(planned[r], r, with_cache=False)[0] for r in rates)
+        for c in [(), *(tuple(v for v in dag.nodes if v in dag.ancestors([a]))
+                        for a in dag.articulation_nodes())]:
+            if c in candidates:
+                continue
+            if cal.end_time(c) < slowest:
+                candidates.add(c)
+    # per band the plan with the shortest expected period: once as the cache will run (its
+    # hits take requests off the link and the cloud), once without it (the modes that run
+    # without the cache follow these bands)
+    chosen: dict[bool, dict[float, tuple]] = {}
+    for with_cache in ([False, True] if cache else [False]):
+        chosen[with_cache] = {}
+        for r in rates:
+            best = None
+            for c in sorted(candidates, key=len):
+                score = cal.expected(c, r, with_cache)
+                if score is not None and (best is None or score < best[0]):
+                    best = (score, c)
+            c = best[1] if best else planned[r]
+            base = cal.expected(offline, r, with_cache)
+            # leave the offline plan only for a clear gain: a switch follows the estimate with
+            # a lag, and a plan a few percent better at the band's rate can lose that back
+            if best is not None and base is not None and best[0][0] > SWITCH_GAIN * base[0]:
+                c = offline
+            chosen[with_cache][r] = c
+
+    ids: dict[tuple[str, ...], int] = {}
+    for c in [offline, *chosen[False].values(), *chosen.get(True, {}).values()]:
+        ids.setdefault(c, len(ids))
+    bands = {}
+    for with_cache, by_rate in chosen.items():
+        band_ids = [ids[by_rate[r]] for r in rates]
+        edges, band_plans = [], [band_ids[0]]
+        for (r0, r1), pid in zip(zip(rates, rates[1:]), band_ids[1:]):
+            if pid != band_plans[-1]:      # neighbouring bands with one plan are one band
+                edges.append(math.sqrt(r0 * r1))
+                band_plans.append(pid)
+        bands[with_cache] = (edges, band_plans)
+    bands.setdefault(True, bands[False])
+
+    plans, variants, cloud_plans = {}, {}, {}
+    out_spec = None
+    for c, pid in ids.items():
+        # price it at the rate of a band it serves (the offline plan: the network as given)
+        r = next((r for by_rate in chosen.values() for r in rates if by_rate[r] == c), None)
+        s = settings if r is None else at(r)
+        info = cal.info(c)
+        p = offline_plan if c == offline else evaluate(
+            dag, c, info.min_bits if info.min_bits < 32 else 32, s.network,
+            strategy="coach-online", input_bits=settings.input_bits)
+        cm = CompiledModel(gm, dag, p, s, inputs, oracle)
+        if settings.costs == "measured" and settings.calibrate:
+            cm.calibrate()
+        out_spec = out_spec or cm.out_spec
+        v = _variant(pid, info, max(cm.plan.t_end, cm.plan.t_cloud),
+                     offline_plan if c == offline else None)
+        v.reference_s = cal.end_host_s(c, cache=False)
+        if v.cache is not None:
+            v.lookup_s = max(0.0, cal.end_host_s(c) - v.reference_s)
+        plans[pid], variants[pid] = cm.plan, v
+        cloud_plans[pid] = (info.cloud, info.boundary)
+    return OnlineModel(gm, dag, settings, plans, variants, cloud_plans, bands, ids[offline],
+                       inputs, out_spec, capacity, audit_rate, hold)
+
+
+@dataclasses.dataclass
+class _CutInfo:
+    end: Any
+    cloud: Any
+    boundary: Any
+    fixed_bits: tuple
+    min_bits: int
+    cache: Any            # CacheSetup or None
+    caps: tuple = ()
+    calibrated: bool = False
+    vals: Any = None      # the end half's outputs on the calibration data (until calibrated)
+    agrees: Any = None
+
+
+class _Calibration:
+    """Per end set: the float split, the safe bits (per-sample quantization, as deployed) and
+    the cache's calibration; memoized, since the bands share most candidates."""
+
+    def __init__(self, gm: Any, dag: Any, oracle: AccuracyOracle, settings: Settings,
+                 bits_budget: float, cache_budget: float, grid: int, capacity: int,
+                 audit_rate: float, locality: float, cache: bool) -> None:
+        self.gm, self.dag, self.oracle, self.settings = gm, dag, oracle, settings
+        self.bits_budget, self.cache_budget = bits_budget, cache_budget
+        self.grids = (grid,) if isinstance(grid, int) else tuple(grid)
+        self.capacity, self.audit_rate, self.locality = capacity, audit_rate, locality
+        self.cache = cache
+        self.labels = oracle.reference.argmax(1)
+        self.example = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() else t
+                             for t in oracle.inputs)
+        self._info: dict[tuple, _CutInfo] = {}
+        self._times: dict[tuple, float] = {}
+
+    def info(self, end_nodes: tuple, with_cache: bool = True) -> _CutInfo:
+        """The split, its safe bits and (``with_cache``) its cache calibration; memoized."""
+        info = self._info.get(end_nodes)
+        if info is None:
+            end32, cloud32, boundary = partition(self.gm, end_nodes, {})
+            fixed_bits = tuple(_fixed_bits(self.dag, c, self.settings) for c in boundary.crossings)
+            info = _CutInfo(end32, cloud32, boundary, fixed_bits, 32, None,
+                            _caps(self.dag, boundary, self.settings))
+            if not boundary.end_only and any(b is None for b in fixed_bits):
+                info.vals = [x if isinstance(x, tuple) else (x,)
+                             for x in _batched(end32, self.oracle.inputs, self.oracle.batch)]
+                info.agrees = self._agreement(cloud32, info.vals, fixed_bits, info.caps)
+                # the fewest bits that pass, as the planner's binary search finds them
+                info.min_bits = next((b for b in QUANT_BITS
+                                      if 1 - info.agrees[b].float().mean().item() <= self.bits_budget), 32)
+            self._info[end_nodes] = info
+        if with_cache and self.cache and not info.calibrated:
+            info.calibrated = True
+            if info.vals is not None:
+                info.cache = self._cache(info.vals, info.fixed_bits, info.agrees, info.min_bits)
+            info.vals = info.agrees = None    # only the calibration needs them
+        return info
+
+    def _agreement(self, cloud32: Any, vals: list[tuple], fixed_bits: tuple,
+                   caps: tuple) -> dict[int, torch.Tensor]:
+        """Per bit width, per calibration sample: does the cloud's answer equal the unquantized
+        model's when each sample's crossing tensors are quantized on their own?"""
+        out = {}
+        with torch.no_grad():
+            for b in QUANT_BITS:
+                preds = []
+                for chunk in vals:
+                    args = [fake_quantize_per_sample(t, min(b, cap or 32) if fb is None else fb)
+                            if isinstance(t, torch.Tensor) else t
+                            for t, fb, cap in zip(chunk, fixed_bits, caps)]
+                    preds.append(_flat(cloud32(*args)).argmax(1))
+                out[b] = torch.cat(preds) == self.labels
+        return out
+
+    def _cache(self, vals: list[tuple], fixed_bits: tuple, agrees: dict, min_bits: int) -> Any:
+        """Hit thresholds on a replayed calibration stream; similarity bands -> fewer safe bits."""
+        from coach_fx.runtime.cache import SemanticCache, locality_stream, pooled_features
+        from coach_fx.runtime.online import CacheSetup
+
+        adaptive = [k for k, b in enumerate(fixed_bits) if b is None]
+        labels = self.labels
+        # two streams from disjoint halves of the calibration data: thresholds must pass both
+        n = len(labels)
+        streams = []
+        for h in (0, 1):
+            idx = torch.arange(h, n, 2)
+            streams.append([int(idx[i]) for i in locality_stream(labels[idx], max(1000, 3 * len(idx)),
+                                                                 self.locality, seed=1 + h)])
+        best = None
+        for grid in self.grids:
+            feats = torch.from_numpy(np.concatenate(
+                [np.atleast_2d(pooled_features([chunk[k] for k in adaptive], grid)) for chunk in vals]
+            )).float()
+            st, mg, rate = SemanticCache.calibrate_on_stream(feats, labels, streams, self.cache_budget,
+                                                             self.capacity, self.audit_rate)
+            if rate > 0 and (best is None or rate > best[2]):
+                best = (st, mg, rate, grid, feats)
+        if best is None:
+            return None
+        st, mg, rate, grid, feats = best
+        classes = sorted(set(labels.tolist()))
+        centers = torch.stack([torch.nn.functional.normalize(feats[labels == c].mean(0), dim=0)
+                               for c in classes])
+        sim = (feats @ centers.T).max(1).values
+        bands = SemanticCache.similarity_bits(sim, agrees, min_bits, self.bits_budget)
+        return CacheSetup(st, mg, rate, bands, grid)
+
+    def end_time(self, end_nodes: tuple) -> float:
+        """The end stage without the cache (measured, or the cost model's with analytic costs)."""
+        if self.settings.costs == "measured":
+            return self.end_host_s(end_nodes, cache=False) * self.settings.end.slowdown
+        return evaluate(self.dag, end_nodes, 32, Network(1.0)).t_end
+
+    def expected(self, end_nodes: tuple, rate: float, with_cache: bool = True) -> tuple[float, float] | None:
+        """(period, latency) at ``rate`` with the calibrated hit rate taking its share of
+        requests off the link and the cloud; None when no bits are safe."""
+        info = self.info(end_nodes, with_cache)
+        if info.min_bits >= 32 and any(b is None for b in info.fixed_bits):
+            return None
+        p = evaluate(self.dag, end_nodes, info.min_bits, Network(rate), input_bits=self.settings.input_bits)
+        t_end, t_cloud = p.t_end, p.t_cloud
+        if self.settings.costs == "measured" and not info.boundary.end_only:
+            # the per-node sums miss the per-request work around the halves (quantize, encode,
+            # the cache lookup), which decides between close cuts on a slow end device
+            t_end = self.end_host_s(end_nodes, False) * self.settings.end.slowdown
+            t_cloud = self.cloud_host_s(end_nodes) * self.settings.cloud.slowdown
+        plain = (max(t_end, p.t_link, t_cloud), t_end + p.t_link + t_cloud)
+        if info.cache is None or not with_cache:
+            return plain
+        # with the cache: its lookups cost end time, its hits save link and cloud time (the
+        # runtime skips lookups while they do not pay, so never worse than without)
+        sent = 1.0 - info.cache.hit_rate * (1 - self.audit_rate)
+        if self.settings.costs == "measured":
+            t_end = self.end_host_s(end_nodes, True) * self.settings.end.slowdown
+        cached = (max(t_end, p.t_link * sent, t_cloud * sent), t_end + sent * (p.t_link + t_cloud))
+        return min(plain, cached)
+
+    def end_host_s(self, end_nodes: tuple, cache: bool = True) -> float:
+        """The end side's work per request on this host (see ``_reference``); memoized."""
+        key = ("end", end_nodes, cache)
+        if key not in self._times:
+            info = self.info(end_nodes, cache)
+            self._times[key] = _reference(_variant(0, info, 0.0), self.example, self.capacity,
+                                          cache and info.cache is not None)
+        return self._times[key]
+
+    def cloud_host_s(self, end_nodes: tuple) -> float:
+        """The cloud half on one request's crossing values, on this host; memoized."""
+        key = ("cloud", end_nodes)
+        if key not in self._times:
+            info = self.info(end_nodes, with_cache=False)
+            vals = info.end(*self.example)
+            vals = vals if isinstance(vals, tuple) else (vals,)
+            with torch.no_grad():
+                self._times[key] = _quiet_time(lambda: info.cloud(*vals))
+        return self._times[key]
+
+
+def _fixed_bits(dag: Any, c: Any, settings: Settings) -> int | None:
+    """None for a float tensor, whose bits the controller picks (a model input too, up to
+    ``Settings.input_bits``: see ``_caps``); everything else goes as it is (32)."""
+    is_float = c.shape is not None and c.dtype is not None and c.dtype.is_floating_point
+    return None if is_float else 32
+
+
+def _caps(dag: Any, boundary: Any, settings: Settings) -> tuple[int | None, ...]:
+    """A model input is worth at most ``Settings.input_bits`` (the bits of its source); fewer
+    when the link is slow and accuracy allows, like any crossing tensor."""
+    return tuple(settings.input_bits if c.dag_node in dag.inputs else None for c in boundary.crossings)
+
+
+def _flat(out: Any) -> torch.Tensor:
+    from coach_fx._compat import tree_flatten
+    t = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)][0]
+    return t.reshape(t.shape[0] if t.dim() else 1, -1)
+
+
+def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = None) -> Any:
+    from coach_fx.runtime.controller import CutProfile
+    from coach_fx.runtime.online import Variant
+
+    quant_numel = raw_bytes = 0
+    for c, b in zip(info.boundary.crossings, info.fixed_bits):
+        numel = math.prod(c.shape) if c.shape is not None else 0
+        if b is None:
+            quant_numel += numel
+        elif b < 32:
+            raw_bytes += packed_nbytes(numel, b)
+        else:
+            raw_bytes += numel * c.dtype.itemsize if c.dtype is not None else 8
+    profile = CutProfile(quant_numel, raw_bytes, len(info.boundary.crossings), info.min_bits,
+                         compute_s)
+    plan_bits: int | tuple[int, ...] = info.min_bits
+    if plan is not None:     # the offline plan's own bits, crossing by crossing
+        plan_bits = tuple(plan.bits.get(c.dag_node, info.min_bits) for c in info.boundary.crossings)
+    return Variant(pid, info.end, info.boundary, profile, info.fixed_bits, plan_bits,
+                   cache=info.cache, end_only=info.boundary.end_only, caps=info.caps)
+
+
+def _roundtrip(t: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits >= 32 or not t.is_floating_point():
+        return t
+    ops = torch.ops.coach
+    codes, scale, zero = ops.quantize(t, bits)
+    return ops.dequantize(codes, scale, zero, bits, t.dtype)
+
+
+def _quiet_time(fn: Callable[[], Any], repeat: int = 30, warmup: int = 10) -> float:
+    """The time of ``fn`` alone on this host: the lower quartile of ``repeat`` runs. On a
+    shared machine the upper runs carry other processes' load; the emulated device's time is
+    this × its slowdown, so that noise would be multiplied too."""
+    ts = []
+    for k in range(warmup + repeat):
+        t0 = time.perf_counter()
+        fn()
+        if k >= warmup:
+            ts.append(time.perf_counter() - t0)
+    return statistics.quantiles(ts, n=4)[0]
+
+
+def _reference(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> float:
+    """The end side's work for one request on this host (end half, with ``cache`` the lookup
+    against a full cache, quantize, encode), measured alone (``_quiet_time``)."""
+    from coach_fx.runtime.online import OnlinePolicy
+    policy = OnlinePolicy([v], start=v.plan_id, switching=False, capacity=capacity, audit_rate=0.0,
+                          cache=cache)
+    x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+    store = policy.caches.get(v.plan_id) if cache else None
+    if store is not None:   # a full cache, with centers nothing hits, so each run does all the work
+        from coach_fx.runtime.cache import pooled_features
+        vals = v.end_module(*x)
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
+        rng = np.random.default_rng(0)
+        for k in range(capacity):
+            far = -(f + rng.random(f.shape))
+            store.confirm(far / np.linalg.norm(far), k)
+    with torch.no_grad():
+        return _quiet_time(lambda: policy.prepare(0, x))
+
+
+__all__ = ["compile_online", "OnlineModel", "MODES", "SWITCH_GAIN", "band_rates"]

@@ -1,0 +1,251 @@
+"""The online end side (DESIGN.md §6): per request, which plan, how many bits, or no request at all.
+
+:class:`OnlinePolicy` plugs into :class:`coach_fx.runtime.pipeline.EndWorker` (``policy=``).
+For each frame it
+
+1. runs the end half of the current plan, which returns the crossing tensors unquantized;
+2. asks that plan's semantic cache: a **hit** answers on the end with the class's last
+   cloud-confirmed output and sends nothing (a share of hits still goes to the cloud, flagged
+   ``FLAG_CACHE_HIT``, to audit the cache); a near miss lowers the bits to its similarity
+   band's calibrated floor;
+3. quantizes each float crossing with the bits the :class:`BitController` picks for the
+   current bandwidth estimate (the highest whose link time stays within the compute
+   bottleneck) and sends them with the plan's id, so the cloud runs the matching half
+   (``CloudWorker(plans=..., adaptive=True)``).
+
+Each result brings the cloud's receive duration and message size: a bandwidth sample for the
+:class:`BandwidthEstimator`; the :class:`PlanSwitcher` moves to another band's plan once the
+estimate has stayed there; the cache learns the cloud's label.
+
+Example::
+
+    >>> policy = OnlinePolicy(variants, edges_mbps=[2.0], band_plans=[0, 1])   # doctest: +SKIP
+    >>> EndWorker(None, None, link.end, out_spec, policy=policy).run(frames)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from coach_fx._compat import tree_flatten
+from coach_fx.passes.partition import Boundary
+from coach_fx.runtime.cache import SemanticCache, pooled_features
+from coach_fx.runtime.codec import quantized_entry
+from coach_fx.runtime.controller import CutProfile, OnlineController
+from coach_fx.runtime.pipeline import Prepared
+from coach_fx.runtime.wire import FLAG_CACHE_HIT, Entry, encode
+
+
+@dataclass
+class CacheSetup:
+    """A plan's calibrated semantic-cache settings."""
+
+    sim_threshold: float
+    margin: float
+    hit_rate: float                                   # on the calibration stream
+    bits_by_similarity: list[tuple[float, int]] = field(default_factory=list)
+    grid: int = 2
+
+    def floor(self, similarity: float) -> int | None:
+        for edge, bits in self.bits_by_similarity:
+            if similarity >= edge:
+                return bits
+        return None
+
+
+@dataclass
+class Variant:
+    """One plan as the online end side runs it."""
+
+    plan_id: int
+    end_module: Callable[..., Any]    # model inputs -> crossing values, unquantized
+    boundary: Boundary                # of that float split (every crossing "raw")
+    profile: CutProfile
+    #: per crossing: None = the controller picks its bits; otherwise fixed bits (model inputs
+    #: keep ``Settings.input_bits``; non-float values go as they are)
+    fixed_bits: tuple[int | None, ...]
+    #: the offline plan's bits for the adaptive crossings (one for all, or one per crossing)
+    plan_bits: int | tuple[int, ...]
+    cache: CacheSetup | None = None
+    reference_s: float | None = None  # end work on this host, measured alone (no cache)
+    lookup_s: float = 0.0             # what the cache lookup adds to it
+    end_only: bool = False            # the end half returns the model's output: nothing to send
+    #: per crossing, the most bits worth sending (a model input: the bits of its source, as
+    #: an 8-bit camera frame gains nothing from 32); None: no limit
+    caps: tuple[int | None, ...] | None = None
+
+    def message_bytes(self, bits: int | None = None) -> int:
+        """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
+        from coach_fx.passes.ops import packed_nbytes
+        from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
+        total = MESSAGE_HEADER_BYTES
+        for k, c in enumerate(self.boundary.crossings):
+            numel = math.prod(c.shape) if c.shape is not None else 1
+            b = self.bits_for(k, bits, None)
+            size = c.dtype.itemsize if c.dtype is not None else 8
+            total += TENSOR_HEADER_BYTES + (numel * size if b >= 32 else
+                                            numel * 2 if b == 16 else packed_nbytes(numel, b))
+        return total
+
+    def bits_for(self, k: int, bits: int | None, floor: int | None) -> int:
+        """Bits of crossing ``k``: ``bits`` from the controller, or (None) the offline plan's,
+        lowered to ``floor`` for a near miss of the cache; never above the crossing's cap."""
+        fixed = self.fixed_bits[k]
+        if fixed is not None:
+            return fixed
+        if bits is None:
+            bits = self.plan_bits if isinstance(self.plan_bits, int) else self.plan_bits[k]
+            if floor is not None:
+                bits = min(bits, floor)
+        cap = self.caps[k] if self.caps is not None else None
+        return min(bits, cap) if cap is not None else bits
+
+
+def label_of(out: Any) -> int:
+    """The class a classifier's output names: argmax of its first tensor."""
+    leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise ValueError("the semantic cache needs a model whose output holds a tensor of scores")
+    return int(leaves[0].reshape(-1).argmax())
+
+
+class OnlinePolicy:
+    """Bandwidth estimate, adaptive bits, plan switching and the semantic cache, per request.
+
+    ``adaptive``: pick bits per request (else each plan's offline bits); ``switching``: follow
+    the bandwidth bands (else stay on ``start``); ``cache``: answer hits on the end;
+    ``similarity_bits``: let near misses travel with their band's fewer bits.
+    """
+
+    def __init__(self, variants: Sequence[Variant], edges_mbps: Sequence[float] = (),
+                 band_plans: Sequence[int] | None = None, *, start: int = 0, adaptive: bool = True,
+                 switching: bool = True, cache: bool = True, similarity_bits: bool = True,
+                 capacity: int = 16, audit_rate: float = 0.1, hold: int = 5, window: int = 5,
+                 seed: int = 0, label: Callable[[Any], int] = label_of, end_slowdown: float = 1.0,
+                 headroom: float = 0.9) -> None:
+        self.variants = {v.plan_id: v for v in variants}
+        self.control = OnlineController({k: v.profile for k, v in self.variants.items()},
+                                        edges_mbps, band_plans, start=start, adaptive=adaptive,
+                                        switching=switching, hold=hold, window=window,
+                                        headroom=headroom)
+        self.adaptive, self.use_cache, self.similarity_bits = adaptive, cache, similarity_bits
+        self.caches = {k: SemanticCache(v.cache.sim_threshold, v.cache.margin, capacity, audit_rate,
+                                        seed=seed + k)
+                       for k, v in self.variants.items() if v.cache is not None}
+        self.label = label
+        #: the end stage (its work measured alone × the slowdown) joins the cloud's reported
+        #: compute time as the bottleneck the controller sizes the bits against
+        self.end_slowdown = end_slowdown
+        self.answers: dict[int, Any] = {}      # class -> its last cloud-confirmed output
+        self._ctx: dict[int, tuple] = {}
+        self._lock = threading.Lock()
+        self.bits_used: Counter = Counter()
+        self.plans_used: Counter = Counter()
+        self.hits = self.audits = self.corrections = self.lowered = 0
+
+    # ------------------------------------------------------------------ per frame
+    def prepare(self, i: int, x: tuple) -> Prepared:
+        v = self.variants[self.control.current]
+        ref = v.reference_s
+        if v.end_only:
+            self.plans_used[v.plan_id] += 1
+            return Prepared(None, v.end_module(*x), True, ref)
+        vals = v.end_module(*x)
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        feat, cached, floor = None, None, None
+        cache = self.caches.get(v.plan_id) if self.use_cache else None
+        if cache is not None and self.adaptive and not self._cache_pays(v):
+            cache = None
+        if cache is not None:
+            ref = ref + v.lookup_s if ref is not None else None
+            feat = pooled_features([t for t, b in zip(vals, v.fixed_bits)
+                                    if b is None and isinstance(t, torch.Tensor)], v.cache.grid)
+            with self._lock:
+                r = cache.lookup(feat)
+                answer = self.answers.get(r.label) if r.hit else None
+            if r.hit and answer is not None:
+                self.hits += 1
+                self.plans_used[v.plan_id] += 1
+                if not r.audit:
+                    return Prepared(None, answer, True, ref)
+                self.audits += 1
+                cached = r.label
+            elif self.similarity_bits:
+                floor = v.cache.floor(r.similarity)
+        bits = self.control.bits(v.plan_id, floor, self.end_stage_s(v))
+        per = [v.bits_for(k, bits, floor) for k in range(len(vals))]
+        adaptive_bits = [b for b, f in zip(per, v.fixed_bits) if f is None]
+        if floor is not None and adaptive_bits and min(adaptive_bits) < v.profile.min_bits:
+            self.lowered += 1
+        entries = [quantized_entry(t, b) if isinstance(t, torch.Tensor) else Entry.of_value(t)
+                   for t, b in zip(vals, per)]
+        msg = encode(i, entries, FLAG_CACHE_HIT if cached is not None else 0, v.plan_id)
+        with self._lock:
+            self._ctx[i] = (v.plan_id, feat, cached)
+        if cached is None:
+            self.bits_used[max(adaptive_bits) if adaptive_bits else 32] += 1
+            self.plans_used[v.plan_id] += 1
+            return Prepared(msg, None, False, ref)
+        return Prepared(msg, self.answers[cached], True, ref)
+
+    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+        with self._lock:
+            ctx = self._ctx.pop(i, None)
+            if len(stats) >= 3:
+                self.control.on_result(ctx[0] if ctx else None, stats[1], stats[2], stats[0])
+            try:
+                y = self.label(out)
+            except ValueError:
+                return
+            self.answers[y] = out
+            if ctx is None or ctx[1] is None:
+                return
+            plan_id, feat, cached = ctx
+            cache = self.caches[plan_id]
+            if cached is not None:
+                if not cache.audit(feat, cached, y):
+                    self.corrections += 1
+            else:
+                cache.confirm(feat, y)
+
+    def _cache_pays(self, v: Variant) -> bool:
+        """Whether a lookup is worth its end time now: a hit saves link and cloud time, the
+        lookup costs end time; while the end device is the bottleneck by a margin (a fast
+        link, a quick cloud half) the lookup would only slow the stream down."""
+        mbps = self.control.estimator.mbps
+        if mbps is None or v.reference_s is None:
+            return True
+        end = (v.reference_s + v.lookup_s) * self.end_slowdown
+        link = v.profile.link_seconds(v.profile.min_bits, mbps)
+        return max(link, self.control.cloud_s.get(v.plan_id, 0.0)) > 0.8 * end
+
+    def end_stage_s(self, v: Variant) -> float | None:
+        """The end stage of plan ``v`` on the emulated device (None: not measured)."""
+        if v.reference_s is None:
+            return None
+        return (v.reference_s + (v.lookup_s if self.use_cache else 0.0)) * self.end_slowdown
+
+    # ------------------------------------------------------------------ reporting
+    @property
+    def current(self) -> int:
+        return self.control.current
+
+    @property
+    def switches(self) -> int:
+        return self.control.switches
+
+    def summary(self) -> dict[str, Any]:
+        return {"hits": self.hits, "audits": self.audits, "corrections": self.corrections,
+                "lowered_bits": self.lowered, "switches": self.switches,
+                "bits": dict(sorted(self.bits_used.items())),
+                "plans": dict(sorted(self.plans_used.items())),
+                "estimate_mbps": self.control.estimator.mbps}
+
+
+__all__ = ["OnlinePolicy", "Variant", "CacheSetup", "label_of"]

@@ -1,0 +1,82 @@
+"""compile_online end to end: plans per band sharing weights, calibrated cache, four modes."""
+
+import pytest
+import torch
+
+from coach_fx.digits import digits_splits, load_digits_model
+from coach_fx.online import MODES, band_rates, compile_online
+from coach_fx.runtime.cache import locality_stream
+from coach_fx.runtime.link import InProcessLink
+from coach_fx.settings import Device, Network
+from coach_fx.traces import Trace
+
+
+@pytest.fixture(scope="module")
+def online():
+    model = load_digits_model(32)
+    (_, _), (xc, yc), (xt, yt) = digits_splits(frame=32)
+    om = compile_online(model, (xc[:1],), network=Network(1.0), end=Device("end", 10),
+                        calibration=(xc, yc), accuracy_budget=0.01, bands_mbps=[0.2, 1.0, 50.0],
+                        costs="analytic", progress=False, grid=(2, 4))
+    return model, om, xt, yt
+
+
+def test_plans_per_band_share_the_model_weights(online):
+    model, om, _, _ = online
+    assert len(om.plans) >= 2 and om.fixed in om.plans
+    edges, band_plans = om.bands[True]
+    assert len(band_plans) == len(edges) + 1 and set(band_plans) <= set(om.plans)
+    weights = {p.data_ptr() for p in model.parameters()}
+    for v in om.variants.values():
+        for p in v.end_module.parameters():
+            assert p.data_ptr() in weights       # the model's own tensors, not copies
+    for cloud, _ in om.cloud.values():
+        for p in cloud.parameters():
+            assert p.data_ptr() in weights
+    assert "fixed plan" in om.report()
+
+
+def test_modes_on_a_stream_with_locality(online):
+    model, om, xt, yt = online
+    idx = locality_stream(yt, 150, 10.0, seed=3)
+    frames = [xt[i:i + 1] for i in idx]
+    with torch.no_grad():
+        ref = model(xt[idx]).argmax(1)
+    results = {}
+    for mode in ("fixed", "full"):
+        # a slow link: the cache pays (with a fast one the policy skips lookups while the end
+        # device is the bottleneck)
+        outs, stats, policy = om.stream(frames, mode=mode, link=InProcessLink(0.2, None))
+        pred = torch.cat([o.reshape(1, -1) for o in outs]).argmax(1)
+        results[mode] = (pred, stats, policy)
+        assert stats.n == 150 and len(outs) == 150
+    pred, stats, policy = results["fixed"]
+    assert policy.hits == 0 and stats.answered_on_end == 0
+    assert (pred == ref).float().mean() >= 0.97
+    pred, stats, policy = results["full"]
+    assert policy.hits > 30 and stats.answered_on_end == policy.hits, (policy.summary(), om.report())
+    assert (pred == ref).float().mean() >= 0.97       # hits and fewer bits keep the answers
+    assert stats.bytes_sent < results["fixed"][1].bytes_sent
+
+
+def test_bad_calls_say_what_is_wrong(online):
+    model, om, xt, _ = online
+    with pytest.raises(ValueError, match="calibration"):
+        compile_online(model, (xt[:1],), costs="analytic")
+    with pytest.raises(ValueError, match="mode"):
+        om.policy("fastest")
+    with pytest.raises(Exception, match="expected shape"):
+        om.stream([torch.randn(1, 1, 8, 8)])
+    assert set(MODES) == {"fixed", "adaptive", "cache", "full"}
+
+
+def test_band_rates_and_faster_traces(tmp_path):
+    p = tmp_path / "t.log"
+    p.write_text("".join(f"{i}\t{r}\n" for i, r in enumerate([1, 2, 3, 4, 5, 6, 7, 8, 9, 10])))
+    tr = Trace.load(p)
+    rates = band_rates(Network(tr.mean_mbps, trace=tr))
+    assert rates == sorted(rates) and rates[0] <= 2 and rates[-1] >= 9
+    assert band_rates(Network(4.0)) == [1.0, 2.0, 4.0, 8.0, 16.0]
+    fast = tr.faster(10)
+    assert fast.duration == pytest.approx(tr.duration / 10)
+    assert fast.rate_at(0.25) == tr.rate_at(2.5)
