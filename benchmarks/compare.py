@@ -122,7 +122,8 @@ def profile_of(dag, cell: "Cell", min_bits: int | None, input_bits: int) -> CutP
             raw += d.bytes
     stages = tuple((b, cell.at(b).t_end, cell.at(b).t_cloud) for b in cell.settings.bits
                    if b >= (min_bits or 32)) if quant else None
-    return CutProfile(quant, raw, len(plan.cut), min_bits or 32, max(plan.t_end, plan.t_cloud), stages)
+    return CutProfile(quant, raw, len(plan.cut), min_bits or 32, max(plan.t_end, plan.t_cloud), stages,
+                      end_only=len(plan.end_nodes) == len(dag.nodes))
 
 
 def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition, quick: bool):  # noqa: ANN001

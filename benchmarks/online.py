@@ -18,6 +18,10 @@ compute, emulated link):
 * ``cache``: the fixed plan + the semantic cache (hits answered on the end);
 * ``full``: all of it, and near misses sent with their similarity band's fewer bits.
 
+Traces: norway-hsdpa ``norway_bus_20`` (a bus, 242 s, 0.3-5.3 Mbit/s) and mahimahi-lte
+``ATT-LTE-driving.up`` (1013 s of LTE uplink while driving, with outages: 12 % of the time
+below a tenth of its median).
+
 Ends with ``RESULT online: throughput_gain=... latency_gain=... accuracy_drop=...`` (full over
 fixed; the gains are the smaller of the two traces', the accuracy drop the larger, in
 percentage points against the unquantized model on the same streams).

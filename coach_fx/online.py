@@ -63,18 +63,7 @@ def band_rates(network: Network, n: int = 5) -> list[float]:
     tr = network.trace
     if tr is None or not math.isfinite(tr.duration):
         return [network.uplink_mbps * f for f in (0.25, 0.5, 1.0, 2.0, 4.0)][:n]
-    ends = tr.times[1:] + (tr.duration,)
-    pts = sorted((r, e - s) for r, s, e in zip(tr.mbps, tr.times, ends) if e > s)
-    total = sum(w for _, w in pts)
-    out = []
-    for q in [(k + 0.5) / n for k in range(n)]:
-        acc = 0.0
-        for r, w in pts:
-            acc += w
-            if acc >= q * total:
-                out.append(max(r, 1e-3))
-                break
-    return sorted(set(out))
+    return sorted({max(r, 1e-3) for r in tr.quantiles([(k + 0.5) / n for k in range(n)])})
 
 
 def _batched(fn: Callable[..., Any], inputs: tuple, batch: int) -> list[Any]:
@@ -296,7 +285,7 @@ def _compile(gm: Any, inputs: tuple, dag: Any, settings: Settings, oracle: Accur
         info = cal.info(c)
         p = offline_plan if c == offline else evaluate(
             dag, c, info.min_bits if info.min_bits < 32 else 32, s.network,
-            strategy="coach-online", input_bits=settings.input_bits)
+            strategy="coach-online", input_bits=min(info.min_bits, settings.input_bits))
         cm = CompiledModel(gm, dag, p, s, inputs, oracle)
         if settings.costs == "measured" and settings.calibrate:
             cm.calibrate()
@@ -428,7 +417,9 @@ class _Calibration:
         info = self.info(end_nodes, with_cache)
         if info.min_bits >= 32 and any(b is None for b in info.fixed_bits):
             return None
-        p = evaluate(self.dag, end_nodes, info.min_bits, Network(rate), input_bits=self.settings.input_bits)
+        # model inputs that cross are quantized like the rest, up to their source's bits
+        p = evaluate(self.dag, end_nodes, info.min_bits, Network(rate),
+                     input_bits=min(info.min_bits, self.settings.input_bits))
         t_end, t_cloud = p.t_end, p.t_cloud
         if self.settings.costs == "measured" and not info.boundary.end_only:
             # the per-node sums miss the per-request work around the halves (quantize, encode,

@@ -16,6 +16,7 @@ import bisect
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 MAHIMAHI_PACKET_BYTES = 1500
 
@@ -112,6 +113,25 @@ class Trace:
             i += 1
             if i == len(self.times):
                 i, t, base = 0, 0.0, base + self.duration
+
+    def quantiles(self, qs: Sequence[float]) -> list[float]:
+        """Time-weighted quantiles of the rate (``qs`` in [0, 1])."""
+        if not math.isfinite(self.duration):
+            return [self.mbps[0] for _ in qs]
+        ends = self.times[1:] + (self.duration,)
+        pts = sorted((r, e - s) for r, s, e in zip(self.mbps, self.times, ends) if e > s)
+        total = sum(w for _, w in pts)
+        out = []
+        for q in qs:
+            acc = 0.0
+            for r, w in pts:
+                acc += w
+                if acc >= q * total:
+                    out.append(r)
+                    break
+            else:
+                out.append(pts[-1][0])
+        return out
 
     @property
     def mean_mbps(self) -> float:

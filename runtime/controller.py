@@ -67,6 +67,7 @@ class CutProfile:
     #: 6 bits costs far more than 8 on a large tensor): bits are then chosen for the shortest
     #: period, not only for the link
     stage_s: tuple[tuple[int, float, float], ...] | None = None
+    end_only: bool = False  # nothing crosses: the plan tells nothing about the link
 
     def message_bytes(self, bits: int) -> int:
         body = self.quant_numel * (4 if bits >= 32 else 2 if bits == 16 else 0)
@@ -178,7 +179,7 @@ class OnlineController:
     def __init__(self, profiles: dict[int, CutProfile], edges_mbps: Sequence[float] = (),
                  band_plans: Sequence[int] | None = None, *, start: int = 0, adaptive: bool = True,
                  switching: bool = True, hold: int = 5, window: int = 5, headroom: float = 0.9,
-                 end_s: dict[int, float] | None = None) -> None:
+                 end_s: dict[int, float] | None = None, probe_s: float = 0.5) -> None:
         if start not in profiles:
             raise ValueError(f"start plan {start} is not among the plans {sorted(profiles)}")
         band_plans = list(band_plans) if band_plans is not None else [start] * (len(edges_mbps) + 1)
@@ -195,6 +196,28 @@ class OnlineController:
         self.bit_controllers = {k: BitController(p) for k, p in profiles.items()}
         self.end_s = dict(end_s or {})
         self.cloud_s: dict[int, float] = {}
+        #: on an end-only plan nothing crosses, so no result measures the link: every
+        #: ``probe_s`` one frame goes with the next band's plan, or the controller could never
+        #: see the link recover
+        self.probe_s = probe_s
+        self._last_probe: float | None = None
+        self.probes = 0
+
+    def next_plan(self, now: float) -> int:
+        """The plan for the next frame at time ``now`` (a probe now and then, see above)."""
+        if not self.profiles[self.current].end_only or self.switcher is None:
+            return self.current
+        if self._last_probe is None:
+            self._last_probe = now
+        if now - self._last_probe < self.probe_s:
+            return self.current
+        self._last_probe = now
+        plans = self.switcher.plans
+        above = [p for p in plans[self.switcher.band + 1:] if not self.profiles[p].end_only]
+        if not above:
+            return self.current
+        self.probes += 1
+        return above[0]
 
     def bits(self, plan: int, floor: int | None = None, end_s: float | None = None) -> int | None:
         """Bits for the next request on ``plan`` (None when not adaptive: the offline bits)."""

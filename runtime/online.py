@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -130,7 +132,8 @@ class OnlinePolicy:
                  seed: int = 0, label: Callable[[Any], int] = label_of, end_slowdown: float = 1.0,
                  headroom: float = 0.9) -> None:
         self.variants = {v.plan_id: v for v in variants}
-        self.control = OnlineController({k: v.profile for k, v in self.variants.items()},
+        self.control = OnlineController({k: dataclasses.replace(v.profile, end_only=v.end_only)
+                                         for k, v in self.variants.items()},
                                         edges_mbps, band_plans, start=start, adaptive=adaptive,
                                         switching=switching, hold=hold, window=window,
                                         headroom=headroom)
@@ -151,7 +154,7 @@ class OnlinePolicy:
 
     # ------------------------------------------------------------------ per frame
     def prepare(self, i: int, x: tuple) -> Prepared:
-        v = self.variants[self.control.current]
+        v = self.variants[self.control.next_plan(time.perf_counter())]
         ref = v.reference_s
         if v.end_only:
             self.plans_used[v.plan_id] += 1

@@ -87,7 +87,7 @@ def simulate(plans: dict[int, SimPlan], n: int, trace: Trace | float, *, fps: fl
                 controller.on_result(p, nb, wire, cloud)
         while out_q and out_q[0] <= t:
             out_q.popleft()
-        pid = controller.current if controller is not None else fixed
+        pid = controller.next_plan(t) if controller is not None else fixed
         sp = plans[pid]
         bits = controller.bits(pid, None, sp.t_end) if controller is not None else None
         hit = sp.hit_rate > 0 and rng.random() < sp.hit_rate

@@ -44,3 +44,17 @@ def test_plan_switch_only_after_the_estimate_stays():
     assert sw.plan == 11 and sw.switches == 2
     with pytest.raises(ValueError):
         PlanSwitcher([5.0], [1, 2, 3])
+
+
+def test_an_end_only_band_still_probes_the_link():
+    from coach_fx.runtime.controller import OnlineController
+    local = CutProfile(0, 0, 0, 32, 0.05, end_only=True)
+    split = CutProfile(10_000, 0, 1, 4, 0.01)
+    ctl = OnlineController({0: local, 1: split}, edges_mbps=[1.0], band_plans=[0, 1], start=0,
+                           hold=2, probe_s=0.5)
+    assert ctl.next_plan(0.0) == 0 and ctl.next_plan(0.4) == 0
+    assert ctl.next_plan(0.6) == 1 and ctl.probes == 1      # one frame measures the link
+    assert ctl.next_plan(0.7) == 0
+    for _ in range(2):                                        # the probes find it fast again
+        ctl.on_result(1, 125_000, 0.01, 0.005)
+    assert ctl.current == 1 and ctl.next_plan(0.8) == 1
