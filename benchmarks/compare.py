@@ -292,12 +292,14 @@ def report(rows, real, a, out_dir: Path, elapsed: float, models, slowdowns, cond
     gains, behind = [], []
     for key in settings:
         coach = by[key + ("coach full",)]
+        offline = by[key + ("coach offline",)]
         base = [by[key + (m,)] for m in BASELINES if by[key + (m,)]["within_budget"]]
         best_t = max(base, key=lambda r: r["throughput"])
         best_s = min(base, key=lambda r: r["latency_single_ms"])
         best_30 = min(base, key=lambda r: r["latency_30fps_ms"])
         g = dict(model=key[0], slowdown=key[1], network=key[2],
                  thr=coach["throughput"] / best_t["throughput"], thr_vs=best_t["method"],
+                 thr_offline=offline["throughput"] / best_t["throughput"],
                  single=best_s["latency_single_ms"] / coach["latency_single_ms"], single_vs=best_s["method"],
                  cam30=best_30["latency_30fps_ms"] / coach["latency_30fps_ms"], cam30_vs=best_30["method"])
         gains.append(g)
@@ -339,7 +341,10 @@ def report(rows, real, a, out_dir: Path, elapsed: float, models, slowdowns, cond
     plots = make_plots(rows, models, slowdowns, conds, out_dir)
     write_md(a, rows, gains, behind, head, head_headers, real, elapsed, plots)
     thr = [g["thr"] for g in gains]
-    print(f"\nRESULT compare: min_throughput_ratio={min(thr):.3f} "
+    # the search-space claim is the planner's: coach offline against the best baseline; the
+    # online controller (coach full) is reported beside it
+    print(f"\nRESULT compare: min_throughput_ratio={min(g['thr_offline'] for g in gains):.3f} "
+          f"min_throughput_ratio_full={min(thr):.3f} "
           f"geomean_throughput_gain={geomean(thr):.3f} max_throughput_gain={max(thr):.3f} "
           f"geomean_latency_gain={geomean([g['cam30'] for g in gains]):.3f} "
           f"max_latency_gain={max(g['cam30'] for g in gains):.3f} "
@@ -413,6 +418,11 @@ def write_md(a, rows, gains, behind, head, head_headers, real, elapsed, plots) -
         "camera stream of 300 frames with queueing).",
         "",
         tabulate(head, headers=head_headers, floatfmt=".3f", tablefmt="github"),
+        "",
+        f"Over every cell, throughput against the best baseline within the budget: coach offline "
+        f"(the planner; its search space holds every baseline plan) at least "
+        f"{min(g['thr_offline'] for g in gains):.3f}x, coach full (the online controller on top) at "
+        f"least {min(g['thr'] for g in gains):.3f}x.",
         "",
     ]
     if plots:

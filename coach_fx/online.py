@@ -46,7 +46,7 @@ from coach_fx.settings import Network, Settings
 
 #: A band gets its own plan only when that plan's period there is this much shorter than the
 #: offline plan's.
-SWITCH_GAIN = 0.95
+SWITCH_GAIN = 0.9
 
 #: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants).
 MODES = {

@@ -223,8 +223,13 @@ class OnlineController:
         """Bits for the next request on ``plan`` (None when not adaptive: the offline bits)."""
         if not self.adaptive:
             return None
-        return self.bit_controllers[plan].choose(self.estimator.mbps, floor,
-                                                 self.compute_s(plan, end_s), self.headroom)
+        # quick down, slow up: the latest sample alone can lower the estimate (a drop shows at
+        # once), only the harmonic mean of the window can raise it
+        est = self.estimator.mbps
+        if est is not None and self.estimator.samples:
+            est = min(est, self.estimator.samples[-1])
+        return self.bit_controllers[plan].choose(est, floor, self.compute_s(plan, end_s),
+                                                 self.headroom)
 
     def compute_s(self, plan: int, end_s: float | None = None) -> float:
         """The compute bottleneck of ``plan`` as measured so far."""
