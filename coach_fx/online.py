@@ -499,14 +499,6 @@ def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = N
                    cache=info.cache, end_only=info.boundary.end_only, caps=info.caps)
 
 
-def _roundtrip(t: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits >= 32 or not t.is_floating_point():
-        return t
-    ops = torch.ops.coach
-    codes, scale, zero = ops.quantize(t, bits)
-    return ops.dequantize(codes, scale, zero, bits, t.dtype)
-
-
 def _quiet_time(fn: Callable[[], Any], repeat: int = 30, warmup: int = 10) -> float:
     """The time of ``fn`` alone on this host: the lower quartile of ``repeat`` runs. On a
     shared machine the upper runs carry other processes' load; the emulated device's time is

@@ -179,30 +179,6 @@ class SemanticCache:
         self.confirm(feat, cloud)
         return False
 
-    @staticmethod
-    def calibrate(feats: torch.Tensor, labels: torch.Tensor, budget: float,
-                  sims: Sequence[float] = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99),
-                  margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15)) -> tuple[float, float, float]:
-        """(sim_threshold, margin, hit rate) that maximize hits while the share of samples a
-        hit would answer wrongly stays within ``budget``; centers from the same samples'
-        labels (the cloud's answers on calibration data), every class present."""
-        classes = sorted(set(labels.tolist()))
-        centers = torch.stack([torch.nn.functional.normalize(feats[labels == c].mean(0), dim=0)
-                               for c in classes])
-        s = feats @ centers.T
-        top2 = s.topk(min(2, len(classes)), dim=1)
-        top = top2.values[:, 0]
-        margin = top - (top2.values[:, 1] if len(classes) > 1 else -1.0)
-        pred = torch.tensor(classes)[top2.indices[:, 0]]
-        wrong = pred != labels
-        best = (1.0, 1.0, 0.0)
-        for st in sims:
-            for mg in margins:
-                hit = (top >= st) & (margin >= mg)
-                if (hit & wrong).float().mean().item() <= budget and hit.float().mean().item() > best[2]:
-                    best = (st, mg, hit.float().mean().item())
-        return best
-
     def replay(self, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int]) -> tuple[int, int]:
         """Run ``stream`` (sample indices) through this cache as the end worker would: misses
         and audits learn the label; returns (hits, wrong hits)."""

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from coach_fx.runtime.cache import SemanticCache, pooled_features
+from coach_fx.runtime.cache import SemanticCache, locality_stream, pooled_features
 
 
 def unit(*xs):
@@ -52,5 +52,10 @@ def test_pooled_features_and_calibration():
     protos = torch.nn.functional.normalize(torch.randn(5, 16, generator=g), dim=1)
     labels = torch.arange(5).repeat(40)
     feats = torch.nn.functional.normalize(protos[labels] + 0.3 * torch.randn(200, 16, generator=g), dim=1)
-    st, mg, rate = SemanticCache.calibrate(feats, labels, budget=0.005)
-    assert 0 < rate <= 1 and st >= 0.8
+    streams = [locality_stream(labels[h::2], 400, 10.0, seed=h) for h in (0, 1)]
+    streams = [[2 * i + h for i in s] for h, s in zip((0, 1), streams)]
+    st, mg, rate = SemanticCache.calibrate_on_stream(feats, labels, streams, budget=0.01, capacity=3)
+    assert 0 < rate <= 1 and st >= 0.7
+    cache = SemanticCache(st, mg, capacity=3, audit_rate=0.0)
+    hits, wrong = cache.replay(feats, labels, streams[0])
+    assert wrong + 1 <= 0.01 * len(streams[0]) and hits > 0
