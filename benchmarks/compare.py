@@ -126,7 +126,7 @@ def profile_of(dag, cell: "Cell", min_bits: int | None, input_bits: int) -> CutP
                       end_only=len(plan.end_nodes) == len(dag.nodes))
 
 
-def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition, quick: bool):  # noqa: ANN001
+def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # noqa: ANN001
     """Plans of every method for one setting -> {method: (cells by plan id, controller, start)}."""
     s = dataclasses.replace(settings, network=cond.network)
     out = {}
@@ -240,7 +240,7 @@ def main() -> None:
                 oracle = AccuracyOracle(gm, dag, settings, inputs)
             for cond in conds:
                 bar.update(done, total, f"{name} x{sd:g} {cond.name}")
-                methods = run_cells(gm, inputs, dag, oracle, settings, cond, a.quick)
+                methods = run_cells(gm, inputs, dag, oracle, settings, cond)
                 off = methods["coach offline"][3]
                 n_trace = int(min(MAX_FRAMES, max(200, cond.trace.duration / max(off.period, 1e-4))))
                 for m, (cells, control, _, plan) in methods.items():

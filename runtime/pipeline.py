@@ -480,7 +480,10 @@ class _StreamState:
     def send(self, i: int, x: tuple) -> bool:
         """Compute the end half and queue the message; False if the link is down."""
         w = self.w
-        if isinstance(w.policy, StaticPolicy):
+        # a policy that may answer on the end prepares first, so that its answers go on while
+        # the link is stalled; what it sends then waits for room in flight
+        wait_first = isinstance(w.policy, StaticPolicy)
+        if wait_first:
             self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
         if not self.up:
             return False
@@ -499,9 +502,7 @@ class _StreamState:
             if prep.msg is None:
                 return True
         msg = prep.msg
-        if not isinstance(w.policy, StaticPolicy):
-            # a policy may answer on the end: it prepares first, so that its answers go on
-            # while the link is stalled; what it sends waits for room in flight
+        if not wait_first:
             self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
         with self.cv:
             if not self.up:
