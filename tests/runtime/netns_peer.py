@@ -2,7 +2,7 @@
 
     python netns_peer.py end|cloud HOST PORT SECONDS LOGFILE
 
-The end sends 64 KB messages as fast as the link takes them for SECONDS; the cloud logs the
+The end sends 16 KB messages as fast as the link takes them for SECONDS; the cloud logs the
 monotonic time and size of every message it receives (JSON lines) until the end says stop.
 """
 
@@ -15,7 +15,7 @@ from coach_fx.runtime.link import GlooEndpoint
 role, host, port, seconds, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 ep = GlooEndpoint(role, host, port, timeout_s=60)
 if role == "end":
-    msg = b"x" * 65536
+    msg = b"x" * 16384
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
         ep.send(msg)
