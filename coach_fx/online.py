@@ -26,10 +26,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -104,20 +105,35 @@ class OnlineModel:
                             hold=self.hold, seed=seed, end_slowdown=self.settings.end.slowdown,
                             **MODES[mode])
 
-    def stream(self, frames: Sequence[Any], *, mode: str = "full", link: Any = None,
-               timeout_s: float = 30.0, queue_size: int = 2, seed: int = 0) -> tuple[list[Any], Any, Any]:
+    def stream(self, frames: Iterable[Any], *, mode: str = "full", link: Any = None,
+               timeout_s: float = 30.0, queue_size: int = 2, seed: int = 0,
+               duration_s: float | None = None) -> tuple[list[Any], Any, Any]:
         """Run ``frames`` end -> link -> cloud in-process with the online policy of ``mode``.
 
         The link defaults to an in-process one following the compile-time network (its trace).
+        ``duration_s``: stop taking frames once this long has passed since the first (a stream
+        over a fixed stretch of a trace: every mode then sees the same bandwidth over the same
+        time, however fast it goes); the frames taken are all answered.
         Returns (outputs in order, :class:`~coach_fx.runtime.pipeline.Stats`, the policy, whose
         ``summary()`` tells hits, bits and switches).
         """
         from coach_fx.runtime.link import InProcessLink
         from coach_fx.runtime.pipeline import CloudWorker, EndWorker, run_session
 
-        xs = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in frames]
-        for x in xs:
-            _check(x, self.example_inputs)
+        def feed() -> Iterator[tuple]:
+            stop = None
+            for x in frames:
+                x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+                _check(x, self.example_inputs)
+                if duration_s is not None:
+                    now = time.perf_counter()
+                    if stop is None:
+                        stop = now + duration_s
+                    elif now >= stop:
+                        return
+                yield x
+
+        xs = feed()
         link = link or InProcessLink.for_network(self.settings.network)
         policy = self.policy(mode, seed)
         with torch_threads(self.settings.threads):
@@ -145,15 +161,18 @@ class OnlineModel:
         for pid, p in self.plans.items():
             v = self.variants[pid]
             c = v.cache
+            slow = self.settings.end.slowdown * 1e3
             rows.append([pid, ", ".join(p.cut) or "nothing (end-only)", v.profile.min_bits,
-                         (v.reference_s or 0) * self.settings.end.slowdown * 1e3, p.t_cloud * 1e3,
+                         (v.reference_s or 0) * slow,
+                         f"+{v.lookup_s * slow:.2f} / {v.hit_s * slow:.2f}" if v.hit_s is not None else "-",
+                         p.t_cloud * 1e3,
                          f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
                          if c else "off",
                          " ".join(f"{e}:{b}b" for e, b in c.bits_by_similarity) if c else "-"])
         head = (f"online plans: {len(self.plans)} distinct; fixed plan {self.fixed} (for the network "
                 f"as given, {self.settings.network.uplink_mbps:.2f} Mbit/s)\n" + "\n".join(out))
         return head + "\n" + tabulate(rows, headers=["plan", "cut", "min bits", "end ms",
-                                                     "cloud ms", "cache hits (calib.)",
+                                                     "lookup / hit ms", "cloud ms", "cache hits (calib.)",
                                                      "similarity -> bits"], floatfmt=".2f")
 
 
@@ -295,6 +314,7 @@ def _compile(gm: Any, inputs: tuple, dag: Any, settings: Settings, oracle: Accur
         v.reference_s = cal.end_host_s(c, cache=False)
         if v.cache is not None:
             v.lookup_s = max(0.0, cal.end_host_s(c) - v.reference_s)
+            v.hit_s = cal.end_host_s(c, hit=True)
         plans[pid], variants[pid] = cm.plan, v
         cloud_plans[pid] = (info.cloud, info.boundary)
     return OnlineModel(gm, dag, settings, plans, variants, cloud_plans, bands, ids[offline],
@@ -433,18 +453,28 @@ class _Calibration:
         # runtime skips lookups while they do not pay, so never worse than without)
         sent = 1.0 - info.cache.hit_rate * (1 - self.audit_rate)
         if self.settings.costs == "measured":
-            t_end = self.end_host_s(end_nodes, True) * self.settings.end.slowdown
+            t_end = self.end_cached_s(end_nodes) * self.settings.end.slowdown
         cached = (max(t_end, p.t_link * sent, t_cloud * sent), t_end + sent * (p.t_link + t_cloud))
         return min(plain, cached)
 
-    def end_host_s(self, end_nodes: tuple, cache: bool = True) -> float:
+    def end_host_s(self, end_nodes: tuple, cache: bool = True, hit: bool = False) -> float:
         """The end side's work per request on this host (see ``_reference``); memoized."""
-        key = ("end", end_nodes, cache)
+        key = ("end", end_nodes, cache, hit)
         if key not in self._times:
             info = self.info(end_nodes, cache)
+            use = cache and info.cache is not None
             self._times[key] = _reference(_variant(0, info, 0.0), self.example, self.capacity,
-                                          cache and info.cache is not None)
+                                          use, hit and use)
         return self._times[key]
+
+    def end_cached_s(self, end_nodes: tuple) -> float:
+        """The mean end work per request on this host with the cache: a hit answered on the end
+        skips quantize and encode; an audited hit and a miss do all of it (calibrated hit rate)."""
+        info = self.info(end_nodes)
+        if info.cache is None:
+            return self.end_host_s(end_nodes, cache=False)
+        answered = info.cache.hit_rate * (1 - self.audit_rate)
+        return answered * self.end_host_s(end_nodes, hit=True) + (1 - answered) * self.end_host_s(end_nodes)
 
     def cloud_host_s(self, end_nodes: tuple) -> float:
         """The cloud half on one request's crossing values, on this host; memoized."""
@@ -499,36 +529,54 @@ def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = N
                    cache=info.cache, end_only=info.boundary.end_only, caps=info.caps)
 
 
-def _quiet_time(fn: Callable[[], Any], repeat: int = 30, warmup: int = 10) -> float:
-    """The time of ``fn`` alone on this host: the lower quartile of ``repeat`` runs. On a
-    shared machine the upper runs carry other processes' load; the emulated device's time is
-    this × its slowdown, so that noise would be multiplied too."""
-    ts = []
-    for k in range(warmup + repeat):
-        t0 = time.perf_counter()
-        fn()
-        if k >= warmup:
-            ts.append(time.perf_counter() - t0)
-    return statistics.quantiles(ts, n=4)[0]
+def _quiet_time(fn: Callable[[], Any], repeat: int = 20, warmup: int = 10, rounds: int = 6) -> float:
+    """The time of ``fn`` alone on this host: the lowest of ``rounds`` lower quartiles of
+    ``repeat`` runs each, with the garbage collector held off (as ``timeit`` does). On a
+    shared machine runs carry other processes' load, sometimes for a whole round; the emulated
+    device's time is this × its slowdown, so that noise would be multiplied too, and would
+    decide between plans."""
+    best = math.inf
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            ts = []
+            for k in range(warmup + repeat):
+                t0 = time.perf_counter()
+                fn()
+                if k >= warmup:
+                    ts.append(time.perf_counter() - t0)
+            best = min(best, statistics.quantiles(ts, n=4)[0])
+            warmup = 0
+    finally:
+        if was:
+            gc.enable()
+    return best
 
 
-def _reference(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> float:
-    """The end side's work for one request on this host (end half, with ``cache`` the lookup
-    against a full cache, quantize, encode), measured alone (``_quiet_time``)."""
+def _reference(v: Any, inputs: tuple, capacity: int, cache: bool = True, hit: bool = False) -> float:
+    """The end side's work for one request on this host, measured alone (``_quiet_time``):
+    end half, quantize, encode; with ``cache`` also the lookup against a full cache whose
+    centers nothing hits; with ``hit`` the path of a hit answered on the end instead (end half
+    and lookup: nothing quantized, nothing encoded)."""
     from coach_fx.runtime.online import OnlinePolicy
     policy = OnlinePolicy([v], start=v.plan_id, switching=False, capacity=capacity, audit_rate=0.0,
                           cache=cache)
     x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
     store = policy.caches.get(v.plan_id) if cache else None
-    if store is not None:   # a full cache, with centers nothing hits, so each run does all the work
+    if store is not None:
         from coach_fx.runtime.cache import pooled_features
         vals = v.end_module(*x)
         vals = vals if isinstance(vals, tuple) else (vals,)
         f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
         rng = np.random.default_rng(0)
-        for k in range(capacity):
+        for k in range(capacity):   # a full cache of centers far from this input: all miss
             far = -(f + rng.random(f.shape))
-            store.confirm(far / np.linalg.norm(far), k)
+            store.confirm(far / np.linalg.norm(far), k + 1 if hit else k)
+        if hit:                     # ... but one: the input's own class
+            store.centers.pop(min(store.centers), None)
+            store.confirm(f, 0)
+            policy.answers[0] = torch.zeros(1)
     with torch.no_grad():
         return _quiet_time(lambda: policy.prepare(0, x))
 

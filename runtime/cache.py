@@ -36,25 +36,32 @@ def pooled_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarra
     (to ``grid`` x ``grid`` cells for images: 2 keeps the coarse layout that tells a 6 from a
     9, which a global mean loses), each part normalized, then joined.
 
-    numpy, not torch: on a slow end device torch's per-op overhead would cost more than the
-    arithmetic on these few small tensors (it is paid on every request).
+    It runs on every request on the (slow) end device, so it is a handful of calls: one
+    pooling op in torch for an image, the norms in numpy (torch's per-op overhead would cost
+    more than the arithmetic on these short vectors).
     """
     parts = []
     for t in tensors:
-        a = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
-        if a.ndim == 4 and grid > 1:
-            n, c, h, w = a.shape
-            if h % grid == 0 and w % grid == 0:
-                a = a.reshape(n, c, grid, h // grid, grid, w // grid).mean(axis=(3, 5))
-            else:
-                a = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(a), grid).numpy()
-            a = a.reshape(n, -1)
-        elif a.ndim > 2:
+        if isinstance(t, torch.Tensor):
+            t = t.detach().float().cpu()
+            if t.dim() == 4:
+                h, w = t.shape[2:]
+                g = grid if grid > 1 else 1
+                t = (torch.nn.functional.avg_pool2d(t, (h // g, w // g)) if h % g == 0 and w % g == 0
+                     else torch.nn.functional.adaptive_avg_pool2d(t, g))
+            a = t.numpy()
+        else:
+            a = np.asarray(t, np.float32)
+        if a.ndim > 2 and not (a.ndim == 4 and isinstance(t, torch.Tensor)):
             a = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2)
         a = a.reshape(a.shape[0], -1) if a.ndim else a.reshape(1, 1)
-        parts.append(a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12))
-    v = np.concatenate(parts, axis=1)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        parts.append(a)
+    if len(parts) == 1:
+        v = parts[0]
+    else:
+        v = np.concatenate([a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+                            for a in parts], axis=1)
+    v = v / np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v))[:, None], 1e-12)
     return v[0] if v.shape[0] == 1 else v
 
 
@@ -136,10 +143,11 @@ class SemanticCache:
         if not self.centers:
             return Lookup(None, None, 0.0, 0.0, False)
         labels, m = self._centers()
-        sims = m @ _vec(feat)
-        i = int(np.argmax(sims))
-        top = float(sims[i])
-        second = float(np.max(np.delete(sims, i))) if len(labels) > 1 else -1.0
+        # a handful of centers: the top two in plain Python beat numpy's per-call overhead
+        sims = (m @ _vec(feat)).tolist()
+        i = max(range(len(sims)), key=sims.__getitem__)
+        top = sims[i]
+        second = max((x for j, x in enumerate(sims) if j != i), default=-1.0)
         best = labels[i]
         hit = top >= self.sim_threshold and top - second >= self.margin
         if not hit:

@@ -77,6 +77,9 @@ class Variant:
     cache: CacheSetup | None = None
     reference_s: float | None = None  # end work on this host, measured alone (no cache)
     lookup_s: float = 0.0             # what the cache lookup adds to it
+    #: end work of a hit answered on the end (end half and lookup; nothing quantized or
+    #: encoded), measured alone; None: charged like a miss
+    hit_s: float | None = None
     end_only: bool = False            # the end half returns the model's output: nothing to send
     #: per crossing, the most bits worth sending (a model input: the bits of its source, as
     #: an 8-bit camera frame gains nothing from 32); None: no limit
@@ -151,6 +154,9 @@ class OnlinePolicy:
         self.bits_used: Counter = Counter()
         self.plans_used: Counter = Counter()
         self.hits = self.audits = self.corrections = self.lowered = 0
+        self.audit_rate = audit_rate
+        self._looked: Counter = Counter()
+        self._answered: Counter = Counter()
 
     # ------------------------------------------------------------------ per frame
     def prepare(self, i: int, x: tuple) -> Prepared:
@@ -172,11 +178,13 @@ class OnlinePolicy:
             with self._lock:
                 r = cache.lookup(feat)
                 answer = self.answers.get(r.label) if r.hit else None
+            self._looked[v.plan_id] += 1
             if r.hit and answer is not None:
                 self.hits += 1
                 self.plans_used[v.plan_id] += 1
                 if not r.audit:
-                    return Prepared(None, answer, True, ref)
+                    self._answered[v.plan_id] += 1
+                    return Prepared(None, answer, True, v.hit_s if v.hit_s is not None else ref)
                 self.audits += 1
                 cached = r.label
             elif self.similarity_bits:
@@ -217,14 +225,32 @@ class OnlinePolicy:
             else:
                 cache.confirm(feat, y)
 
+    def answered_share(self, v: Variant) -> float:
+        """The share of plan ``v``'s lookups answered on the end (hits not audited): the
+        calibrated rate, worth 20 lookups, updated with what this stream has seen."""
+        if v.cache is None:
+            return 0.0
+        prior = v.cache.hit_rate * (1 - self.audit_rate)
+        looked, answered = self._looked.get(v.plan_id, 0), self._answered.get(v.plan_id, 0)
+        return (answered + 20 * prior) / (looked + 20)
+
+    def _cached_end_s(self, v: Variant) -> float:
+        """Mean end work per request on this host with lookups: a hit answered on the end
+        skips quantize and encode, a miss pays the lookup on top of them."""
+        h = self.answered_share(v)
+        miss = v.reference_s + v.lookup_s
+        return h * (v.hit_s if v.hit_s is not None else miss) + (1 - h) * miss
+
     def _cache_pays(self, v: Variant) -> bool:
-        """Whether a lookup is worth its end time now: a hit saves link and cloud time, the
-        lookup costs end time; while the end device is the bottleneck by a margin (a fast
-        link, a quick cloud half) the lookup would only slow the stream down."""
+        """Whether a lookup is worth its end time now: a hit saves link and cloud time (and the
+        end's quantize and encode), a miss costs the lookup; while the end device is the
+        bottleneck by a margin and lookups cost it more than its hits save, skip them."""
         mbps = self.control.estimator.mbps
         if mbps is None or v.reference_s is None:
             return True
-        end = (v.reference_s + v.lookup_s) * self.end_slowdown
+        if self._cached_end_s(v) <= v.reference_s:
+            return True
+        end = self._cached_end_s(v) * self.end_slowdown
         link = v.profile.link_seconds(v.profile.min_bits, mbps)
         return max(link, self.control.cloud_s.get(v.plan_id, 0.0)) > 0.8 * end
 
@@ -232,7 +258,9 @@ class OnlinePolicy:
         """The end stage of plan ``v`` on the emulated device (None: not measured)."""
         if v.reference_s is None:
             return None
-        return (v.reference_s + (v.lookup_s if self.use_cache else 0.0)) * self.end_slowdown
+        if self.use_cache and v.cache is not None:
+            return self._cached_end_s(v) * self.end_slowdown
+        return v.reference_s * self.end_slowdown
 
     # ------------------------------------------------------------------ reporting
     @property

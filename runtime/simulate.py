@@ -49,6 +49,8 @@ class SimPlan:
     #: end stage at the given bits, when quantizing costs differ by width (default: t_end)
     t_end_at: Callable[[int | None], float] | None = None
     hit_rate: float = 0.0                     # share of frames the semantic cache answers
+    #: end stage of a hit answered on the end (no quantize, no encode); None: ``t_end``
+    t_hit: float | None = None
 
 
 def simulate(plans: dict[int, SimPlan], n: int, trace: Trace | float, *, fps: float | None = None,
@@ -98,6 +100,8 @@ def simulate(plans: dict[int, SimPlan], n: int, trace: Trace | float, *, fps: fl
                 while out_q and out_q[0] <= t:
                     out_q.popleft()
         t_end = sp.t_end_at(bits) if sp.t_end_at is not None else sp.t_end
+        if hit and not audit and sp.t_hit is not None:
+            t_end = sp.t_hit
         e_end = t + t_end
         busy_end += t_end
         started.append(arrival if fps else taken)

@@ -103,6 +103,27 @@ def test_a_hit_answers_on_the_end_and_sends_nothing(split):
     assert decode(other.msg)[3][0].bits in (2, 4)
 
 
+def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_time(split):
+    model, gm, dag, x = split
+    v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=cache_setup())
+    # end half 1 ms, lookup +0.2 ms, a hit skips quantize + encode: 0.5 ms in all
+    v.reference_s, v.lookup_s, v.hit_s = 1e-3, 2e-4, 5e-4
+    policy = OnlinePolicy([v], audit_rate=0.0, end_slowdown=10.0)
+    miss = policy.prepare(0, (x,))
+    assert miss.reference_s == pytest.approx(1.2e-3)          # end half + lookup + send
+    policy.on_result(0, model(x), [0.001, 100.0, 1e-6], False)  # a very fast link: end-bound
+    hit = policy.prepare(1, (x,))
+    assert hit.answered and hit.msg is None
+    assert hit.reference_s == pytest.approx(5e-4)
+    # a calibrated 50 % hit rate: 0.5 x 0.5 + 0.5 x 1.2 = 0.85 ms < 1 ms without lookups, so
+    # lookups go on although the end is the bottleneck
+    assert policy.end_stage_s(v) < v.reference_s * 10
+    assert policy._cache_pays(v)
+    # with hits as dear as misses they would only slow an end-bound stream down
+    v.hit_s = 1.2e-3
+    assert not policy._cache_pays(v)
+
+
 def test_audited_hit_is_sent_flagged_and_a_wrong_center_corrected(split):
     model, gm, dag, x = split
     v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=cache_setup())

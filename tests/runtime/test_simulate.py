@@ -44,6 +44,11 @@ def test_end_only_and_hits_never_touch_the_link():
     hits = simulate(plan(0.002, 0.002, 50_000, hit_rate=0.5), 2000, 20.0, audit_rate=0.0)
     assert 0.4 < hits.answered_on_end / 2000 < 0.6
     assert hits.bytes_sent < 0.6 * 2000 * 50_000
+    # a hit answered on the end costs only its own end work: on a fast link, end-bound
+    cheap = simulate(plan(0.004, 0.001, 1_000, hit_rate=0.5, t_hit=0.002), 2000, 100.0, audit_rate=0.0)
+    dear = simulate(plan(0.004, 0.001, 1_000, hit_rate=0.5), 2000, 100.0, audit_rate=0.0)
+    assert dear.throughput == pytest.approx(250, rel=0.01)
+    assert cheap.throughput == pytest.approx(1 / (0.5 * 0.004 + 0.5 * 0.002), rel=0.05)
 
 
 def test_hours_of_trace_in_seconds(tmp_path):
