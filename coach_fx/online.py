@@ -470,11 +470,12 @@ class _Calibration:
     def end_cached_s(self, end_nodes: tuple) -> float:
         """The mean end work per request on this host with the cache: a hit answered on the end
         skips quantize and encode; an audited hit and a miss do all of it (calibrated hit rate)."""
+        from coach_fx.runtime.online import mean_end_s
         info = self.info(end_nodes)
         if info.cache is None:
             return self.end_host_s(end_nodes, cache=False)
-        answered = info.cache.hit_rate * (1 - self.audit_rate)
-        return answered * self.end_host_s(end_nodes, hit=True) + (1 - answered) * self.end_host_s(end_nodes)
+        return mean_end_s(self.end_host_s(end_nodes), self.end_host_s(end_nodes, hit=True),
+                          info.cache.hit_rate * (1 - self.audit_rate))
 
     def cloud_host_s(self, end_nodes: tuple) -> float:
         """The cloud half on one request's crossing values, on this host; memoized."""
@@ -570,11 +571,12 @@ def _reference(v: Any, inputs: tuple, capacity: int, cache: bool = True, hit: bo
         vals = vals if isinstance(vals, tuple) else (vals,)
         f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
         rng = np.random.default_rng(0)
-        for k in range(capacity):   # a full cache of centers far from this input: all miss
+        # a full cache of centers far from this input, so that it misses; for ``hit`` one of
+        # them is the input's own class instead
+        for k in range(1 if hit else 0, capacity):
             far = -(f + rng.random(f.shape))
-            store.confirm(far / np.linalg.norm(far), k + 1 if hit else k)
-        if hit:                     # ... but one: the input's own class
-            store.centers.pop(min(store.centers), None)
+            store.confirm(far / np.linalg.norm(far), k)
+        if hit:
             store.confirm(f, 0)
             policy.answers[0] = torch.zeros(1)
     with torch.no_grad():

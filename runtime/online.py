@@ -112,6 +112,13 @@ class Variant:
         return min(bits, cap) if cap is not None else bits
 
 
+def mean_end_s(miss_s: float, hit_s: float, answered: float) -> float:
+    """Mean end work per request with cache lookups: the ``answered`` share are hits answered
+    on the end (end half and lookup only), the rest (misses, audited hits) pays the lookup on
+    top of quantize and encode."""
+    return answered * hit_s + (1 - answered) * miss_s
+
+
 def label_of(out: Any) -> int:
     """The class a classifier's output names: argmax of its first tensor."""
     leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -235,11 +242,8 @@ class OnlinePolicy:
         return (answered + 20 * prior) / (looked + 20)
 
     def _cached_end_s(self, v: Variant) -> float:
-        """Mean end work per request on this host with lookups: a hit answered on the end
-        skips quantize and encode, a miss pays the lookup on top of them."""
-        h = self.answered_share(v)
         miss = v.reference_s + v.lookup_s
-        return h * (v.hit_s if v.hit_s is not None else miss) + (1 - h) * miss
+        return mean_end_s(miss, v.hit_s if v.hit_s is not None else miss, self.answered_share(v))
 
     def _cache_pays(self, v: Variant) -> bool:
         """Whether a lookup is worth its end time now: a hit saves link and cloud time (and the
@@ -279,4 +283,4 @@ class OnlinePolicy:
                 "estimate_mbps": self.control.estimator.mbps}
 
 
-__all__ = ["OnlinePolicy", "Variant", "CacheSetup", "label_of"]
+__all__ = ["OnlinePolicy", "Variant", "CacheSetup", "label_of", "mean_end_s"]
