@@ -1,6 +1,6 @@
 """Online benchmark: bandwidth control, plan switching and the semantic cache on real traces.
 
-    python benchmarks/online.py [--speed 10] [--frames N] [--quick]
+    python benchmarks/online.py [--speed 10] [--frames N] [--quick] [--trace NAME] [--scale X]
 
 The model is the digits network seen by a camera (``CameraDigitsNet``: scikit-learn's digits
 upsampled to 32x32 frames, trained here; 99.4 % test accuracy). Request streams come from the
@@ -80,6 +80,10 @@ def main() -> None:
     ap.add_argument("--speed", type=float, default=10.0)
     ap.add_argument("--budget", type=float, default=0.005, help="accuracy budget (top-1 drop)")
     ap.add_argument("--quick", action="store_true", help="1500 frames")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="use this rate scale instead of searching for half link-bound time")
+    ap.add_argument("--trace", choices=sorted(TRACES), action="append",
+                    help="run only this trace (repeatable; default: both)")
     a = ap.parse_args()
     if a.quick:
         a.frames = 1500
@@ -100,13 +104,16 @@ def main() -> None:
 
     rows, summary = [], {}
     for k, (tname, rel) in enumerate(TRACES.items()):
+        if a.trace and tname not in a.trace:
+            continue
         raw = Trace.load(SHARED / rel, bin_s=1.0)
         # the offline plan depends on the trace's mean and its break-even rate on the plan:
         # scale the trace to put its median at the break-even, compile, and repeat (at most
         # four times) until the fixed plan's link is the bottleneck 40-60 % of the time; else
         # keep the attempt closest to half
         scale, t1, tried = 1.0, time.perf_counter(), []
-        for attempt in range(4):
+        for attempt in range(1 if a.scale else 4):
+            scale = a.scale or scale
             trace = Trace.load(SHARED / rel, scale=scale, bin_s=1.0)
             om = compile_online(model, (xc[:1],), network=Network(trace.mean_mbps, trace=trace),
                                 end=Device("end", SLOWDOWN), calibration=(xc, yc),
@@ -145,15 +152,16 @@ def main() -> None:
             s = pol.summary()
             lat = st.latencies
             res[mode] = dict(thr=st.throughput, mean=statistics.fmean(lat), p95=st.pct(0.95), acc=acc,
-                             ref=ref_acc, hit=s["hits"] / n, kb=st.bytes_sent / n / 1e3)
+                             ref=ref_acc, hit=s["hits"] / n, kb=st.bytes_sent / n / 1e3,
+                             local=st.finished_on_end / n)
             bits = " ".join(f"{b}:{c}" for b, c in s["bits"].items())
             plans = " ".join(f"{p}:{c}" for p, c in s["plans"].items())
             rows.append([tname, mode, n, res[mode]["mean"] * 1e3, res[mode]["p95"] * 1e3, st.throughput,
                          acc * 100, (ref_acc - acc) * 100, s["hits"] / n * 100,
-                         res[mode]["kb"], s["switches"], plans, bits])
+                         res[mode]["local"] * 100, res[mode]["kb"], s["switches"], plans, bits])
             print(f"  {mode:<9} {n:6d} frames {st.throughput:7.1f}/s  mean {res[mode]['mean'] * 1e3:6.2f} ms  "
                   f"acc {acc:.4f}  hits {s['hits']}  audits {s['audits']}  corrections {s['corrections']}  "
-                  f"lowered {s['lowered_bits']}  switches {s['switches']}  plans {plans}  bits {bits}",
+                  f"lowered {s['lowered_bits']}  finished on end {st.finished_on_end}  switches {s['switches']}  plans {plans}  bits {bits}",
                   flush=True)
         summary[tname] = dict(thr=res["full"]["thr"] / res["fixed"]["thr"],
                               lat=res["fixed"]["mean"] / res["full"]["mean"],
@@ -162,7 +170,7 @@ def main() -> None:
                               share=share)
     print()
     print(tabulate(rows, headers=["trace", "variant", "frames", "mean ms", "p95 ms", "throughput /s",
-                                  "accuracy %", "drop pp", "hit %", "KB / req", "switches",
+                                  "accuracy %", "drop pp", "hit %", "on end %", "KB / req", "switches",
                                   "plan: requests", "bits: requests"], floatfmt=".2f"))
     print()
     print(tabulate([[t, f"x{d['scale']:.3f}", f"{d['share']:.0%}", d["thr"], d["lat"], d["ref"] * 100,

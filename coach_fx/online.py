@@ -49,12 +49,14 @@ from coach_fx.settings import Network, Settings
 #: offline plan's.
 SWITCH_GAIN = 0.9
 
-#: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants).
+#: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants). ``local``
+#: (with adaptive control): a request that finds the link backlogged or stalled is finished on
+#: the end device instead of waiting (per request, the end-only plan for the rest of the model).
 MODES = {
-    "fixed": dict(adaptive=False, switching=False, cache=False, similarity_bits=False),
-    "adaptive": dict(adaptive=True, switching=True, cache=False, similarity_bits=False),
-    "cache": dict(adaptive=False, switching=False, cache=True, similarity_bits=False),
-    "full": dict(adaptive=True, switching=True, cache=True, similarity_bits=True),
+    "fixed": dict(adaptive=False, switching=False, cache=False, similarity_bits=False, local=False),
+    "adaptive": dict(adaptive=True, switching=True, cache=False, similarity_bits=False, local=True),
+    "cache": dict(adaptive=False, switching=False, cache=True, similarity_bits=False, local=False),
+    "full": dict(adaptive=True, switching=True, cache=True, similarity_bits=True, local=True),
 }
 
 
@@ -166,13 +168,15 @@ class OnlineModel:
                          (v.reference_s or 0) * slow,
                          f"+{v.lookup_s * slow:.2f} / {v.hit_s * slow:.2f}" if v.hit_s is not None else "-",
                          p.t_cloud * 1e3,
+                         f"{v.local_s * slow:.2f}" if v.local_s is not None else "-",
                          f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
                          if c else "off",
                          " ".join(f"{e}:{b}b" for e, b in c.bits_by_similarity) if c else "-"])
         head = (f"online plans: {len(self.plans)} distinct; fixed plan {self.fixed} (for the network "
                 f"as given, {self.settings.network.uplink_mbps:.2f} Mbit/s)\n" + "\n".join(out))
         return head + "\n" + tabulate(rows, headers=["plan", "cut", "min bits", "end ms",
-                                                     "lookup / hit ms", "cloud ms", "cache hits (calib.)",
+                                                     "lookup / hit ms", "cloud ms", "rest on end ms",
+                                                     "cache hits (calib.)",
                                                      "similarity -> bits"], floatfmt=".2f")
 
 
@@ -315,6 +319,9 @@ def _compile(gm: Any, inputs: tuple, dag: Any, settings: Settings, oracle: Accur
         if v.cache is not None:
             v.lookup_s = max(0.0, cal.end_host_s(c) - v.reference_s)
             v.hit_s = cal.end_host_s(c, hit=True)
+        if not v.end_only:
+            # to finish on the end a request the link has no room for (``local`` modes)
+            v.local_module, v.local_s = info.cloud, cal.cloud_host_s(c)
         plans[pid], variants[pid] = cm.plan, v
         cloud_plans[pid] = (info.cloud, info.boundary)
     return OnlineModel(gm, dag, settings, plans, variants, cloud_plans, bands, ids[offline],
@@ -458,13 +465,16 @@ class _Calibration:
         return min(plain, cached)
 
     def end_host_s(self, end_nodes: tuple, cache: bool = True, hit: bool = False) -> float:
-        """The end side's work per request on this host (see ``_reference``); memoized."""
-        key = ("end", end_nodes, cache, hit)
+        """The end side's work per request on this host (see ``_end_paths``; ``hit``: a hit's,
+        with ``cache``); memoized."""
+        key = ("end", end_nodes, cache, hit and cache)
         if key not in self._times:
             info = self.info(end_nodes, cache)
-            use = cache and info.cache is not None
-            self._times[key] = _reference(_variant(0, info, 0.0), self.example, self.capacity,
-                                          use, hit and use)
+            plain, miss, hit_s = _end_paths(_variant(0, info, 0.0), self.example, self.capacity, cache)
+            self._times[("end", end_nodes, False, False)] = plain
+            if cache:
+                self._times[("end", end_nodes, True, False)] = miss if miss is not None else plain
+                self._times[("end", end_nodes, True, True)] = hit_s if hit_s is not None else plain
         return self._times[key]
 
     def end_cached_s(self, end_nodes: tuple) -> float:
@@ -530,57 +540,72 @@ def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = N
                    cache=info.cache, end_only=info.boundary.end_only, caps=info.caps)
 
 
-def _quiet_time(fn: Callable[[], Any], repeat: int = 20, warmup: int = 10, rounds: int = 6) -> float:
-    """The time of ``fn`` alone on this host: the lowest of ``rounds`` lower quartiles of
-    ``repeat`` runs each, with the garbage collector held off (as ``timeit`` does). On a
-    shared machine runs carry other processes' load, sometimes for a whole round; the emulated
-    device's time is this × its slowdown, so that noise would be multiplied too, and would
-    decide between plans."""
-    best = math.inf
+def _quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 20, warmup: int = 10,
+                 rounds: int = 8, pause_s: float = 0.01) -> list[float]:
+    """The time of each of ``fns`` alone on this host: per function the lowest of ``rounds``
+    lower quartiles of ``repeat`` runs each, with the garbage collector held off (as ``timeit``
+    does). On a shared machine runs carry other processes' load, sometimes for a whole round;
+    the emulated device's time is this × its slowdown, so that noise would be multiplied too,
+    and would decide between plans. The functions take their rounds in turn, with a pause
+    between rounds, so that a burst of load longer than a round cannot hit all of one's
+    rounds, and paths compared with each other (a hit, a miss, no cache) see the same host."""
+    best = [math.inf] * len(fns)
     was = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(rounds):
-            ts = []
-            for k in range(warmup + repeat):
-                t0 = time.perf_counter()
-                fn()
-                if k >= warmup:
+        for r in range(rounds):
+            for k, fn in enumerate(fns):
+                ts = []
+                for j in range((warmup if r == 0 else 0) + repeat):
+                    t0 = time.perf_counter()
+                    fn()
                     ts.append(time.perf_counter() - t0)
-            best = min(best, statistics.quantiles(ts, n=4)[0])
-            warmup = 0
+                best[k] = min(best[k], statistics.quantiles(ts[-repeat:], n=4)[0])
+            time.sleep(pause_s)
     finally:
         if was:
             gc.enable()
     return best
 
 
-def _reference(v: Any, inputs: tuple, capacity: int, cache: bool = True, hit: bool = False) -> float:
-    """The end side's work for one request on this host, measured alone (``_quiet_time``):
-    end half, quantize, encode; with ``cache`` also the lookup against a full cache whose
-    centers nothing hits; with ``hit`` the path of a hit answered on the end instead (end half
-    and lookup: nothing quantized, nothing encoded)."""
+def _quiet_time(fn: Callable[[], Any], **kw: Any) -> float:
+    """``_quiet_times`` of one function."""
+    return _quiet_times([fn], **kw)[0]
+
+
+def _end_paths(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> tuple[float, float | None, float | None]:
+    """The end side's work for one request on this host, measured alone (``_quiet_times``):
+    (no cache: end half, quantize, encode; a miss: the same and the lookup against a full cache
+    whose centers nothing hits; a hit answered on the end: end half and lookup, nothing
+    quantized or encoded). Without ``cache`` or a cache calibration: (no cache, None, None)."""
+    from coach_fx.runtime.cache import pooled_features
     from coach_fx.runtime.online import OnlinePolicy
-    policy = OnlinePolicy([v], start=v.plan_id, switching=False, capacity=capacity, audit_rate=0.0,
-                          cache=cache)
     x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
-    store = policy.caches.get(v.plan_id) if cache else None
-    if store is not None:
-        from coach_fx.runtime.cache import pooled_features
-        vals = v.end_module(*x)
-        vals = vals if isinstance(vals, tuple) else (vals,)
-        f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
-        rng = np.random.default_rng(0)
-        # a full cache of centers far from this input, so that it misses; for ``hit`` one of
-        # them is the input's own class instead
-        for k in range(1 if hit else 0, capacity):
-            far = -(f + rng.random(f.shape))
-            store.confirm(far / np.linalg.norm(far), k)
-        if hit:
-            store.confirm(f, 0)
-            policy.answers[0] = torch.zeros(1)
+
+    def policy(use: bool, hit: bool) -> Any:
+        p = OnlinePolicy([v], start=v.plan_id, switching=False, capacity=capacity,
+                         audit_rate=0.0, cache=use)
+        store = p.caches.get(v.plan_id) if use else None
+        if store is not None:
+            vals = v.end_module(*x)
+            vals = vals if isinstance(vals, tuple) else (vals,)
+            f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
+            rng = np.random.default_rng(0)
+            # a full cache of centers far from this input, so that it misses; for ``hit`` one
+            # of them is the input's own class instead
+            for k in range(1 if hit else 0, capacity):
+                far = -(f + rng.random(f.shape))
+                store.confirm(far / np.linalg.norm(far), k)
+            if hit:
+                store.confirm(f, 0)
+                p.answers[0] = torch.zeros(1)
+        return p
+
+    use = cache and v.cache is not None
+    policies = [policy(False, False)] + ([policy(True, False), policy(True, True)] if use else [])
     with torch.no_grad():
-        return _quiet_time(lambda: policy.prepare(0, x))
+        times = _quiet_times([lambda p=p: p.prepare(0, x) for p in policies])
+    return (times[0], times[1], times[2]) if use else (times[0], None, None)
 
 
 __all__ = ["compile_online", "OnlineModel", "MODES", "SWITCH_GAIN", "band_rates"]

@@ -47,8 +47,9 @@ def pooled_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarra
             if t.dim() == 4:
                 h, w = t.shape[2:]
                 g = grid if grid > 1 else 1
-                t = (torch.nn.functional.avg_pool2d(t, (h // g, w // g)) if h % g == 0 and w % g == 0
-                     else torch.nn.functional.adaptive_avg_pool2d(t, g))
+                if (h, w) != (g, g):     # already one cell per grid cell: nothing to pool
+                    t = (torch.nn.functional.avg_pool2d(t, (h // g, w // g)) if h % g == 0 and w % g == 0
+                         else torch.nn.functional.adaptive_avg_pool2d(t, g))
             a = t.numpy()
         else:
             a = np.asarray(t, np.float32)

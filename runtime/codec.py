@@ -14,7 +14,7 @@ import torch
 
 from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.partition import Boundary
-from coach_fx.passes.ops import QUANT_BITS, dequantize_impl, pack_impl, quantize_impl, unpack_impl
+from coach_fx.passes.ops import QUANT_BITS, dequantize_impl, quantize_pack_cpu, unpack_impl
 from coach_fx.runtime.wire import QUANT, STATS, Entry, WireError
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -80,10 +80,10 @@ def quantized_entry(value: torch.Tensor, bits: int) -> Entry:
     value = value.detach()
     if bits >= 32 or not value.is_floating_point():
         return Entry.of_value(value)
-    # the boundary ops' own code, called directly: per request the dispatcher's overhead
-    # would cost more than the arithmetic on a small tensor
-    codes, scale, zero = quantize_impl(value, bits)
-    return Entry.quantized(pack_impl(codes, bits), scale, zero, bits, tuple(value.shape), value.dtype)
+    # the boundary ops' arithmetic without their per-op overhead (bit-exact with them): per
+    # request the dispatcher and torch's small-op costs would outweigh the work
+    packed, scale, zero = quantize_pack_cpu(value, bits)
+    return Entry.quantized(packed, scale, zero, bits, tuple(value.shape), value.dtype)
 
 
 def output_to_entries(out: Any) -> tuple[list[Entry], Any]:

@@ -49,9 +49,12 @@ class BandwidthEstimator:
 
     @property
     def mbps(self) -> float | None:
-        if not self.samples:
+        # a snapshot: the end thread reads while the receiver thread adds (copying a deque
+        # runs in C, so no other thread can change it meanwhile)
+        samples = tuple(self.samples)
+        if not samples:
             return None
-        return len(self.samples) / sum(1.0 / s for s in self.samples)
+        return len(samples) / sum(1.0 / s for s in samples)
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,9 @@ class OnlineController:
         self.profiles = profiles
         self.switcher = PlanSwitcher(edges_mbps, band_plans, hold=hold,
                                      start=band_plans.index(start) if start in band_plans else None) \
-            if switching and edges_mbps else None
+            if switching else None
         self.current = start
+        self._switches = 0
         self.adaptive, self.headroom = adaptive, headroom
         self.estimator = BandwidthEstimator(window)
         self.bit_controllers = {k: BitController(p) for k, p in profiles.items()}
@@ -248,8 +252,13 @@ class OnlineController:
         if nbytes > 0 and wire_s > 0:
             self.estimator.add(nbytes, wire_s)
             if self.switcher is not None:
-                self.current = self.switcher.update(self.estimator.mbps)
+                plan = self.switcher.update(self.estimator.mbps)
+                # from a start plan that serves no band (or one band for all rates), the first
+                # estimate moves to its band's plan
+                self._switches += plan != self.current
+                self.current = plan
 
     @property
     def switches(self) -> int:
-        return self.switcher.switches if self.switcher is not None else 0
+        """How often the plan changed."""
+        return self._switches

@@ -84,6 +84,10 @@ class Variant:
     #: per crossing, the most bits worth sending (a model input: the bits of its source, as
     #: an 8-bit camera frame gains nothing from 32); None: no limit
     caps: tuple[int | None, ...] | None = None
+    #: the plan's cloud half on the unquantized crossing values, to finish on the end device a
+    #: request the link has no room for (None: never finished there); its time on this host alone
+    local_module: Callable[..., Any] | None = None
+    local_s: float | None = None
 
     def message_bytes(self, bits: int | None = None) -> int:
         """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
@@ -132,7 +136,10 @@ class OnlinePolicy:
 
     ``adaptive``: pick bits per request (else each plan's offline bits); ``switching``: follow
     the bandwidth bands (else stay on ``start``); ``cache``: answer hits on the end;
-    ``similarity_bits``: let near misses travel with their band's fewer bits.
+    ``similarity_bits``: let near misses travel with their band's fewer bits; ``local``: a
+    request that finds the link backlogged or stalled is finished on the end device (its plan's
+    cloud half run there on the unquantized crossing values) instead of waiting for room in
+    flight, see :meth:`local_wait_s`.
     """
 
     def __init__(self, variants: Sequence[Variant], edges_mbps: Sequence[float] = (),
@@ -140,7 +147,7 @@ class OnlinePolicy:
                  switching: bool = True, cache: bool = True, similarity_bits: bool = True,
                  capacity: int = 16, audit_rate: float = 0.1, hold: int = 5, window: int = 5,
                  seed: int = 0, label: Callable[[Any], int] = label_of, end_slowdown: float = 1.0,
-                 headroom: float = 0.9) -> None:
+                 headroom: float = 0.9, local: bool = False) -> None:
         self.variants = {v.plan_id: v for v in variants}
         self.control = OnlineController({k: dataclasses.replace(v.profile, end_only=v.end_only)
                                          for k, v in self.variants.items()},
@@ -160,7 +167,11 @@ class OnlinePolicy:
         self._lock = threading.Lock()
         self.bits_used: Counter = Counter()
         self.plans_used: Counter = Counter()
-        self.hits = self.audits = self.corrections = self.lowered = 0
+        self.hits = self.audits = self.corrections = self.lowered = self.finished_locally = 0
+        self.local = local
+        #: the request now waiting for room in flight (one at a time: the end worker is one
+        #: thread): (request, variant, its crossing values, its message's bytes, its bits)
+        self._waiting: tuple[int, Variant, tuple, int, int] | None = None
         self.audit_rate = audit_rate
         self._looked: Counter = Counter()
         self._answered: Counter = Counter()
@@ -206,8 +217,11 @@ class OnlinePolicy:
         msg = encode(i, entries, FLAG_CACHE_HIT if cached is not None else 0, v.plan_id)
         with self._lock:
             self._ctx[i] = (v.plan_id, feat, cached)
+        key = max(adaptive_bits) if adaptive_bits else 32
+        if self.local and v.local_module is not None and v.local_s is not None:
+            self._waiting = (i, v, vals, len(msg), key)
         if cached is None:
-            self.bits_used[max(adaptive_bits) if adaptive_bits else 32] += 1
+            self.bits_used[key] += 1
             self.plans_used[v.plan_id] += 1
             return Prepared(msg, None, False, ref)
         return Prepared(msg, self.answers[cached], True, ref)
@@ -231,6 +245,44 @@ class OnlinePolicy:
                     self.corrections += 1
             else:
                 cache.confirm(feat, y)
+
+    # ------------------------------------------------------------------ finishing on the end
+    def local_wait_s(self, i: int, inflight: int, silence_s: float) -> float:
+        """How much longer request ``i``, waiting for room in flight, should wait before it is
+        finished on the end device instead (0: now; inf: not while nothing changes).
+
+        Finishing a request on the end costs the end its plan's cloud half (× the slowdown)
+        and takes nothing from the link, so it pays whenever the link stays busy meanwhile: when
+        the ``inflight`` requests ahead of it hold at least that much link time at the current
+        estimate (the link, not the end, is the bottleneck now), or when nothing has come back
+        for that long (``silence_s``: the link is stalled, say in an outage, where the estimate,
+        learned from results, is blind). Otherwise waiting for the link is cheaper.
+        """
+        w = self._waiting
+        if not self.local or w is None or w[0] != i:
+            return math.inf
+        _, v, _, nbytes, _ = w
+        t_local = v.local_s * self.end_slowdown
+        mbps = self.control.estimator.mbps
+        if mbps is not None and (inflight - 1) * nbytes * 8 / (mbps * 1e6) >= t_local:
+            return 0.0
+        return max(0.0, t_local - silence_s)
+
+    def finish_locally(self, i: int) -> Prepared:
+        """Finish request ``i`` on the end device (see :meth:`local_wait_s`): its answer, and
+        the work's time on this host alone. The result teaches the cache like a cloud result
+        (the same weights, unquantized); an audit copy is checked here instead."""
+        assert self._waiting is not None and self._waiting[0] == i
+        _, v, vals, _, bits = self._waiting
+        self._waiting = None
+        out = v.local_module(*vals)
+        with self._lock:
+            audit = self._ctx.get(i, (None, None, None))[2] is not None
+        self.on_result(i, out, (), audit)
+        if not audit:
+            self.finished_locally += 1
+            self.bits_used[bits] -= 1     # counted as sent in prepare; it went nowhere
+        return Prepared(None, out, True, v.local_s)
 
     def answered_share(self, v: Variant) -> float:
         """The share of plan ``v``'s lookups answered on the end (hits not audited): the
@@ -277,8 +329,9 @@ class OnlinePolicy:
 
     def summary(self) -> dict[str, Any]:
         return {"hits": self.hits, "audits": self.audits, "corrections": self.corrections,
+                "finished_locally": self.finished_locally,
                 "lowered_bits": self.lowered, "switches": self.switches,
-                "bits": dict(sorted(self.bits_used.items())),
+                "bits": dict(sorted((+self.bits_used).items())),
                 "plans": dict(sorted(self.plans_used.items())),
                 "estimate_mbps": self.control.estimator.mbps}
 

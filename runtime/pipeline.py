@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import sys
 import threading
@@ -92,6 +93,9 @@ class Stats:
     dropped: int = 0      # late or repeated replies dropped (already settled)
     reconnects: int = 0
     answered_on_end: int = 0   # answered by the end device's policy (semantic-cache hits)
+    #: requests the policy finished on the end device because the link was backlogged or
+    #: stalled (``OnlinePolicy(local=True)``)
+    finished_on_end: int = 0
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -356,7 +360,7 @@ class EndWorker:
         lat = [d - s for d, s in zip(st.done, st.started)]
         stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall), st.busy["end"],
                       st.busy["link"], st.busy["cloud"], st.busy["bytes"], predicted or {},
-                      st.local, st.failed, st.dropped, st.reconnects, st.answered)
+                      st.local, st.failed, st.dropped, st.reconnects, st.answered, st.finished_on_end)
         return st.results, stats
 
     def _reference(self, x: tuple) -> float:
@@ -409,6 +413,10 @@ class _StreamState:
         self.error: BaseException | None = None
         self.busy = {"end": 0.0, "link": 0.0, "cloud": 0.0, "bytes": 0}
         self.local = self.failed = self.dropped = self.reconnects = self.answered = 0
+        self.finished_on_end = 0
+        #: when the link last showed progress: a result came back, or the first request went
+        #: in flight after none was
+        self.last_progress = time.perf_counter()
         self.audits: set[int] = set()   # answered on the end, a copy sent to check the answer
         self.last_try = 0.0
         self.stopped_epoch = -1
@@ -502,13 +510,15 @@ class _StreamState:
             if prep.msg is None:
                 return True
         msg = prep.msg
-        if not wait_first:
-            self.wait_until(lambda: len(self.inflight) < w.max_inflight or not self.up)
+        if not wait_first and self._room_or_finished(i, prep.answered):
+            return True
         with self.cv:
             if not self.up:
                 self.audits.discard(i)
                 return prep.answered
             if not prep.answered:
+                if not self.inflight:
+                    self.last_progress = time.perf_counter()
                 self.inflight[i] = x
             epoch, q = self.epoch, self.send_q
         while True:
@@ -518,6 +528,44 @@ class _StreamState:
             except queue.Full:
                 if epoch != self.epoch or not self.up:
                     return True   # the failure handler has taken the request over
+
+    def _room_or_finished(self, i: int, audit: bool) -> bool:
+        """Wait for room in flight for request ``i``, or let the policy finish it on the end
+        device meanwhile (``policy.local_wait_s`` says when that pays: the link backlogged or
+        stalled). True: it was finished there (an audit copy: checked there), nothing to send."""
+        w = self.w
+        local_wait = getattr(w.policy, "local_wait_s", None)
+        finish = False
+        with self.cv:
+            # the send queue counts as the link's backlog too: with it full, ``send`` would
+            # block on it below however few requests the in-flight limit sees
+            while (len(self.inflight) >= w.max_inflight or
+                   (local_wait is not None and self.send_q.full())) and self.up:
+                if self.error is not None:
+                    raise self.error
+                if self.to_settle:
+                    break
+                left = math.inf if local_wait is None else \
+                    local_wait(i, len(self.inflight), time.perf_counter() - self.last_progress)
+                if left <= 0:
+                    finish = True
+                    break
+                self.cv.wait(min(0.05, left))
+        self.settle_failed()
+        if not finish:
+            return False
+        t0 = time.perf_counter()
+        prep = w.policy.finish_locally(i)
+        self.busy["end"] += _emulate(t0, w.slowdown, prep.reference_s)
+        with self.cv:
+            if audit:
+                self.audits.discard(i)
+            else:
+                self.results[i] = prep.answer
+                self.done[i] = time.perf_counter()
+                self.finished_on_end += 1
+            self.cv.notify_all()
+        return True
 
     def settle(self, i: int, x: tuple | None, reason: str) -> None:
         """Give request ``i`` its result without the cloud (or fail the stream)."""
@@ -581,6 +629,9 @@ class _StreamState:
                 item = q.get()
                 if item is None or item[0] != self.epoch:
                     return
+                if q.maxsize and q.qsize() == q.maxsize - 1:
+                    with self.cv:      # room in the queue: an end waiting for it may go on
+                        self.cv.notify_all()
                 self.busy["link"] += endpoint.send(item[1])
                 self.busy["bytes"] += len(item[1])
         except BaseException as e:  # noqa: BLE001
@@ -603,7 +654,7 @@ class _StreamState:
                     if not busy:
                         last = time.perf_counter()
                     continue
-                last = time.perf_counter()
+                last = self.last_progress = time.perf_counter()
                 req, _, flags, entries = decode(msg)
                 if flags & FLAG_CONTROL:
                     return      # the cloud acknowledged close

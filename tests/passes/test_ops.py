@@ -22,6 +22,27 @@ def test_pack_unpack_bit_exact(bits, n, seed):
     assert torch.equal(c.unpack(packed, bits, [n]), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8, 16])
+@given(n=st.integers(1, 300), seed=st.integers(0, 10_000), kind=st.sampled_from(
+    ["normal", "positive", "negative", "constant", "zeros", "float64", "float16"]),
+       magnitude=st.integers(-6, 6))
+@settings(max_examples=25, deadline=None)
+def test_numpy_quantize_pack_is_bit_exact_with_the_ops(bits, n, seed, kind, magnitude):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 10.0 ** magnitude
+    x = {"positive": x.abs(), "negative": -x.abs(), "constant": torch.full((n,), 3.7),
+         "zeros": torch.zeros(n), "float64": x.double(), "float16": (x / 1e6).half()}.get(kind, x)
+    codes, scale, zero = ops.quantize_impl(x, bits)
+    packed, s, z = ops.quantize_pack_cpu(x, bits)
+    assert torch.equal(packed, ops.pack_impl(codes, bits))
+    assert s == float(scale) and z == int(zero)
+
+
+def test_numpy_quantize_rejects_inf():
+    with pytest.raises(ValueError, match="inf or nan"):
+        ops.quantize_pack_cpu(torch.tensor([1.0, float("inf")]), 4)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_quantize_error_within_half_step(bits):
     x = torch.randn(3, 7, 5) * 4

@@ -181,3 +181,66 @@ def test_pipeline_answers_hits_and_audits_without_losing_requests(split):
     assert len(outs) == 40 and stats.answered_on_end == policy.hits > 20
     assert all(int(o.argmax()) == int(model(x).argmax()) for o in outs)
     assert policy.audits > 0 and stats.dropped == 0
+
+
+def test_a_request_is_finished_on_the_end_when_the_link_is_backlogged_or_stalled(split):
+    model, gm, dag, x = split
+    v, cloud, _ = variant(gm, dag, upto(dag, "relu"), 0, min_bits=8)
+    v.local_module, v.local_s = cloud, 1e-3            # the rest of the model: 1 ms here
+    policy = OnlinePolicy([v], local=True, end_slowdown=10.0, cache=False)   # 10 ms there
+    prep = policy.prepare(0, (x,))
+    nbytes = len(prep.msg)
+    # no estimate yet: only a silence as long as the local work says the link stalled
+    assert policy.local_wait_s(0, 8, 0.004) == pytest.approx(0.006)
+    assert policy.local_wait_s(0, 8, 0.011) == 0.0
+    assert policy.local_wait_s(1, 8, 1.0) == math.inf        # not the request waiting
+    # a link that carries one message per 1 ms: 7 ahead hold 7 ms < 10 ms, wait for it
+    policy.on_result(0, model(x), [0.001, float(nbytes), 1e-3], False)
+    prep = policy.prepare(1, (x,))
+    assert policy.local_wait_s(1, 8, 0.0) == pytest.approx(0.010)
+    # one per 5 ms: 35 ms of link time ahead, the end would idle: finish it there now
+    for k in range(5):
+        policy.on_result(1, model(x), [0.001, float(nbytes), 5e-3], False)
+    assert policy.local_wait_s(1, 8, 0.0) == 0.0
+    bits_before = sum(policy.bits_used.values())
+    done = policy.finish_locally(1)
+    assert done.answered and done.msg is None and done.reference_s == 1e-3
+    assert torch.allclose(done.answer, model(x), atol=1e-6)    # unquantized: the model's answer
+    assert policy.finished_locally == 1 and sum(policy.bits_used.values()) == bits_before - 1
+    # without ``local`` a request always waits for the link
+    assert OnlinePolicy([v], cache=False).local_wait_s(1, 8, 10.0) == math.inf
+
+
+def test_pipeline_finishes_requests_on_the_end_through_an_outage(split):
+    from coach_fx.traces import Trace
+    model, gm, dag, x = split
+    v, c, b = variant(gm, dag, upto(dag, "relu"), 0, min_bits=8)
+    v.local_module, v.local_s = c, 1e-4
+    # 20 Mbit/s for 20 ms, then an outage of 0.6 s, then 20 Mbit/s again
+    trace = Trace((0.0, 0.02, 0.62), (20.0, 0.0, 20.0), 10.0)
+    out_spec = tree_flatten(model(x))[1]
+    frames = [torch.randn(1, 1, 8, 8) for _ in range(300)]
+
+    def run(local):
+        policy = OnlinePolicy([v], local=local, cache=False, end_slowdown=10.0)
+        link = InProcessLink(trace, None)
+        cloud = CloudWorker(None, None, link.cloud, plans={0: (c, b)}, adaptive=True).start()
+        end = EndWorker(None, None, link.end, out_spec, policy=policy, queue_size=1, max_inflight=2)
+        try:
+            outs, stats = end.run(frames)
+        finally:
+            end.close()
+            cloud.join(2.0)
+        return outs, stats, policy
+
+    outs, stats, policy = run(True)
+    assert stats.n == 300 and stats.dropped == 0
+    # the outage lasts 0.6 s; a request takes well under 10 ms here: most went on, on the end
+    assert stats.finished_on_end == policy.finished_locally > 100
+    assert sum(policy.bits_used.values()) + stats.finished_on_end == 300
+    for f, o in zip(frames, outs):
+        assert (o - model(f)).abs().max() < 0.1 * model(f).abs().max() + 0.05
+    # without it every request waits for the link
+    outs2, waited, p2 = run(False)
+    assert waited.finished_on_end == 0 and p2.finished_locally == 0
+    assert sum(p2.bits_used.values()) == 300 and len(outs2) == 300
