@@ -18,13 +18,17 @@ Four variants on the same streams and traces, all through the same in-process pi
 compute, emulated link):
 
 * ``fixed``: the offline plan for the trace's mean rate, with its offline bits;
-* ``adaptive``: + bits per request from the bandwidth estimate, + plan switching by band;
+* ``adaptive``: + bits per request from the bandwidth estimate, + plan switching by band,
+  + a request the link has no room for (backlogged, or stalled in an outage) finished on the
+  end device instead of waiting;
 * ``cache``: the fixed plan + the semantic cache (hits answered on the end);
 * ``full``: all of it, and near misses sent with their similarity band's fewer bits.
 
 Traces: norway-hsdpa ``norway_bus_20`` (a bus, 242 s, 0.3-5.3 Mbit/s) and mahimahi-lte
 ``ATT-LTE-driving.up`` (1013 s of LTE uplink while driving, with outages: 12 % of the time
 below a tenth of its median).
+
+``--trace NAME`` runs one trace, ``--scale X`` uses that rate scale instead of searching.
 
 Ends with ``RESULT online: throughput_gain=... latency_gain=... accuracy_drop=...`` (full over
 fixed; the gains are the smaller of the two traces', the accuracy drop the larger, in

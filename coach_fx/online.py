@@ -139,8 +139,9 @@ class OnlineModel:
         link = link or InProcessLink.for_network(self.settings.network)
         policy = self.policy(mode, seed)
         with torch_threads(self.settings.threads):
+            # the cloud batches requests that arrive together (while it falls behind)
             cloud = CloudWorker(None, None, link.cloud, slowdown=self.settings.cloud.slowdown,
-                                plans=self.cloud, adaptive=True).start()
+                                plans=self.cloud, adaptive=True, max_batch=8).start()
             end = EndWorker(None, None, link.end, self.out_spec, slowdown=self.settings.end.slowdown,
                             queue_size=queue_size, timeout_s=timeout_s, policy=policy)
             outs, stats = run_session(end, cloud, xs)
@@ -541,7 +542,7 @@ def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = N
 
 
 def _quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 20, warmup: int = 10,
-                 rounds: int = 8, pause_s: float = 0.01) -> list[float]:
+                 rounds: int = 10, pause_s: float = 0.04) -> list[float]:
     """The time of each of ``fns`` alone on this host: per function the lowest of ``rounds``
     lower quartiles of ``repeat`` runs each, with the garbage collector held off (as ``timeit``
     does). On a shared machine runs carry other processes' load, sometimes for a whole round;

@@ -122,6 +122,12 @@ class Channel:
         self.clock.sleep_until(deliver_at)
         return msg
 
+    def ready(self) -> bool:
+        """Whether a message can be received now without waiting."""
+        with self.q.mutex:
+            head = self.q.queue[0] if self.q.queue else None
+        return head is not None and head[0] <= self.clock.now()
+
     def close(self) -> None:
         self.closed = True
         try:
@@ -139,6 +145,10 @@ class _InProcessEnd:
 
     def recv(self, timeout: float | None = None) -> bytes:
         return self.inp.recv(timeout)
+
+    def ready(self) -> bool:
+        """Whether a message has arrived and waits to be received (the cloud batches those)."""
+        return self.inp.ready()
 
     def close(self) -> None:
         self.out.close()

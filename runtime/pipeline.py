@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from tabulate import tabulate
 
+from coach_fx._compat import tree_flatten, tree_unflatten
+
 from coach_fx.passes.partition import Boundary
 from coach_fx.runtime.codec import (entries_to_output, entries_to_payload, output_to_entries,
                                     payload_to_entries, stats_of)
@@ -148,7 +150,7 @@ class Stats:
 #: GIL switch interval during a stream. The pipeline hands each request from thread to thread
 #: (compute -> sender -> cloud -> receiver); with Python's default of 5 ms a thread woken by
 #: such a handoff can wait that long for the GIL, which cost ~10 % per request here.
-SWITCH_INTERVAL_S = 0.0002
+SWITCH_INTERVAL_S = 0.00005
 
 
 @contextmanager
@@ -182,8 +184,12 @@ class CloudWorker:
 
     def __init__(self, cloud_module: Callable[..., Any], boundary: Boundary, endpoint: Endpoint,
                  slowdown: float = 1.0, plans: dict[int, tuple[Callable[..., Any], Boundary]] | None = None,
-                 idle_timeout: float | None = None, adaptive: bool = False) -> None:
+                 idle_timeout: float | None = None, adaptive: bool = False,
+                 max_batch: int = 1) -> None:
         self.plans = plans or {0: (cloud_module, boundary)}
+        #: requests that have arrived together run as one batch, up to this many (1: never);
+        #: only on an endpoint that tells what has arrived (``ready()``, the in-process link)
+        self.max_batch = max(1, max_batch)
         #: accept float crossings quantized with bits chosen per request (online control)
         self.adaptive = adaptive
         self.endpoint = endpoint
@@ -191,12 +197,15 @@ class CloudWorker:
         self.idle_timeout = idle_timeout
         self.busy_s = 0.0
         self.served = 0
+        self.batched = 0      # of those, served in batches of several
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
-    def handle(self, msg: bytes) -> bytes | None:
-        """One request message -> its result message (None for a close request)."""
-        t_recv = getattr(self.endpoint, "last_wire_s", 0.0)
+    def handle(self, msg: bytes, t_recv: float | None = None) -> bytes | None:
+        """One request message -> its result message (None for a close request); ``t_recv``:
+        its time on the wire (default: the endpoint's last)."""
+        if t_recv is None:
+            t_recv = getattr(self.endpoint, "last_wire_s", 0.0)
         req, plan_id, flags, entries = decode(msg)
         if flags & FLAG_CONTROL and req == CLOSE_ID:
             return None
@@ -224,16 +233,64 @@ class CloudWorker:
         with fast_handoff():
             self._serve()
 
+    def handle_batch(self, msgs: Sequence[tuple[bytes, float]]) -> list[bytes | None]:
+        """Several request messages (each with its time on the wire) -> their replies, in
+        order. Requests for one plan run through its cloud half as one batch (one call's
+        overhead for all: a server that falls behind catches up); anything else (a close, mixed
+        plans, a value that does not batch, an output without the batch dimension, an error)
+        is handled message by message, with the same replies as ``handle``."""
+        if len(msgs) == 1:
+            return [self.handle(*msgs[0])]
+        def one_by_one() -> list[bytes | None]:
+            return [self.handle(m, t) for m, t in msgs]
+
+        decoded = [decode(m) for m, _ in msgs]
+        plan_ids = {d[1] for d in decoded}
+        if len(plan_ids) != 1 or any(d[2] & FLAG_CONTROL for d in decoded) or \
+                next(iter(plan_ids)) not in self.plans:
+            return one_by_one()
+        t0 = time.perf_counter()
+        try:
+            module, boundary = self.plans[decoded[0][1]]
+            payloads = [entries_to_payload(boundary, d[3], self.adaptive) for d in decoded]
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
+                       for p in payloads for v in p):
+                return one_by_one()
+            with torch.no_grad():
+                out = module(*(torch.cat(vs) for vs in zip(*payloads)))
+            leaves, spec = tree_flatten(out)
+            n = len(msgs)
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves):
+                return one_by_one()
+        except Exception:  # noqa: BLE001 - each request gets its own reply (or error) below
+            return one_by_one()
+        took = _emulate(t0, self.slowdown)
+        self.busy_s += took
+        self.served += n
+        self.batched += n
+        replies = []
+        for k, ((msg, t_recv), d) in enumerate(zip(msgs, decoded)):
+            out_entries, _ = output_to_entries(tree_unflatten([v[k:k + 1] for v in leaves], spec))
+            stats = Entry.stats([took / n, float(len(msg)), float(t_recv)])
+            replies.append(encode(d[0], [*out_entries, stats], FLAG_RESULT, d[1]))
+        return replies
+
     def _serve(self) -> None:
+        ready = getattr(self.endpoint, "ready", None) if self.max_batch > 1 else None
         while True:
-            msg = self.endpoint.recv(self.idle_timeout)
-            reply = self.handle(msg)
-            if reply is None:   # close: acknowledge, so the end's receiver stops cleanly
-                self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL))
-                return
-            t0 = time.perf_counter()
-            self.endpoint.send(reply)
-            self.busy_s += time.perf_counter() - t0
+            msgs = [(self.endpoint.recv(self.idle_timeout), getattr(self.endpoint, "last_wire_s", 0.0))]
+            # what has arrived meanwhile goes in one batch (only what is already there: no
+            # request waits for another)
+            while ready is not None and len(msgs) < self.max_batch and ready():
+                msgs.append((self.endpoint.recv(self.idle_timeout),
+                             getattr(self.endpoint, "last_wire_s", 0.0)))
+            for reply in self.handle_batch(msgs):
+                if reply is None:   # close: acknowledge, so the end's receiver stops cleanly
+                    self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL))
+                    return
+                t0 = time.perf_counter()
+                self.endpoint.send(reply)
+                self.busy_s += time.perf_counter() - t0
 
     def serve_forever(self, server: Any, max_sessions: int | None = None) -> None:
         """Serve end after end on an authenticated server (``runtime.tcp.TcpServer``): when an

@@ -58,3 +58,22 @@ def test_an_end_only_band_still_probes_the_link():
     for _ in range(2):                                        # the probes find it fast again
         ctl.on_result(1, 125_000, 0.01, 0.005)
     assert ctl.current == 1 and ctl.next_plan(0.8) == 1
+
+
+def test_a_start_plan_that_serves_no_band_gives_way_to_the_bands_plan():
+    from coach_fx.runtime.controller import OnlineController
+    fixed = CutProfile(10_000, 0, 1, 4, 0.01)
+    cheap = CutProfile(10_000, 0, 1, 4, 0.002)
+    # one band for all rates, served by another plan than the offline one it starts with
+    ctl = OnlineController({0: fixed, 2: cheap}, edges_mbps=[], band_plans=[2], start=0)
+    assert ctl.current == 0 and ctl.switches == 0
+    ctl.on_result(0, 125_000, 0.01, 0.005)                    # the first estimate
+    assert ctl.current == 2 and ctl.switches == 1
+    for _ in range(5):
+        ctl.on_result(2, 125_000, 0.5, 0.005)                 # a slower link: still one band
+    assert ctl.current == 2 and ctl.switches == 1
+    # without switching it stays where it started
+    still = OnlineController({0: fixed, 2: cheap}, edges_mbps=[], band_plans=[2], start=0,
+                             switching=False)
+    still.on_result(0, 125_000, 0.01, 0.005)
+    assert still.current == 0 and still.switches == 0

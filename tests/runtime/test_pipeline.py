@@ -149,3 +149,44 @@ def test_killed_cloud_gives_clear_error_within_timeout(saved, free_port):
         serve.kill()
         if run.poll() is None:
             run.kill()
+
+
+def test_cloud_batches_what_arrived_together_with_the_same_replies():
+    from coach_fx._compat import tree_flatten
+    from coach_fx.runtime.codec import payload_to_entries
+    from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, decode, encode
+
+    class Plain(nn.Module):          # an output with the batch dimension: it batches
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x)).mean((2, 3)))
+
+    m = Plain().eval()
+    cm = coach_fx.compile(m, (torch.randn(1, 3, 12, 12),), strategy="manual", end_nodes=["stem"],
+                          bits=32, costs="analytic", progress=False)
+    link = InProcessLink(None, None)
+    cloud = CloudWorker(cm.cloud_module, cm.boundary, link.cloud, max_batch=8)
+    frames = [torch.randn(1, 3, 12, 12) for _ in range(5)]
+    msgs = [(encode(i, payload_to_entries(cm.boundary, cm.end_module(f)), 0, 0), 0.001 * i)
+            for i, f in enumerate(frames)]
+    served = cloud.served
+    batched = cloud.handle_batch(msgs)
+    assert cloud.served - served == 5
+    _, spec = tree_flatten(m(frames[0]))
+    from coach_fx.runtime.codec import entries_to_output, stats_of
+    for i, (reply, f) in enumerate(zip(batched, frames)):
+        req, _, flags, entries = decode(reply)
+        assert req == i and not flags & FLAG_ERROR
+        assert torch.allclose(entries_to_output(entries, spec), m(f), atol=1e-5)
+        assert stats_of(entries)[1:] == [float(len(msgs[i][0])), 0.001 * i]
+    # a close among them: message by message, the close answered with None
+    close = (encode((1 << 64) - 1, [], FLAG_CONTROL), 0.0)
+    assert cloud.handle_batch([msgs[0], close])[1] is None
+    # an unknown plan gets its own error, the others their results
+    bad = (encode(9, payload_to_entries(cm.boundary, cm.end_module(frames[0])), 0, 7), 0.0)
+    replies = cloud.handle_batch([msgs[0], bad])
+    assert not decode(replies[0])[2] & FLAG_ERROR and decode(replies[1])[2] & FLAG_ERROR
