@@ -34,7 +34,6 @@ import torch
 from tabulate import tabulate
 
 from coach_fx._compat import tree_flatten, tree_unflatten
-
 from coach_fx.passes.partition import Boundary
 from coach_fx.runtime.codec import (entries_to_output, entries_to_payload, output_to_entries,
                                     payload_to_entries, stats_of)
@@ -241,6 +240,7 @@ class CloudWorker:
         is handled message by message, with the same replies as ``handle``."""
         if len(msgs) == 1:
             return [self.handle(*msgs[0])]
+
         def one_by_one() -> list[bytes | None]:
             return [self.handle(m, t) for m, t in msgs]
 
