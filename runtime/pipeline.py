@@ -196,7 +196,6 @@ class CloudWorker:
         self.idle_timeout = idle_timeout
         self.busy_s = 0.0
         self.served = 0
-        self.batched = 0      # of those, served in batches of several
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -267,7 +266,6 @@ class CloudWorker:
         took = _emulate(t0, self.slowdown)
         self.busy_s += took
         self.served += n
-        self.batched += n
         replies = []
         for k, ((msg, t_recv), d) in enumerate(zip(msgs, decoded)):
             out_entries, _ = output_to_entries(tree_unflatten([v[k:k + 1] for v in leaves], spec))
