@@ -49,6 +49,11 @@ from coach_fx.settings import Network, Settings
 #: offline plan's.
 SWITCH_GAIN = 0.9
 
+#: The cache may look up at a node before the cut (a hit then skips the rest of the end half)
+#: when its calibrated hit rate is at least this share of the cut's own: a hit also spares the
+#: link and the cloud, which an earlier node with fewer hits would give away.
+PROBE_HITS = 0.9
+
 #: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants). ``local``
 #: (with adaptive control): a request that finds the link backlogged or stalled is finished on
 #: the end device instead of waiting (per request, the end-only plan for the rest of the model).
@@ -171,6 +176,7 @@ class OnlineModel:
                          p.t_cloud * 1e3,
                          f"{v.local_s * slow:.2f}" if v.local_s is not None else "-",
                          f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
+                         + (f", at {c.at}" if c.at else "")
                          if c else "off",
                          " ".join(f"{e}:{b}b" for e, b in c.bits_by_similarity) if c else "-"])
         head = (f"online plans: {len(self.plans)} distinct; fixed plan {self.fixed} (for the network "
@@ -340,7 +346,10 @@ class _CutInfo:
     caps: tuple = ()
     calibrated: bool = False
     vals: Any = None      # the end half's outputs on the calibration data (until calibrated)
-    agrees: Any = None
+    agrees: Any = None    # per bits, per calibration sample: the answer stays the model's
+    sims: Any = None      # per calibration sample: top-1 similarity to the class centers here
+    probe: Any = None     # (head, tail) of the end half where its cache looks up, if before the cut
+    probed: bool = False
 
 
 class _Calibration:
@@ -361,8 +370,9 @@ class _Calibration:
         self._info: dict[tuple, _CutInfo] = {}
         self._times: dict[tuple, float] = {}
 
-    def info(self, end_nodes: tuple, with_cache: bool = True) -> _CutInfo:
-        """The split, its safe bits and (``with_cache``) its cache calibration; memoized."""
+    def info(self, end_nodes: tuple, with_cache: bool = True, probe: bool = True) -> _CutInfo:
+        """The split, its safe bits and (``with_cache``) its cache calibration, and (``probe``)
+        where in the end half the cache looks up (see ``_pick_probe``); memoized."""
         info = self._info.get(end_nodes)
         if info is None:
             end32, cloud32, boundary = partition(self.gm, end_nodes, {})
@@ -380,9 +390,59 @@ class _Calibration:
         if with_cache and self.cache and not info.calibrated:
             info.calibrated = True
             if info.vals is not None:
-                info.cache = self._cache(info.vals, info.fixed_bits, info.agrees, info.min_bits)
-            info.vals = info.agrees = None    # only the calibration needs them
+                info.cache, info.sims = self._cache(info.vals, info.fixed_bits, info.agrees, info.min_bits)
+            info.vals = None    # only the calibration needs them
+        if with_cache and self.cache and probe and not info.probed:
+            info.probed = True
+            self._pick_probe(end_nodes, info)
         return info
+
+    def _pick_probe(self, end_nodes: tuple, info: _CutInfo) -> None:
+        """Where in the end half the cache looks up: at the cut, or at an earlier node that
+        splits the end half (an articulation) with features of its own calibration that hit
+        about as often (``PROBE_HITS``: hits also spare the link and the cloud); the one whose
+        mean end work per request is least (a hit there skips the rest of the end half, a miss
+        pays the split). The near-miss bits are the cut's, by the earlier node's similarity.
+        Measured here, interleaved (the cost model's end compute with analytic costs); the
+        winner's times are memoized."""
+        from coach_fx.passes.split import SplitError, split_at
+        from coach_fx.runtime.cache import SemanticCache
+        from coach_fx.runtime.online import mean_end_s
+        if info.boundary.end_only or info.agrees is None:
+            return
+        options: list[tuple[Any, Any, tuple]] = [(info.cache, None, end_nodes)] if info.cache is not None else []
+        inside = set(end_nodes)
+        for a in self.dag.articulation_nodes():
+            nodes = tuple(v for v in self.dag.nodes if v in self.dag.ancestors([a]))
+            if not set(nodes) < inside:
+                continue
+            at = self.info(nodes, True, probe=False)
+            if at.cache is None or at.sims is None or len(at.boundary.crossings) != 1 \
+                    or at.fixed_bits[0] is not None:
+                continue
+            try:
+                head_tail = split_at(info.end, at.boundary.crossings[0].name)
+            except SplitError:
+                continue
+            if info.cache is not None and at.cache.hit_rate < PROBE_HITS * info.cache.hit_rate:
+                continue
+            bands = SemanticCache.similarity_bits(at.sims, info.agrees, info.min_bits, self.bits_budget)
+            options.append((dataclasses.replace(at.cache, bits_by_similarity=bands, at=a), head_tail, nodes))
+        if not options:
+            return
+        answered = [c.hit_rate * (1 - self.audit_rate) for c, _, _ in options]
+        if self.settings.costs == "measured":
+            plain, paths = _end_paths_of([_variant(0, info, 0.0, cache=c, probe=p) for c, p, _ in options],
+                                         self.example, self.capacity)
+            k = min(range(len(options)), key=lambda k: mean_end_s(*paths[k], answered[k]))
+            self._times[("end", end_nodes, False, False)] = plain
+            self._times[("end", end_nodes, True, False)], self._times[("end", end_nodes, True, True)] = paths[k]
+        else:
+            # the cost model's end compute: a hit runs the end half up to the probe
+            t_cut = evaluate(self.dag, end_nodes, 32, Network(1.0)).t_end
+            k = min(range(len(options)), key=lambda k: mean_end_s(
+                t_cut, evaluate(self.dag, options[k][2], 32, Network(1.0)).t_end, answered[k]))
+        info.cache, info.probe = options[k][:2]
 
     def _agreement(self, cloud32: Any, vals: list[tuple], fixed_bits: tuple,
                    caps: tuple) -> dict[int, torch.Tensor]:
@@ -400,8 +460,9 @@ class _Calibration:
                 out[b] = torch.cat(preds) == self.labels
         return out
 
-    def _cache(self, vals: list[tuple], fixed_bits: tuple, agrees: dict, min_bits: int) -> Any:
-        """Hit thresholds on a replayed calibration stream; similarity bands -> fewer safe bits."""
+    def _cache(self, vals: list[tuple], fixed_bits: tuple, agrees: dict, min_bits: int) -> tuple[Any, Any]:
+        """Hit thresholds on a replayed calibration stream; similarity bands -> fewer safe bits.
+        Returns (the setup, each sample's top-1 similarity to the class centers), or Nones."""
         from coach_fx.runtime.cache import SemanticCache, locality_stream, pooled_features
         from coach_fx.runtime.online import CacheSetup
 
@@ -424,14 +485,14 @@ class _Calibration:
             if rate > 0 and (best is None or rate > best[2]):
                 best = (st, mg, rate, grid, feats)
         if best is None:
-            return None
+            return None, None
         st, mg, rate, grid, feats = best
         classes = sorted(set(labels.tolist()))
         centers = torch.stack([torch.nn.functional.normalize(feats[labels == c].mean(0), dim=0)
                                for c in classes])
         sim = (feats @ centers.T).max(1).values
         bands = SemanticCache.similarity_bits(sim, agrees, min_bits, self.bits_budget)
-        return CacheSetup(st, mg, rate, bands, grid)
+        return CacheSetup(st, mg, rate, bands, grid), sim
 
     def end_time(self, end_nodes: tuple) -> float:
         """The end stage without the cache (measured, or the cost model's with analytic costs)."""
@@ -470,7 +531,8 @@ class _Calibration:
         with ``cache``); memoized."""
         key = ("end", end_nodes, cache, hit and cache)
         if key not in self._times:
-            info = self.info(end_nodes, cache)
+            info = self.info(end_nodes, cache)      # with the cache: may measure them (a probe)
+        if key not in self._times:
             plain, miss, hit_s = _end_paths(_variant(0, info, 0.0), self.example, self.capacity, cache)
             self._times[("end", end_nodes, False, False)] = plain
             if cache:
@@ -519,7 +581,9 @@ def _flat(out: Any) -> torch.Tensor:
     return t.reshape(t.shape[0] if t.dim() else 1, -1)
 
 
-def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = None) -> Any:
+def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = None,
+             cache: Any = None, probe: Any = None) -> Any:
+    """The runtime's view of a cut (``cache``/``probe``: instead of the cut's chosen ones)."""
     from coach_fx.runtime.controller import CutProfile
     from coach_fx.runtime.online import Variant
 
@@ -537,8 +601,10 @@ def _variant(pid: int, info: "_CutInfo", compute_s: float, plan: Plan | None = N
     plan_bits: int | tuple[int, ...] = info.min_bits
     if plan is not None:     # the offline plan's own bits, crossing by crossing
         plan_bits = tuple(plan.bits.get(c.dag_node, info.min_bits) for c in info.boundary.crossings)
+    if cache is None:
+        cache, probe = info.cache, info.probe
     return Variant(pid, info.end, info.boundary, profile, info.fixed_bits, plan_bits,
-                   cache=info.cache, end_only=info.boundary.end_only, caps=info.caps)
+                   cache=cache, end_only=info.boundary.end_only, caps=info.caps, probe=probe)
 
 
 def _quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 20, warmup: int = 10,
@@ -577,20 +643,34 @@ def _quiet_time(fn: Callable[[], Any], **kw: Any) -> float:
 def _end_paths(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> tuple[float, float | None, float | None]:
     """The end side's work for one request on this host, measured alone (``_quiet_times``):
     (no cache: end half, quantize, encode; a miss: the same and the lookup against a full cache
-    whose centers nothing hits; a hit answered on the end: end half and lookup, nothing
-    quantized or encoded). Without ``cache`` or a cache calibration: (no cache, None, None)."""
+    whose centers nothing hits; a hit answered on the end: the end half up to where the cache
+    looks up, and the lookup, nothing quantized or encoded). Without ``cache`` or a cache
+    calibration: (no cache, None, None)."""
+    if not cache or v.cache is None:
+        return _end_paths_of([v], inputs, capacity, cache=False)[0], None, None
+    plain, ((miss, hit),) = _end_paths_of([v], inputs, capacity)
+    return plain, miss, hit
+
+
+def _end_paths_of(vs: Sequence[Any], inputs: tuple, capacity: int,
+                  cache: bool = True) -> tuple[float, list[tuple[float, float]]]:
+    """``_end_paths`` of variants of one cut that differ in their cache (where it looks up, its
+    thresholds), measured interleaved: (no cache, [(miss, hit) per variant])."""
     from coach_fx.runtime.cache import pooled_features
     from coach_fx.runtime.online import OnlinePolicy
     x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
 
-    def policy(use: bool, hit: bool) -> Any:
+    def policy(v: Any, use: bool, hit: bool) -> Any:
         p = OnlinePolicy([v], start=v.plan_id, switching=False, capacity=capacity,
                          audit_rate=0.0, cache=use)
         store = p.caches.get(v.plan_id) if use else None
         if store is not None:
-            vals = v.end_module(*x)
-            vals = vals if isinstance(vals, tuple) else (vals,)
-            f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
+            if v.probe is not None:
+                f = pooled_features(list(v.probe[0](*x)), v.cache.grid)
+            else:
+                vals = v.end_module(*x)
+                vals = vals if isinstance(vals, tuple) else (vals,)
+                f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
             rng = np.random.default_rng(0)
             # a full cache of centers far from this input, so that it misses; for ``hit`` one
             # of them is the input's own class instead
@@ -602,11 +682,12 @@ def _end_paths(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> tupl
                 p.answers[0] = torch.zeros(1)
         return p
 
-    use = cache and v.cache is not None
-    policies = [policy(False, False)] + ([policy(True, False), policy(True, True)] if use else [])
+    policies = [policy(vs[0], False, False)]
+    if cache:
+        policies += [policy(v, True, h) for v in vs for h in (False, True)]
     with torch.no_grad():
         times = _quiet_times([lambda p=p: p.prepare(0, x) for p in policies])
-    return (times[0], times[1], times[2]) if use else (times[0], None, None)
+    return times[0], [(times[1 + 2 * k], times[2 + 2 * k]) for k in range(len(vs))] if cache else []
 
 
-__all__ = ["compile_online", "OnlineModel", "MODES", "SWITCH_GAIN", "band_rates"]
+__all__ = ["compile_online", "OnlineModel", "MODES", "SWITCH_GAIN", "PROBE_HITS", "band_rates"]

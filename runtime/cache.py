@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -40,6 +41,10 @@ def pooled_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarra
     pooling op in torch for an image, the norms in numpy (torch's per-op overhead would cost
     more than the arithmetic on these short vectors).
     """
+    if len(tensors) == 1:
+        v = _pooled_one(tensors[0], grid)
+        if v is not None:
+            return v / max(math.sqrt(float(v @ v)), 1e-12)
     parts = []
     for t in tensors:
         if isinstance(t, torch.Tensor):
@@ -64,6 +69,34 @@ def pooled_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarra
                             for a in parts], axis=1)
     v = v / np.maximum(np.sqrt(np.einsum("ij,ij->i", v, v))[:, None], 1e-12)
     return v[0] if v.shape[0] == 1 else v
+
+
+def lookup_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarray:
+    """``pooled_features`` up to a positive factor: what :meth:`SemanticCache.lookup` and
+    :meth:`SemanticCache.confirm` take (cosine similarity and the centers' normalization do
+    not see the factor). Per request on the end device: for one image tensor of one sample
+    (the usual case) it is one pooling op, nothing normalized there."""
+    if len(tensors) == 1:
+        v = _pooled_one(tensors[0], grid)
+        if v is not None:
+            return v
+    return pooled_features(tensors, grid)
+
+
+def _pooled_one(t: object, grid: int) -> np.ndarray | None:
+    """One float32 CPU image tensor of one sample whose sides the grid divides, average-pooled
+    and flattened (not normalized); None: not that case."""
+    if not (isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == 1
+            and t.dtype == torch.float32 and t.device.type == "cpu"):
+        return None
+    h, w = t.shape[2:]
+    g = grid if grid > 1 else 1
+    if h % g or w % g:
+        return None
+    t = t.detach()
+    if (h, w) != (g, g):
+        t = torch.nn.functional.avg_pool2d(t, (h // g, w // g))
+    return t.numpy().reshape(-1)
 
 
 def _vec_rows(feats: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -136,7 +169,8 @@ class SemanticCache:
     def _centers(self) -> tuple[list[int], np.ndarray]:
         if self._matrix is None:
             labels = list(self.centers)
-            self._matrix = (labels, np.stack([self.centers[c].vector for c in labels]))
+            # float32: the features come as float32 (no cast per lookup)
+            self._matrix = (labels, np.stack([self.centers[c].vector for c in labels]).astype(np.float32))
         return self._matrix
 
     def lookup(self, feat: torch.Tensor | np.ndarray) -> Lookup:
@@ -144,8 +178,12 @@ class SemanticCache:
         if not self.centers:
             return Lookup(None, None, 0.0, 0.0, False)
         labels, m = self._centers()
-        # a handful of centers: the top two in plain Python beat numpy's per-call overhead
-        sims = (m @ _vec(feat)).tolist()
+        f = feat if isinstance(feat, np.ndarray) and feat.ndim == 1 else _vec(feat)
+        # cosine against unit centers: one product and the feature's norm (the feature may
+        # come unnormalized, see ``lookup_features``); a handful of centers: the top two in
+        # plain Python beat numpy's per-call overhead
+        norm = max(math.sqrt(float(f @ f)), 1e-12)
+        sims = [x / norm for x in (m @ f).tolist()]
         i = max(range(len(sims)), key=sims.__getitem__)
         top = sims[i]
         second = max((x for j, x in enumerate(sims) if j != i), default=-1.0)
@@ -164,6 +202,7 @@ class SemanticCache:
             c.score *= self.decay
         c = self.centers.get(label)
         v = _vec(feat)
+        v = v / max(math.sqrt(float(v @ v)), 1e-12)     # ``lookup_features`` are not normalized
         if c is None:
             if len(self.centers) >= self.capacity:
                 victim = min(self.centers, key=lambda k: (self.centers[k].score, self.centers[k].last))

@@ -37,7 +37,7 @@ import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.passes.partition import Boundary
-from coach_fx.runtime.cache import SemanticCache, pooled_features
+from coach_fx.runtime.cache import SemanticCache, lookup_features
 from coach_fx.runtime.codec import quantized_entry
 from coach_fx.runtime.controller import CutProfile, OnlineController
 from coach_fx.runtime.pipeline import Prepared
@@ -53,6 +53,9 @@ class CacheSetup:
     hit_rate: float                                   # on the calibration stream
     bits_by_similarity: list[tuple[float, int]] = field(default_factory=list)
     grid: int = 2
+    #: the node of the end half whose features the cache looks up (None: the cut's crossing
+    #: values); an earlier node answers a hit without running the rest of the end half
+    at: str | None = None
 
     def floor(self, similarity: float) -> int | None:
         for edge, bits in self.bits_by_similarity:
@@ -88,6 +91,10 @@ class Variant:
     #: request the link has no room for (None: never finished there); its time on this host alone
     local_module: Callable[..., Any] | None = None
     local_s: float | None = None
+    #: the end half split where the cache looks up, when that is before the cut (see
+    #: ``CacheSetup.at``): (head: inputs -> that node's value as a 1-tuple, tail: the value ->
+    #: the crossing values, as ``end_module`` returns them)
+    probe: tuple[Callable[..., Any], Callable[..., Any]] | None = None
 
     def message_bytes(self, bits: int | None = None) -> int:
         """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
@@ -114,6 +121,10 @@ class Variant:
                 bits = min(bits, floor)
         cap = self.caps[k] if self.caps is not None else None
         return min(bits, cap) if cap is not None else bits
+
+
+def _as_tuple(vals: Any) -> tuple:
+    return vals if isinstance(vals, tuple) else (vals,)
 
 
 def mean_end_s(miss_s: float, hit_s: float, answered: float) -> float:
@@ -183,16 +194,20 @@ class OnlinePolicy:
         if v.end_only:
             self.plans_used[v.plan_id] += 1
             return Prepared(None, v.end_module(*x), True, ref)
-        vals = v.end_module(*x)
-        vals = vals if isinstance(vals, tuple) else (vals,)
-        feat, cached, floor = None, None, None
+        feat, cached, floor, vals = None, None, None, None
         cache = self.caches.get(v.plan_id) if self.use_cache else None
         if cache is not None and self.adaptive and not self._cache_pays(v):
             cache = None
         if cache is not None:
             ref = ref + v.lookup_s if ref is not None else None
-            feat = pooled_features([t for t, b in zip(vals, v.fixed_bits)
-                                    if b is None and isinstance(t, torch.Tensor)], v.cache.grid)
+            if v.probe is not None:
+                # the cache looks up at a node inside the end half: a hit skips the rest of it
+                head = v.probe[0](*x)
+                feat = lookup_features(list(head), v.cache.grid)
+            else:
+                vals = _as_tuple(v.end_module(*x))
+                feat = lookup_features([t for t, b in zip(vals, v.fixed_bits)
+                                        if b is None and isinstance(t, torch.Tensor)], v.cache.grid)
             with self._lock:
                 r = cache.lookup(feat)
                 answer = self.answers.get(r.label) if r.hit else None
@@ -207,6 +222,10 @@ class OnlinePolicy:
                 cached = r.label
             elif self.similarity_bits:
                 floor = v.cache.floor(r.similarity)
+            if vals is None:
+                vals = _as_tuple(v.probe[1](*head))
+        else:
+            vals = _as_tuple(v.end_module(*x))
         bits = self.control.bits(v.plan_id, floor, self.end_stage_s(v))
         per = [v.bits_for(k, bits, floor) for k in range(len(vals))]
         adaptive_bits = [b for b, f in zip(per, v.fixed_bits) if f is None]

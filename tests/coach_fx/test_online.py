@@ -36,6 +36,20 @@ def test_plans_per_band_share_the_model_weights(online):
     assert "fixed plan" in om.report()
 
 
+def test_a_cache_inside_the_end_half_computes_what_the_end_half_does(online):
+    model, om, xt, _ = online
+    probed = [v for v in om.variants.values() if v.probe is not None]
+    for v in probed:
+        head, tail = v.probe
+        assert v.cache.at in [n.name for n in head.graph.nodes]
+        with torch.no_grad():
+            for got, want in zip(tail(*head(xt[:4])), v.end_module(xt[:4])):
+                assert torch.equal(got, want)
+    # the digits model's early features tell classes apart about as well as the cut's, for far
+    # less end work: some plan looks up before its cut
+    assert probed, om.report()
+
+
 def test_modes_on_a_stream_with_locality(online):
     model, om, xt, yt = online
     idx = locality_stream(yt, 150, 10.0, seed=3)

@@ -244,3 +244,25 @@ def test_pipeline_finishes_requests_on_the_end_through_an_outage(split):
     outs2, waited, p2 = run(False)
     assert waited.finished_on_end == 0 and p2.finished_locally == 0
     assert sum(p2.bits_used.values()) == 300 and len(outs2) == 300
+
+
+def test_a_cache_looking_up_inside_the_end_half_skips_the_rest_on_a_hit(split):
+    from coach_fx.passes.split import split_at
+    model, gm, dag, x = split
+    setup = CacheSetup(sim_threshold=0.9, margin=0.0, hit_rate=0.5, grid=2, at="relu")
+    v, cloud, boundary = variant(gm, dag, upto(dag, "body_1"), 0, cache=setup)
+    head, tail = split_at(v.end_module, "relu")
+    tails = []
+    v.probe = (head, lambda *a: tails.append(1) or tail(*a))
+    plain, _, _ = variant(gm, dag, upto(dag, "body_1"), 0)
+    policy, reference = OnlinePolicy([v], audit_rate=0.0), OnlinePolicy([plain], cache=False)
+    miss = policy.prepare(0, (x,))
+    # a miss runs the rest of the end half and sends what the end half would have sent
+    assert not miss.answered and tails == [1]
+    assert miss.msg == reference.prepare(0, (x,)).msg
+    policy.on_result(0, model(x), [], False)
+    hit = policy.prepare(1, (x,))
+    assert hit.answered and hit.msg is None and tails == [1]    # the rest never ran
+    assert torch.equal(hit.answer, model(x))
+    # the cache's centers are the probe's features (16 values: 4 channels x 2 x 2 cells)
+    assert policy.caches[0].centers[int(model(x).argmax())].total.shape == (16,)
