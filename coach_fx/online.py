@@ -342,13 +342,14 @@ class _CutInfo:
     boundary: Any
     fixed_bits: tuple
     min_bits: int
-    cache: Any            # CacheSetup or None
+    cache: Any            # CacheSetup or None: the one the plan runs (see ``probe``)
     caps: tuple = ()
     calibrated: bool = False
     vals: Any = None      # the end half's outputs on the calibration data (until calibrated)
     agrees: Any = None    # per bits, per calibration sample: the answer stays the model's
     sims: Any = None      # per calibration sample: top-1 similarity to the class centers here
     probe: Any = None     # (head, tail) of the end half where its cache looks up, if before the cut
+    own_cache: Any = None  # the cache calibrated at the cut itself
     probed: bool = False
 
 
@@ -391,6 +392,7 @@ class _Calibration:
             info.calibrated = True
             if info.vals is not None:
                 info.cache, info.sims = self._cache(info.vals, info.fixed_bits, info.agrees, info.min_bits)
+                info.own_cache = info.cache
             info.vals = None    # only the calibration needs them
         if with_cache and self.cache and probe and not info.probed:
             info.probed = True
@@ -410,24 +412,25 @@ class _Calibration:
         from coach_fx.runtime.online import mean_end_s
         if info.boundary.end_only or info.agrees is None:
             return
-        options: list[tuple[Any, Any, tuple]] = [(info.cache, None, end_nodes)] if info.cache is not None else []
+        own = info.own_cache          # (``info.cache`` becomes the chosen one, maybe a probe's)
+        options: list[tuple[Any, Any, tuple]] = [(own, None, end_nodes)] if own is not None else []
         inside = set(end_nodes)
         for a in self.dag.articulation_nodes():
             nodes = tuple(v for v in self.dag.nodes if v in self.dag.ancestors([a]))
             if not set(nodes) < inside:
                 continue
             at = self.info(nodes, True, probe=False)
-            if at.cache is None or at.sims is None or len(at.boundary.crossings) != 1 \
+            if at.own_cache is None or at.sims is None or len(at.boundary.crossings) != 1 \
                     or at.fixed_bits[0] is not None:
                 continue
             try:
                 head_tail = split_at(info.end, at.boundary.crossings[0].name)
             except SplitError:
                 continue
-            if info.cache is not None and at.cache.hit_rate < PROBE_HITS * info.cache.hit_rate:
+            if own is not None and at.own_cache.hit_rate < PROBE_HITS * own.hit_rate:
                 continue
             bands = SemanticCache.similarity_bits(at.sims, info.agrees, info.min_bits, self.bits_budget)
-            options.append((dataclasses.replace(at.cache, bits_by_similarity=bands, at=a), head_tail, nodes))
+            options.append((dataclasses.replace(at.own_cache, bits_by_similarity=bands, at=a), head_tail, nodes))
         if not options:
             return
         answered = [c.hit_rate * (1 - self.audit_rate) for c, _, _ in options]
@@ -615,24 +618,48 @@ def _quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 20, warmup: int
     the emulated device's time is this × its slowdown, so that noise would be multiplied too,
     and would decide between plans. The functions take their rounds in turn, with a pause
     between rounds, so that a burst of load longer than a round cannot hit all of one's
-    rounds, and paths compared with each other (a hit, a miss, no cache) see the same host."""
-    best = [math.inf] * len(fns)
+    rounds, and paths compared with each other (a hit, a miss, no cache) see the same host.
+    A host slowed down for longer than all the rounds (seconds, seen here) is caught by a fixed
+    reference workload timed before and after each round: each round's times are scaled by
+    how much slower than its best the reference ran then (the faster of its two timings, so
+    that a burst on the reference alone does not make the round look fast)."""
+    quart = [[] for _ in fns]
+    speed = []
     was = gc.isenabled()
     gc.disable()
+
+    def lower_quartile(fn: Callable[[], Any], n: int, skip: int) -> float:
+        ts = []
+        for _ in range(skip + n):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.quantiles(ts[-n:], n=4)[0]
+
     try:
         for r in range(rounds):
+            before = lower_quartile(_reference_work, repeat, warmup if r == 0 else 0)
             for k, fn in enumerate(fns):
-                ts = []
-                for j in range((warmup if r == 0 else 0) + repeat):
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                best[k] = min(best[k], statistics.quantiles(ts[-repeat:], n=4)[0])
+                quart[k].append(lower_quartile(fn, repeat, warmup if r == 0 else 0))
+            speed.append(min(before, lower_quartile(_reference_work, repeat, 0)))
             time.sleep(pause_s)
     finally:
         if was:
             gc.enable()
-    return best
+    fastest = min(speed)
+    return [min(q * fastest / s for q, s in zip(qs, speed)) for qs in quart]
+
+
+_REF = (torch.randn(1, 8, 16, 16), torch.randn(8, 8, 3, 3), np.random.default_rng(0).random(256))
+
+
+def _reference_work() -> None:
+    """A fixed request-sized mix of what the measured paths do (a small convolution, numpy on
+    a short vector, interpreter work), to tell how fast the host runs at the moment."""
+    with torch.no_grad():
+        torch.nn.functional.conv2d(_REF[0], _REF[1], padding=1)
+    float(_REF[2] @ _REF[2])
+    sum(range(100))
 
 
 def _quiet_time(fn: Callable[[], Any], **kw: Any) -> float:

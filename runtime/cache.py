@@ -1,7 +1,9 @@
 """Semantic cache at the cut (DESIGN.md §6): answer easy inputs on the end device.
 
 Per class, a *label semantic center*: the mean of normalized, spatially pooled features at the
-cut, learned only from labels the cloud confirmed. A lookup is a **hit** when the top-1 cosine
+cut (or at an earlier node of the end half that tells classes apart as well, where a hit skips
+the rest of the end half: see ``coach_fx.online``), learned only from labels the cloud
+confirmed. A lookup is a **hit** when the top-1 cosine
 similarity and the top-1/top-2 margin both clear their thresholds (calibrated offline so that
 the accuracy lost to hits stays within the budget); a hit answers on the end and nothing is
 sent. Capacity is bounded: the class with the lowest score (frequency, decayed with age) goes

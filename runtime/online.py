@@ -3,11 +3,13 @@
 :class:`OnlinePolicy` plugs into :class:`coach_fx.runtime.pipeline.EndWorker` (``policy=``).
 For each frame it
 
-1. runs the end half of the current plan, which returns the crossing tensors unquantized;
+1. runs the end half of the current plan, which returns the crossing tensors unquantized (or,
+   when the plan's cache looks up at an earlier node of the end half, ``Variant.probe``, the
+   end half up to that node first);
 2. asks that plan's semantic cache: a **hit** answers on the end with the class's last
    cloud-confirmed output and sends nothing (a share of hits still goes to the cloud, flagged
-   ``FLAG_CACHE_HIT``, to audit the cache); a near miss lowers the bits to its similarity
-   band's calibrated floor;
+   ``FLAG_CACHE_HIT``, to audit the cache), and an early lookup point skips the rest of the
+   end half; a near miss lowers the bits to its similarity band's calibrated floor;
 3. quantizes each float crossing with the bits the :class:`BitController` picks for the
    current bandwidth estimate (the highest whose link time stays within the compute
    bottleneck) and sends them with the plan's id, so the cloud runs the matching half

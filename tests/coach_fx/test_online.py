@@ -94,3 +94,37 @@ def test_band_rates_and_faster_traces(tmp_path):
     fast = tr.faster(10)
     assert fast.duration == pytest.approx(tr.duration / 10)
     assert fast.rate_at(0.25) == tr.rate_at(2.5)
+
+
+def test_a_cache_looking_up_early_uses_that_nodes_own_calibration():
+    # regression: a cut's chosen cache (perhaps a probe's) must not stand in for its own
+    # calibration when a later cut probes there
+    import dataclasses
+
+    from coach_fx.accuracy import AccuracyOracle
+    from coach_fx.compiled import prepare
+    from coach_fx.online import _Calibration
+    from coach_fx.settings import Settings
+
+    model = load_digits_model(32)
+    (_, _), (xc, _), _ = digits_splits(frame=32)
+    settings = Settings.from_options({}, costs="analytic", progress=False, accuracy_budget=0.005,
+                                     calibration=(xc, None), end=Device("end", 10))
+    gm, inputs, dag = prepare(model, (xc[:1],), settings)
+    oracle = AccuracyOracle(gm, dag, settings, inputs)
+
+    def calibration():
+        return _Calibration(gm, dag, oracle, settings, 0.005, 0.005, (4, 8), 4, 0.1, 10.0, True)
+
+    cal = calibration()
+    cuts = {a: tuple(v for v in dag.nodes if v in dag.ancestors([a])) for a in dag.articulation_nodes()}
+    probed = 0
+    for a in ["stem_1", "stem_2", "stem_3", "add", "relu"]:        # early cuts first
+        info = cal.info(cuts[a])
+        if info.probe is not None:
+            probed += 1
+            alone = calibration().info(cuts[info.cache.at], probe=False).cache
+            assert dataclasses.replace(info.cache, bits_by_similarity=[], at=None) == \
+                dataclasses.replace(alone, bits_by_similarity=[])
+            assert info.cache.hit_rate >= 0.9 * info.own_cache.hit_rate
+    assert probed >= 2
