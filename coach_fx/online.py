@@ -52,7 +52,12 @@ SWITCH_GAIN = 0.9
 #: The cache may look up at a node before the cut (a hit then skips the rest of the end half)
 #: when its calibrated hit rate is at least this share of the cut's own: a hit also spares the
 #: link and the cloud, which an earlier node with fewer hits would give away.
-PROBE_HITS = 0.9
+PROBE_HITS = 0.75
+
+#: Frames in each of the two replayed calibration streams the cache's thresholds are tuned on.
+#: Wrong hits come from a few confusable samples; a short stream may hold none of them (with
+#: 1000 frames thresholds passed that went wrong 3x as often on unseen data).
+CALIBRATION_FRAMES = 4000
 
 #: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants). ``local``
 #: (with adaptive control): a request that finds the link backlogged or stalled is finished on
@@ -203,7 +208,8 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
                    bands_mbps: Sequence[float] | None = None, cache: bool = True,
                    grid: int | Sequence[int] = (2, 4, 8),
                    capacity: int = 4, audit_rate: float = 0.1, hold: int = 5,
-                   locality: float = 10.0, **options: Any) -> OnlineModel:
+                   locality: float = 10.0, calibration_frames: int = CALIBRATION_FRAMES,
+                   **options: Any) -> OnlineModel:
     """Compile ``model`` for online control: a plan per bandwidth band, sharing weights.
 
     ``calibration``: (inputs, labels) batched on dim 0 (required: bits and cache thresholds are
@@ -213,7 +219,9 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
     ``capacity``: classes the cache holds (a handful: streams have temporal locality);
     ``grid``: the pooling grid(s) of the cache's features (per plan the one that hits most);
     ``locality``: mean frames a class persists in the calibration stream the thresholds are
-    tuned on. Other keywords are :class:`coach_fx.Settings` fields.
+    tuned on; ``calibration_frames``: that stream's length (each of two; longer: thresholds
+    that hold better on unseen data, for a longer compile). Other keywords are
+    :class:`coach_fx.Settings` fields.
 
     With ``cache``, a band's plan is chosen cache-aware: among the planner's plans and the
     single-tensor cuts, the one whose period is shortest once the calibrated hit rate takes
@@ -242,7 +250,7 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
     if not rates or min(rates) <= 0:
         raise ValueError(f"bands_mbps must be positive rates, got {rates}")
     cal = _Calibration(gm, dag, oracle, settings, bits_budget, accuracy_budget * cache_share,
-                       grid, capacity, audit_rate, locality, cache)
+                       grid, capacity, audit_rate, locality, cache, calibration_frames)
     # measure with the threads the streams will use (the halves' times decide the plans)
     with torch_threads(settings.threads):
         return _compile(gm, inputs, dag, settings, oracle, cal, rates, cache, capacity,
@@ -359,8 +367,10 @@ class _Calibration:
 
     def __init__(self, gm: Any, dag: Any, oracle: AccuracyOracle, settings: Settings,
                  bits_budget: float, cache_budget: float, grid: int, capacity: int,
-                 audit_rate: float, locality: float, cache: bool) -> None:
+                 audit_rate: float, locality: float, cache: bool,
+                 frames: int = CALIBRATION_FRAMES) -> None:
         self.gm, self.dag, self.oracle, self.settings = gm, dag, oracle, settings
+        self.frames = frames
         self.bits_budget, self.cache_budget = bits_budget, cache_budget
         self.grids = (grid,) if isinstance(grid, int) else tuple(grid)
         self.capacity, self.audit_rate, self.locality = capacity, audit_rate, locality
@@ -402,7 +412,7 @@ class _Calibration:
     def _pick_probe(self, end_nodes: tuple, info: _CutInfo) -> None:
         """Where in the end half the cache looks up: at the cut, or at an earlier node that
         splits the end half (an articulation) with features of its own calibration that hit
-        about as often (``PROBE_HITS``: hits also spare the link and the cloud); the one whose
+        nearly as often (``PROBE_HITS``: hits also spare the link and the cloud); the one whose
         mean end work per request is least (a hit there skips the rest of the end half, a miss
         pays the split). The near-miss bits are the cut's, by the earlier node's similarity.
         Measured here, interleaved (the cost model's end compute with analytic costs); the
@@ -476,7 +486,7 @@ class _Calibration:
         streams = []
         for h in (0, 1):
             idx = torch.arange(h, n, 2)
-            streams.append([int(idx[i]) for i in locality_stream(labels[idx], max(1000, 3 * len(idx)),
+            streams.append([int(idx[i]) for i in locality_stream(labels[idx], max(self.frames, 3 * len(idx)),
                                                                  self.locality, seed=1 + h)])
         best = None
         for grid in self.grids:
@@ -717,4 +727,5 @@ def _end_paths_of(vs: Sequence[Any], inputs: tuple, capacity: int,
     return times[0], [(times[1 + 2 * k], times[2 + 2 * k]) for k in range(len(vs))] if cache else []
 
 
-__all__ = ["compile_online", "OnlineModel", "MODES", "SWITCH_GAIN", "PROBE_HITS", "band_rates"]
+__all__ = ["compile_online", "OnlineModel", "MODES", "SWITCH_GAIN", "PROBE_HITS", "CALIBRATION_FRAMES",
+           "band_rates"]
