@@ -96,9 +96,10 @@ def _pooled_one(t: object, grid: int) -> np.ndarray | None:
     if h % g or w % g:
         return None
     t = t.detach()
-    if (h, w) != (g, g):
-        t = torch.nn.functional.avg_pool2d(t, (h // g, w // g))
-    return t.numpy().reshape(-1)
+    if (h, w) == (g, g):
+        # a copy: the value runs on through the rest of the end half, maybe into an in-place op
+        return t.numpy().reshape(-1).copy()
+    return torch.nn.functional.avg_pool2d(t, (h // g, w // g)).numpy().reshape(-1)
 
 
 def _vec_rows(feats: torch.Tensor | np.ndarray) -> np.ndarray:
