@@ -21,7 +21,8 @@ compute, emulated link):
 * ``adaptive``: + bits per request from the bandwidth estimate, + plan switching by band,
   + a request the link has no room for (backlogged, or stalled in an outage) finished on the
   end device instead of waiting;
-* ``cache``: the fixed plan + the semantic cache (hits answered on the end);
+* ``cache``: the fixed plan + the semantic cache (hits answered on the end; it holds
+  ``--capacity`` classes, 8 of the 10 digits by default);
 * ``full``: all of it, and near misses sent with their similarity band's fewer bits.
 
 Traces: norway-hsdpa ``norway_bus_20`` (a bus, 242 s, 0.3-5.3 Mbit/s) and mahimahi-lte
@@ -86,6 +87,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1500 frames")
     ap.add_argument("--scale", type=float, default=None,
                     help="use this rate scale instead of searching for half link-bound time")
+    ap.add_argument("--capacity", type=int, default=8,
+                    help="classes the semantic cache holds (default 8 of the 10 digits: evictions "
+                         "happen)")
     ap.add_argument("--trace", choices=sorted(TRACES), action="append",
                     help="run only this trace (repeatable; default: both)")
     a = ap.parse_args()
@@ -121,7 +125,7 @@ def main() -> None:
             trace = Trace.load(SHARED / rel, scale=scale, bin_s=1.0)
             om = compile_online(model, (xc[:1],), network=Network(trace.mean_mbps, trace=trace),
                                 end=Device("end", SLOWDOWN), calibration=(xc, yc),
-                                accuracy_budget=a.budget, threads=1)
+                                accuracy_budget=a.budget, capacity=a.capacity, threads=1)
             share = link_bound_share(trace, breakeven(om))
             print(f"  {tname}: scale x{scale:.3f} -> fixed plan {om.plans[om.fixed].cut}, link-bound "
                   f"{share:.0%} of the time", flush=True)

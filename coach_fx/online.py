@@ -181,7 +181,7 @@ class OnlineModel:
                          p.t_cloud * 1e3,
                          f"{v.local_s * slow:.2f}" if v.local_s is not None else "-",
                          f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
-                         + (f", at {c.at}" if c.at else "")
+                         + (f", at {c.at}" if c.at else "") + (", context" if c.context else "")
                          if c else "off",
                          " ".join(f"{e}:{b}b" for e, b in c.bits_by_similarity) if c else "-"])
         head = (f"online plans: {len(self.plans)} distinct; fixed plan {self.fixed} (for the network "
@@ -207,7 +207,7 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
                    accuracy_budget: float = 0.005, cache_share: float = 0.5,
                    bands_mbps: Sequence[float] | None = None, cache: bool = True,
                    grid: int | Sequence[int] = (2, 4, 8),
-                   capacity: int = 4, audit_rate: float = 0.1, hold: int = 5,
+                   capacity: int = 16, audit_rate: float = 0.1, hold: int = 5,
                    locality: float = 10.0, calibration_frames: int = CALIBRATION_FRAMES,
                    **options: Any) -> OnlineModel:
     """Compile ``model`` for online control: a plan per bandwidth band, sharing weights.
@@ -216,7 +216,7 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
     calibrated on it; the budget counts answers that differ from the unquantized model's, so
     the labels only serve the offline planner). ``bands_mbps``: the rates to plan for
     (default: ``band_rates``); switching happens at the geometric midpoints between them.
-    ``capacity``: classes the cache holds (a handful: streams have temporal locality);
+    ``capacity``: classes the cache holds (streams have temporal locality: the recent ones);
     ``grid``: the pooling grid(s) of the cache's features (per plan the one that hits most);
     ``locality``: mean frames a class persists in the calibration stream the thresholds are
     tuned on; ``calibration_frames``: that stream's length (each of two; longer: thresholds
@@ -493,19 +493,21 @@ class _Calibration:
             feats = torch.from_numpy(np.concatenate(
                 [np.atleast_2d(pooled_features([chunk[k] for k in adaptive], grid)) for chunk in vals]
             )).float()
-            st, mg, rate = SemanticCache.calibrate_on_stream(feats, labels, streams, self.cache_budget,
-                                                             self.capacity, self.audit_rate)
-            if rate > 0 and (best is None or rate > best[2]):
-                best = (st, mg, rate, grid, feats)
+            for context in (False, True):
+                st, mg, rate = SemanticCache.calibrate_on_stream(
+                    feats, labels, streams, self.cache_budget, self.capacity, self.audit_rate,
+                    context=context)
+                if rate > 0 and (best is None or rate > best[2]):
+                    best = (st, mg, rate, grid, feats, context)
         if best is None:
             return None, None
-        st, mg, rate, grid, feats = best
+        st, mg, rate, grid, feats, context = best
         classes = sorted(set(labels.tolist()))
         centers = torch.stack([torch.nn.functional.normalize(feats[labels == c].mean(0), dim=0)
                                for c in classes])
         sim = (feats @ centers.T).max(1).values
         bands = SemanticCache.similarity_bits(sim, agrees, min_bits, self.bits_budget)
-        return CacheSetup(st, mg, rate, bands, grid), sim
+        return CacheSetup(st, mg, rate, bands, grid, context=context), sim
 
     def end_time(self, end_nodes: tuple) -> float:
         """The end stage without the cache (measured, or the cost model's with analytic costs)."""

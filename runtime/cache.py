@@ -10,7 +10,8 @@ sent. Capacity is bounded: the class with the lowest score (frequency, decayed w
 first, which keeps recent and frequent classes (streams have temporal locality). A share of
 hits (``audit_rate``) is still sent to the cloud; when the cloud disagrees, the wrong center
 is dropped and the right one learns the sample. The cache never answers for a class it has
-not seen confirmed.
+not seen confirmed. A context-aware cache (``context=True``) answers only for the class of the
+latest request whose answer the end knows: the stream's temporal locality as a prior.
 
 ``runtime.online.OnlinePolicy`` uses it per request in the end worker; ``coach_fx.online``
 calibrates it (thresholds on a replayed calibration stream, similarity bands to bits).
@@ -27,11 +28,18 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+
+
+#: requests between a request's lookup and the cloud's answer for it coming back to the end,
+#: in a three-stage pipeline: the end is two stages ahead of the cloud, plus the request being
+#: sent back and the one queued behind it (the benchmarks' streams: latency ~3-4 periods)
+RESULT_LAG = 4
 
 
 def pooled_features(tensors: Sequence[torch.Tensor], grid: int = 1) -> np.ndarray:
@@ -157,26 +165,57 @@ def _vec(feat: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 class SemanticCache:
-    """Label semantic centers with hit thresholds, bounded capacity and audits."""
+    """Label semantic centers with hit thresholds, bounded capacity and audits.
+
+    ``context``: a hit must also name the class of the latest request whose answer the end
+    knows (a hit's own, or one the cloud returned; ``seq`` orders them). In a stream with
+    temporal locality the class changes on few frames, and those are where the wrong hits
+    come from: the new class's center is not cached yet, or the cloud's answers that would
+    teach it are still on their way back (see ``RESULT_LAG``), while the frame looks enough
+    like a cached class to clear the thresholds. With the context the thresholds can be looser
+    for the same wrong hits (the calibration tries both and keeps the one that hits more).
+    """
 
     def __init__(self, sim_threshold: float = 0.95, margin: float = 0.05, capacity: int = 16,
-                 audit_rate: float = 0.1, decay: float = 0.98, seed: int = 0) -> None:
+                 audit_rate: float = 0.1, decay: float = 0.98, seed: int = 0,
+                 context: bool = False) -> None:
         self.sim_threshold, self.margin = sim_threshold, margin
         self.capacity, self.audit_rate, self.decay = capacity, audit_rate, decay
+        self.context = context
         self.centers: dict[int, _Center] = {}
         self.rng = random.Random(seed)
         self.t = 0
+        self._seq = 0                                  # requests seen (when no ``seq`` is given)
+        self.latest: tuple[int, int] | None = None     # (seq, label) of the latest known answer
         self.hits = self.lookups = self.corrections = self.evictions = 0
-        self._matrix: tuple[list[int], np.ndarray] | None = None
+        #: the unit centers as one matrix, with each class's row (kept current by ``confirm``:
+        #: rebuilding it per lookup was most of a replay's time)
+        self._matrix: tuple[list[int], np.ndarray, dict[int, int]] | None = None
 
     def _centers(self) -> tuple[list[int], np.ndarray]:
         if self._matrix is None:
             labels = list(self.centers)
             # float32: the features come as float32 (no cast per lookup)
-            self._matrix = (labels, np.stack([self.centers[c].vector for c in labels]).astype(np.float32))
-        return self._matrix
+            self._matrix = (labels, np.stack([self.centers[c].vector for c in labels]).astype(np.float32),
+                            {c: k for k, c in enumerate(labels)})
+        return self._matrix[:2]
 
-    def lookup(self, feat: torch.Tensor | np.ndarray) -> Lookup:
+    def _order(self, seq: int | None) -> int:
+        if seq is None:
+            self._seq += 1
+            return self._seq
+        self._seq = max(self._seq, seq)
+        return seq
+
+    def note(self, seq: int, label: int) -> None:
+        """Request ``seq``'s answer is ``label`` (the context, see the class docstring)."""
+        if self.latest is None or seq >= self.latest[0]:
+            self.latest = (seq, label)
+
+    def lookup(self, feat: torch.Tensor | np.ndarray, seq: int | None = None) -> Lookup:
+        """Closest confirmed class; a hit when it clears the thresholds (and, with ``context``,
+        is the latest known answer's class). ``seq``: the request's place in the stream."""
+        seq = self._order(seq)
         self.lookups += 1
         if not self.centers:
             return Lookup(None, None, 0.0, 0.0, False)
@@ -191,16 +230,19 @@ class SemanticCache:
         top = sims[i]
         second = max((x for j, x in enumerate(sims) if j != i), default=-1.0)
         best = labels[i]
-        hit = top >= self.sim_threshold and top - second >= self.margin
+        hit = top >= self.sim_threshold and top - second >= self.margin and \
+            (not self.context or (self.latest is not None and self.latest[1] == best))
         if not hit:
             return Lookup(None, best, top, top - second, False)
         self.hits += 1
+        self.note(seq, best)
         return Lookup(best, best, top, top - second, True, self.rng.random() < self.audit_rate)
 
-    def confirm(self, feat: torch.Tensor | np.ndarray, label: int) -> None:
-        """Learn from a label the cloud returned."""
+    def confirm(self, feat: torch.Tensor | np.ndarray, label: int, seq: int | None = None) -> None:
+        """Learn from a label the cloud returned (for request ``seq``: results may come back
+        after later requests were answered)."""
+        self.note(self._order(seq), label)
         self.t += 1
-        self._matrix = None
         for c in self.centers.values():
             c.score *= self.decay
         c = self.centers.get(label)
@@ -212,40 +254,52 @@ class SemanticCache:
                 del self.centers[victim]
                 self.evictions += 1
             self.centers[label] = _Center(v.copy(), 1, 1.0, self.t)
+            self._matrix = None
             return
         c.total += v
         c.count += 1
         c.score += 1.0
         c.last = self.t
+        if self._matrix is not None:
+            self._matrix[1][self._matrix[2][label]] = c.vector
 
-    def audit(self, feat: torch.Tensor, cached: int, cloud: int) -> bool:
+    def audit(self, feat: torch.Tensor, cached: int, cloud: int, seq: int | None = None) -> bool:
         """Check a hit against the cloud; a disagreeing center is dropped and relearned.
         Returns whether the cache was right."""
         if cached == cloud:
-            self.confirm(feat, cloud)
+            self.confirm(feat, cloud, seq)
             return True
         self.corrections += 1
         self.centers.pop(cached, None)
         self._matrix = None
-        self.confirm(feat, cloud)
+        self.confirm(feat, cloud, seq)
         return False
 
-    def replay(self, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int]) -> tuple[int, int]:
+    def replay(self, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int],
+               lag: int = 0) -> tuple[int, int]:
         """Run ``stream`` (sample indices) through this cache as the end worker would: misses
-        and audits learn the label; returns (hits, wrong hits)."""
+        and audits learn the label ``lag`` requests later (when the cloud's answer is back);
+        returns (hits, wrong hits)."""
         hits = wrong = 0
         feats = _vec_rows(feats)
         labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
-        for i in stream:
+        pending: deque[tuple[int, int, np.ndarray, int, int | None]] = deque()
+        for t, i in enumerate(stream):
+            while pending and pending[0][0] <= t:
+                _, seq, f0, y0, cached = pending.popleft()
+                if cached is None:
+                    self.confirm(f0, y0, seq)
+                else:
+                    self.audit(f0, cached, y0, seq)
             f, y = feats[i], int(labels[i])
-            r = self.lookup(f)
+            r = self.lookup(f, t)
             if r.hit:
                 hits += 1
                 wrong += r.label != y
                 if r.audit:
-                    self.audit(f, r.label, y)
+                    pending.append((t + lag, t, f, y, r.label))
             else:
-                self.confirm(f, y)
+                pending.append((t + lag, t, f, y, None))
         return hits, wrong
 
     @classmethod
@@ -254,9 +308,16 @@ class SemanticCache:
                             audit_rate: float = 0.1, max_hit_error: float = 0.01,
                             sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
                             margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
+                            lag: int = RESULT_LAG, context: bool = False,
                             ) -> tuple[float, float, float]:
         """(sim_threshold, margin, hit rate) that maximize hits on replayed calibration streams
         while wrong hits stay within ``budget`` of the frames of *every* stream.
+
+        The replay learns each answer ``lag`` requests late, as the pipeline does: most wrong
+        hits fall in the frames after a class change, before the cloud's first answers for the
+        new class are back (a replay that learns at once saw a third of the wrong hits that
+        the pipeline made with the same thresholds). ``context``: calibrate a cache that answers
+        only for the latest known answer's class (see :class:`SemanticCache`).
 
         Replaying streams through a cache of the deployed capacity matters: with few classes
         cached the top-1/top-2 margin is taken among them only, so a sample of an uncached
@@ -275,7 +336,8 @@ class SemanticCache:
                 hits = wrong = 0
                 fail = False
                 for stream in streams:
-                    h, w = cls(st, mg, capacity, audit_rate).replay(feats, labels, stream)
+                    h, w = cls(st, mg, capacity, audit_rate, context=context).replay(
+                        feats, labels, stream, lag)
                     hits, wrong = hits + h, wrong + w
                     fail = fail or w + 1 > budget * len(stream)
                 if fail:

@@ -58,6 +58,8 @@ class CacheSetup:
     #: the node of the end half whose features the cache looks up (None: the cut's crossing
     #: values); an earlier node answers a hit without running the rest of the end half
     at: str | None = None
+    #: hits only for the latest known answer's class (see ``SemanticCache``)
+    context: bool = False
 
     def floor(self, similarity: float) -> int | None:
         for edge, bits in self.bits_by_similarity:
@@ -169,7 +171,7 @@ class OnlinePolicy:
                                         headroom=headroom)
         self.adaptive, self.use_cache, self.similarity_bits = adaptive, cache, similarity_bits
         self.caches = {k: SemanticCache(v.cache.sim_threshold, v.cache.margin, capacity, audit_rate,
-                                        seed=seed + k)
+                                        seed=seed + k, context=v.cache.context)
                        for k, v in self.variants.items() if v.cache is not None}
         self.label = label
         #: the end stage (its work measured alone × the slowdown) joins the cloud's reported
@@ -211,8 +213,10 @@ class OnlinePolicy:
                 feat = lookup_features([t for t, b in zip(vals, v.fixed_bits)
                                         if b is None and isinstance(t, torch.Tensor)], v.cache.grid)
             with self._lock:
-                r = cache.lookup(feat)
+                r = cache.lookup(feat, i)
                 answer = self.answers.get(r.label) if r.hit else None
+                if answer is not None:
+                    self._note(i, r.label)
             self._looked[v.plan_id] += 1
             if r.hit and answer is not None:
                 self.hits += 1
@@ -257,15 +261,22 @@ class OnlinePolicy:
             except ValueError:
                 return
             self.answers[y] = out
+            self._note(i, y)
             if ctx is None or ctx[1] is None:
                 return
             plan_id, feat, cached = ctx
             cache = self.caches[plan_id]
             if cached is not None:
-                if not cache.audit(feat, cached, y):
+                if not cache.audit(feat, cached, y, i):
                     self.corrections += 1
             else:
-                cache.confirm(feat, y)
+                cache.confirm(feat, y, i)
+
+    def _note(self, i: int, label: int) -> None:
+        # the stream's latest known answer, for every plan's cache: the context is the
+        # stream's, whichever plan (or none, lookups skipped) answered
+        for cache in self.caches.values():
+            cache.note(i, label)
 
     # ------------------------------------------------------------------ finishing on the end
     def local_wait_s(self, i: int, inflight: int, silence_s: float) -> float:

@@ -59,3 +59,48 @@ def test_pooled_features_and_calibration():
     cache = SemanticCache(st, mg, capacity=3, audit_rate=0.0)
     hits, wrong = cache.replay(feats, labels, streams[0])
     assert wrong + 1 <= 0.01 * len(streams[0]) and hits > 0
+
+
+def test_context_answers_only_for_the_latest_known_class():
+    cache = SemanticCache(sim_threshold=0.9, margin=0.0, context=True)
+    cache.confirm(unit(1, 0, 0), 0, seq=0)
+    cache.confirm(unit(0, 1, 0), 1, seq=1)
+    assert not cache.lookup(unit(1, 0.05, 0), seq=2).hit   # confident, but the stream is on 1
+    r = cache.lookup(unit(0.05, 1, 0), seq=3)
+    assert r.hit and r.label == 1
+    # a late answer for an earlier request does not move the context back
+    cache.confirm(unit(1, 0, 0), 0, seq=2)
+    assert cache.latest == (3, 1) and cache.lookup(unit(0.05, 1, 0), seq=4).hit
+    cache.note(5, 0)                                        # the stream moved on to class 0
+    assert cache.lookup(unit(1, 0.05, 0), seq=6).label == 0
+    # without the context the same cache state answers for either class
+    plain = SemanticCache(sim_threshold=0.9, margin=0.0)
+    plain.centers = cache.centers
+    assert plain.lookup(unit(0.05, 1, 0)).label == 1 and plain.lookup(unit(1, 0.05, 0)).label == 0
+
+
+def test_replay_learns_answers_late():
+    feats = torch.stack([unit(1, 0, 0), unit(1, 0.02, 0)])
+    labels = torch.tensor([5, 5])
+    stream = [0, 1] * 5
+    # learning at once: every frame after the first hits; ``lag`` requests late: the first
+    # ``lag`` frames miss (their answers are still on the way back)
+    for lag in (0, 3):
+        cache = SemanticCache(sim_threshold=0.9, margin=0.0, audit_rate=0.0)
+        hits, wrong = cache.replay(feats, labels, stream, lag=lag)
+        assert (hits, wrong) == (len(stream) - max(lag, 1), 0)
+
+
+def test_context_calibration_is_at_least_as_safe_on_a_local_stream():
+    g = torch.Generator().manual_seed(1)
+    protos = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
+    labels = torch.arange(6).repeat(40)
+    feats = torch.nn.functional.normalize(protos[labels] + 0.45 * torch.randn(240, 16, generator=g), dim=1)
+    streams = [[2 * i + h for i in locality_stream(labels[h::2], 600, 10.0, seed=h)] for h in (0, 1)]
+    for context in (False, True):
+        st, mg, rate = SemanticCache.calibrate_on_stream(feats, labels, streams, budget=0.01,
+                                                         capacity=3, context=context)
+        for s in streams:
+            hits, wrong = SemanticCache(st, mg, 3, 0.1, context=context).replay(feats, labels, s, lag=4)
+            assert wrong + 1 <= 0.01 * len(s)
+        assert rate > 0

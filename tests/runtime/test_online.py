@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -101,6 +102,28 @@ def test_a_hit_answers_on_the_end_and_sends_nothing(split):
     other = policy.prepare(2, (-x,))
     assert not other.answered
     assert decode(other.msg)[3][0].bits in (2, 4)
+
+
+def test_a_context_cache_answers_for_the_stream_s_latest_class_only(split):
+    model, gm, dag, x = split
+    setup = dataclasses.replace(cache_setup(), context=True)
+    v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=setup)
+    policy = OnlinePolicy([v], audit_rate=0.0)
+    y = torch.zeros(1, 3)
+    y[0, int(model(x).argmax())] = 1.0
+    other = torch.roll(y, 1, dims=1)
+    policy.prepare(0, (x,))
+    policy.on_result(0, y, [], False)                   # x's class learned; the stream is on it
+    assert policy.prepare(1, (x,)).answered
+    # a later request (one not looked up, say) was answered with another class: the stream
+    # has moved on, and x's features no longer answer on the end ...
+    policy.on_result(2, other, [], False)
+    assert not policy.prepare(3, (x,)).answered
+    # ... until an answer for a later request says the stream is back on x's class; a late
+    # answer for an earlier request does not change that
+    policy.on_result(3, y, [], False)
+    policy.on_result(1, other, [], False)
+    assert policy.prepare(4, (x,)).answered
 
 
 def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_time(split):
