@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 
-#: requests between a request's lookup and the cloud's answer for it coming back to the end,
-#: in a three-stage pipeline: the end is two stages ahead of the cloud, plus the request being
-#: sent back and the one queued behind it (the benchmarks' streams: latency ~3-4 periods)
+#: requests the end looks up between a request's lookup and the cloud's answer for it coming
+#: back: in a three-stage pipeline a request's answer returns while the end works a few
+#: requests on (one on the link, one in the cloud, those queued; the online benchmark's fixed
+#: plans: latency 3.5-5 periods)
 RESULT_LAG = 4
 
 
