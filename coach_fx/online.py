@@ -226,7 +226,10 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
     With ``cache``, a band's plan is chosen cache-aware: among the planner's plans and the
     single-tensor cuts, the one whose period is shortest once the calibrated hit rate takes
     its share of requests off the link and the cloud (a deeper cut often has features that
-    hit far more often, for a little more end time).
+    hit far more often, for a little more end time). Each plan's cache thresholds are tuned
+    on the replayed streams, with answers learned ``RESULT_LAG`` requests late as in the
+    pipeline, once for a plain cache and once for a context-aware one (hits only for the
+    stream's latest known class); the one that hits more within the budget is kept.
     """
     if calibration is None:
         raise ValueError("compile_online needs calibration=(inputs, labels): the safe bits and the "

@@ -197,7 +197,14 @@ class OnlinePolicy:
         ref = v.reference_s
         if v.end_only:
             self.plans_used[v.plan_id] += 1
-            return Prepared(None, v.end_module(*x), True, ref)
+            out = v.end_module(*x)
+            if self.caches:
+                try:
+                    with self._lock:
+                        self._note(i, self.label(out))    # the stream's class, for the caches
+                except ValueError:
+                    pass
+            return Prepared(None, out, True, ref)
         feat, cached, floor, vals = None, None, None, None
         cache = self.caches.get(v.plan_id) if self.use_cache else None
         if cache is not None and self.adaptive and not self._cache_pays(v):

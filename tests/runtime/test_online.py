@@ -126,6 +126,18 @@ def test_a_context_cache_answers_for_the_stream_s_latest_class_only(split):
     assert policy.prepare(4, (x,)).answered
 
 
+def test_an_answer_on_the_end_only_plan_moves_the_caches_context(split):
+    model, gm, dag, x = split
+    v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=dataclasses.replace(cache_setup(), context=True))
+    local, _, boundary = variant(gm, dag, tuple(dag.nodes), 1)
+    assert boundary.end_only
+    local = dataclasses.replace(local, end_only=True)
+    policy = OnlinePolicy([v, local], start=1, switching=False)
+    prep = policy.prepare(7, (x,))
+    assert prep.answered and torch.allclose(prep.answer, model(x))
+    assert policy.caches[0].latest == (7, int(model(x).argmax()))
+
+
 def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_time(split):
     model, gm, dag, x = split
     v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=cache_setup())
