@@ -46,7 +46,8 @@ def boundary_to_json(b: Boundary) -> dict:
 
 def boundary_from_json(d: dict) -> Boundary:
     cs = tuple(Crossing(c["name"], c["dag_node"], c["kind"], int(c["bits"]),
-                        tuple(c["shape"]) if c["shape"] is not None else None, _dtype(c["dtype"]))
+                        tuple(c["shape"]) if c["shape"] is not None else None, _dtype(c["dtype"]),
+                        c.get("codec"))
                for c in d["crossings"])
     return Boundary(cs, bool(d["end_only"]))
 
@@ -66,6 +67,21 @@ class SavedHalf:
         return self.meta["inputs"]
 
 
+def _payload_dims(boundary: Boundary) -> tuple | None:
+    """Dynamic shapes of the cloud half's inputs: an image crossing's coded length varies per
+    request (up to its codec's bound); everything else is as in the example."""
+    from coach_fx.runtime.imagecodec import max_payload_bytes
+
+    dims: list[Any] = []
+    for c in boundary.crossings:
+        if c.kind == "image":
+            dims.append({0: torch.export.Dim(f"{c.name}_image_bytes", min=2,
+                                             max=max_payload_bytes(c.shape, c.codec))})
+        else:
+            dims += [None] * c.n_payload
+    return tuple(dims) if any(d is not None for d in dims) else None
+
+
 def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.Module,
          boundary: Boundary, example_inputs: Sequence[Any], out_spec: Any, meta: dict,
          whole: torch.nn.Module | None = None) -> Path:
@@ -77,7 +93,9 @@ def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.M
             torch.export.save(torch.export.export(whole, tuple(example_inputs)), d / "model.pt2")
         if not boundary.end_only:
             payload = end_module(*example_inputs)
-            torch.export.save(torch.export.export(cloud_module, tuple(payload)), d / "cloud.pt2")
+            torch.export.save(torch.export.export(cloud_module, tuple(payload),
+                                                  dynamic_shapes=_payload_dims(boundary)),
+                              d / "cloud.pt2")
     inputs = [{"shape": list(x.shape), "dtype": str(x.dtype)} for x in example_inputs]
     doc = {"format": FORMAT, **meta, "boundary": boundary_to_json(boundary), "inputs": inputs,
            "out_spec": treespec_dumps(out_spec)}

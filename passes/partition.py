@@ -20,6 +20,15 @@ Before/after for ``y = fc(relu(conv(x)))`` cut after ``relu`` with 8 bits::
 
 ``mode="train"`` replaces quantize/pack/unpack/dequantize by ``coach::fake_quantize``, whose
 gradient passes straight through, so ``loss.backward()`` reaches both halves.
+
+``codecs`` sends a model input that crosses as images (``runtime.imagecodec``: each sample
+8-bit quantized, then JPEG or PNG coded), what a deployed camera sends; cloud-only with
+``codecs={"x": "jpeg90"}``::
+
+    end:   x -> coach.image_encode(x, "jpeg90") -> (payload,)            # 1-D uint8
+    cloud: (x_image,) -> coach.image_decode(x_image, "jpeg90", shape, dtype) -> ... -> y
+
+In ``mode="train"`` it is ``coach::image_roundtrip`` (gradient straight through).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 import torch.fx as fx
 
 import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
+import coach_fx.runtime.imagecodec as imagecodec  # registers torch.ops.coach.image_*
 from coach_fx.graph import dag_groups
 from coach_fx.passes.annotate import mutated_input
 
@@ -44,10 +54,12 @@ class Crossing:
 
     name: str            # fx node name on the end side
     dag_node: str        # the DAG node (or model input) it belongs to
-    kind: str            # "quant" (b <= 16: packed, scale, zero point) or "raw" (as is)
+    kind: str            # "quant" (b <= 16: packed, scale, zero point), "raw" (as is) or
+                         # "image" (a model input as one coded payload, see ``codec``)
     bits: int
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None
+    codec: str | None = None   # "image": the image codec's name ("jpeg90", "png")
 
     @property
     def n_payload(self) -> int:
@@ -87,6 +99,9 @@ def _sides(gm: fx.GraphModule, groups: Mapping[str, str], end: set[str]) -> dict
 
 def _emit(eg: fx.Graph, v: fx.Node, c: "Crossing", mode: str, copy: bool = False) -> list[fx.Node]:
     """The payload nodes that send ``v`` (``copy``: v is modified later, keep today's value)."""
+    if c.kind == "image":
+        op = _ops.image_roundtrip if mode == "train" else _ops.image_encode
+        return [eg.call_function(op.default, (v, c.codec))]
     if mode == "train" and c.kind != "raw":
         return [eg.call_function(_ops.fake_quantize.default, (v, c.bits))]
     if c.kind == "quant":
@@ -107,15 +122,34 @@ def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> f
     return env[node]
 
 
+def _check_codecs(gm: fx.GraphModule, codecs: Mapping[str, str]) -> None:
+    inputs = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    for name, codec in codecs.items():
+        if name not in inputs:
+            raise ValueError(f"partition: an image codec ({codec!r}) is for model inputs only; "
+                             f"{name!r} is not one (inputs: {sorted(inputs)})")
+        imagecodec.parse(codec)
+        info = inputs[name].meta["coach"]
+        if info["kind"] != "tensor" or not imagecodec.applicable(info["shape"], info["dtype"]):
+            raise ValueError(f"partition: input {name!r} cannot travel as {codec!r}: image codecs "
+                             "need a float (N, C, H, W) or (C, H, W) tensor with C in (1, 3), got "
+                             f"{info.get('dtype')} of shape {info.get('shape')}")
+
+
 def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, int],
-              mode: str = "deploy") -> tuple[fx.GraphModule, fx.GraphModule, Boundary]:
+              mode: str = "deploy", codecs: Mapping[str, str] | None = None
+              ) -> tuple[fx.GraphModule, fx.GraphModule, Boundary]:
     """Split annotated ``gm`` into (end module, cloud module, boundary) for ``end_nodes``.
 
     ``bits`` maps DAG node names (or model input names) to bits; a crossing value that is a
-    float tensor and not listed goes with 32 bits.
+    float tensor and not listed goes with 32 bits. ``codecs`` maps model input names to an
+    image codec (``runtime.imagecodec``: "jpeg<q>", "png"): such an input, where it crosses,
+    travels as images (``Crossing.kind == "image"``; its bits do not apply).
     """
     if mode not in ("deploy", "train"):
         raise ValueError(f"mode must be 'deploy' or 'train', got {mode!r}")
+    codecs = dict(codecs or {})
+    _check_codecs(gm, codecs)
     groups = dag_groups(gm)
     end = set(end_nodes)
     unknown = end - set(groups.values())
@@ -141,6 +175,10 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
                 f"partition: a tuple of tensors ({n.name}) would cross the cut; cut before or "
                 "after the node that unpacks it")
         is_float = info["kind"] == "tensor" and info["float"]
+        if n.op == "placeholder" and n.name in codecs:
+            crossings.append(Crossing(n.name, owner, "image", imagecodec.BITS, info["shape"],
+                                      info["dtype"], imagecodec.parse(codecs[n.name]).name))
+            continue
         kind = "raw" if not is_float or b >= 32 else "quant"
         if is_float and b not in (2, 3, 4, 5, 6, 8, 16, 32):
             raise ValueError(f"partition: bits for {owner} must be one of 2,3,4,5,6,8,16,32; got {b}")
@@ -190,6 +228,10 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
             src = next(n for n in crossing_nodes if n.name == c.name)
             if mode == "train" and c.kind != "raw":
                 cenv[src] = cg.placeholder(f"{c.name}_fq")
+            elif c.kind == "image":
+                cenv[src] = cg.call_function(_ops.image_decode.default,
+                                             (cg.placeholder(f"{c.name}_image"), c.codec,
+                                              list(c.shape), c.dtype))
             elif c.kind == "quant":
                 packed, scale, zp = (cg.placeholder(f"{c.name}_{s}") for s in ("packed", "scale", "zp"))
                 codes = cg.call_function(_ops.unpack.default, (packed, c.bits, list(c.shape)))

@@ -4,6 +4,10 @@ The end module returns, per crossing in ``Boundary`` order, ``(packed, scale, ze
 for a quantized tensor or the value itself; the cloud module takes the same flat tuple. The
 decoded entries are checked against the boundary (count, kind, shape, bits, dtype), so a
 well-formed message for another plan is refused too.
+
+An ``"image"`` crossing (a model input sent as JPEG/PNG, ``runtime.imagecodec``) is one raw
+1-D uint8 entry: its length is bounded here, its sample and image headers are checked by the
+cloud half's ``coach::image_decode`` before it decodes; it is never re-quantized.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.partition import Boundary
 from coach_fx.passes.ops import QUANT_BITS, dequantize_impl, quantize_pack_cpu, unpack_impl
-from coach_fx.runtime.wire import QUANT, STATS, Entry, WireError
+from coach_fx.runtime.imagecodec import max_payload_bytes
+from coach_fx.runtime.wire import QUANT, RAW, STATS, Entry, WireError
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -27,6 +32,13 @@ def payload_to_entries(boundary: Boundary, payload: Sequence[Any]) -> list[Entry
             packed, scale, zero = payload[k:k + 3]
             entries.append(Entry.quantized(packed, scale, zero, c.bits, c.shape, c.dtype))
             k += 3
+        elif c.kind == "image":
+            p = payload[k]
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.dim() != 1:
+                raise WireError(f"image crossing {c.name}: the end half returned "
+                                f"{getattr(p, 'dtype', type(p).__name__)}, not a 1-D uint8 payload")
+            entries.append(Entry.raw(p))
+            k += 1
         else:
             entries.append(Entry.of_value(payload[k]))
             k += 1
@@ -52,6 +64,8 @@ def entries_to_payload(boundary: Boundary, entries: Sequence[Entry],
                                 f"{tuple(c.shape)}, got {e.kind_name} {e.bits}-bit {e.dtype} {tuple(e.shape)}")
             out += [e.data, torch.tensor(e.scale, dtype=torch.float32),
                     torch.tensor(e.zero_point, dtype=torch.int32)]
+        elif c.kind == "image":
+            out.append(_image_payload(c, e))
         elif e.kind == QUANT:
             if not accept_quantized or c.shape is None or c.dtype not in _FLOATS:
                 raise WireError(f"entry for {c.name}: quantized, but this plan sends it as is")
@@ -64,6 +78,19 @@ def entries_to_payload(boundary: Boundary, entries: Sequence[Entry],
                                 f"got {v.dtype} {tuple(v.shape)}")
             out.append(v)
     return tuple(out)
+
+
+def _image_payload(c: Any, e: Entry) -> torch.Tensor:
+    """An image crossing's entry: a raw 1-D uint8 tensor within the codec's bound (the cloud
+    half's decode op checks what is inside before decoding)."""
+    if e.kind != RAW or e.dtype != torch.uint8 or len(e.shape) != 1:
+        raise WireError(f"entry for image crossing {c.name} ({c.codec}): expected a raw 1-D uint8 "
+                        f"payload, got {e.kind_name} {e.dtype} {tuple(e.shape)}")
+    limit = max_payload_bytes(c.shape, c.codec)
+    if e.shape[0] > limit:
+        raise WireError(f"entry for image crossing {c.name} ({c.codec}): payload of {e.shape[0]} "
+                        f"bytes exceeds the limit {limit} for shape {tuple(c.shape)}")
+    return e.value()
 
 
 def _dequantized(c: Any, e: Entry) -> torch.Tensor:

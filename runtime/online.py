@@ -107,6 +107,9 @@ class Variant:
         total = MESSAGE_HEADER_BYTES
         for k, c in enumerate(self.boundary.crossings):
             numel = math.prod(c.shape) if c.shape is not None else 1
+            if c.kind == "image":   # coded size varies; its 8-bit codes bound it in practice
+                total += TENSOR_HEADER_BYTES + numel
+                continue
             b = self.bits_for(k, bits, None)
             size = c.dtype.itemsize if c.dtype is not None else 8
             total += TENSOR_HEADER_BYTES + (numel * size if b >= 32 else
@@ -244,8 +247,11 @@ class OnlinePolicy:
         adaptive_bits = [b for b, f in zip(per, v.fixed_bits) if f is None]
         if floor is not None and adaptive_bits and min(adaptive_bits) < v.profile.min_bits:
             self.lowered += 1
-        entries = [quantized_entry(t, b) if isinstance(t, torch.Tensor) else Entry.of_value(t)
-                   for t, b in zip(vals, per)]
+        # an image crossing is already coded (JPEG/PNG): it goes as it is, never re-quantized
+        images = {k for k, c in enumerate(getattr(v.boundary, "crossings", ())) if c.kind == "image"}
+        entries = [Entry.of_value(t) if k in images or not isinstance(t, torch.Tensor)
+                   else quantized_entry(t, b)
+                   for k, (t, b) in enumerate(zip(vals, per))]
         msg = encode(i, entries, FLAG_CACHE_HIT if cached is not None else 0, v.plan_id)
         with self._lock:
             self._ctx[i] = (v.plan_id, feat, cached)
