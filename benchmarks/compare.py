@@ -2,6 +2,10 @@
 cloud-only across models, end devices, static uplinks and real bandwidth traces.
 
     python benchmarks/compare.py [--quick] [--out benchmarks/results] [--no-real]
+    python benchmarks/compare.py --trained [--quick]   # trained models: benchmarks/compare_trained.py
+
+Random weights: this grid times the models and shows the planner's balance; it cannot show
+accuracy (see RESULTS.md). The claims come from ``--trained``.
 
 Every cell (model x end slowdown x network x method) is planned on the same LayerDAG with the
 same measured costs and accuracy budget (relative L2 of the output <= 2 % on the example input),
@@ -74,13 +78,16 @@ class Condition:
     static: bool
 
 
-def conditions(quick: bool) -> list[Condition]:
+def conditions(quick: bool, uplinks: list[float] | None = None, traces: dict | None = None,
+               quick_uplinks: tuple[float, ...] = (5.0, 50.0), quick_trace: str = "norway x10"
+               ) -> list[Condition]:
     out = []
-    for r in ([5.0, 50.0] if quick else UPLINKS):
+    traces = TRACES if traces is None else traces
+    for r in (quick_uplinks if quick else uplinks or UPLINKS):
         out.append(Condition(f"{r:g} Mbit/s", Network(r), Trace.constant(r), True))
     if SHARED.is_dir():
-        for name, (rel, scale) in TRACES.items():
-            if quick and name != "norway x10":
+        for name, (rel, scale) in traces.items():
+            if quick and name != quick_trace:
                 continue
             net = Network.from_trace(SHARED / rel, scale=scale)
             out.append(Condition(name, net, net.trace, False))
@@ -203,6 +210,12 @@ def geomean(xs: list[float]) -> float:
 
 
 def main() -> None:
+    if "--trained" in sys.argv[1:]:
+        # the honest grid: trained models, practitioner baselines, test-split accuracy
+        sys.path.insert(0, str(HERE))
+        from compare_trained import main as trained_main
+        trained_main(sys.argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 models, 1 device, 3 networks (< 2 min)")
     ap.add_argument("--out", default=str(HERE / "results"))

@@ -1,14 +1,27 @@
 """Accuracy of a candidate cut with quantized crossing tensors, for the bit search.
 
 Only the crossing tensors are fake-quantized (the same quantizer as deployment, no packing;
-each sample on its own, as each request is quantized when deployed), calibration data is run
-in batches, and results are memoized by (crossing set, bits). Three modes, chosen from ``Settings.calibration``:
+each sample on its own, as each request is quantized when deployed; an input sent as an image
+goes through the image codec's own round trip), calibration data is run in batches, and
+results are memoized by (crossing set, bits, codecs). Three modes, chosen from
+``Settings.calibration``:
 
 * ``(inputs, labels)`` -> **labels**: top-1 accuracy drop against the unquantized model <= budget;
 * ``inputs`` alone (or ``(inputs, None)``) -> **agreement**: 1 - top-1 agreement with the
   unquantized model <= budget;
-* ``None`` -> **l2**: relative L2 error of the output on the example inputs <=
-  ``Settings.output_tolerance`` (default 0.02, i.e. 2 %).
+* ``None`` -> **l2**: relative L2 error of the output <= ``Settings.output_tolerance`` (default
+  0.02, i.e. 2 %) on every one of several inputs: the example inputs and
+  ``L2_VARIANTS`` inputs drawn with their mean and spread (never one input alone). Without
+  data this is a smoke check, not an accuracy claim.
+
+**A budget that holds on unseen data.** With calibration data, a plan passes when the
+one-sided ``Settings.accuracy_confidence`` (default 90 %) Clopper-Pearson upper bound of its
+rate of *harmful* changes (labels: a right answer made wrong; agreement: any changed answer)
+is within the budget. Answers made right do not offset answers made wrong: the flips a
+quantizer causes are systematic, and on a small calibration set a few lucky ones would hide
+them. A calibration set too small for the budget (no plan could pass but by chance) is
+refused with :class:`CalibrationTooSmall`, which says how many samples the budget needs
+(:func:`samples_needed`: 460 for the default 0.005 at 90 %).
 
 Example::
 
@@ -19,7 +32,8 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import math
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -29,11 +43,46 @@ from coach_fx.passes.annotate import _tensors
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.passes.partition import partition
 from coach_fx.plan import plan_bits
-from coach_fx.settings import Settings
+from coach_fx.settings import Settings, calibration_parts
 
 
 #: Keep the reference run's activations for reuse up to this many bytes.
 ACTIVATION_CACHE_BYTES = 1 << 30
+#: Without calibration data, the output check also runs on this many inputs drawn like the
+#: example inputs (so that one input's quirk cannot pass a plan).
+L2_VARIANTS = 7
+#: A sample counts against a plan when the split leaves less than this share of the
+#: unquantized model's margin for its answer (see ``_at_risk``).
+RISK_MARGIN = 0.5
+
+
+class CalibrationTooSmall(ValueError):
+    """The calibration set is too small for the accuracy budget at the asked confidence."""
+
+
+def samples_needed(budget: float, confidence: float) -> int:
+    """Fewest calibration samples with which a plan can pass at all: with no harmful change
+    in n samples the Clopper-Pearson bound is 1 - (1 - confidence)^(1/n) <= budget.
+
+    >>> samples_needed(0.005, 0.9)
+    460
+    """
+    if budget <= 0:
+        return math.inf  # type: ignore[return-value]
+    return math.ceil(math.log(1 - confidence) / math.log1p(-budget))
+
+
+def flip_bound(flips: int, n: int, confidence: float) -> float:
+    """One-sided upper confidence bound of a rate seen ``flips`` times in ``n`` trials
+    (Clopper-Pearson, exact for a binomial).
+
+    >>> round(flip_bound(0, 460, 0.9), 5)
+    0.00499
+    """
+    if n <= 0 or flips >= n:
+        return 1.0
+    from scipy.stats import beta
+    return float(beta.ppf(confidence, flips + 1, n - flips))
 
 
 
@@ -73,17 +122,18 @@ class AccuracyOracle:
         labels = None
         if calib is None:
             self.mode = "l2"
-            inputs = tuple(example_inputs)
+            inputs = _with_variants(tuple(example_inputs))
         else:
-            if isinstance(calib, (tuple, list)) and len(calib) == 2 and (
-                    calib[1] is None or isinstance(calib[1], torch.Tensor)) and \
-                    isinstance(calib[0], (torch.Tensor, tuple, list)):
-                inputs, labels = _as_tuple(calib[0]), calib[1]
-            else:
-                inputs = _as_tuple(calib)
+            inputs, labels = calibration_parts(calib)
             self.mode = "labels" if labels is not None else "agreement"
         self.inputs = inputs
         self.labels = labels
+        if self.mode == "l2":
+            try:   # the variants need a batch dimension; a model without one checks the example alone
+                with torch.no_grad():
+                    gm(*inputs)
+            except Exception:  # noqa: BLE001
+                self.inputs = inputs = tuple(example_inputs)
         n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         ex = example_inputs[0] if example_inputs else None
         static = gm.meta.get("coach_capture") != "symbolic_trace"
@@ -95,18 +145,35 @@ class AccuracyOracle:
             self.batch = max(self.request, self.batch - self.batch % self.request)
         self.n = n
         self.evals = 0
-        self._cache: dict[tuple, float] = {}
-        self._split_cache: dict[tuple, Any] = {}
+        #: memo: key -> (measured metric, harmful changes)
+        self._cache: dict[tuple, tuple[float, int]] = {}
         self._acts: list[dict[str, Any]] | None = []
         self.reference = self._run(self._record)
         if self.mode == "labels":
             if labels.shape[0] != n:
                 raise ValueError(f"calibration has {n} inputs but {labels.shape[0]} labels")
-            self.ref_acc = self._top1(self.reference, labels)
+            self.ref_right = self.reference.argmax(1) == labels.reshape(-1)
+            self.ref_acc = self.ref_right.float().mean().item()
 
     @property
     def budget(self) -> float:
         return self.settings.output_tolerance if self.mode == "l2" else self.settings.accuracy_budget
+
+    @property
+    def bounded(self) -> bool:
+        """Whether ``ok`` uses the confidence bound (calibration data and a confidence given)."""
+        return self.mode != "l2" and self.settings.accuracy_confidence is not None
+
+    def describe(self) -> str:
+        """How plans are checked, for reports."""
+        if self.mode == "l2":
+            return (f"output relative L2 <= {self.budget:g} on {self.n} inputs (the example inputs "
+                    "and inputs drawn like them; no calibration data: not an accuracy claim)")
+        what = "top-1 drop" if self.mode == "labels" else "top-1 disagreement"
+        if not self.bounded:
+            return f"{what} <= {self.budget:g} on {self.n} calibration samples"
+        return (f"{what} <= {self.budget:g} at {self.settings.accuracy_confidence:.0%} confidence "
+                f"on {self.n} calibration samples")
 
     def _run(self, fn: Any) -> torch.Tensor:
         outs = []
@@ -131,7 +198,17 @@ class AccuracyOracle:
             self._acts = None
         return out
 
-    def _run_split(self, end_nodes: Iterable[str], bits: dict[str, int]) -> torch.Tensor:
+    def _sent(self, value: Any, kind: str, bits: int, codec: str | None) -> Any:
+        """What the cloud half receives for a crossing value, as deployed (per request)."""
+        if codec is not None:
+            from coach_fx.runtime.imagecodec import roundtrip
+            return roundtrip(value, codec)
+        if kind == "quant":
+            return fake_quantize_per_sample(value, bits, self.request)
+        return _fresh(value)
+
+    def _run_split(self, end_nodes: Iterable[str], bits: dict[str, int],
+                   codecs: Mapping[str, str]) -> torch.Tensor:
         # Each calibration sample's crossing tensors are quantized on their own, as each
         # request is when deployed (one scale per tensor per request, not per batch).
         e, c, boundary = partition(self.gm, set(end_nodes), bits, mode="train")
@@ -139,64 +216,144 @@ class AccuracyOracle:
             e32, c32, _ = partition(self.gm, set(end_nodes), {})
             def run(*xs: Any) -> Any:
                 vals = _as_tuple(e32(*xs))
-                return c32(*[fake_quantize_per_sample(v, x.bits, self.request) if x.kind == "quant" else v
+                return c32(*[self._sent(v, x.kind, x.bits, codecs.get(x.dag_node))
                              for v, x in zip(vals, boundary.crossings)])
             return self._run(run)
         outs = []
         with torch.no_grad():
             for acts in self._acts:
                 # fresh tensors each time: the cloud half may modify its inputs in place
-                payload = [fake_quantize_per_sample(acts[x.name], x.bits, self.request) if x.kind == "quant"
-                           else _fresh(acts[x.name]) for x in boundary.crossings]
+                payload = [self._sent(acts[x.name], x.kind, x.bits, codecs.get(x.dag_node))
+                           for x in boundary.crossings]
                 outs.append(_flat_output(c(*payload)))
         return torch.cat(outs)
 
-    @staticmethod
-    def _top1(out: torch.Tensor, labels: torch.Tensor) -> float:
-        return (out.argmax(1) == labels.reshape(-1)).float().mean().item()
-
-    def metric(self, end_nodes: Iterable[str], bits: dict[str, int]) -> float:
-        """Accuracy loss of the split (drop, disagreement or relative L2 by mode); memoized."""
+    def _measure(self, end_nodes: Iterable[str], bits: dict[str, int],
+                 codecs: Mapping[str, str] | None) -> tuple[float, int]:
         cut = self.dag.crossing(end_nodes)
-        key = tuple(sorted((x, b) for x, b in bits.items() if x in cut and b < 32))
-        if not key:
-            return 0.0
+        codecs = {x: c for x, c in (codecs or {}).items() if x in cut}
+        key = (tuple(sorted((x, b) for x, b in bits.items() if x in cut and b < 32 and x not in codecs)),
+               tuple(sorted(codecs.items())))
+        if not key[0] and not key[1]:
+            return 0.0, 0
         if key in self._cache:
             return self._cache[key]
-        out = self._run_split(end_nodes, dict(key))
+        self._check_size()
+        out = self._run_split(end_nodes, dict(key[0]), dict(key[1]))
         self.evals += 1
         ref = self.reference
         if self.mode == "labels":
-            value = self.ref_acc - self._top1(out, self.labels)
+            right = out.argmax(1) == self.labels.reshape(-1)
+            value = self.ref_acc - right.float().mean().item()
+            harmful = int((self.ref_right & _at_risk(ref, out, self.labels.reshape(-1))).sum())
         elif self.mode == "agreement":
-            value = 1.0 - (out.argmax(1) == ref.argmax(1)).float().mean().item()
+            changed = out.argmax(1) != ref.argmax(1)
+            value = changed.float().mean().item()
+            harmful = int(_at_risk(ref, out, ref.argmax(1)).sum())
         else:
-            value = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        self._cache[key] = value
-        return value
+            # per request: the worst input decides
+            k = self.request
+            d = (out - ref).reshape(-1, k * out.shape[1]).norm(dim=1)
+            r = ref.reshape(-1, k * ref.shape[1]).norm(dim=1).clamp_min(1e-12)
+            value, harmful = (d / r).max().item(), 0
+        self._cache[key] = (value, harmful)
+        return value, harmful
 
-    def ok(self, end_nodes: Iterable[str], bits: dict[str, int]) -> bool:
-        return self.metric(end_nodes, bits) <= self.budget + 1e-12
+    def _check_size(self) -> None:
+        if not self.bounded:
+            return
+        conf = self.settings.accuracy_confidence
+        need = samples_needed(self.budget, conf)
+        if self.n < need:
+            raise CalibrationTooSmall(
+                f"accuracy_budget={self.budget:g} at {conf:.0%} confidence needs at least {need} "
+                f"calibration samples (with fewer, a quantized plan could pass only by chance); got "
+                f"{self.n}. Give more calibration data, raise accuracy_budget, or lower "
+                "accuracy_confidence (None: no statistical claim)")
 
-    def min_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None) -> int | None:
+    def metric(self, end_nodes: Iterable[str], bits: dict[str, int],
+               codecs: Mapping[str, str] | None = None) -> float:
+        """Measured accuracy loss of the split (drop, disagreement or relative L2 by mode); memoized."""
+        return self._measure(end_nodes, bits, codecs)[0]
+
+    def bound(self, end_nodes: Iterable[str], bits: dict[str, int],
+              codecs: Mapping[str, str] | None = None) -> float:
+        """What ``ok`` compares with the budget: the confidence bound of the rate of harmful
+        changes, or the measured metric when unbounded (l2 mode, ``accuracy_confidence=None``)."""
+        value, harmful = self._measure(end_nodes, bits, codecs)
+        if not self.bounded:
+            return value
+        cut = self.dag.crossing(end_nodes)
+        lossy = any(b < 32 for x, b in bits.items() if x in cut) or any(x in cut for x in (codecs or {}))
+        if not lossy:
+            return 0.0
+        if self.budget <= 0:
+            return 0.0 if harmful == 0 else 1.0
+        return flip_bound(harmful, self.n, self.settings.accuracy_confidence)
+
+    def ok(self, end_nodes: Iterable[str], bits: dict[str, int],
+           codecs: Mapping[str, str] | None = None) -> bool:
+        return self.bound(end_nodes, bits, codecs) <= self.budget + 1e-12
+
+    def min_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None,
+                 codecs: Mapping[str, str] | None = None) -> int | None:
         """Fewest uniform bits for the crossing tensors that meet the budget (binary search).
 
-        Model inputs that cross keep ``Settings.input_bits``. None when even the most bits
-        allowed break the budget.
+        Model inputs that cross keep ``Settings.input_bits`` (or go through ``codecs``). None
+        when even the most bits allowed break the budget.
         """
         end_nodes = frozenset(end_nodes)
         allowed = sorted(allowed or self.settings.bits)
         cut = self.dag.crossing(end_nodes)
         ib = self.settings.input_bits
+        def ok(b: int) -> bool:
+            return self.ok(end_nodes, plan_bits(self.dag, cut, b, ib), codecs)
         if not any(self.dag.info[x].quantizable for x in cut if x not in self.dag.inputs):
-            return allowed[0] if self.ok(end_nodes, plan_bits(self.dag, cut, allowed[0], ib)) else None
+            return allowed[0] if ok(allowed[0]) else None
         lo, hi = 0, len(allowed) - 1
-        if not self.ok(end_nodes, plan_bits(self.dag, cut, allowed[hi], ib)):
+        if not ok(allowed[hi]):
             return None
         while lo < hi:   # accuracy is monotone in bits: find the first that passes
             mid = (lo + hi) // 2
-            if self.ok(end_nodes, plan_bits(self.dag, cut, allowed[mid], ib)):
+            if ok(allowed[mid]):
                 hi = mid
             else:
                 lo = mid + 1
         return allowed[lo]
+
+
+def _at_risk(ref: torch.Tensor, out: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+    """Samples whose answer ``cls`` the split changed or nearly changed: its margin over the
+    runner-up fell below ``RISK_MARGIN`` of the unquantized model's (or turned negative).
+
+    Counting near changes, not only changes, is what makes the bound hold after a search: the
+    planner tries many (cut, bits) candidates and keeps the cheapest that passes, so a
+    candidate whose few flips all happened to miss the calibration set would be picked; its
+    near changes do not miss it."""
+    def margin(y: torch.Tensor) -> torch.Tensor:
+        own = y.gather(1, cls[:, None]).squeeze(1)
+        other = y.scatter(1, cls[:, None], float("-inf")).amax(1)
+        return own - other
+    m_ref, m_out = margin(ref), margin(out)
+    return (m_out <= 0) | (m_out < RISK_MARGIN * m_ref)
+
+
+def _with_variants(inputs: tuple) -> tuple:
+    """The example inputs followed by ``L2_VARIANTS`` batches drawn with each float tensor's
+    mean and spread (fixed seed; other inputs repeated as they are)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or not x.dim():
+            out.append(x)
+            continue
+        parts = [x]
+        for _ in range(L2_VARIANTS):
+            if x.is_floating_point():
+                lo, hi = x.min(), x.max()
+                v = torch.randn(x.shape, generator=g, dtype=x.dtype) * x.std().nan_to_num(1.0) + x.mean()
+                parts.append(v.clamp(lo, hi) if hi > lo else v)
+            else:
+                parts.append(x.clone())
+        out.append(torch.cat(parts))
+    return tuple(out)

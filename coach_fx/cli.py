@@ -47,6 +47,8 @@ def compare_table(rows: list[dict]) -> str:
 def _plans(gm, inputs, dag, settings, strategies):  # noqa: ANN001, ANN202
     plans, oracle = [], None
     for st in strategies:
+        if st.startswith("cloud-only+") and not dag.input_codecs and st not in strategies[:1]:
+            continue   # the input is not an image: no camera codec baseline
         plan, oracle = plan_model(gm, inputs, dag, settings, st, oracle)
         plans.append(plan)
     return plans, oracle

@@ -68,8 +68,10 @@ class CompiledModel(nn.Module):
         self.oracle = oracle
         self.example_inputs = tuple(example_inputs)
         self.input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self.end_module, self.cloud_module, self.boundary = partition(gm, plan.end_nodes, plan.bits)
-        self._train_end, self._train_cloud, _ = partition(gm, plan.end_nodes, plan.bits, mode="train")
+        self.end_module, self.cloud_module, self.boundary = partition(gm, plan.end_nodes, plan.bits,
+                                                                      codecs=plan.codecs)
+        self._train_end, self._train_cloud, _ = partition(gm, plan.end_nodes, plan.bits, mode="train",
+                                                          codecs=plan.codecs)
         self.link: Callable[[tuple], tuple] = _identity_link
         self.train(gm.training)
 
@@ -199,7 +201,8 @@ class CompiledModel(nn.Module):
         p = self.plan
         head = (f"plan: {p.strategy}, objective {p.objective}; {len(p.end_nodes)}/{len(self.dag)} "
                 f"nodes on the end; crossing: "
-                + (", ".join(f"{x}@{p.bits[x]}b" for x in p.cut) or "nothing"))
+                + (", ".join(f"{x}@{p.codecs[x]}" if x in p.codecs else f"{x}@{p.bits[x]}b"
+                             for x in p.cut) or "nothing"))
         if p.accuracy is not None:
             head += f"\naccuracy: {p.note}"
         rows = [["T_end", p.t_end * 1e3], ["T_link", p.t_link * 1e3], ["T_cloud", p.t_cloud * 1e3],
@@ -310,18 +313,19 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
     if oracle is None and strategy not in ("end-only",):
         oracle = AccuracyOracle(gm, dag, settings, inputs)
     problem = Problem(dag, settings.network, settings.objective, settings.bits,
-                      settings.input_bits, oracle)
+                      settings.input_bits, oracle, settings.input_codecs)
     kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
     plan = solve(strategy, problem, **kw)
     if strategy == "coach" and settings.objective == "throughput" and _varies(settings.network):
         plan = _for_trace(problem, plan, settings)
     if oracle is not None:
-        plan.accuracy = oracle.metric(plan.end_nodes, plan.bits)
-        plan.accuracy_ok = plan.accuracy <= oracle.budget + 1e-12
+        plan.accuracy = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
+        plan.accuracy_ok = oracle.ok(plan.end_nodes, plan.bits, plan.codecs)
         what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
                 "l2": "output relative L2"}[oracle.mode]
-        plan.note = f"{what} {plan.accuracy:.4f} (limit {oracle.budget:g}) on calibration data" \
-            if oracle.mode != "l2" else f"{what} {plan.accuracy:.4f} (limit {oracle.budget:g}) on the example inputs"
+        plan.note = f"{what} {plan.accuracy:.4f}; check: {oracle.describe()}"
+        if oracle.bounded:
+            plan.note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
     return plan, oracle
 
 
@@ -354,13 +358,14 @@ def _for_trace(problem: Problem, plan: Plan, settings: Settings) -> Plan:
     def fps(p: Plan) -> float:
         return sum(1.0 / evaluate(problem.dag, p.end_nodes, p.bits,
                                   dataclasses.replace(net, uplink_mbps=r),
-                                  input_bits=settings.input_bits).period for r in rates) / len(rates)
+                                  input_bits=settings.input_bits, codecs=p.codecs).period
+                   for r in rates) / len(rates)
 
     best = max(cands.values(), key=fps)
     if best is plan:
         return plan
     out = evaluate(problem.dag, best.end_nodes, best.bits, net, strategy=plan.strategy,
-                   objective=plan.objective, input_bits=settings.input_bits)
+                   objective=plan.objective, input_bits=settings.input_bits, codecs=best.codecs)
     out.extra["for_trace"] = f"best of {len(cands)} plans over {len(rates)} rate quantiles"
     return out
 

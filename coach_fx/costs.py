@@ -17,20 +17,30 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
 
-from coach_fx.graph import LayerDAG
+from coach_fx.graph import CodecCost, LayerDAG
 from coach_fx.progress import Progress
-from coach_fx.settings import Device, Settings
+from coach_fx.settings import Device, Settings, calibration_parts
 
 HOST_FLOPS = 20e9            # FLOP/s of the reference host in the analytic model
 HOST_BYTES_PER_S = 10e9      # memory bandwidth of the reference host
 OP_OVERHEAD_S = 5e-6         # fixed cost of launching one op
 ANALYTIC_QUANT_S_PER_ELEM = 4e-9   # quantize+pack (or unpack+dequantize) per element
+ANALYTIC_CODEC_S_PER_ELEM = 20e-9  # image encode (or decode) per element
+#: Image codecs priced for every image-shaped input (the practitioner's baselines use them)
+#: besides ``Settings.input_codecs``.
+BASELINE_CODECS = ("jpeg90", "png")
+#: Frames whose coded sizes price a codec (the first calibration samples, else the example),
+#: and the quantile of their sizes a plan is priced at (a plan must keep up with the frames
+#: that code large, not only the average one).
+CODEC_FRAMES = 64
+CODEC_QUANTILE = 0.95
 
 
 class _Timer(fx.Interpreter):
@@ -145,4 +155,43 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
     dag = LayerDAG.from_graph_module(gm, device_times(host, settings.end),
                                      device_times(host, settings.cloud), quant)
     dag.host_times = host  # kept for the prediction check in `coach plan`
+    dag.input_codecs = codec_costs(gm, example_inputs, settings)
     return dag
+
+
+def codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings
+                ) -> dict[str, dict[str, CodecCost]]:
+    """Per image-shaped model input, what each image codec costs per request: the
+    ``CODEC_QUANTILE`` of the coded sizes of real frames and the measured coding times
+    (analytic costs: a fixed rate per element), each device's own."""
+    from coach_fx.runtime.imagecodec import applicable, measure
+    try:
+        import torchvision.io  # noqa: F401 - the coders
+    except ImportError:
+        warnings.warn("coach_fx: image codecs need torchvision (pip install 'coach-fx[vision]'); "
+                      "the model input crosses raw", stacklevel=2)
+        return {}
+    codecs = tuple(dict.fromkeys([*settings.input_codecs, *BASELINE_CODECS]))
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    frames = calibration_parts(settings.calibration)[0] if settings.calibration is not None else ()
+    out: dict[str, dict[str, CodecCost]] = {}
+    for i, (name, ex) in enumerate(zip(names, example_inputs)):
+        if not isinstance(ex, torch.Tensor) or ex.dim() != 4 or not applicable(tuple(ex.shape), ex.dtype):
+            continue
+        sample = frames[i] if i < len(frames) and isinstance(frames[i], torch.Tensor) \
+            and frames[i].shape[1:] == ex.shape[1:] else ex
+        sample = sample[:CODEC_FRAMES]
+        per_request = ex.shape[0]
+        costs = {}
+        for codec in codecs:
+            m = measure(sample, codec, repeat=1 if settings.costs == "analytic" else 3)
+            if settings.costs == "analytic":
+                enc = dec = ANALYTIC_CODEC_S_PER_ELEM * ex[0].numel()
+            else:
+                enc, dec = m.encode_s, m.decode_s
+            costs[codec] = CodecCost(codec, per_request * m.quantile(CODEC_QUANTILE),
+                                     per_request * enc * settings.end.slowdown,
+                                     per_request * dec * settings.cloud.slowdown,
+                                     round(per_request * sum(m.sizes) / len(m.sizes)))
+        out[name] = costs
+    return out

@@ -37,6 +37,21 @@ class NodeData:
     flops: float = 0.0
 
 
+@dataclass(frozen=True)
+class CodecCost:
+    """What sending a model input through an image codec costs (``coach_fx.costs`` measures it
+    on real frames): coded bytes per request (a high quantile over the frames, not the mean:
+    a plan must keep up with the frames that code large) and the end / cloud seconds to
+    encode / decode, each device's own."""
+
+    codec: str
+    bytes: int
+    t_end: float
+    t_cloud: float
+    #: mean coded bytes per request (what a long stream averages; ``bytes`` prices plans)
+    mean_bytes: int = 0
+
+
 class LayerDAG:
     """Nodes in topological order, with predecessors, successors, bytes and costs."""
 
@@ -69,6 +84,9 @@ class LayerDAG:
         #: seconds per element to quantize+pack on the end / unpack+dequantize in the cloud,
         #: one pair for every bit width or a pair per bit width
         self.quant_s_per_elem = quant_s_per_elem
+        #: model input name -> codec name -> its cost (image-shaped inputs only; see
+        #: ``Settings.input_codecs``); empty when no codec applies
+        self.input_codecs: dict[str, dict[str, CodecCost]] = {}
         self._pred_mask = [sum(1 << self.index[p] for p in self._preds[v]) for v in self.nodes]
 
     # ----------------------------------------------------------------- structure

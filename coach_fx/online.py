@@ -242,6 +242,13 @@ def compile_online(model: nn.Module, example_inputs: Any, *, network: Network | 
     calib_inputs = calibration[0] if isinstance(calibration, (tuple, list)) and len(calibration) == 2 \
         else calibration
     kw: dict[str, Any] = dict(accuracy_budget=bits_budget, calibration=(calib_inputs, None))
+    # Online plans keep the raw 8-bit input (the per-request controller re-quantizes crossings;
+    # an image codec's size varies per frame) and the measured disagreement as their check:
+    # the cache takes part of the budget, which leaves too few calibration samples for the
+    # confidence bound of ``coach_fx.accuracy`` at the bits' share (pass
+    # ``accuracy_confidence`` to ask for it).
+    options.setdefault("input_codecs", ())
+    options.setdefault("accuracy_confidence", None)
     for k, v in (("network", network), ("end", end), ("cloud", cloud)):
         if v is not None:
             kw[k] = v

@@ -56,6 +56,8 @@ class Plan:
     accuracy_ok: bool | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    #: model input name -> image codec it crosses with ("jpeg90", "png"); others as ``bits``
+    codecs: dict[str, str] = field(default_factory=dict)
 
     @property
     def latency(self) -> float:
@@ -98,10 +100,35 @@ def plan_bits(dag: LayerDAG, cut: Iterable[str], bits: int | Mapping[str, int],
     return out
 
 
+def usable_codecs(dag: LayerDAG, cut: Iterable[str], codec: str | Mapping[str, str] | None
+                  ) -> dict[str, str]:
+    """The crossing model inputs that ``codec`` applies to (one name for every image-shaped
+    input that crosses, or a mapping input -> codec), as input -> codec."""
+    if not codec:
+        return {}
+    out = {}
+    for x in cut:
+        c = codec.get(x) if isinstance(codec, Mapping) else codec
+        if c is not None and c in dag.input_codecs.get(x, {}):
+            out[x] = c
+        elif c is not None and isinstance(codec, Mapping):
+            raise ValueError(f"codec {c!r} is not available for {x!r} (available: "
+                             f"{sorted(dag.input_codecs.get(x, {})) or 'none: not an image-shaped input'})")
+    return out
+
+
+def mean_bytes(dag: LayerDAG, plan: Plan) -> int:
+    """The plan's message bytes averaged over a stream: an image codec's coded size varies per
+    frame, and ``bytes_sent`` prices it at a high quantile (see ``coach_fx.costs``)."""
+    return plan.bytes_sent - sum(dag.input_codecs[x][c].bytes - dag.input_codecs[x][c].mean_bytes
+                                 for x, c in plan.codecs.items())
+
+
 def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, int],
              network: Network, *, strategy: str = "manual", objective: str = "throughput",
-             input_bits: int | None = None) -> Plan:
-    """Price the plan that runs ``end_nodes`` on the end device (must be predecessor-closed)."""
+             input_bits: int | None = None, codecs: str | Mapping[str, str] | None = None) -> Plan:
+    """Price the plan that runs ``end_nodes`` on the end device (must be predecessor-closed);
+    ``codecs``: image codec(s) for the model inputs that cross (see :func:`usable_codecs`)."""
     s = set(end_nodes)
     unknown = s - set(dag.nodes)
     if unknown:
@@ -111,11 +138,19 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
         raise ValueError(f"end_nodes is not closed under predecessors: missing {missing[:5]}")
     cut = dag.crossing(s)
     b = plan_bits(dag, cut, bits, input_bits)
+    coded = usable_codecs(dag, cut, codecs)
     t_end = sum(dag.t_end(v) for v in s)
     t_cloud = sum(dag.t_cloud(v) for v in dag.nodes if v not in s)
     nbytes = 0
     for x in cut:
         d = dag.info[x]
+        if x in coded:
+            cost = dag.input_codecs[x][coded[x]]
+            b[x] = 8
+            nbytes += cost.bytes + TENSOR_HEADER_BYTES
+            t_end += cost.t_end
+            t_cloud += cost.t_cloud
+            continue
         nbytes += wire_bytes(d.numel, d.bytes, d.quantizable, b[x])
         if d.quantizable and b[x] < 32:
             q_end, q_cloud = dag.quant_cost(b[x])
@@ -128,4 +163,4 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
         t_link = network.up_seconds(nbytes) + half_rtt
         t_cloud += network.down_seconds(dag.output_bytes() + MESSAGE_HEADER_BYTES) + half_rtt
     order = tuple(v for v in dag.nodes if v in s)
-    return Plan(strategy, order, cut, b, t_end, t_link, t_cloud, nbytes, objective)
+    return Plan(strategy, order, cut, b, t_end, t_link, t_cloud, nbytes, objective, codecs=coded)

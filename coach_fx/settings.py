@@ -15,6 +15,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from coach_fx.traces import Trace
 
+#: Goodput over the shaped rate measured for our TCP link behind ``tc tbf`` (18.9 / 4.8 / 9.4
+#: Mbit/s at 20 / 5 / 10, ``tests/runtime/test_tbf.py``): price a real TCP link with
+#: ``Network(..., efficiency=TCP_EFFICIENCY)``.
+TCP_EFFICIENCY = 0.95
+
 #: Every bit width a crossing tensor may get (32 = float as is, 16 = half, <= 8 quantized).
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 
@@ -33,12 +38,17 @@ class Network:
     downlink_mbps: float | None = None
     rtt_ms: float = 0.0
     trace: Trace | None = None
+    #: Share of the rate that carries messages: 1.0 for the in-process link (it delivers the
+    #: rate exactly); about ``TCP_EFFICIENCY`` over TCP behind a shaper (headers, ACKs).
+    efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.uplink_mbps > 0:
             raise ValueError(f"uplink_mbps must be > 0, got {self.uplink_mbps}")
         if self.downlink_mbps is not None and not self.downlink_mbps > 0:
             raise ValueError(f"downlink_mbps must be > 0, got {self.downlink_mbps}")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
         if self.rtt_ms < 0:
             raise ValueError(f"rtt_ms must be >= 0, got {self.rtt_ms}")
 
@@ -57,10 +67,10 @@ class Network:
         return self.downlink_mbps if self.downlink_mbps is not None else self.uplink_mbps
 
     def up_seconds(self, nbytes: float) -> float:
-        return nbytes * 8 / (self.uplink_mbps * 1e6)
+        return nbytes * 8 / (self.uplink_mbps * 1e6 * self.efficiency)
 
     def down_seconds(self, nbytes: float) -> float:
-        return nbytes * 8 / (self.down_mbps * 1e6)
+        return nbytes * 8 / (self.down_mbps * 1e6 * self.efficiency)
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,17 @@ class Device:
             raise ValueError(f"Device {self.name!r}: slowdown must be > 0, got {self.slowdown}")
 
 
+def calibration_parts(calibration: Any) -> tuple[tuple, Any]:
+    """``Settings.calibration`` as (model inputs as a tuple, labels or None): it may be
+    ``(inputs, labels)``, ``(inputs, None)``, a tensor, or a tuple of the model's inputs."""
+    import torch
+    c = calibration
+    if isinstance(c, (tuple, list)) and len(c) == 2 and (c[1] is None or isinstance(c[1], torch.Tensor)) \
+            and isinstance(c[0], (torch.Tensor, tuple, list)):
+        return (tuple(c[0]) if isinstance(c[0], (tuple, list)) else (c[0],)), c[1]
+    return (tuple(c) if isinstance(c, (tuple, list)) else (c,)), None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything ``coach_fx.compile`` takes, passed down instead of globals."""
@@ -90,6 +111,11 @@ class Settings:
     strategy: str = "coach"
     objective: str = "throughput"
     accuracy_budget: float = 0.005
+    #: One-sided confidence of the accuracy check: a plan passes when the upper confidence
+    #: bound of its rate of changed answers (Clopper-Pearson, ``coach_fx.accuracy``) is within
+    #: the budget, so that what passes on calibration data holds on unseen data. ``None``: the
+    #: plain measured drop (no statistical claim; calibration sets of any size).
+    accuracy_confidence: float | None = 0.9
     #: (inputs, labels or None): a tensor / tuple of tensors batched on dim 0.
     calibration: Any = None
     bits: Sequence[int] = DEFAULT_BITS
@@ -98,6 +124,10 @@ class Settings:
     output_tolerance: float = 0.02
     #: Bits of a model input when it crosses raw (cloud-only): camera frames are 8-bit.
     input_bits: int = 8
+    #: Image codecs an image-shaped model input (N, 1 or 3, H, W) may cross with, besides raw
+    #: ``input_bits`` (``coach_fx.runtime.imagecodec``: "jpeg<quality>", "png"): what a camera
+    #: would send, so coach's search space holds "send a JPEG to the cloud". ``()``: none.
+    input_codecs: Sequence[str] = ("jpeg95", "jpeg90", "jpeg75", "png")
     #: For ``strategy="manual"``: the end set and bits (an int for all, or name -> bits).
     end_nodes: Sequence[str] | None = None
     manual_bits: int | Mapping[str, int] = 32
@@ -127,6 +157,10 @@ class Settings:
             raise ValueError(f"bits must be a non-empty subset of {DEFAULT_BITS}; got {tuple(self.bits)}")
         if not 0 <= self.accuracy_budget < 1:
             raise ValueError(f"accuracy_budget must be in [0, 1), got {self.accuracy_budget}")
+        if self.accuracy_confidence is not None and not 0 < self.accuracy_confidence < 1:
+            raise ValueError(f"accuracy_confidence must be in (0, 1) or None, got {self.accuracy_confidence}")
+        if isinstance(self.input_codecs, str):
+            raise ValueError(f"input_codecs must be a sequence of codec names, got the string {self.input_codecs!r}")
         if self.input_bits not in DEFAULT_BITS:
             raise ValueError(f"input_bits must be one of {DEFAULT_BITS}, got {self.input_bits}")
 

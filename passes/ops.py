@@ -245,6 +245,8 @@ def fake_quantize_per_sample(x: Tensor, bits: int, group: int = 1) -> Tensor:
         return x
     _check_bits(bits)
     n = x.shape[0]
+    if group > n:      # a last, partial request: one group
+        group = n
     if group > 1 and n % group:
         cut = n - n % group
         return torch.cat([fake_quantize_per_sample(x[:cut], bits, group),

@@ -413,8 +413,11 @@ class EndWorker:
             st.stop_link()
         wall = (max(st.done) - t_begin) if st.done else 0.0
         lat = [d - s for d, s in zip(st.done, st.started)]
+        # a socket's send returns once the kernel has the bytes: the uplink's busy time is the
+        # wire time the cloud saw, when that is longer (in-process both are the emulated time)
+        link_busy = max(st.busy["link"], st.busy["wire"])
         stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall), st.busy["end"],
-                      st.busy["link"], st.busy["cloud"], st.busy["bytes"], predicted or {},
+                      link_busy, st.busy["cloud"], st.busy["bytes"], predicted or {},
                       st.local, st.failed, st.dropped, st.reconnects, st.answered, st.finished_on_end)
         return st.results, stats
 
@@ -466,7 +469,10 @@ class _StreamState:
         self.up = False
         self.epoch = 0
         self.error: BaseException | None = None
-        self.busy = {"end": 0.0, "link": 0.0, "cloud": 0.0, "bytes": 0}
+        #: "link": time the sender spent handing messages to the endpoint (the emulated wire
+        #: time in-process; over TCP only until the kernel has the bytes); "wire": the wire time
+        #: the cloud reported per request (first to last byte as it received them)
+        self.busy = {"end": 0.0, "link": 0.0, "wire": 0.0, "cloud": 0.0, "bytes": 0}
         self.local = self.failed = self.dropped = self.reconnects = self.answered = 0
         self.finished_on_end = 0
         #: when the link last showed progress: a result came back, or the first request went
@@ -729,6 +735,7 @@ class _StreamState:
                     else:
                         del self.inflight[req]
                         self.busy["cloud"] += st[0] if st else 0.0
+                        self.busy["wire"] += st[2] if len(st) > 2 else 0.0
                         self.results[req] = out
                         self.done[req] = time.perf_counter()
                         self.cv.notify_all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from coach_fx.optimize.baselines import dads, int8, neurosurgeon, qdmp
+from coach_fx.optimize.baselines import cloud_only_coded, dads, dads_dsh, int8, neurosurgeon, qdmp
 from coach_fx.optimize.brute_force import brute_force
 from coach_fx.optimize.coach import coach
 from coach_fx.optimize.problem import Problem, better
@@ -23,10 +23,14 @@ STRATEGIES: dict[str, Callable[..., Plan]] = {
     "neurosurgeon+int8": int8(neurosurgeon, "neurosurgeon+int8"),
     "dads": dads,
     "dads+int8": int8(dads, "dads+int8"),
+    "dads-dsh": dads_dsh,
+    "dads-dsh+int8": int8(dads_dsh, "dads-dsh+int8"),
     "qdmp": qdmp,
     "qdmp+int8": int8(qdmp, "qdmp+int8"),
     "end-only": end_only,
     "cloud-only": cloud_only,
+    "cloud-only+jpeg90": cloud_only_coded("jpeg90"),
+    "cloud-only+png": cloud_only_coded("png"),
     "brute-force": brute_force,
 }
 
@@ -42,7 +46,8 @@ def solve(strategy: str, problem: Problem, **kw) -> Plan:
 
 
 #: Strategies compared by ``coach plan --strategy all`` (brute-force and manual left out).
-COMPARED = ("coach", "neurosurgeon", "neurosurgeon+int8", "dads", "dads+int8", "qdmp",
-            "qdmp+int8", "end-only", "cloud-only")
+COMPARED = ("coach", "neurosurgeon", "neurosurgeon+int8", "dads", "dads+int8", "dads-dsh",
+            "dads-dsh+int8", "qdmp", "qdmp+int8", "end-only", "cloud-only", "cloud-only+jpeg90",
+            "cloud-only+png")
 
 __all__ = ["Problem", "STRATEGIES", "COMPARED", "solve", "better", "brute_force", "coach"]

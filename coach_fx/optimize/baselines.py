@@ -6,6 +6,15 @@
   each tensor paid once however many readers it has.
 * ``qdmp`` (Zhang et al., IMWUT 2020): the same cut, searched block by block between
   articulation nodes (smaller flow problems, same optimum).
+* ``dads-dsh``: DADS's heavy-load mode (DSH), which maximizes throughput for a stream: the
+  period max(T_end, T_link, T_cloud) is NP-hard to minimize over cuts, so DSH approximates it
+  with minimum cuts. Ours takes the minimum cuts of weighted sums w_e T_end + w_l T_link +
+  w_c T_cloud over a grid of weights (``DSH_WEIGHTS``; equal weights give the light-load cut)
+  and keeps the one with the shortest period: never worse than the light-load cut, so DSH's
+  3-approximation (max <= sum <= 3 max) still holds.
+* ``cloud-only+jpeg90`` / ``cloud-only+png``: what a deployed camera does: the frame is coded
+  as a quality-90 JPEG (or a lossless PNG) and the whole model runs in the cloud, priced with
+  measured coding times and real coded sizes (``LayerDAG.input_codecs``).
 
 Each has a ``+int8`` variant sending 8 bits per crossing tensor, so that the gain of joint
 partition-and-bits search is not confused with the gain of quantizing at all. Baselines do not
@@ -23,7 +32,12 @@ from coach_fx.plan import Plan
 
 
 def _latency_problem(p: Problem) -> Problem:
-    return replace(p, objective="latency", oracle=None)
+    return replace(p, objective="latency", oracle=None, codecs=())
+
+
+#: DSH's weight grid (end, link, cloud): every mix of 1, 2, 4 and 8 (up to scale).
+DSH_WEIGHTS = tuple(sorted({(e / m, l / m, c / m) for e in (1, 2, 4, 8) for l in (1, 2, 4, 8)
+                            for c in (1, 2, 4, 8) for m in [min(e, l, c)]}))
 
 
 def neurosurgeon(p: Problem, bits: int = 32, name: str = "neurosurgeon") -> Plan:
@@ -41,6 +55,32 @@ def dads(p: Problem, bits: int = 32, name: str = "dads") -> Plan:
     lp = _latency_problem(p)
     s = min_cut_end_set(lp, bits, lp.dag.nodes)
     return better(lp.price(lp.dag.nodes, bits, name), lp.price(s, bits, name))
+
+
+def dads_dsh(p: Problem, bits: int = 32, name: str = "dads-dsh") -> Plan:
+    tp = replace(p, objective="throughput", oracle=None, codecs=())
+    best = tp.price(tp.dag.nodes, bits, name)
+    seen: set[frozenset[str]] = set()
+    for w in DSH_WEIGHTS:
+        s = min_cut_end_set(tp, bits, tp.dag.nodes, weights=w)
+        if s not in seen:
+            seen.add(s)
+            best = better(best, tp.price(s, bits, name))
+    return best
+
+
+def cloud_only_coded(codec: str):  # noqa: ANN201 - small adapter
+    """Cloud-only with the frame coded by ``codec``; a model input that is not an image
+    cannot be coded: the strategy then says so."""
+    name = f"cloud-only+{codec}"
+    def run(p: Problem) -> Plan:
+        plan = p.price((), 32, name, codec)
+        if not plan.codecs:
+            raise ValueError(f"{name}: the model's input is not an image (N, 1 or 3, H, W) "
+                             "that a camera codec could send")
+        return plan
+    run.__name__ = name
+    return run
 
 
 def qdmp(p: Problem, bits: int = 32, name: str = "qdmp") -> Plan:

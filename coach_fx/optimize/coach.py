@@ -21,7 +21,7 @@ import numpy as np
 
 from coach_fx.optimize.candidates import candidate_masks
 from coach_fx.optimize.problem import Problem, better
-from coach_fx.plan import MESSAGE_HEADER_BYTES, Plan, wire_bytes
+from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, Plan, wire_bytes
 
 
 def _masks_to_matrix(masks: list[int], n: int) -> np.ndarray:
@@ -44,7 +44,10 @@ def optimistic_scores(p: Problem, masks: list[int]) -> tuple[np.ndarray, np.ndar
     def wire(name: str, is_input: bool) -> int:
         d = dag.info[name]
         b = p.input_bits if is_input and d.quantizable else b0
-        return wire_bytes(d.numel, d.bytes, d.quantizable, b)
+        raw = wire_bytes(d.numel, d.bytes, d.quantizable, b)
+        coded = [c.bytes + TENSOR_HEADER_BYTES for k, c in dag.input_codecs.get(name, {}).items()
+                 if is_input and k in p.codecs]
+        return min([raw, *coded])   # a codec's coding time only adds: still a lower bound
     readers = np.zeros((n, n), dtype=np.int32)          # readers[u, r]: r reads u
     for v in dag.nodes:
         for r in dag.readers(v):
@@ -63,8 +66,7 @@ def optimistic_scores(p: Problem, masks: list[int]) -> tuple[np.ndarray, np.ndar
         nbytes += ((out.astype(np.int32) @ rd) > 0) * wire(x, True)
     half_rtt = p.network.rtt_ms / 2e3
     live = ~full
-    t_link = np.where(live, (nbytes + MESSAGE_HEADER_BYTES) * 8 / (p.network.uplink_mbps * 1e6)
-                      + half_rtt, 0.0)
+    t_link = np.where(live, p.network.up_seconds(nbytes + MESSAGE_HEADER_BYTES) + half_rtt, 0.0)
     down = p.network.down_seconds(dag.output_bytes() + MESSAGE_HEADER_BYTES) + half_rtt
     e = m.astype(np.float64) @ t_end
     c = out.astype(np.float64) @ t_cloud + np.where(live, down, 0.0)
@@ -89,7 +91,9 @@ def coach(p: Problem, block_limit: int = 4096) -> Plan:
             break
         s = frozenset(names[i] for i in range(len(names)) if masks[k] >> i & 1)
         # only bit widths that could still beat the best plan are worth an accuracy check
-        allowed = [b for b in p.bits if best is None or p.price(s, b, "coach").score < best.score]
+        options = p.input_options(s)
+        allowed = [b for b in p.bits if best is None or any(
+            p.price(s, b, "coach", c).score < best.score for c in options)]
         if not allowed:
             continue
         resolved += 1

@@ -31,9 +31,14 @@ def send_seconds(p: Problem, u: str, bits: int) -> float:
 
 
 def min_cut_end_set(p: Problem, bits: int, free: Iterable[str],
-                    end_fixed: Iterable[str] = ()) -> frozenset[str]:
+                    end_fixed: Iterable[str] = (), weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+                    ) -> frozenset[str]:
     """The latency-optimal end set among those that hold ``end_fixed``, choose ``free`` nodes,
-    and leave every other node in the cloud (constant terms aside)."""
+    and leave every other node in the cloud (constant terms aside).
+
+    ``weights`` (end, link, cloud) minimize ``w_e T_end + w_l T_link + w_c T_cloud`` instead of
+    the latency (DADS's heavy-load mode searches over them)."""
+    w_end, w_link, w_cloud = weights
     dag = p.dag
     free = list(free)
     free_set, end_set = set(free), set(end_fixed) | set(dag.inputs)
@@ -43,8 +48,8 @@ def min_cut_end_set(p: Problem, bits: int, free: Iterable[str],
     g.add_node(_E)
     g.add_node(_C)
     for v in free:
-        g.add_edge(_E, v, capacity=dag.t_cloud(v))
-        g.add_edge(v, _C, capacity=dag.t_end(v))
+        g.add_edge(_E, v, capacity=w_cloud * dag.t_cloud(v))
+        g.add_edge(v, _C, capacity=w_end * dag.t_end(v))
         for u in dag.preds(v):
             if at(u) != v:
                 g.add_edge(v, at(u))  # no capacity attribute = infinite
@@ -56,7 +61,7 @@ def min_cut_end_set(p: Problem, bits: int, free: Iterable[str],
         if not targets:
             continue
         aux = ("send", u)
-        g.add_edge(src, aux, capacity=send_seconds(p, u, bits))
+        g.add_edge(src, aux, capacity=w_link * send_seconds(p, u, bits))
         for t in targets:
             g.add_edge(aux, t)
     _, (reach, _) = nx.minimum_cut(g, _E, _C)

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from coach_fx.graph import LayerDAG
-from coach_fx.plan import Plan, evaluate, plan_bits
+from coach_fx.plan import Plan, evaluate, plan_bits, usable_codecs
 from coach_fx.settings import Network
 
 
 class Oracle(Protocol):
     """Accuracy oracle (``coach_fx.accuracy.AccuracyOracle`` or a stand-in in tests)."""
 
-    def min_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None) -> int | None: ...
+    def min_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None,
+                 codecs: Mapping[str, str] | None = None) -> int | None: ...
 
 
 @dataclass
 class Problem:
     """A DAG priced on ``network``; ``oracle=None`` means every allowed bit width is accurate
-    enough (the cheapest allowed is then always chosen)."""
+    enough (the cheapest allowed is then always chosen). ``codecs``: image codecs a crossing
+    model input may use besides raw ``input_bits`` (those the DAG has costs for)."""
 
     dag: LayerDAG
     network: Network
@@ -27,40 +29,55 @@ class Problem:
     bits: Sequence[int] = (2, 3, 4, 5, 6, 8, 16, 32)
     input_bits: int = 8
     oracle: Oracle | None = None
+    codecs: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(set(self.bits)))
+        self.codecs = tuple(self.codecs)
         self.min_bits_calls = 0
 
-    def price(self, end_nodes: Iterable[str], bits: int, strategy: str) -> Plan:
+    def price(self, end_nodes: Iterable[str], bits: int, strategy: str,
+              codec: str | None = None) -> Plan:
         s = frozenset(end_nodes)
         cut = self.dag.crossing(s)
         return evaluate(self.dag, s, plan_bits(self.dag, cut, bits, self.input_bits),
-                        self.network, strategy=strategy, objective=self.objective)
+                        self.network, strategy=strategy, objective=self.objective, codecs=codec)
 
-    def feasible_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None) -> int | None:
+    def input_options(self, end_nodes: Iterable[str]) -> list[str | None]:
+        """How the crossing model inputs may travel: raw (None) and each usable codec."""
+        cut = self.dag.crossing(frozenset(end_nodes))
+        return [None] + [c for c in self.codecs if usable_codecs(self.dag, cut, c)]
+
+    def feasible_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None,
+                      codec: str | None = None) -> int | None:
         """Fewest allowed bits that keep the accuracy budget (None: none does)."""
         allowed = tuple(sorted(allowed or self.bits))
         if self.oracle is None:
             return allowed[0]
         self.min_bits_calls += 1
-        return self.oracle.min_bits(frozenset(end_nodes), allowed)
+        s = frozenset(end_nodes)
+        coded = usable_codecs(self.dag, self.dag.crossing(s), codec)
+        if coded:
+            return self.oracle.min_bits(s, allowed, coded)
+        return self.oracle.min_bits(s, allowed)
 
     def resolve(self, end_nodes: Iterable[str], strategy: str,
                 allowed: Sequence[int] | None = None) -> Plan | None:
-        """The best plan for this end set over the bit widths that meet the budget; None if none.
+        """The best plan for this end set over the bit widths (and, where the model's input
+        crosses, the input codecs) that meet the budget; None if none.
 
         Accuracy is monotone in bits, so the feasible widths are those from the fewest that
         pass; the cheapest of them is usually the fewest, but not always: a tensor sent as is
         (32) needs no quantize/pack work, which can outweigh its extra bytes on a fast link.
         """
-        b = self.feasible_bits(end_nodes, allowed)
-        if b is None:
-            return None
         best = None
-        for w in sorted(allowed or self.bits):
-            if w >= b:
-                best = better(best, self.price(end_nodes, w, strategy))
+        for codec in self.input_options(end_nodes):
+            b = self.feasible_bits(end_nodes, allowed, codec)
+            if b is None:
+                continue
+            for w in sorted(allowed or self.bits):
+                if w >= b:
+                    best = better(best, self.price(end_nodes, w, strategy, codec))
         return best
 
 

@@ -65,3 +65,66 @@ def test_oracle_modes_and_memo(digits):
     l2 = AccuracyOracle(gm, dag, Settings(costs="analytic"), inputs)
     assert l2.mode == "l2" and l2.budget == 0.02
 
+
+
+def test_confidence_bound_values():
+    from coach_fx.accuracy import flip_bound, samples_needed
+    assert samples_needed(0.005, 0.9) == 460 and samples_needed(0.05, 0.9) == 45
+    assert flip_bound(0, 460, 0.9) <= 0.005 < flip_bound(0, 459, 0.9)
+    assert flip_bound(1, 1000, 0.9) > 1 / 1000          # a bound, not the rate seen
+    assert flip_bound(5, 5, 0.9) == 1.0
+
+
+def test_tiny_calibration_is_refused_with_the_samples_needed(digits):
+    from coach_fx.accuracy import CalibrationTooSmall
+    model, (_, (xc, yc), _) = digits
+    with pytest.raises(CalibrationTooSmall, match="needs at least 460 calibration samples.*got 40"):
+        coach_fx.compile(model, (xc[:1],), network=Network(50), end=Device("end", 2),
+                         calibration=(xc[:40], yc[:40]), costs="analytic", progress=False)
+    # a looser budget needs fewer samples; no statistical claim (None) takes any size
+    cm = coach_fx.compile(model, (xc[:1],), network=Network(50), end=Device("end", 2),
+                          calibration=(xc[:60], yc[:60]), accuracy_budget=0.05, costs="analytic",
+                          progress=False)
+    assert cm.oracle.n == 60 and "90% confidence" in cm.plan.note
+    coach_fx.compile(model, (xc[:1],), network=Network(50), end=Device("end", 2), costs="analytic",
+                     calibration=(xc[:40], yc[:40]), accuracy_confidence=None, progress=False)
+
+
+def test_without_calibration_several_inputs_are_checked(digits):
+    model, (_, (xc, _), _) = digits
+    s = Settings(costs="analytic", progress=False)
+    gm, inputs, dag = prepare(model, (xc[:2],), s)
+    o = AccuracyOracle(gm, dag, s, inputs)
+    assert o.mode == "l2" and o.n == 16                  # the example batch and 7 drawn like it
+    assert "not an accuracy claim" in o.describe()
+
+
+def test_digits_budget_holds_on_unseen_data_for_18_plans(digits):
+    """Every plan over 2 models x 3 end devices x 3 uplinks keeps the default budget (0.5 pt)
+    on the test split, which no plan saw."""
+    import dataclasses
+
+    from coach_fx.compiled import plan_model
+    from coach_fx.costs import build_dag
+    from coach_fx.digits import digits_splits, load_digits_model
+    drops, lossy = [], 0
+    for frame in (8, 32):
+        model = load_digits_model(frame)
+        _, (xc, yc), (xt, yt) = digits_splits(frame=frame)
+        base = Settings(costs="analytic", progress=False, calibration=(xc, yc))
+        gm, inputs, _ = prepare(model, (xc[:1],), base)
+        oracle = test = None
+        for slowdown in (1.0, 2.0, 4.0):
+            s = dataclasses.replace(base, end=Device("end", slowdown))
+            dag = build_dag(gm, inputs, s)
+            if oracle is None:
+                oracle = AccuracyOracle(gm, dag, s, inputs)
+                test = AccuracyOracle(gm, dag, dataclasses.replace(s, calibration=(xt, yt),
+                                                                   accuracy_confidence=None), inputs)
+            for mbps in (5.0, 50.0, 200.0):
+                p, _ = plan_model(gm, inputs, dag, dataclasses.replace(s, network=Network(mbps)), oracle=oracle)
+                drops.append(test.metric(p.end_nodes, p.bits, p.codecs))
+                lossy += bool(p.codecs) or any(b < 32 for b in p.bits.values())
+    print("test-split drops (pt):", [round(d * 100, 2) for d in drops], "lossy plans:", lossy)
+    assert len(drops) == 18 and lossy >= 9
+    assert max(drops) <= 0.005 + 1e-9

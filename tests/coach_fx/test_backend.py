@@ -138,4 +138,5 @@ def test_oracle_sees_through_in_place_ops():
         y = c(*e(x))
     y = y[0] if isinstance(y, (tuple, list)) else y
     err = ((y - ref).norm() / ref.norm()).item()
-    assert oracle.metric(end, bits) == pytest.approx(err, rel=1e-4)
+    # the oracle checks the example and inputs drawn like it: the worst of them, the example's included
+    assert oracle.metric(end, bits) >= err * (1 - 1e-4) > 0

@@ -41,3 +41,12 @@ def test_wire_bytes():
     assert wire_bytes(10, 40, True, 3) == 4 + TENSOR_HEADER_BYTES
     assert wire_bytes(10, 40, True, 16) == 20 + TENSOR_HEADER_BYTES
     assert wire_bytes(10, 80, False, 4) == 80 + TENSOR_HEADER_BYTES
+
+
+def test_link_efficiency_prices_the_payload_share_of_the_rate():
+    dag = chain()
+    full = evaluate(dag, {"a"}, 8, Network(8))
+    tcp = evaluate(dag, {"a"}, 8, Network(8, efficiency=0.5))
+    assert tcp.t_link == pytest.approx(2 * full.t_link)
+    with pytest.raises(ValueError, match="efficiency"):
+        Network(8, efficiency=0)
