@@ -136,6 +136,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (gloo, slowdown "
               f"{slowdown}); waiting for the end side", flush=True)
         ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
+        print("coach serve: the end side is connected", flush=True)
         worker = CloudWorker(half.module, half.boundary, ep, slowdown=slowdown)
         try:
             worker.serve()

@@ -81,17 +81,22 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
                     cm.out_spec, timeout_s=1.0, fallback=fallback, local_module=cm.gm,
                     reconnect=dial, retry_s=0.2)
     procs = [serve]
+    restarted = threading.Event()
 
     def chaos():
         time.sleep(1.5)
         procs[0].kill()
         time.sleep(0.5)
         procs.append(_serve(tmp_path, port))   # back after its start-up, a few seconds
+        procs[-1].stdout.readline()            # listening again (slow on a busy host)
+        restarted.set()
 
     t = threading.Thread(target=chaos)
     t.start()
-    def camera(frames):   # frames arrive over ~10 s, across the kill and the restart
-        for f in frames:
+    def camera(frames):   # frames arrive across the kill and the restart
+        for i, f in enumerate(frames):
+            if i == 100:   # the last 150 frames once the new cloud listens, however long it took
+                restarted.wait(180)
             time.sleep(0.04)
             yield f
 
