@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 from coach_fx.traces import Trace
 
 #: Goodput over the shaped rate measured for our TCP link behind ``tc tbf`` (18.9 / 4.8 / 9.4
-#: Mbit/s at 20 / 5 / 10, ``tests/runtime/test_tbf.py``): price a real TCP link with
+#: Mbit/s at 20 / 5 / 10, ``tests/integration/test_tbf.py``): price a real TCP link with
 #: ``Network(..., efficiency=TCP_EFFICIENCY)``.
 TCP_EFFICIENCY = 0.95
 
