@@ -51,6 +51,17 @@ class CodecCost:
     #: mean coded bytes per request (what a long stream averages; ``bytes`` prices plans)
     mean_bytes: int = 0
 
+    @property
+    def average(self) -> int:
+        """Mean coded bytes per request (``bytes`` where no mean was measured)."""
+        return self.mean_bytes or self.bytes
+
+    def priced(self, objective: str) -> int:
+        """Bytes a plan is priced at: the high quantile when it plans for throughput (a stream
+        must keep up with the frames that code large), the mean when it plans for latency (a
+        single request's expected time is the mean size over the rate)."""
+        return self.average if objective == "latency" else self.bytes
+
 
 class LayerDAG:
     """Nodes in topological order, with predecessors, successors, bytes and costs."""

@@ -119,8 +119,8 @@ def usable_codecs(dag: LayerDAG, cut: Iterable[str], codec: str | Mapping[str, s
 
 def mean_bytes(dag: LayerDAG, plan: Plan) -> int:
     """The plan's message bytes averaged over a stream: an image codec's coded size varies per
-    frame, and ``bytes_sent`` prices it at a high quantile (see ``coach_fx.costs``)."""
-    return plan.bytes_sent - sum(dag.input_codecs[x][c].bytes - dag.input_codecs[x][c].mean_bytes
+    frame, and ``bytes_sent`` may price it at a high quantile (see ``CodecCost.priced``)."""
+    return plan.bytes_sent - sum(dag.input_codecs[x][c].priced(plan.objective) - dag.input_codecs[x][c].average
                                  for x, c in plan.codecs.items())
 
 
@@ -147,7 +147,7 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
         if x in coded:
             cost = dag.input_codecs[x][coded[x]]
             b[x] = 8
-            nbytes += cost.bytes + TENSOR_HEADER_BYTES
+            nbytes += cost.priced(objective) + TENSOR_HEADER_BYTES
             t_end += cost.t_end
             t_cloud += cost.t_cloud
             continue

@@ -45,8 +45,8 @@ def optimistic_scores(p: Problem, masks: list[int]) -> tuple[np.ndarray, np.ndar
         d = dag.info[name]
         b = p.input_bits if is_input and d.quantizable else b0
         raw = wire_bytes(d.numel, d.bytes, d.quantizable, b)
-        coded = [c.bytes + TENSOR_HEADER_BYTES for k, c in dag.input_codecs.get(name, {}).items()
-                 if is_input and k in p.codecs]
+        coded = [min(c.bytes, c.average) + TENSOR_HEADER_BYTES
+                 for k, c in dag.input_codecs.get(name, {}).items() if is_input and k in p.codecs]
         return min([raw, *coded])   # a codec's coding time only adds: still a lower bound
     readers = np.zeros((n, n), dtype=np.int32)          # readers[u, r]: r reads u
     for v in dag.nodes:

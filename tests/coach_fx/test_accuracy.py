@@ -24,7 +24,7 @@ def test_digits_model_is_trained(digits):
 
 # A fast link and an end device close to the cloud: the period is balanced by cutting in the
 # middle with few bits, so the budget decides the bits.
-@pytest.mark.parametrize("mbps,slowdown", [(20.0, 1.0), (50.0, 1.5), (200.0, 2.0)])
+@pytest.mark.parametrize("mbps,slowdown", [(50.0, 1.2), (50.0, 1.5), (200.0, 2.0)])
 def test_budget_holds_on_the_test_split(digits, mbps, slowdown):
     from coach_fx.digits import accuracy
     model, (_, (xc, yc), (xt, yt)) = digits
@@ -65,6 +65,25 @@ def test_oracle_modes_and_memo(digits):
     l2 = AccuracyOracle(gm, dag, Settings(costs="analytic"), inputs)
     assert l2.mode == "l2" and l2.budget == 0.02
 
+
+def test_a_failing_check_stops_early_and_agrees_with_full_runs(digits):
+    """The check stops once the harmful changes exceed what the bound allows (they only grow),
+    so every answer is the one a run over the whole calibration set gives."""
+    model, (_, (xc, yc), _) = digits
+    s = Settings(costs="analytic", progress=False, calibration=(xc, yc))
+    gm, inputs, dag = prepare(model, (xc[:1],), s)
+    lazy, full = AccuracyOracle(gm, dag, s, inputs), AccuracyOracle(gm, dag, s, inputs)
+    ends = [dag.ancestors([v]) for v in dag.nodes[2:-2:3]]
+    stopped = 0
+    for end in ends:
+        for b in (2, 3, 4, 8):
+            bits = {c: b for c in dag.crossing(end)}
+            before = lazy.samples_run
+            verdict = lazy.ok(end, bits)
+            full.metric(end, bits)                      # the whole set first, then the verdict
+            assert verdict == full.ok(end, bits)
+            stopped += lazy.samples_run - before < lazy.n
+    assert stopped > 0 and lazy.samples_run < full.samples_run
 
 
 def test_confidence_bound_values():

@@ -147,3 +147,38 @@ def test_resnet18_end_half_exports():
     ep = torch.export.export(e, (x,))
     got, want = ep.module()(x), e(x)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("objective", ["throughput", "latency"])
+def test_a_varying_trace_is_planned_across_its_rates(objective):
+    """Over a trace, the plan is scored on the trace's rates (frames per second averaged over
+    time for throughput, expected latency for latency), never worse than the plan for the
+    trace's mean rate; for latency strictly better here: the slow half dominates the mean
+    transfer time."""
+    import dataclasses
+
+    from coach_fx.compiled import TRACE_QUANTILES, expected_latency, plan_model, prepare
+    from coach_fx.plan import evaluate
+    from coach_fx.settings import Device, Network, Settings
+    from coach_fx.traces import Trace
+    m = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.ReLU(), nn.Conv2d(4, 16, 3, padding=1),
+                      nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 4)).eval()
+    x = torch.randn(1, 3, 32, 32)   # 3 KB at 8 bits; 256 values after the first layer
+    tr = Trace((0.0, 1.0), (0.05, 100.0), 2.0, "step")   # half the time slow, half fast
+    s = Settings(costs="analytic", progress=False, objective=objective, end=Device("e", 20),
+                 network=Network(tr.mean_mbps, trace=tr))
+    gm, inputs, dag = prepare(m, (x,), s)
+    planned, _ = plan_model(gm, inputs, dag, s)
+    flat, _ = plan_model(gm, inputs, dag, dataclasses.replace(s, network=Network(tr.mean_mbps)))
+
+    def cost(p):
+        if objective == "latency":
+            return expected_latency(p, s.network)
+        at = [evaluate(dag, p.end_nodes, p.bits, Network(r), input_bits=8, codecs=p.codecs)
+              for r in tr.quantiles(TRACE_QUANTILES)]
+        return -sum(1 / e.period for e in at) / len(at)
+    assert cost(planned) <= cost(flat)
+    if objective == "latency":
+        assert cost(planned) < cost(flat) and "rate quantiles" in planned.extra["for_trace"]
+        # the expectation over arrival times: on a constant trace it is the plan's latency
+        assert expected_latency(flat, Network(tr.mean_mbps)) == flat.latency

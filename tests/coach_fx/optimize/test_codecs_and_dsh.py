@@ -44,7 +44,8 @@ def test_coach_with_codecs_equals_brute_force_and_beats_jpeg(chunk):
             want, got = brute_force(p), coach(p, block_limit=block_limit)
             assert got.score == pytest.approx(want.score, rel=1e-9)
             jpeg = solve("cloud-only+jpeg90", p)
-            assert jpeg.codecs == {"x": "jpeg90"} and jpeg.bytes_sent > dag.input_codecs["x"]["jpeg90"].bytes
+            priced = dag.input_codecs["x"]["jpeg90"].priced(objective)
+            assert jpeg.codecs == {"x": "jpeg90"} and jpeg.bytes_sent > priced
             assert got.score <= jpeg.score            # never behind the camera's JPEG
             if oracle is not None:
                 assert "jpeg50" not in got.codecs.values()   # the oracle refuses it
@@ -66,6 +67,9 @@ def test_codec_pricing():
     assert raw.bytes_sent - jpeg.bytes_sent == dag.info["x"].numel - c.bytes
     from coach_fx.plan import mean_bytes
     assert jpeg.bytes_sent - mean_bytes(dag, jpeg) == c.bytes - c.mean_bytes
+    # for latency, one request's expected time: the codec is priced at its mean size
+    fast = Problem(dag, Network(10), "latency", BITS, 8, None, CODECS).price((), 32, "x", "jpeg90")
+    assert fast.bytes_sent == mean_bytes(dag, fast) == mean_bytes(dag, jpeg) < jpeg.bytes_sent
     # no codec where the input does not cross
     assert p.input_options(dag.nodes) == [None]
 
