@@ -42,15 +42,19 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from coach_fx.compiled import CompiledModel, plan_model, prepare
+from coach_fx.compiled import CompiledModel
+from coach_fx.driver import plan_model, prepare
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.costs import build_dag, host_times, torch_threads
-from coach_fx.models import load_model
-from coach_fx.online import SWITCH_GAIN, band_rates
+from coach_fx.profile import build_dag, host_times, torch_threads
+from coach_fx.zoo.models import load_model
+from coach_fx.online.bands import band_edges, band_rates
+from coach_fx.online.deploy import plan_profile
 from coach_fx.plan import Plan, evaluate
 from coach_fx.progress import Progress
-from coach_fx.runtime.controller import CutProfile, OnlineController
-from coach_fx.runtime.link import InProcessLink
+from coach_fx.runtime.config import Bands
+from coach_fx.runtime.controller import OnlineController
+from coach_fx.runtime.plans import CutProfile
+from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.simulate import SimPlan, simulate
 from coach_fx.settings import Device, Network, Settings
 from coach_fx.traces import Trace
@@ -117,20 +121,9 @@ class Cell:
 
 
 def profile_of(dag, cell: "Cell", min_bits: int | None, input_bits: int) -> CutProfile:  # noqa: ANN001
-    plan = cell.plan
-    quant = raw = 0
-    for x in plan.cut:
-        d = dag.info[x]
-        if d.quantizable and x not in dag.inputs:
-            quant += d.numel
-        elif d.quantizable:
-            raw += math.ceil(d.numel * input_bits / 8)
-        else:
-            raw += d.bytes
     stages = tuple((b, cell.at(b).t_end, cell.at(b).t_cloud) for b in cell.settings.bits
-                   if b >= (min_bits or 32)) if quant else None
-    return CutProfile(quant, raw, len(plan.cut), min_bits or 32, max(plan.t_end, plan.t_cloud), stages,
-                      end_only=len(plan.end_nodes) == len(dag.nodes))
+                   if b >= (min_bits or 32))
+    return plan_profile(dag, cell.plan, min_bits, input_bits, stages)
 
 
 def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # noqa: ANN001
@@ -150,18 +143,14 @@ def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # 
         sr = dataclasses.replace(settings, network=dataclasses.replace(cond.network, uplink_mbps=r))
         p, _ = plan_model(gm, inputs, dag, sr, strategy="coach", oracle=oracle)
         here = evaluate(dag, off.end_nodes, off.bits, sr.network, input_bits=s.input_bits)
-        if p.period > SWITCH_GAIN * here.period:     # not worth a switch (as compile_online)
+        if p.period > settings.online.switch_gain * here.period:   # not worth a switch (as compile_online)
             p = off
         if p.end_nodes not in ids:
             ids[p.end_nodes] = len(ids)
             cells[ids[p.end_nodes]] = Cell(dag, s, evaluate(dag, p.end_nodes, p.bits, cond.network,
                                                             strategy="coach", input_bits=s.input_bits), cond.network)
         band_ids.append(ids[p.end_nodes])
-    edges, band_plans = [], [band_ids[0]]
-    for (r0, r1), pid in zip(zip(rates, rates[1:]), band_ids[1:]):
-        if pid != band_plans[-1]:
-            edges.append(math.sqrt(r0 * r1))
-            band_plans.append(pid)
+    edges, band_plans = band_edges(rates, band_ids)
     profiles = {pid: profile_of(dag, c, oracle.min_bits(c.plan.end_nodes) if c.plan.cut else 32,
                                 s.input_bits) for pid, c in cells.items()}
     out["coach full"] = (cells, (profiles, edges, band_plans), 0, off)
@@ -176,7 +165,7 @@ def measure(cells: dict[int, Cell], control, cond: Condition, n_trace: int, star
         if control is None:
             return None
         profiles, edges, band_plans = control
-        return OnlineController(profiles, edges, band_plans, start=0,
+        return OnlineController(profiles, Bands(edges, band_plans, start=0),
                                 end_s={k: c.plan.t_end for k, c in cells.items()})
 
     n = 200 if cond.static else n_trace

@@ -39,8 +39,9 @@ import torch
 from tabulate import tabulate
 
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.compiled import TRACE_STARTS, plan_model, prepare
-from coach_fx.costs import build_dag, host_times, torch_threads
+from coach_fx.driver import plan_model, prepare
+from coach_fx.optimize.trace import TRACE_STARTS
+from coach_fx.profile import build_dag, host_times, torch_threads
 from coach_fx.plan import Plan, mean_bytes
 from coach_fx.runtime.simulate import SimPlan, simulate
 from coach_fx.settings import Device, Settings

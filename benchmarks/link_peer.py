@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from coach_fx.runtime.link import GlooEndpoint
+from coach_fx.runtime.links.gloo import GlooEndpoint
 from coach_fx.traces import Trace
 
 role, port, size, count, mbps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])

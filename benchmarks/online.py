@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from coach_fx.digits import digits_splits, load_digits_model
+from coach_fx.zoo.digits import digits_splits, load_digits_model
 from coach_fx.online import MODES, compile_online
-from coach_fx.runtime.cache import locality_stream
-from coach_fx.runtime.link import InProcessLink
+from coach_fx.online.cache_calibration import locality_stream
+from coach_fx.runtime.links import InProcessLink
 from coach_fx.settings import Device, Network
 from coach_fx.traces import Trace
 
@@ -106,8 +106,8 @@ def main() -> None:
     def breakeven(om) -> float:   # noqa: ANN001
         """The rate below which the fixed plan's link is its bottleneck: its message bits over
         its compute bottleneck (the end's work measured alone x the slowdown, the cloud half)."""
-        v, p = om.variants[om.fixed], om.plans[om.fixed]
-        compute = max(v.reference_s * SLOWDOWN, p.t_cloud)
+        v, p = om.variants[om.offline], om.plans[om.offline]
+        compute = max(v.end_host_s * SLOWDOWN, p.t_cloud)
         return v.message_bytes() * 8 / compute / 1e6
 
     rows, summary = [], {}
@@ -127,7 +127,7 @@ def main() -> None:
                                 end=Device("end", SLOWDOWN), calibration=(xc, yc),
                                 accuracy_budget=a.budget, capacity=a.capacity, threads=1)
             share = link_bound_share(trace, breakeven(om))
-            print(f"  {tname}: scale x{scale:.3f} -> fixed plan {om.plans[om.fixed].cut}, link-bound "
+            print(f"  {tname}: scale x{scale:.3f} -> fixed plan {om.plans[om.offline].cut}, link-bound "
                   f"{share:.0%} of the time", flush=True)
             tried.append((abs(share - 0.5), attempt, scale, trace, om, share))
             if 0.4 <= share <= 0.6:

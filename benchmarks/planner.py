@@ -24,8 +24,8 @@ import torch
 from tabulate import tabulate
 
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.compiled import prepare
-from coach_fx.models import load_model
+from coach_fx.driver import prepare
+from coach_fx.zoo.models import load_model
 from coach_fx.optimize import Problem, brute_force, coach
 from coach_fx.settings import Device, Network, Settings
 
@@ -59,7 +59,7 @@ def bench_model(name: str, settings: Settings) -> dict:
 
 def bench_digits(settings: Settings) -> dict | None:
     try:
-        from coach_fx.digits import digits_splits, load_digits_model
+        from coach_fx.zoo.digits import digits_splits, load_digits_model
     except ImportError:
         return None
     model = load_digits_model()

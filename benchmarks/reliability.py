@@ -49,11 +49,14 @@ def child(n: int) -> None:
         for _ in range(n):
             yield torch.randn(1, 3, 16, 16, generator=g)
 
-    from coach_fx.runtime.link import InProcessLink
-    from coach_fx.runtime.pipeline import CloudWorker, EndWorker
+    from coach_fx.runtime.links import InProcessLink
+    from coach_fx.runtime.cloud import CloudWorker
+    from coach_fx.runtime.config import StreamConfig
+    from coach_fx.runtime.end import EndWorker
+    from coach_fx.runtime.policy import StaticPolicy
     link = InProcessLink.for_network(cm.settings.network)
-    cloud = CloudWorker(cm.cloud_module, cm.boundary, link.cloud).start()
-    end = EndWorker(cm.end_module, cm.boundary, link.end, cm.out_spec, max_inflight=8)
+    cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud).start()
+    end = EndWorker(link.end, cm.out_spec, StaticPolicy(cm.end_module, cm.boundary), StreamConfig(max_inflight=8))
     t0 = time.perf_counter()
     outs, stats = end.run(frames())
     wall = time.perf_counter() - t0

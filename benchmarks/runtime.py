@@ -28,7 +28,7 @@ import torch
 from tabulate import tabulate
 
 import coach_fx
-from coach_fx.models import load_model
+from coach_fx.zoo.models import load_model
 
 HERE = Path(__file__).resolve().parent
 

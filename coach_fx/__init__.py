@@ -6,16 +6,39 @@
     >>> cm(x); cm.plan; print(cm.report())                                             # doctest: +SKIP
 
 or ``torch.compile(model, backend="coach", options={...same keywords...})``.
+
+The names below are imported on first use, so that a run-time process importing
+``coach_fx.runtime.wire`` does not load the optimizer, the accuracy oracle or networkx.
 """
 
-from coach_fx.compiled import CompiledModel, InputError, compile
-from coach_fx.graph import LayerDAG
-from coach_fx.online import OnlineModel, compile_online
-from coach_fx.passes.capture import CaptureError
-from coach_fx.plan import Plan, evaluate
-from coach_fx.settings import Device, Network, Settings
-from coach_fx.traces import Trace
+from __future__ import annotations
 
-__all__ = ["compile", "CompiledModel", "Plan", "evaluate", "LayerDAG", "Network", "Device",
-           "Settings", "Trace", "CaptureError", "InputError", "compile_online", "OnlineModel"]
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    "compile": "coach_fx.api", "CompiledModel": "coach_fx.compiled",
+    "InputError": "coach_fx.compiled", "LayerDAG": "coach_fx.dag",
+    "compile_online": "coach_fx.online", "OnlineModel": "coach_fx.online",
+    "CaptureError": "coach_fx.passes.capture", "Plan": "coach_fx.plan",
+    "evaluate": "coach_fx.plan", "Device": "coach_fx.settings", "Network": "coach_fx.settings",
+    "Settings": "coach_fx.settings", "OnlineSettings": "coach_fx.settings",
+    "Trace": "coach_fx.traces",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'coach_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

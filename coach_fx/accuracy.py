@@ -33,33 +33,19 @@ Example::
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
-from coach_fx.graph import LayerDAG
+from coach_fx.accuracy_runs import CrossingValues, Halves, Tally, chunks, with_variants
+from coach_fx.dag import LayerDAG
 from coach_fx.passes.annotate import _tensors
 from coach_fx.passes.ops import fake_quantize_per_sample
-from coach_fx.passes.partition import partition
 from coach_fx.plan import plan_bits
 from coach_fx.settings import Settings, calibration_parts
 
 
-#: Keep crossing values (what end halves computed on the calibration data) for reuse by later
-#: candidates with the same crossings (the bit search asks one cut at several widths) up to
-#: this many bytes, least recently used first out.
-ACTIVATION_CACHE_BYTES = 1 << 30
-#: Samples in the first calibration chunk: a candidate that fails is usually told by its first
-#: samples, and the check stops as soon as the harmful changes exceed what the bound allows.
-FIRST_CHUNK = 64
-#: Partitioned halves kept for reuse (oldest out first).
-PARTITION_MEMO = 32
-#: Without calibration data, the output check also runs on this many inputs drawn like the
-#: example inputs (so that one input's quirk cannot pass a plan).
-L2_VARIANTS = 7
 #: A sample counts against a plan when the split leaves less than this share of the
 #: unquantized model's margin for its answer (see ``_at_risk``). The wider the choice a check
 #: picks from, the more a lucky pass must be guarded against: quantized tensors are searched
@@ -128,7 +114,7 @@ class AccuracyOracle:
         labels = None
         if calib is None:
             self.mode = "l2"
-            inputs = _with_variants(tuple(example_inputs))
+            inputs = with_variants(tuple(example_inputs))
         else:
             inputs, labels = calibration_parts(calib)
             self.mode = "labels" if labels is not None else "agreement"
@@ -154,13 +140,12 @@ class AccuracyOracle:
         self.evals = 0
         self.samples_run = 0
         #: fixed sample ranges the calibration data is run in (a small first one, then batches)
-        self.chunks = _chunks(n, self.batch, self.request)
-        #: memo: key -> what was measured (possibly stopped early, see ``_Tally``)
-        self._cache: dict[tuple, _Tally] = {}
+        self.chunks = chunks(n, self.batch, self.request)
+        #: memo: key -> what was measured (possibly stopped early, see ``Tally``)
+        self._cache: dict[tuple, Tally] = {}
         #: (crossing name, chunk) -> the end half's value on that chunk, LRU by bytes
-        self._values: OrderedDict[tuple[str, int], Any] = OrderedDict()
-        self._held = 0
-        self._parts: dict[tuple, tuple] = {}
+        self._values = CrossingValues()
+        self._halves = Halves(gm)
         self.reference = self._run(self.gm)
         if self.mode == "labels":
             if labels.shape[0] != n:
@@ -204,37 +189,12 @@ class AccuracyOracle:
             return fake_quantize_per_sample(value, bits, self.request)
         return _fresh(value)
 
-    def _halves(self, end_nodes: frozenset[str], bits: tuple) -> tuple:
-        """``partition`` of the model (train mode, or plain for ``bits=()``), memoized: the
-        bit search asks one cut at several widths, and building the halves is not free."""
-        key = (end_nodes, bits)
-        if key not in self._parts:
-            if len(self._parts) >= PARTITION_MEMO:
-                self._parts.pop(next(iter(self._parts)))
-            self._parts[key] = (partition(self.gm, set(end_nodes), {}) if not bits else
-                                partition(self.gm, set(end_nodes), dict(bits), mode="train"))
-        return self._parts[key]
-
     def _crossing_values(self, e32: fx.GraphModule, names: list[str], k: int) -> list[Any]:
-        """The end half's crossing values on chunk ``k``, from the cache or by running it."""
-        keys = [(name, k) for name in names]
-        if all(key in self._values for key in keys):
-            for key in keys:
-                self._values.move_to_end(key)
-            return [self._values[key] for key in keys]
-        vals = list(_as_tuple(e32(*self._slice(*self.chunks[k]))))
-        for key, v in zip(keys, vals):
-            if key not in self._values:
-                self._values[key] = v
-                self._held += _nbytes(v)
-            self._values.move_to_end(key)
-        while self._held > ACTIVATION_CACHE_BYTES and self._values:
-            _, old = self._values.popitem(last=False)
-            self._held -= _nbytes(old)
-        return vals
+        """The end half's crossing values on chunk ``k``, kept or by running it."""
+        return self._values.get(names, k, lambda: _as_tuple(e32(*self._slice(*self.chunks[k]))))
 
     def _measure(self, end_nodes: Iterable[str], bits: dict[str, int],
-                 codecs: Mapping[str, str] | None, full: bool) -> "_Tally":
+                 codecs: Mapping[str, str] | None, full: bool) -> "Tally":
         """Run the split on the calibration data chunk by chunk. Unless ``full``, stop as soon as
         the harmful changes exceed what the confidence bound allows (the count only grows, so
         the answer of ``ok`` is the same; a failing candidate is usually told by its first
@@ -244,7 +204,7 @@ class AccuracyOracle:
         key = (tuple(sorted((x, b) for x, b in bits.items() if x in cut and b < 32 and x not in codecs)),
                tuple(sorted(codecs.items())))
         if not key[0] and not key[1]:
-            return _Tally(0.0, 0, self.n)
+            return Tally(0.0, 0, self.n)
         tally = self._cache.get(key)
         if tally is not None and (tally.done(self.n) or not full):
             return tally
@@ -252,8 +212,8 @@ class AccuracyOracle:
         stop = None if full or not self.bounded else self._allowed()
         # Each calibration sample's crossing tensors are quantized on their own, as each
         # request is when deployed (one scale per tensor per request, not per batch).
-        e32 = self._halves(frozenset(end_nodes), ())[0]
-        _, c, boundary = self._halves(frozenset(end_nodes), key[0])
+        e32 = self._halves.get(frozenset(end_nodes), ())[0]
+        _, c, boundary = self._halves.get(frozenset(end_nodes), key[0])
         names = [x.name for x in boundary.crossings]
         harmful, seen, outs = 0, 0, []
         self.evals += 1
@@ -270,7 +230,7 @@ class AccuracyOracle:
                 if stop is not None and harmful > stop:
                     break
         value = self._value(torch.cat(outs)) if seen == self.n else None
-        tally = _Tally(value, harmful, seen)
+        tally = Tally(value, harmful, seen)
         self._cache[key] = tally
         return tally
 
@@ -371,33 +331,6 @@ class AccuracyOracle:
         return allowed[lo]
 
 
-@dataclass
-class _Tally:
-    """What one candidate's run over the calibration data found: its metric (None when the
-    run stopped early), its harmful changes and how many samples it saw."""
-    value: float | None
-    harmful: int
-    seen: int
-
-    def done(self, n: int) -> bool:
-        return self.seen >= n and self.value is not None
-
-
-def _chunks(n: int, batch: int, request: int) -> list[tuple[int, int]]:
-    """Sample ranges of at most ``batch`` (whole requests), the first at most ``FIRST_CHUNK``."""
-    first = max(request, min(batch, FIRST_CHUNK) // request * request)
-    out, lo = [], 0
-    while lo < n:
-        hi = min(n, lo + (first if not out else batch))
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
-def _nbytes(v: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(v))
-
-
 def _at_risk(ref: torch.Tensor, out: torch.Tensor, cls: torch.Tensor, share: float) -> torch.Tensor:
     """Samples whose answer ``cls`` the split changed or nearly changed: its margin over the
     runner-up fell below ``share`` of the unquantized model's (or turned negative).
@@ -414,22 +347,3 @@ def _at_risk(ref: torch.Tensor, out: torch.Tensor, cls: torch.Tensor, share: flo
     return (m_out <= 0) | (m_out < share * m_ref)
 
 
-def _with_variants(inputs: tuple) -> tuple:
-    """The example inputs followed by ``L2_VARIANTS`` batches drawn with each float tensor's
-    mean and spread (fixed seed; other inputs repeated as they are)."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for x in inputs:
-        if not isinstance(x, torch.Tensor) or not x.dim():
-            out.append(x)
-            continue
-        parts = [x]
-        for _ in range(L2_VARIANTS):
-            if x.is_floating_point():
-                lo, hi = x.min(), x.max()
-                v = torch.randn(x.shape, generator=g, dtype=x.dtype) * x.std().nan_to_num(1.0) + x.mean()
-                parts.append(v.clamp(lo, hi) if hi > lo else v)
-            else:
-                parts.append(x.clone())
-        out.append(torch.cat(parts))
-    return tuple(out)

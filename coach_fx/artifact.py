@@ -23,7 +23,7 @@ import torch
 
 import coach_fx.passes.ops  # noqa: F401 - the halves call torch.ops.coach.*
 from coach_fx._compat import treespec_dumps, treespec_loads
-from coach_fx.passes.partition import Boundary, Crossing
+from coach_fx.passes.boundary import Boundary, Crossing
 
 FORMAT = 1
 

@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from coach_fx.compiled import CompiledModel, plan_model, prepare
+from coach_fx.compiled import CompiledModel
+from coach_fx.driver import plan_model, prepare
 from coach_fx.settings import Settings
 
 #: Every graph compiled by the backend in this process, newest last (for inspection and tests).

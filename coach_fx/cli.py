@@ -15,8 +15,9 @@ import time
 import torch
 from tabulate import tabulate
 
-from coach_fx.compiled import CompiledModel, plan_model, prepare
-from coach_fx.models import load_model
+from coach_fx.compiled import CompiledModel
+from coach_fx.driver import plan_model, prepare
+from coach_fx.zoo.models import load_model
 from coach_fx.optimize import COMPARED, STRATEGIES
 from coach_fx.settings import Device, Network, Settings
 
@@ -115,19 +116,22 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from coach_fx.artifact import load_half
-    from coach_fx.runtime.link import GlooEndpoint
-    from coach_fx.runtime.pipeline import CloudWorker
+    from coach_fx.runtime.cloud import CloudWorker
+    from coach_fx.runtime.config import StreamConfig
+    from coach_fx.runtime.links.gloo import GlooEndpoint
 
     if a.threads:
         torch.set_num_threads(a.threads)
     half = load_half(a.dir, "cloud")
     slowdown = a.slowdown if a.slowdown is not None else half.meta["cloud"]["slowdown"]
+    config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout)
+    plans = {0: (half.module, half.boundary)}
     if a.link == "tcp":
-        from coach_fx.runtime.tcp import TcpServer
+        from coach_fx.runtime.links.tcp import TcpServer
         server = TcpServer(a.host, a.port, token=a.token, timeout_s=a.timeout)
         print(f"coach serve: cloud half of {a.dir} on {server.host}:{server.port} (tcp, token "
               f"required, slowdown {slowdown}); waiting for the end side", flush=True)
-        worker = CloudWorker(half.module, half.boundary, None, slowdown=slowdown)
+        worker = CloudWorker(plans, None, config)
         try:
             worker.serve_forever(server)
         finally:
@@ -137,7 +141,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
               f"{slowdown}); waiting for the end side", flush=True)
         ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
         print("coach serve: the end side is connected", flush=True)
-        worker = CloudWorker(half.module, half.boundary, ep, slowdown=slowdown)
+        worker = CloudWorker(plans, ep, config)
         try:
             worker.serve()
         finally:
@@ -150,8 +154,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     import numpy as np
 
     from coach_fx.artifact import load_half, make_frames
-    from coach_fx.runtime.link import GlooEndpoint
-    from coach_fx.runtime.pipeline import EndWorker
+    from coach_fx.runtime.config import StreamConfig
+    from coach_fx.runtime.end import EndWorker
+    from coach_fx.runtime.links.gloo import GlooEndpoint
+    from coach_fx.runtime.policy import StaticPolicy
     from coach_fx.traces import Trace
 
     if a.threads:
@@ -165,7 +171,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     frames = make_frames(half.input_specs, a.frames, a.seed)
     local = load_half(a.dir, "model").module if a.fallback == "local" else None
     if a.link == "tcp":
-        from coach_fx.runtime.tcp import connect
+        from coach_fx.runtime.links.tcp import connect
 
         def dial(retry_for: float = 0.0) -> object:
             return connect(a.host, a.port, token=a.token, timeout_s=a.timeout, shape=shape,
@@ -182,9 +188,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     else:
         ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
         reconnect = None
-    worker = EndWorker(half.module, half.boundary, ep, half.out_spec, slowdown=slowdown,
-                       timeout_s=a.timeout, fallback=a.fallback, local_module=local,
-                       reconnect=reconnect)
+    policy = StaticPolicy(half.module, half.boundary)
+    worker = EndWorker(ep, half.out_spec, policy,
+                       StreamConfig(end_slowdown=slowdown, timeout_s=a.timeout, fallback=a.fallback),
+                       local_module=local, reconnect=reconnect)
     try:
         outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
         try:
@@ -196,11 +203,11 @@ def cmd_run(a: argparse.Namespace) -> int:
             worker.endpoint.close()
     rate = f"trace {a.trace} x{a.trace_scale}" if a.trace else (
         f"{a.uplink_mbps} Mbit/s" if a.uplink_mbps else "unshaped")
-    ref = f"; end half {worker.reference_s * 1e3:.2f} ms on this host" if worker.reference_s else ""
+    ref = f"; end half {policy.end_host_s * 1e3:.2f} ms on this host" if policy.end_host_s else ""
     print(f"coach run: {a.frames} frames, end slowdown {slowdown}, uplink {rate}{ref}")
     print(stats.table())
     if a.fallback:
-        print(f"faults: {stats.local} run locally, {stats.failed} failed, {stats.dropped} late "
+        print(f"faults: {stats.fell_back} run locally, {stats.failed} failed, {stats.dropped} late "
               f"replies dropped, {stats.reconnects} reconnects")
     if a.save_outputs:
         from coach_fx._compat import tree_flatten

@@ -1,4 +1,5 @@
-"""``coach_fx.compile``: capture, annotate, cost, plan and split a model; ``CompiledModel`` runs it.
+"""``CompiledModel``: a model split between an end device and the cloud (made by
+``coach_fx.compile``, see ``coach_fx.driver``): it runs, streams, saves and reports itself.
 
 Example::
 
@@ -13,10 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import statistics
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -25,22 +22,20 @@ from tabulate import tabulate
 from torch import nn
 
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.costs import build_dag, torch_threads
-from coach_fx.graph import LayerDAG
-from coach_fx.optimize import Problem, solve
-from coach_fx.optimize.simple import manual
-from coach_fx.passes.annotate import annotate, keeps_effect
-from coach_fx.passes.capture import capture
+from coach_fx.profile import torch_threads
+from coach_fx.dag import LayerDAG
 from coach_fx.passes.partition import partition
-from coach_fx.plan import MESSAGE_HEADER_BYTES, Plan, evaluate
+from coach_fx.plan import Plan
+from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES
 from coach_fx.settings import Settings
+from coach_fx.timing import median_time
 
 
 class InputError(ValueError):
     """An input does not match what the model was compiled for."""
 
 
-def _example_tuple(example_inputs: Any) -> tuple:
+def example_tuple(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
@@ -141,10 +136,10 @@ class CompiledModel(nn.Module):
         ``inputs``: frames, each a tensor or a tuple of the model's inputs. The link defaults
         to an in-process one with the compile-time network (its trace, if it has one); the
         end (and cloud) devices are emulated with their slowdowns. Returns (outputs in order,
-        :class:`coach_fx.runtime.pipeline.Stats`). ``pipelined=False`` runs one request at a
+        :class:`coach_fx.runtime.stats.Stats`). ``pipelined=False`` runs one request at a
         time, for comparison.
         """
-        from coach_fx.runtime.pipeline import run_local
+        from coach_fx.runtime.end import run_local
 
         frames = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in inputs]
         for f in frames:
@@ -160,17 +155,20 @@ class CompiledModel(nn.Module):
 
     def _stream(self, frames: list[tuple], pipelined: bool, link: Any, timeout_s: float,
                 queue_size: int) -> tuple[list[Any], Any]:
-        from coach_fx.runtime.link import InProcessLink
-        from coach_fx.runtime.pipeline import CloudWorker, EndWorker, run_session
+        from coach_fx.runtime.cloud import CloudWorker
+        from coach_fx.runtime.config import StreamConfig
+        from coach_fx.runtime.end import EndWorker, run_session
+        from coach_fx.runtime.links.inprocess import InProcessLink
+        from coach_fx.runtime.policy import StaticPolicy
 
         link = link or InProcessLink.for_network(self.settings.network)
-        cloud = CloudWorker(self.cloud_module, self.boundary, link.cloud,
-                            slowdown=self.settings.cloud.slowdown).start()
+        config = StreamConfig(self.settings.end.slowdown, self.settings.cloud.slowdown,
+                              queue_size=queue_size, timeout_s=timeout_s)
+        cloud = CloudWorker({0: (self.cloud_module, self.boundary)}, link.cloud, config).start()
         # a calibrated plan measured the end half on this host: emulate the device from that
         ref = self.plan.extra.get("end_host_s")
-        end = EndWorker(self.end_module, self.boundary, link.end, self.out_spec,
-                        slowdown=self.settings.end.slowdown, queue_size=queue_size, timeout_s=timeout_s,
-                        reference_s=ref)
+        end = EndWorker(link.end, self.out_spec, StaticPolicy(self.end_module, self.boundary,
+                                                              end_host_s=ref), config)
         return run_session(end, cloud, frames, pipelined=pipelined, predicted=self.predicted())
 
     def save(self, path: str, whole: bool = False) -> str:
@@ -226,7 +224,7 @@ class CompiledModel(nn.Module):
         x = self.example_inputs
         if self.boundary.end_only:   # the whole model on the end device
             with torch.no_grad(), torch_threads(self.settings.threads):
-                t_end = _median_time(lambda: self.end_module(*x), repeat)
+                t_end = median_time(lambda: self.end_module(*x), repeat)
             p.extra.update(model_t_end=p.t_end, calibrated=True, end_host_s=t_end)
             p.t_end = t_end * self.settings.end.slowdown
             return p
@@ -237,8 +235,8 @@ class CompiledModel(nn.Module):
             def cloud() -> bytes:
                 out = self.cloud_module(*entries_to_payload(self.boundary, decode(msg)[3]))
                 return encode(0, output_to_entries(out)[0])
-            t_end = _median_time(end, repeat)
-            t_cloud = _median_time(cloud, repeat)
+            t_end = median_time(end, repeat)
+            t_cloud = median_time(cloud, repeat)
         net = self.settings.network
         p.extra.update(model_t_end=p.t_end, model_t_cloud=p.t_cloud, calibrated=True,
                        end_host_s=t_end, cloud_host_s=t_cloud)
@@ -266,152 +264,11 @@ class CompiledModel(nn.Module):
                                    for m in self.dag.members[v])
         with torch.no_grad():
             payload = self.end_module(*self.example_inputs)
-            meas_end = _median_time(lambda: self.end_module(*self.example_inputs), repeat)
+            meas_end = median_time(lambda: self.end_module(*self.example_inputs), repeat)
             meas_cloud = 0.0 if self.boundary.end_only else \
-                _median_time(lambda: self.cloud_module(*payload), repeat)
+                median_time(lambda: self.cloud_module(*payload), repeat)
         def err(pred: float, meas: float) -> float:
             return (pred - meas) / meas if meas > 0 else 0.0
         return {"end_pred_s": pred_end, "end_meas_s": meas_end, "end_err": err(pred_end, meas_end),
                 "cloud_pred_s": pred_cloud, "cloud_meas_s": meas_cloud,
                 "cloud_err": err(pred_cloud, meas_cloud)}
-
-
-def _median_time(fn: Callable[[], Any], repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Settings
-            ) -> tuple[fx.GraphModule, tuple, LayerDAG]:
-    """Capture, annotate and cost ``model``: the (GraphModule, inputs, LayerDAG) to plan on."""
-    inputs = _example_tuple(example_inputs)
-    gm = capture(model, inputs, settings.leaf_modules)
-    gm.graph.eliminate_dead_code(is_impure_node=keeps_effect)
-    gm.recompile()
-    try:
-        annotate(gm, inputs)
-    except Exception as e:
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
-        raise InputError(f"running {type(model).__name__} on the example inputs {shapes} "
-                         f"failed: {e}") from e
-    dag = build_dag(gm, inputs, settings)
-    return gm, inputs, dag
-
-
-def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Settings,
-               strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
-    """Plan an already prepared model with ``strategy`` (default: the settings')."""
-    strategy = strategy or settings.strategy
-    if strategy == "manual":
-        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
-        return manual(problem, settings.end_nodes, settings.manual_bits), oracle
-    if oracle is None and strategy not in ("end-only",):
-        oracle = AccuracyOracle(gm, dag, settings, inputs)
-    problem = Problem(dag, settings.network, settings.objective, settings.bits,
-                      settings.input_bits, oracle, settings.input_codecs)
-    kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
-    plan = solve(strategy, problem, **kw)
-    if strategy == "coach" and _varies(settings.network):
-        plan = _for_trace(problem, plan, settings)
-    if oracle is not None:
-        plan.accuracy = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
-        plan.accuracy_ok = oracle.ok(plan.end_nodes, plan.bits, plan.codecs)
-        what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
-                "l2": "output relative L2"}[oracle.mode]
-        plan.note = f"{what} {plan.accuracy:.4f}; check: {oracle.describe()}"
-        if oracle.bounded:
-            plan.note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
-    return plan, oracle
-
-
-def _varies(network: Any) -> bool:
-    tr = network.trace
-    return tr is not None and math.isfinite(tr.duration) and max(tr.mbps) > min(tr.mbps)
-
-
-#: Time-weighted quantiles of a trace's rate that a plan for the trace is scored on.
-TRACE_QUANTILES = tuple((k + 0.5) / 20 for k in range(20))
-#: Start times, evenly spread over a trace, a single request's expected latency averages.
-TRACE_STARTS = 100
-
-
-def expected_latency(plan: Plan, network: Any) -> float:
-    """A single request's latency averaged over ``TRACE_STARTS`` arrival times spread over the
-    network's trace, its message crossing the trace as it varies (``Trace.finish_time``)."""
-    tr = network.trace
-    if tr is None or not math.isfinite(tr.duration) or plan.bytes_sent == 0:
-        return plan.latency
-    fixed = plan.latency - plan.t_link + network.rtt_ms / 2e3
-    nbytes = plan.bytes_sent / network.efficiency
-    starts = [tr.duration * i / TRACE_STARTS + plan.t_end for i in range(TRACE_STARTS)]
-    return fixed + sum(tr.finish_time(t, nbytes) - t for t in starts) / len(starts)
-
-
-def _for_trace(problem: Problem, plan: Plan, settings: Settings) -> Plan:
-    """Over a trace, the plan that does best across its rates.
-
-    The plan for the mean rate is not the best plan for a rate that varies: throughput over
-    time averages 1 / period over the trace (not 1 / the period at the mean rate), and a single
-    request's expected latency averages its latency over arrival times (transfer time goes with
-    1 / rate, so the slow stretches dominate it; see :func:`expected_latency`). The candidates
-    are the plans COACH finds for the trace's quantiles (10 %..90 %); each is scored on 20
-    time-weighted quantiles of the rate (throughput) or on ``TRACE_STARTS`` arrival times
-    (latency), and priced at the mean as usual.
-    """
-    net = settings.network
-    rates = [max(r, 1e-3) for r in net.trace.quantiles(TRACE_QUANTILES)]
-    cands = {(plan.end_nodes, tuple(sorted(plan.codecs.items()))): plan}
-    for q in (0.1, 0.3, 0.5, 0.7, 0.9):
-        r = max(net.trace.quantiles([q])[0], 1e-3)
-        sub = dataclasses.replace(problem, network=dataclasses.replace(net, uplink_mbps=r))
-        p = solve("coach", sub)
-        cands.setdefault((p.end_nodes, tuple(sorted(p.codecs.items()))), p)
-
-    def cost(p: Plan) -> float:
-        if plan.objective == "latency":
-            return expected_latency(evaluate(problem.dag, p.end_nodes, p.bits, net, objective="latency",
-                                             input_bits=settings.input_bits, codecs=p.codecs), net)
-        at = [evaluate(problem.dag, p.end_nodes, p.bits, dataclasses.replace(net, uplink_mbps=r),
-                       objective=plan.objective, input_bits=settings.input_bits, codecs=p.codecs)
-              for r in rates]
-        return -sum(1.0 / e.period for e in at) / len(at)
-
-    best = min(cands.values(), key=cost)
-    if best is plan:
-        return plan
-    out = evaluate(problem.dag, best.end_nodes, best.bits, net, strategy=plan.strategy,
-                   objective=plan.objective, input_bits=settings.input_bits, codecs=best.codecs)
-    out.extra["for_trace"] = f"best of {len(cands)} plans for the trace's rate quantiles"
-    return out
-
-
-def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: Any = None,
-            cloud: Any = None, strategy: str = "coach", objective: str = "throughput",
-            accuracy_budget: float = 0.005, calibration: Any = None,
-            bits: Sequence[int] = (2, 3, 4, 5, 6, 8, 16, 32), costs: str = "measured",
-            **options: Any) -> CompiledModel:
-    """Split ``model`` between an end device and the cloud; see the module docstring.
-
-    Other keywords (``end_nodes``, ``manual_bits``, ``input_bits``, ``output_tolerance``,
-    ``leaf_modules``, ``max_plans``, ``progress``...) are fields of :class:`coach_fx.Settings`.
-    """
-    kw: dict[str, Any] = dict(strategy=strategy, objective=objective, accuracy_budget=accuracy_budget,
-                              calibration=calibration, bits=bits, costs=costs)
-    for k, v in (("network", network), ("end", end), ("cloud", cloud)):
-        if v is not None:
-            kw[k] = v
-    if strategy == "manual" and "manual_bits" not in options and isinstance(bits, (int, Mapping)):
-        options["manual_bits"] = bits
-        kw["bits"] = (2, 3, 4, 5, 6, 8, 16, 32)
-    settings = Settings.from_options(options, **kw)
-    gm, inputs, dag = prepare(model, example_inputs, settings)
-    plan, oracle = plan_model(gm, inputs, dag, settings)
-    cm = CompiledModel(gm, dag, plan, settings, inputs, oracle)
-    if settings.costs == "measured" and settings.calibrate:
-        cm.calibrate()
-    return cm

@@ -18,24 +18,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from coach_fx.graph import LayerDAG
+from coach_fx.dag import LayerDAG
+# every message and tensor size is the wire format's (one home: ``coach_fx.runtime.wire``)
+from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 from coach_fx.settings import Network
 
-#: Fixed bytes of one message on the wire (magic, version, request id, count, flags).
-MESSAGE_HEADER_BYTES = 24
-#: Fixed bytes per tensor on the wire (dtype, bits, rank, shape, scale, zero point, length).
-TENSOR_HEADER_BYTES = 56
-
-
-def wire_bytes(numel: int, raw_bytes: int, quantizable: bool, bits: int) -> int:
-    """Payload bytes of one crossing tensor sent with ``bits`` bits, with its header."""
-    if not quantizable or bits >= 32:
-        body = raw_bytes
-    elif bits == 16:
-        body = min(raw_bytes, numel * 2)
-    else:
-        body = math.ceil(numel * bits / 8)
-    return body + TENSOR_HEADER_BYTES
 
 
 @dataclass
@@ -151,7 +138,7 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
             t_end += cost.t_end
             t_cloud += cost.t_cloud
             continue
-        nbytes += wire_bytes(d.numel, d.bytes, d.quantizable, b[x])
+        nbytes += tensor_bytes(d.numel, d.bytes, d.quantizable, b[x])
         if d.quantizable and b[x] < 32:
             q_end, q_cloud = dag.quant_cost(b[x])
             t_end += q_end * d.numel

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from coach_fx.runtime.wire import ALL_BITS
 from coach_fx.traces import Trace
 
 #: Goodput over the shaped rate measured for our TCP link behind ``tc tbf`` (18.9 / 4.8 / 9.4
@@ -20,8 +21,8 @@ from coach_fx.traces import Trace
 #: ``Network(..., efficiency=TCP_EFFICIENCY)``.
 TCP_EFFICIENCY = 0.95
 
-#: Every bit width a crossing tensor may get (32 = float as is, 16 = half, <= 8 quantized).
-DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
+#: Every bit width a crossing tensor may get (32 = float as is, <= 16 quantized).
+DEFAULT_BITS = ALL_BITS
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,58 @@ def calibration_parts(calibration: Any) -> tuple[tuple, Any]:
 
 
 @dataclass(frozen=True)
+class OnlineSettings:
+    """What ``coach_fx.compile_online`` prepares online control with (``Settings.online``).
+
+    ``cache_share`` of the accuracy budget goes to the semantic cache's wrong hits, the rest to
+    the bits; ``bands_mbps``: the rates to plan for (None: ``band_rates``); the cache holds
+    ``capacity`` classes, audits ``audit_rate`` of its hits, and its features are pooled on the
+    best of ``grid``; the plan switches after ``hold`` estimates in a new band.
+    """
+
+    cache: bool = True
+    cache_share: float = 0.5
+    bands_mbps: Sequence[float] | None = None
+    grid: int | Sequence[int] = (2, 4, 8)
+    capacity: int = 16
+    audit_rate: float = 0.1
+    hold: int = 5
+    #: mean frames a class persists in the calibration streams the cache is tuned on
+    locality: float = 10.0
+    #: Frames in each of the two replayed calibration streams the cache's thresholds are tuned
+    #: on. Wrong hits come from a few confusable samples; a short stream may hold none of them
+    #: (with 1000 frames thresholds passed that went wrong 3x as often on unseen data).
+    calibration_frames: int = 4000
+    #: A band gets its own plan only when that plan's period there is this much shorter than
+    #: the offline plan's (a switch follows the estimate with a lag).
+    switch_gain: float = 0.9
+    #: The cache may look up at a node before the cut (a hit then skips the rest of the end
+    #: half) when its calibrated hit rate is at least this share of the cut's own: a hit also
+    #: spares the link and the cloud, which an earlier node with fewer hits would give away.
+    early_lookup_hits: float = 0.75
+    #: Requests the end looks up between a request's lookup and the cloud's answer for it
+    #: coming back: in a three-stage pipeline a request's answer returns while the end works a
+    #: few requests on (one on the link, one in the cloud, those queued; the online
+    #: benchmark's fixed plans: latency 3.5-5 periods). The cache's calibration replays that.
+    result_lag: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cache_share < 1:
+            raise ValueError(f"cache_share must be in [0, 1), got {self.cache_share}")
+        if self.bands_mbps is not None and (not self.bands_mbps or min(self.bands_mbps) <= 0):
+            raise ValueError(f"bands_mbps must be positive rates, got {list(self.bands_mbps)}")
+        if self.capacity < 1 or not 0 <= self.audit_rate <= 1 or self.hold < 1:
+            raise ValueError("capacity and hold must be >= 1 and audit_rate in [0, 1]; got "
+                             f"{self.capacity}, {self.hold}, {self.audit_rate}")
+
+    def budgets(self, accuracy_budget: float) -> tuple[float, float]:
+        """(the bits' share, the cache's share) of ``accuracy_budget``."""
+        if not self.cache:
+            return accuracy_budget, 0.0
+        return accuracy_budget * (1 - self.cache_share), accuracy_budget * self.cache_share
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything ``coach_fx.compile`` takes, passed down instead of globals."""
 
@@ -146,6 +199,8 @@ class Settings:
     progress: bool = True
     #: Called with (done, total, label) during long work instead of the default bar.
     progress_fn: Callable[[int, int, str], None] | None = None
+    #: Online control (``coach_fx.compile_online``).
+    online: OnlineSettings = field(default_factory=OnlineSettings)
 
     def __post_init__(self) -> None:
         if self.objective not in ("throughput", "latency"):

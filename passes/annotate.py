@@ -1,30 +1,56 @@
-"""Annotate: run the graph once on example inputs and record, per node, in ``node.meta['coach']``:
-
-* ``kind``: ``"tensor"`` (one tensor), ``"tensors"`` (a tuple/list holding tensors),
-  ``"value"`` (anything else: sizes, ints, None);
-* ``shape``, ``dtype``, ``numel``, ``bytes`` (output bytes at its own precision; for
-  ``tensors`` the sum), ``float`` (whether the tensor is floating point);
-* ``flops`` and ``moved`` (bytes read and written, parameters included): the inputs of the
-  analytic cost model in ``coach_fx.costs``.
+"""Annotate: run the graph once on example inputs and record, per node, a :class:`NodeMeta`
+in ``node.meta['coach']`` (read it with :func:`meta`): what the node computes (kind, shape,
+dtype, bytes) and the inputs of the analytic cost model in ``coach_fx.profile``.
 
 Before/after::
 
     %conv1 = call_module[target=conv1](args=(%x,))
     # after annotate(gm, (x,)):
-    %conv1.meta['coach'] == {'kind': 'tensor', 'shape': (1, 64, 112, 112), 'bytes': 3211264,
-                             'flops': 236027904.0, ...}
+    meta(conv1) == NodeMeta(kind='tensor', shape=(1, 64, 112, 112), bytes=3211264,
+                            flops=236027904.0, ...)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """What annotate recorded for one fx node."""
+
+    #: "tensor" (one tensor), "tensors" (a tuple/list holding tensors), "value" (anything
+    #: else: sizes, ints, None)
+    kind: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    numel: int
+    bytes: int            # output bytes at its own precision (for "tensors" the sum)
+    float: bool           # one floating-point tensor
+    flops: float = 0.0
+    moved: int = 0        # bytes read and written, parameters included
+    value_type: str | None = None
+
+    @property
+    def is_tensor(self) -> bool:
+        return self.kind == "tensor"
+
+
+def meta(n: fx.Node) -> NodeMeta:
+    """The node's annotation (a clear error when ``annotate`` has not run)."""
+    m = n.meta.get("coach")
+    if not isinstance(m, NodeMeta):
+        raise ValueError(f"node {n.name} is not annotated (run passes.annotate first)")
+    return m
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -119,19 +145,17 @@ class _Annotator(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
-        info: dict[str, Any] = {}
         if isinstance(out, torch.Tensor):
-            info.update(kind="tensor", shape=tuple(out.shape), dtype=out.dtype,
-                        numel=out.numel(), bytes=_nbytes(out), float=out.is_floating_point())
+            info = NodeMeta("tensor", tuple(out.shape), out.dtype, out.numel(), _nbytes(out),
+                            out.is_floating_point())
         elif _tensors(out):
             ts = _tensors(out)
-            info.update(kind="tensors", shape=None, dtype=None, numel=sum(t.numel() for t in ts),
-                        bytes=sum(_nbytes(t) for t in ts), float=False)
+            info = NodeMeta("tensors", None, None, sum(t.numel() for t in ts),
+                            sum(_nbytes(t) for t in ts), False)
         else:
-            info.update(kind="value", shape=None, dtype=None, numel=0, bytes=0, float=False,
-                        value_type=type(out).__name__)
+            info = NodeMeta("value", None, None, 0, 0, False, value_type=type(out).__name__)
         ins = _tensors((args, kwargs))
-        moved = sum(_nbytes(t) for t in ins) + info["bytes"]
+        moved = sum(_nbytes(t) for t in ins) + info.bytes
         if n.op == "call_module":
             mod = self.fetch_attr(n.target)
             moved += sum(_nbytes(p) for p in mod.parameters()) + sum(_nbytes(b) for b in mod.buffers())
@@ -140,8 +164,8 @@ class _Annotator(fx.Interpreter):
             flops = _function_flops(n.target, args, kwargs, out)
         else:
             flops, moved = 0.0, 0
-        info.update(flops=flops if info["kind"] != "value" else 0.0, moved=moved)
-        n.meta["coach"] = info
+        n.meta["coach"] = dataclasses.replace(info, flops=flops if info.kind != "value" else 0.0,
+                                              moved=moved)
         return out
 
 

@@ -32,14 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: Bit widths the boundary ops handle (32 = the tensor as is, no op at all).
-QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)
-ALL_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
+# the bit widths (32 = the tensor as is, no op at all) are the wire format's
+from coach_fx.runtime.wire import QUANT_BITS, packed_nbytes
 
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes of one packed tensor on the wire (payload only, no header)."""
-    return math.ceil(numel * bits / 8)
 
 
 def _check_bits(bits: int) -> None:

@@ -34,48 +34,19 @@ In ``mode="train"`` it is ``coach::image_roundtrip`` (gradient straight through)
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
 import torch.fx as fx
 
 import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
+from coach_fx.runtime.wire import ALL_BITS
 import coach_fx.runtime.imagecodec as imagecodec  # registers torch.ops.coach.image_*
-from coach_fx.graph import dag_groups
-from coach_fx.passes.annotate import mutated_input
+from coach_fx.dag import dag_groups
+from coach_fx.passes.annotate import meta, mutated_input
+from coach_fx.passes.boundary import Boundary, Crossing
 
 _ops = torch.ops.coach
-
-
-@dataclass(frozen=True)
-class Crossing:
-    """One value that crosses from end to cloud and how it travels."""
-
-    name: str            # fx node name on the end side
-    dag_node: str        # the DAG node (or model input) it belongs to
-    kind: str            # "quant" (b <= 16: packed, scale, zero point), "raw" (as is) or
-                         # "image" (a model input as one coded payload, see ``codec``)
-    bits: int
-    shape: tuple[int, ...] | None
-    dtype: torch.dtype | None
-    codec: str | None = None   # "image": the image codec's name ("jpeg90", "png")
-
-    @property
-    def n_payload(self) -> int:
-        return 3 if self.kind == "quant" else 1
-
-
-@dataclass(frozen=True)
-class Boundary:
-    """What joins the two halves: the crossing values in payload order."""
-
-    crossings: tuple[Crossing, ...]
-    end_only: bool
-
-    @property
-    def n_payload(self) -> int:
-        return sum(c.n_payload for c in self.crossings)
 
 
 def _sides(gm: fx.GraphModule, groups: Mapping[str, str], end: set[str]) -> dict[str, str | None]:
@@ -129,11 +100,74 @@ def _check_codecs(gm: fx.GraphModule, codecs: Mapping[str, str]) -> None:
             raise ValueError(f"partition: an image codec ({codec!r}) is for model inputs only; "
                              f"{name!r} is not one (inputs: {sorted(inputs)})")
         imagecodec.parse(codec)
-        info = inputs[name].meta["coach"]
-        if info["kind"] != "tensor" or not imagecodec.applicable(info["shape"], info["dtype"]):
+        info = meta(inputs[name])
+        if not info.is_tensor or not imagecodec.applicable(info.shape, info.dtype):
             raise ValueError(f"partition: input {name!r} cannot travel as {codec!r}: image codecs "
                              "need a float (N, C, H, W) or (C, H, W) tensor with C in (1, 3), got "
-                             f"{info.get('dtype')} of shape {info.get('shape')}")
+                             f"{info.dtype} of shape {info.shape}")
+
+
+def _crossing(n: fx.Node, groups: Mapping[str, str], bits: Mapping[str, int],
+              codecs: Mapping[str, str]) -> Crossing:
+    """How the value of end node ``n`` crosses: as an image, raw, or quantized with its bits."""
+    info = meta(n)
+    owner = groups.get(n.name, n.name)
+    b = int(bits.get(owner, 32))
+    if info.kind == "tensors":
+        raise NotImplementedError(
+            f"partition: a tuple of tensors ({n.name}) would cross the cut; cut before or "
+            "after the node that unpacks it")
+    is_float = info.is_tensor and info.float
+    if n.op == "placeholder" and n.name in codecs:
+        return Crossing(n.name, owner, "image", imagecodec.BITS, info.shape, info.dtype,
+                        imagecodec.parse(codecs[n.name]).name)
+    kind = "raw" if not is_float or b >= 32 else "quant"
+    if is_float and b not in ALL_BITS:
+        raise ValueError(f"partition: bits for {owner} must be one of {ALL_BITS}; got {b}")
+    return Crossing(n.name, owner, kind, b if kind != "raw" else 32, info.shape, info.dtype)
+
+
+def _captures(gm: fx.GraphModule, side: Mapping[str, str], crossing_nodes: list[fx.Node],
+              crossings: list[Crossing]) -> dict[fx.Node, str]:
+    """End node -> the crossing captured just before it. An end-side in-place op (relu_, +=)
+    may change a crossing tensor after it was made; the cloud must see it as its readers would
+    have in the original graph: capture it just before the first such change that follows the
+    last cloud reader."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    capture_before: dict[fx.Node, str] = {}
+    for n, c in zip(crossing_nodes, crossings):
+        readers = [order[u] for u in n.users if side[u.name] == "cloud"]
+        changes = [m for m in n.users if side[m.name] == "end" and mutated_input(m) is n]
+        first_r, last_r = min(readers), max(readers)
+        if any(first_r < order[m] < last_r for m in changes):
+            raise NotImplementedError(
+                f"partition: {n.name} is modified in place on the end ({changes[0].name}) between "
+                "its cloud readers; cut elsewhere")
+        later = [m for m in changes if order[m] > last_r]
+        if later:
+            capture_before[min(later, key=order.get)] = c.name
+    return capture_before
+
+
+def _cloud_inputs(cg: fx.Graph, crossing_nodes: list[fx.Node], crossings: list[Crossing],
+                  mode: str) -> dict[fx.Node, fx.Node]:
+    """The cloud graph's placeholders and boundary ops: original crossing node -> its value."""
+    cenv: dict[fx.Node, fx.Node] = {}
+    for c in crossings:
+        src = next(n for n in crossing_nodes if n.name == c.name)
+        if mode == "train" and c.kind != "raw":
+            cenv[src] = cg.placeholder(f"{c.name}_fq")
+        elif c.kind == "image":
+            cenv[src] = cg.call_function(_ops.image_decode.default,
+                                         (cg.placeholder(f"{c.name}_image"), c.codec,
+                                          list(c.shape), c.dtype))
+        elif c.kind == "quant":
+            packed, scale, zp = (cg.placeholder(f"{c.name}_{s}") for s in ("packed", "scale", "zp"))
+            codes = cg.call_function(_ops.unpack.default, (packed, c.bits, list(c.shape)))
+            cenv[src] = cg.call_function(_ops.dequantize.default, (codes, scale, zp, c.bits, c.dtype))
+        else:
+            cenv[src] = cg.placeholder(c.name)
+    return cenv
 
 
 def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, int],
@@ -159,48 +193,10 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
     output = next(n for n in gm.graph.nodes if n.op == "output")
     end_only = side[output.name] == "end"
 
-    crossing_nodes: list[fx.Node] = []
-    for n in gm.graph.nodes:
-        if side.get(n.name) == "end" and n.op != "output":
-            if any(side[u.name] == "cloud" for u in n.users):
-                crossing_nodes.append(n)
-
-    crossings: list[Crossing] = []
-    for n in crossing_nodes:
-        info = n.meta["coach"]
-        owner = groups.get(n.name, n.name)
-        b = int(bits.get(owner, 32))
-        if info["kind"] == "tensors":
-            raise NotImplementedError(
-                f"partition: a tuple of tensors ({n.name}) would cross the cut; cut before or "
-                "after the node that unpacks it")
-        is_float = info["kind"] == "tensor" and info["float"]
-        if n.op == "placeholder" and n.name in codecs:
-            crossings.append(Crossing(n.name, owner, "image", imagecodec.BITS, info["shape"],
-                                      info["dtype"], imagecodec.parse(codecs[n.name]).name))
-            continue
-        kind = "raw" if not is_float or b >= 32 else "quant"
-        if is_float and b not in (2, 3, 4, 5, 6, 8, 16, 32):
-            raise ValueError(f"partition: bits for {owner} must be one of 2,3,4,5,6,8,16,32; got {b}")
-        crossings.append(Crossing(n.name, owner, kind, b if kind != "raw" else 32, info["shape"],
-                                  info["dtype"]))
-
-    # An end-side in-place op (relu_, +=) may change a crossing tensor after it was made; the
-    # cloud must see it as its readers would have in the original graph: capture it just
-    # before the first such change that follows the last cloud reader.
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    capture_before: dict[fx.Node, str] = {}   # end node -> crossing captured just before it
-    for n, c in zip(crossing_nodes, crossings):
-        readers = [order[u] for u in n.users if side[u.name] == "cloud"]
-        changes = [m for m in n.users if side[m.name] == "end" and mutated_input(m) is n]
-        first_r, last_r = min(readers), max(readers)
-        if any(first_r < order[m] < last_r for m in changes):
-            raise NotImplementedError(
-                f"partition: {n.name} is modified in place on the end ({changes[0].name}) between "
-                "its cloud readers; cut elsewhere")
-        later = [m for m in changes if order[m] > last_r]
-        if later:
-            capture_before[min(later, key=order.get)] = c.name
+    crossing_nodes = [n for n in gm.graph.nodes if side.get(n.name) == "end" and n.op != "output"
+                      and any(side[u.name] == "cloud" for u in n.users)]
+    crossings = [_crossing(n, groups, bits, codecs) for n in crossing_nodes]
+    capture_before = _captures(gm, side, crossing_nodes, crossings)
 
     eg, cg = fx.Graph(), fx.Graph()
     eenv: dict[fx.Node, fx.Node] = {}
@@ -223,22 +219,7 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
         cg.output(result)
     else:
         eg.output(tuple(payload))
-        cenv: dict[fx.Node, fx.Node] = {}
-        for c in crossings:
-            src = next(n for n in crossing_nodes if n.name == c.name)
-            if mode == "train" and c.kind != "raw":
-                cenv[src] = cg.placeholder(f"{c.name}_fq")
-            elif c.kind == "image":
-                cenv[src] = cg.call_function(_ops.image_decode.default,
-                                             (cg.placeholder(f"{c.name}_image"), c.codec,
-                                              list(c.shape), c.dtype))
-            elif c.kind == "quant":
-                packed, scale, zp = (cg.placeholder(f"{c.name}_{s}") for s in ("packed", "scale", "zp"))
-                codes = cg.call_function(_ops.unpack.default, (packed, c.bits, list(c.shape)))
-                cenv[src] = cg.call_function(_ops.dequantize.default,
-                                             (codes, scale, zp, c.bits, c.dtype))
-            else:
-                cenv[src] = cg.placeholder(c.name)
+        cenv = _cloud_inputs(cg, crossing_nodes, crossings, mode)
         for n in gm.graph.nodes:
             if side[n.name] == "cloud" and n.op != "output":
                 _copy_into(cg, n, cenv)

@@ -17,10 +17,10 @@ from typing import Any, Sequence
 import torch
 
 from coach_fx._compat import tree_flatten, tree_unflatten
-from coach_fx.passes.partition import Boundary
-from coach_fx.passes.ops import QUANT_BITS, dequantize_impl, quantize_pack_cpu, unpack_impl
+from coach_fx.passes.boundary import Boundary
+from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu, unpack_impl
 from coach_fx.runtime.imagecodec import max_payload_bytes
-from coach_fx.runtime.wire import QUANT, RAW, STATS, Entry, WireError
+from coach_fx.runtime.wire import QUANT, QUANT_BITS, RAW, STATS, Entry, WireError
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -1,6 +1,6 @@
 """Online control (DESIGN.md §6): bandwidth estimate, per-request bits, plan switching.
 
-Pieces, each usable on its own; ``runtime.online.OnlinePolicy`` joins them (and the semantic
+Pieces, each usable on its own; ``runtime.policy.OnlinePolicy`` joins them (and the semantic
 cache) per request in the end worker:
 
 * :class:`BandwidthEstimator`: bytes over receive duration of recent transfers (reported back
@@ -27,12 +27,12 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections import deque
-from dataclasses import dataclass
 from typing import Sequence
 
-from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
+from coach_fx.runtime.config import Bands, ControlConfig
+from coach_fx.runtime.plans import CutProfile
+from coach_fx.runtime.wire import ALL_BITS
 
 
 class BandwidthEstimator:
@@ -57,35 +57,10 @@ class BandwidthEstimator:
         return len(samples) / sum(1.0 / s for s in samples)
 
 
-@dataclass(frozen=True)
-class CutProfile:
-    """What the controller needs to know of one plan's cut."""
-
-    quant_numel: int        # elements of the float tensors that cross (quantized per request)
-    raw_bytes: int          # bytes that cross as they are (integers, the raw input...)
-    n_tensors: int          # crossing values (each has a header on the wire)
-    min_bits: int           # the accuracy-safe minimum found offline
-    compute_s: float        # the compute bottleneck: max(T_end, T_cloud)
-    #: (bits, T_end, T_cloud) per bit width when quantizing costs differ by width (packing
-    #: 6 bits costs far more than 8 on a large tensor): bits are then chosen for the shortest
-    #: period, not only for the link
-    stage_s: tuple[tuple[int, float, float], ...] | None = None
-    end_only: bool = False  # nothing crosses: the plan tells nothing about the link
-
-    def message_bytes(self, bits: int) -> int:
-        body = self.quant_numel * (4 if bits >= 32 else 2 if bits == 16 else 0)
-        if bits < 16:
-            body = math.ceil(self.quant_numel * bits / 8)
-        return body + self.raw_bytes + self.n_tensors * TENSOR_HEADER_BYTES + MESSAGE_HEADER_BYTES
-
-    def link_seconds(self, bits: int, mbps: float) -> float:
-        return self.message_bytes(bits) * 8 / (mbps * 1e6)
-
-
 class BitController:
     """Highest bits that keep the link within the compute bottleneck, never below the floor."""
 
-    def __init__(self, profile: CutProfile, bits: Sequence[int] = (2, 3, 4, 5, 6, 8, 16, 32)) -> None:
+    def __init__(self, profile: CutProfile, bits: Sequence[int] = ALL_BITS) -> None:
         self.profile = profile
         self.all_bits = sorted(bits)
         self.bits = sorted(b for b in bits if b >= profile.min_bits) or [profile.min_bits]
@@ -170,40 +145,40 @@ class PlanSwitcher:
 
 class OnlineController:
     """The per-request decisions of DESIGN.md §6 without any tensor: which plan, how many bits,
-    and what each result teaches. ``runtime.online.OnlinePolicy`` runs it in the end worker and
+    and what each result teaches. ``runtime.policy.OnlinePolicy`` runs it in the end worker and
     ``runtime.simulate`` in the discrete-event simulator, so both follow the same rules.
 
-    ``profiles``: plan id -> :class:`CutProfile`; ``edges_mbps`` / ``band_plans``: the bands
-    (``PlanSwitcher``); ``end_s``: plan id -> the end stage's time, used with the cloud's
+    ``profiles``: plan id -> :class:`CutProfile`; ``bands``: which plan serves which rate
+    (``PlanSwitcher``), ``control``: see :class:`~coach_fx.runtime.config.ControlConfig`; ``end_s``: plan id -> the end stage's time, used with the cloud's
     reported compute time as the bottleneck the bits are sized against (``headroom`` keeps the
     link a little under it: the estimate trails the link).
     """
 
-    def __init__(self, profiles: dict[int, CutProfile], edges_mbps: Sequence[float] = (),
-                 band_plans: Sequence[int] | None = None, *, start: int = 0, adaptive: bool = True,
-                 switching: bool = True, hold: int = 5, window: int = 5, headroom: float = 0.9,
-                 end_s: dict[int, float] | None = None, probe_s: float = 0.5) -> None:
+    def __init__(self, profiles: dict[int, CutProfile], bands: Bands = Bands(),
+                 control: ControlConfig = ControlConfig(),
+                 end_s: dict[int, float] | None = None) -> None:
+        start = bands.start
         if start not in profiles:
             raise ValueError(f"start plan {start} is not among the plans {sorted(profiles)}")
-        band_plans = list(band_plans) if band_plans is not None else [start] * (len(edges_mbps) + 1)
+        band_plans = bands.band_plans
         unknown = set(band_plans) - set(profiles)
         if unknown:
             raise ValueError(f"band plans {sorted(unknown)} are not among the plans")
         self.profiles = profiles
-        self.switcher = PlanSwitcher(edges_mbps, band_plans, hold=hold,
+        self.switcher = PlanSwitcher(bands.edges_mbps, band_plans, hold=control.hold,
                                      start=band_plans.index(start) if start in band_plans else None) \
-            if switching else None
+            if control.switching else None
         self.current = start
         self._switches = 0
-        self.adaptive, self.headroom = adaptive, headroom
-        self.estimator = BandwidthEstimator(window)
+        self.adaptive, self.headroom = control.adaptive, control.headroom
+        self.estimator = BandwidthEstimator(control.window)
         self.bit_controllers = {k: BitController(p) for k, p in profiles.items()}
         self.end_s = dict(end_s or {})
         self.cloud_s: dict[int, float] = {}
         #: on an end-only plan nothing crosses, so no result measures the link: every
         #: ``probe_s`` one frame goes with the next band's plan, or the controller could never
         #: see the link recover
-        self.probe_s = probe_s
+        self.probe_s = control.probe_s
         self._last_probe: float | None = None
         self.probes = 0
 

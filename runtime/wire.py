@@ -33,7 +33,6 @@ from typing import Any, Sequence
 
 import torch
 
-from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
 
 MAGIC = b"COCH"
 VERSION = 1
@@ -41,13 +40,24 @@ MAX_RANK = 8
 
 _MSG = struct.Struct("<4sHHQHHI")
 _ENT = struct.Struct("<BBBB8IfiQI")
-assert _MSG.size == MESSAGE_HEADER_BYTES and _ENT.size == TENSOR_HEADER_BYTES
+#: Bit widths a quantized entry may have (the boundary ops handle them); 32 = as it is.
+QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)
+#: Every bit width a crossing tensor may get.
+ALL_BITS = (*QUANT_BITS, 32)
+
+#: Fixed bytes of one message on the wire (magic, version, request id, count, flags, crc).
+MESSAGE_HEADER_BYTES = _MSG.size
+#: Fixed bytes per tensor on the wire (kind, dtype, bits, rank, shape, scale, zero point, length).
+TENSOR_HEADER_BYTES = _ENT.size
 
 # message flags
 FLAG_RESULT = 1       # cloud -> end: the model's output
 FLAG_ERROR = 2        # cloud -> end: the request failed; one entry holds the message (uint8)
 FLAG_CACHE_HIT = 4    # answered from the semantic cache (audit copy)
 FLAG_CONTROL = 8      # control traffic (handshake, close)
+
+#: The request id of a close message (with ``FLAG_CONTROL``) and of its acknowledgement.
+CLOSE_ID = (1 << 64) - 1
 
 # entry kinds
 QUANT, RAW, INT, FLOAT, BOOL, NONE, SIZE, INTS, STATS = range(9)
@@ -148,6 +158,24 @@ class Entry:
         return self.data
 
 
+# ---------------------------------------------------------------- sizes (the one home of them)
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Payload bytes of ``numel`` values packed at ``bits`` (< 32) bits each."""
+    return math.ceil(numel * bits / 8)
+
+
+def tensor_bytes(numel: int, raw_bytes: int, quantizable: bool, bits: int) -> int:
+    """Bytes on the wire of one crossing tensor with its header: packed at ``bits`` when it is
+    a float tensor (``quantizable``) and ``bits`` < 32, else its ``raw_bytes`` as they are."""
+    body = raw_bytes if not quantizable or bits >= 32 else packed_nbytes(numel, bits)
+    return body + TENSOR_HEADER_BYTES
+
+
+def message_bytes(tensors: Sequence[int]) -> int:
+    """Bytes on the wire of one message holding tensors of these ``tensor_bytes``."""
+    return MESSAGE_HEADER_BYTES + sum(tensors)
+
+
 def _payload_bytes(e: Entry) -> bytes | memoryview:
     if e.kind in (QUANT, RAW, STATS):
         return memoryview(e.data.numpy()).cast("B")
@@ -165,7 +193,7 @@ def _payload_bytes(e: Entry) -> bytes | memoryview:
 def _expected_nbytes(kind: int, dtype: torch.dtype, bits: int, shape: tuple[int, ...], nbytes: int) -> int:
     numel = math.prod(shape)
     if kind == QUANT:
-        return math.ceil(numel * bits / 8)
+        return packed_nbytes(numel, bits)
     if kind in (RAW, STATS):
         return numel * (1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size())
     if kind in (INT, FLOAT):
@@ -258,7 +286,7 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
             raise WireError(f"entry {i}: {numel} elements exceed the limit of {limits.max_elements}")
         dtype = _DTYPES[code]
         if kind == QUANT:
-            if bits not in (2, 3, 4, 5, 6, 8, 16):
+            if bits not in QUANT_BITS:
                 raise WireError(f"entry {i}: quantized with {bits} bits")
             if dtype not in _FLOATS:
                 raise WireError(f"entry {i}: quantized entry of non-float dtype {dtype}")

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -29,3 +30,28 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class Tiny(nn.Module):
+    """conv -> conv, relu, pool -> linear: a small model with several cuts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.body(torch.relu(self.conv(x))).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    """(model, its annotated GraphModule, its LayerDAG, an example input) of ``Tiny``."""
+    from coach_fx.driver import prepare
+    from coach_fx.settings import Settings
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(1, 1, 8, 8)
+    gm, inputs, dag = prepare(model, (x,), Settings(costs="analytic", progress=False))
+    return model, gm, dag, x

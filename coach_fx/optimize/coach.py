@@ -21,7 +21,8 @@ import numpy as np
 
 from coach_fx.optimize.candidates import candidate_masks
 from coach_fx.optimize.problem import Problem, better
-from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, Plan, wire_bytes
+from coach_fx.plan import Plan
+from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 
 
 def _masks_to_matrix(masks: list[int], n: int) -> np.ndarray:
@@ -44,7 +45,7 @@ def optimistic_scores(p: Problem, masks: list[int]) -> tuple[np.ndarray, np.ndar
     def wire(name: str, is_input: bool) -> int:
         d = dag.info[name]
         b = p.input_bits if is_input and d.quantizable else b0
-        raw = wire_bytes(d.numel, d.bytes, d.quantizable, b)
+        raw = tensor_bytes(d.numel, d.bytes, d.quantizable, b)
         coded = [min(c.bytes, c.average) + TENSOR_HEADER_BYTES
                  for k, c in dag.input_codecs.get(name, {}).items() if is_input and k in p.codecs]
         return min([raw, *coded])   # a codec's coding time only adds: still a lower bound

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence
 
-from coach_fx.graph import LayerDAG
+from coach_fx.dag import LayerDAG
 from coach_fx.plan import Plan, evaluate, plan_bits, usable_codecs
-from coach_fx.settings import Network
+from coach_fx.settings import DEFAULT_BITS, Network
 
 
 class Oracle(Protocol):
@@ -26,7 +26,7 @@ class Problem:
     dag: LayerDAG
     network: Network
     objective: str = "throughput"
-    bits: Sequence[int] = (2, 3, 4, 5, 6, 8, 16, 32)
+    bits: Sequence[int] = DEFAULT_BITS
     input_bits: int = 8
     oracle: Oracle | None = None
     codecs: Sequence[str] = ()

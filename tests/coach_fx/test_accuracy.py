@@ -4,19 +4,19 @@ import pytest
 
 import coach_fx
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.compiled import prepare
+from coach_fx.driver import prepare
 from coach_fx.settings import Device, Network, Settings
 
 
 @pytest.fixture(scope="module")
 def digits():
     pytest.importorskip("sklearn")
-    from coach_fx.digits import digits_splits, load_digits_model
+    from coach_fx.zoo.digits import digits_splits, load_digits_model
     return load_digits_model(), digits_splits()
 
 
 def test_digits_model_is_trained(digits):
-    from coach_fx.digits import accuracy
+    from coach_fx.zoo.digits import accuracy
     model, (_, calib, test) = digits
     assert accuracy(model, *calib) > 0.95 and accuracy(model, *test) > 0.95
     assert calib[0].shape[0] + test[0].shape[0] < 1797   # disjoint slices of one permutation
@@ -26,7 +26,7 @@ def test_digits_model_is_trained(digits):
 # middle with few bits, so the budget decides the bits.
 @pytest.mark.parametrize("mbps,slowdown", [(50.0, 1.2), (50.0, 1.5), (200.0, 2.0)])
 def test_budget_holds_on_the_test_split(digits, mbps, slowdown):
-    from coach_fx.digits import accuracy
+    from coach_fx.zoo.digits import accuracy
     model, (_, (xc, yc), (xt, yt)) = digits
     x = xc[:64]
     cm = coach_fx.compile(model, (x,), network=Network(mbps), end=Device("end", slowdown),
@@ -123,9 +123,9 @@ def test_digits_budget_holds_on_unseen_data_for_18_plans(digits):
     on the test split, which no plan saw."""
     import dataclasses
 
-    from coach_fx.compiled import plan_model
-    from coach_fx.costs import build_dag
-    from coach_fx.digits import digits_splits, load_digits_model
+    from coach_fx.driver import plan_model
+    from coach_fx.profile import build_dag
+    from coach_fx.zoo.digits import digits_splits, load_digits_model
     drops, lossy = [], 0
     for frame in (8, 32):
         model = load_digits_model(frame)

@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from coach_fx.graph import LayerDAG, NodeData
-from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, evaluate, wire_bytes
+from coach_fx.dag import LayerDAG, NodeData
+from coach_fx.plan import evaluate
+from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 from coach_fx.settings import Network
 
 
@@ -37,10 +38,10 @@ def test_end_only_sends_nothing_and_closure_checked():
         evaluate(dag, {"b"}, 8, Network(10))
 
 
-def test_wire_bytes():
-    assert wire_bytes(10, 40, True, 3) == 4 + TENSOR_HEADER_BYTES
-    assert wire_bytes(10, 40, True, 16) == 20 + TENSOR_HEADER_BYTES
-    assert wire_bytes(10, 80, False, 4) == 80 + TENSOR_HEADER_BYTES
+def test_tensor_bytes():
+    assert tensor_bytes(10, 40, True, 3) == 4 + TENSOR_HEADER_BYTES
+    assert tensor_bytes(10, 40, True, 16) == 20 + TENSOR_HEADER_BYTES
+    assert tensor_bytes(10, 80, False, 4) == 80 + TENSOR_HEADER_BYTES
 
 
 def test_link_efficiency_prices_the_payload_share_of_the_rate():

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from coach_fx.runtime.link import GlooEndpoint
+from coach_fx.runtime.links.gloo import GlooEndpoint
 
 role, host, port, seconds, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 ep = GlooEndpoint(role, host, port, timeout_s=60)

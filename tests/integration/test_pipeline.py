@@ -12,8 +12,11 @@ from torch import nn
 
 import coach_fx
 from coach_fx.artifact import load_half, make_frames
-from coach_fx.runtime.link import InProcessLink
-from coach_fx.runtime.pipeline import CloudWorker, EndWorker, RemoteError
+from coach_fx.runtime.links import InProcessLink
+from coach_fx.runtime.cloud import CloudWorker
+from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.end import EndWorker, RemoteError
+from coach_fx.runtime.policy import StaticPolicy
 
 # the installed console script: run from the source folder, "python -m coach_fx.cli" would
 # import the source tree, which has no coach_fx.passes (pyproject maps it from passes/)
@@ -76,8 +79,8 @@ def test_cloud_failure_reaches_the_end_side():
     link = InProcessLink(50.0)
     def broken(*a):
         raise RuntimeError("out of memory on the cloud")
-    cloud = CloudWorker(broken, cm.boundary, link.cloud).start()
-    end = EndWorker(cm.end_module, cm.boundary, link.end, cm.out_spec, timeout_s=5)
+    cloud = CloudWorker({0: (broken, cm.boundary)}, link.cloud).start()
+    end = EndWorker(link.end, cm.out_spec, StaticPolicy(cm.end_module, cm.boundary), StreamConfig(timeout_s=5))
     with pytest.raises(RemoteError, match="out of memory"):
         end.run([torch.randn(1, 3, 12, 12)])
     end.close()
@@ -170,7 +173,7 @@ def test_cloud_batches_what_arrived_together_with_the_same_replies():
     cm = coach_fx.compile(m, (torch.randn(1, 3, 12, 12),), strategy="manual", end_nodes=["stem"],
                           bits=32, costs="analytic", progress=False)
     link = InProcessLink(None, None)
-    cloud = CloudWorker(cm.cloud_module, cm.boundary, link.cloud, max_batch=8)
+    cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud, StreamConfig(max_batch=8))
     frames = [torch.randn(1, 3, 12, 12) for _ in range(5)]
     msgs = [(encode(i, payload_to_entries(cm.boundary, cm.end_module(f)), 0, 0), 0.001 * i)
             for i, f in enumerate(frames)]

@@ -17,9 +17,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
 import coach_fx
-from coach_fx.runtime.link import InProcessLink
-from coach_fx.runtime.pipeline import CloudWorker, EndWorker, RequestFailed
-from coach_fx.runtime.tcp import AuthError, TcpServer, connect
+from coach_fx.runtime.links import InProcessLink
+from coach_fx.runtime.cloud import CloudWorker
+from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.end import EndWorker, RequestFailed
+from coach_fx.runtime.policy import StaticPolicy
+from coach_fx.runtime.links.tcp import AuthError, TcpServer, connect
 from coach_fx.runtime.wire import Entry, WireError, decode, encode
 from coach_fx.traces import Trace
 
@@ -77,9 +80,10 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
     def dial():
         return connect("127.0.0.1", port, token=TOKEN, timeout_s=1.0, shape=shape)
 
-    end = EndWorker(cm.end_module, cm.boundary, connect("127.0.0.1", port, TOKEN, 1.0, shape, retry_for=20),
-                    cm.out_spec, timeout_s=1.0, fallback=fallback, local_module=cm.gm,
-                    reconnect=dial, retry_s=0.2)
+    end = EndWorker(connect("127.0.0.1", port, TOKEN, 1.0, shape, retry_for=20), cm.out_spec,
+                    StaticPolicy(cm.end_module, cm.boundary),
+                    StreamConfig(timeout_s=1.0, fallback=fallback, retry_s=0.2),
+                    local_module=cm.gm, reconnect=dial)
     procs = [serve]
     restarted = threading.Event()
 
@@ -109,7 +113,7 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
             if p.poll() is None:
                 p.kill()
     check_exactly_once(frames, results, m, allow_failed=fallback == "error")
-    print(f"\nkill/restart fallback={fallback}: {len(results)} results, {stats.local} local, "
+    print(f"\nkill/restart fallback={fallback}: {len(results)} results, {stats.fell_back} local, "
           f"{stats.failed} failed, {stats.dropped} late dropped, {stats.reconnects} reconnects; "
           f"events: {end.events[:3]}")
     assert stats.reconnects >= 1, end.events
@@ -126,11 +130,11 @@ def test_zero_bandwidth_stall_falls_back_and_drops_late_replies():
     # 20 Mbit/s, then nothing for 2.5 s, then 20 Mbit/s again
     trace = Trace((0.0, 0.5, 3.0), (20.0, 0.0, 20.0), 1000.0)
     link = InProcessLink(uplink=trace, downlink=100.0)
-    cloud = CloudWorker(cm.cloud_module, cm.boundary, link.cloud).start()
+    cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud).start()
     frames = [torch.randn(1, 3, 8, 8) for _ in range(120)]
-    end = EndWorker(cm.end_module, cm.boundary, link.end, cm.out_spec, timeout_s=0.5,
-                    fallback="local", local_module=cm.gm, reconnect=lambda: link.end, retry_s=0.3,
-                    slowdown=1.0)
+    end = EndWorker(link.end, cm.out_spec, StaticPolicy(cm.end_module, cm.boundary),
+                    StreamConfig(timeout_s=0.5, fallback="local", retry_s=0.3),
+                    local_module=cm.gm, reconnect=lambda: link.end)
 
     def slow(frames):
         for f in frames:
@@ -140,10 +144,10 @@ def test_zero_bandwidth_stall_falls_back_and_drops_late_replies():
     end.close()
     cloud.join(2)
     check_exactly_once(frames, results, m)
-    print(f"\nstall: {len(results)} results, {stats.local} local, {stats.dropped} late dropped, "
+    print(f"\nstall: {len(results)} results, {stats.fell_back} local, {stats.dropped} late dropped, "
           f"{stats.reconnects} reconnects; events: {end.events[:2]}")
-    assert stats.local >= 1 and stats.reconnects >= 1, end.events
-    assert stats.local < len(frames)
+    assert stats.fell_back >= 1 and stats.reconnects >= 1, end.events
+    assert stats.fell_back < len(frames)
 
 
 def test_wrong_token_is_refused_and_logged(caplog):
@@ -195,29 +199,54 @@ def test_fuzz_random_bytes(data):
         pass
 
 
+#: Which validation may reject a message whose entry header had the byte at this offset
+#: rewritten (checksum fixed): the error names that field, or what it decides (a size).
+_FIELD_ERRORS = [
+    (range(0, 1), "kind|bytes|bits|dtype|scale|zero point|tuple"),   # kind
+    (range(1, 2), "dtype|bytes"),                                   # dtype code
+    (range(2, 3), "bits|zero point|bytes"),                         # bits
+    (range(3, 4), "rank|shape|bytes|elements"),                     # rank
+    (range(4, 36), "shape|bytes|elements"),                         # 8 dims
+    (range(36, 40), "scale"),                                       # scale
+    (range(40, 44), "zero point"),                                  # zero point
+    (range(44, 52), "bytes|tuple"),                                 # byte count
+]
+
+
+def _field_error(off: int) -> str:
+    return next(names for r, names in _FIELD_ERRORS if off in r)
+
+
 @settings(max_examples=4000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(real_messages()), st.data())
 def test_fuzz_mutated_real_messages(msg, data):
+    """Every mutation decodes or raises a WireError that names the check that caught it."""
+    import re
+    import zlib
     buf = bytearray(msg)
     op = data.draw(st.sampled_from(["flip", "truncate", "extend", "header"]))
     if op == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            i = data.draw(st.integers(0, len(buf) - 1))
+        at = sorted({data.draw(st.integers(0, len(buf) - 1)) for _ in range(data.draw(st.integers(1, 4)))})
+        for i in at:
             buf[i] ^= 1 << data.draw(st.integers(0, 7))
+        # the message header names what it holds; past it the checksum catches any change
+        expect = "magic|version|entries|checksum|truncated|payload" if at[0] < 24 else "checksum"
     elif op == "truncate":
         buf = buf[: data.draw(st.integers(0, len(buf) - 1))]
+        expect = "shorter|checksum"
     elif op == "extend":
         buf += data.draw(st.binary(min_size=1, max_size=64))
+        expect = "checksum"
     else:
-        # rewrite a field of an entry header and fix the checksum, so the field checks run
-        import zlib
-        off = 24 + data.draw(st.integers(0, 55))
-        buf[off] = data.draw(st.integers(0, 255))
+        # rewrite a field of the first entry header and fix the checksum, so the field checks run
+        off = data.draw(st.integers(0, 55))
+        buf[24 + off] = data.draw(st.integers(0, 255))
         struct.pack_into("<I", buf, 20, zlib.crc32(bytes(buf[24:])))
+        expect = _field_error(off) if off < 52 else None   # the reserved word is not checked
     try:
         decode(bytes(buf))
-    except WireError:
-        pass
+    except WireError as e:
+        assert expect is not None and re.search(expect, str(e)), (op, str(e))
 
 
 def test_oversized_claims_allocate_nothing():
@@ -235,7 +264,7 @@ def test_oversized_claims_allocate_nothing():
 def test_runtime_never_unpickles():
     root = Path(__file__).resolve().parents[2] / "runtime"
     bad = []
-    for f in root.glob("*.py"):
+    for f in root.rglob("*.py"):
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from coach_fx.compiled import prepare
+from coach_fx.driver import prepare
 from coach_fx.passes.partition import partition
 from coach_fx.settings import Settings
 

@@ -6,12 +6,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from coach_fx._compat import tree_flatten
-from coach_fx.compiled import prepare
+from coach_fx.driver import prepare
 from coach_fx.passes.partition import partition
 from coach_fx.runtime import imagecodec as ic
 from coach_fx.runtime.codec import entries_to_payload, payload_to_entries
-from coach_fx.runtime.link import InProcessLink
-from coach_fx.runtime.pipeline import CloudWorker, EndWorker
+from coach_fx.runtime.links import InProcessLink
+from coach_fx.runtime.cloud import CloudWorker
+from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.end import EndWorker
+from coach_fx.runtime.policy import StaticPolicy
 from coach_fx.runtime.wire import FLAG_ERROR, QUANT, Entry, WireError, decode, encode
 from coach_fx.settings import Settings
 
@@ -142,15 +145,15 @@ def test_in_process_pipeline_and_a_bad_frame_fails_only_itself():
     _, spec = tree_flatten(m(x))
     stream = [frames(1) for _ in range(6)]
     link = InProcessLink(100.0)
-    cloud = CloudWorker(c, b, link.cloud).start()
-    outs, stats = EndWorker(e, b, link.end, spec, timeout_s=10).run(stream)
+    cloud = CloudWorker({0: (c, b)}, link.cloud).start()
+    outs, stats = EndWorker(link.end, spec, StaticPolicy(e, b), StreamConfig(timeout_s=10)).run(stream)
     cloud.join(5)
     with torch.no_grad():
         for f, o in zip(stream, outs):
             assert torch.equal(o, m(ic.roundtrip(f, "jpeg90")))
     assert stats.n == 6 and stats.bytes_sent > 0
     # a hostile frame (PNG header claiming 60000x60000) gets an error reply, the worker goes on
-    worker = CloudWorker(c, b, InProcessLink(100.0).cloud)
+    worker = CloudWorker({0: (c, b)}, InProcessLink(100.0).cloud)
     bomb = ic.SAMPLE_HEADER.pack(40, 0.01, 0) + b"\x89PNG\r\n\x1a\n" + b"\0" * 32
     reply = worker.handle(bytes(encode(1, [Entry.raw(torch.frombuffer(bytearray(bomb), dtype=torch.uint8))])))
     _, _, flags, ents = decode(reply)

@@ -1,6 +1,8 @@
 import pytest
 
-from coach_fx.runtime.controller import BandwidthEstimator, BitController, CutProfile, PlanSwitcher
+from coach_fx.runtime.config import Bands, ControlConfig
+from coach_fx.runtime.controller import BandwidthEstimator, BitController, OnlineController, PlanSwitcher
+from coach_fx.runtime.plans import CutProfile
 
 
 def test_harmonic_mean_resists_a_lucky_sample():
@@ -47,11 +49,10 @@ def test_plan_switch_only_after_the_estimate_stays():
 
 
 def test_an_end_only_band_still_probes_the_link():
-    from coach_fx.runtime.controller import OnlineController
     local = CutProfile(0, 0, 0, 32, 0.05, end_only=True)
     split = CutProfile(10_000, 0, 1, 4, 0.01)
-    ctl = OnlineController({0: local, 1: split}, edges_mbps=[1.0], band_plans=[0, 1], start=0,
-                           hold=2, probe_s=0.5)
+    ctl = OnlineController({0: local, 1: split}, Bands((1.0,), (0, 1), start=0),
+                           ControlConfig(hold=2, probe_s=0.5))
     assert ctl.next_plan(0.0) == 0 and ctl.next_plan(0.4) == 0
     assert ctl.next_plan(0.6) == 1 and ctl.probes == 1      # one frame measures the link
     assert ctl.next_plan(0.7) == 0
@@ -61,11 +62,10 @@ def test_an_end_only_band_still_probes_the_link():
 
 
 def test_a_start_plan_that_serves_no_band_gives_way_to_the_bands_plan():
-    from coach_fx.runtime.controller import OnlineController
     fixed = CutProfile(10_000, 0, 1, 4, 0.01)
     cheap = CutProfile(10_000, 0, 1, 4, 0.002)
     # one band for all rates, served by another plan than the offline one it starts with
-    ctl = OnlineController({0: fixed, 2: cheap}, edges_mbps=[], band_plans=[2], start=0)
+    ctl = OnlineController({0: fixed, 2: cheap}, Bands((), (2,), start=0))
     assert ctl.current == 0 and ctl.switches == 0
     ctl.on_result(0, 125_000, 0.01, 0.005)                    # the first estimate
     assert ctl.current == 2 and ctl.switches == 1
@@ -73,7 +73,7 @@ def test_a_start_plan_that_serves_no_band_gives_way_to_the_bands_plan():
         ctl.on_result(2, 125_000, 0.5, 0.005)                 # a slower link: still one band
     assert ctl.current == 2 and ctl.switches == 1
     # without switching it stays where it started
-    still = OnlineController({0: fixed, 2: cheap}, edges_mbps=[], band_plans=[2], start=0,
-                             switching=False)
+    still = OnlineController({0: fixed, 2: cheap}, Bands((), (2,), start=0),
+                             ControlConfig(switching=False))
     still.on_result(0, 125_000, 0.01, 0.005)
     assert still.current == 0 and still.switches == 0

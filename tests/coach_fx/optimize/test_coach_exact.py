@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from coach_fx.graph import LayerDAG, NodeData
+from coach_fx.dag import LayerDAG, NodeData
 from coach_fx.optimize import Problem, brute_force, coach, solve
 from coach_fx.optimize.baselines import dads, neurosurgeon, qdmp
 from coach_fx.settings import Network
@@ -119,8 +119,8 @@ def tv_dags():
     pytest.importorskip("torchvision")
     import torch
 
-    from coach_fx.compiled import prepare
-    from coach_fx.models import load_model
+    from coach_fx.driver import prepare
+    from coach_fx.zoo.models import load_model
     from coach_fx.settings import Device, Settings
 
     out = {}

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from coach_fx.graph import CodecCost
+from coach_fx.dag import CodecCost
 from coach_fx.optimize import Problem, brute_force, coach, solve
 from coach_fx.optimize.baselines import dads, dads_dsh
 from coach_fx.settings import Network

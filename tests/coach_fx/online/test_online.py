@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from coach_fx.digits import digits_splits, load_digits_model
+from coach_fx.zoo.digits import digits_splits, load_digits_model
 from coach_fx.online import MODES, band_rates, compile_online
-from coach_fx.runtime.cache import locality_stream
-from coach_fx.runtime.link import InProcessLink
+from coach_fx.online.cache_calibration import locality_stream
+from coach_fx.runtime.links import InProcessLink
 from coach_fx.settings import Device, Network
 from coach_fx.traces import Trace
 
@@ -17,14 +17,14 @@ def online():
     (_, _), (xc, yc), (xt, yt) = digits_splits(frame=32)
     om = compile_online(model, (xc[:1],), network=Network(1.0), end=Device("end", 10),
                         calibration=(xc, yc), accuracy_budget=0.01, bands_mbps=[0.2, 1.0, 50.0],
-                        costs="analytic", progress=False, grid=(2, 4), calibration_frames=1000)
+                        costs="analytic", progress=False, grid=(4,), calibration_frames=600)
     return model, om, xt, yt
 
 
 def test_plans_per_band_share_the_model_weights(online):
     model, om, _, _ = online
-    assert len(om.plans) >= 2 and om.fixed in om.plans
-    edges, band_plans = om.bands[True]
+    assert len(om.plans) >= 2 and om.offline in om.plans
+    edges, band_plans = om.bands[True].edges_mbps, om.bands[True].plans
     assert len(band_plans) == len(edges) + 1 and set(band_plans) <= set(om.plans)
     weights = {p.data_ptr() for p in model.parameters()}
     for v in om.variants.values():
@@ -38,9 +38,9 @@ def test_plans_per_band_share_the_model_weights(online):
 
 def test_a_cache_inside_the_end_half_computes_what_the_end_half_does(online):
     model, om, xt, _ = online
-    probed = [v for v in om.variants.values() if v.probe is not None]
+    probed = [v for v in om.variants.values() if v.lookup_split is not None]
     for v in probed:
-        head, tail = v.probe
+        head, tail = v.lookup_split
         assert v.cache.at in [n.name for n in head.graph.nodes]
         with torch.no_grad():
             for got, want in zip(tail(*head(xt[:4])), v.end_module(xt[:4])):
@@ -102,29 +102,30 @@ def test_a_cache_looking_up_early_uses_that_nodes_own_calibration():
     import dataclasses
 
     from coach_fx.accuracy import AccuracyOracle
-    from coach_fx.compiled import prepare
-    from coach_fx.online import PROBE_HITS, _Calibration
-    from coach_fx.settings import Settings
+    from coach_fx.driver import prepare
+    from coach_fx.online.analysis import CutAnalysis
+    from coach_fx.settings import OnlineSettings, Settings
 
     model = load_digits_model(32)
     (_, _), (xc, _), _ = digits_splits(frame=32)
+    online = OnlineSettings(grid=(4,), capacity=4, calibration_frames=600)
     settings = Settings.from_options({}, costs="analytic", progress=False, accuracy_budget=0.005,
-                                     calibration=(xc, None), end=Device("end", 10))
+                                     calibration=(xc, None), end=Device("end", 10), online=online)
     gm, inputs, dag = prepare(model, (xc[:1],), settings)
     oracle = AccuracyOracle(gm, dag, settings, inputs)
 
     def calibration():
-        return _Calibration(gm, dag, oracle, settings, 0.005, 0.005, (4, 8), 4, 0.1, 10.0, True, 1000)
+        return CutAnalysis(gm, dag, oracle, settings, cache_budget=0.005)
 
     cal = calibration()
     cuts = {a: tuple(v for v in dag.nodes if v in dag.ancestors([a])) for a in dag.articulation_nodes()}
     probed = 0
     for a in ["stem_1", "stem_2", "stem_3", "add", "relu"]:        # early cuts first
         info = cal.info(cuts[a])
-        if info.probe is not None:
+        if info.lookup_split is not None:
             probed += 1
-            alone = calibration().info(cuts[info.cache.at], probe=False).cache
+            alone = calibration().info(cuts[info.cache.at], split=False).cache
             assert dataclasses.replace(info.cache, bits_by_similarity=[], at=None) == \
                 dataclasses.replace(alone, bits_by_similarity=[])
-            assert info.cache.hit_rate >= PROBE_HITS * info.own_cache.hit_rate
+            assert info.cache.hit_rate >= online.early_lookup_hits * info.own_cache.hit_rate
     assert probed >= 2

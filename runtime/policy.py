@@ -1,10 +1,13 @@
-"""The online end side (DESIGN.md §6): per request, which plan, how many bits, or no request at all.
+"""Policies: per frame, what the end side sends (DESIGN.md §6). The end worker asks its
+:class:`Policy` to ``prepare`` each frame and tells it each result; :class:`StaticPolicy` runs
+one compiled plan with its bits, :class:`OnlinePolicy` decides per request which plan, how many
+bits, or no request at all.
 
-:class:`OnlinePolicy` plugs into :class:`coach_fx.runtime.pipeline.EndWorker` (``policy=``).
+:class:`OnlinePolicy`, for each frame:
 For each frame it
 
 1. runs the end half of the current plan, which returns the crossing tensors unquantized (or,
-   when the plan's cache looks up at an earlier node of the end half, ``Variant.probe``, the
+   when the plan's cache looks up at an earlier node of the end half, ``Variant.lookup_split``, the
    end half up to that node first);
 2. asks that plan's semantic cache: a **hit** answers on the end with the class's last
    cloud-confirmed output and sends nothing (a share of hits still goes to the cloud, flagged
@@ -21,113 +24,105 @@ estimate has stayed there; the cache learns the cloud's label.
 
 Example::
 
-    >>> policy = OnlinePolicy(variants, edges_mbps=[2.0], band_plans=[0, 1])   # doctest: +SKIP
-    >>> EndWorker(None, None, link.end, out_spec, policy=policy).run(frames)   # doctest: +SKIP
+    >>> policy = OnlinePolicy(variants, Bands((2.0,), (0, 1)))                # doctest: +SKIP
+    >>> EndWorker(link.end, out_spec, policy).run(frames)                      # doctest: +SKIP
 """
-
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
 from collections import Counter
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from coach_fx._compat import tree_flatten
-from coach_fx.passes.partition import Boundary
-from coach_fx.runtime.cache import SemanticCache, lookup_features
-from coach_fx.runtime.codec import quantized_entry
-from coach_fx.runtime.controller import CutProfile, OnlineController
-from coach_fx.runtime.pipeline import Prepared
+from coach_fx.passes.boundary import Boundary
+from coach_fx.timing import median_time
+from coach_fx.runtime.cache import SemanticCache
+from coach_fx.runtime.codec import payload_to_entries, quantized_entry
+from coach_fx.runtime.config import Bands, PolicyConfig
+from coach_fx.runtime.controller import OnlineController
+from coach_fx.runtime.features import lookup_features
+from coach_fx.runtime.plans import Variant
 from coach_fx.runtime.wire import FLAG_CACHE_HIT, Entry, encode
 
 
 @dataclass
-class CacheSetup:
-    """A plan's calibrated semantic-cache settings."""
+class Prepared:
+    """What the end side does with one frame: the message to send (None: nothing is sent) and,
+    for a frame answered on the end device (a semantic-cache hit), the answer; a message sent
+    with an answer is an audit copy whose reply only checks the answer."""
 
-    sim_threshold: float
-    margin: float
-    hit_rate: float                                   # on the calibration stream
-    bits_by_similarity: list[tuple[float, int]] = field(default_factory=list)
-    grid: int = 2
-    #: the node of the end half whose features the cache looks up (None: the cut's crossing
-    #: values); an earlier node answers a hit without running the rest of the end half
-    at: str | None = None
-    #: hits only for the latest known answer's class (see ``SemanticCache``)
-    context: bool = False
-
-    def floor(self, similarity: float) -> int | None:
-        for edge, bits in self.bits_by_similarity:
-            if similarity >= edge:
-                return bits
-        return None
+    msg: bytes | bytearray | None
+    answer: Any = None
+    answered: bool = False
+    #: this work's time on this host measured alone (the emulated device takes slowdown x it)
+    end_host_s: float | None = None
 
 
-@dataclass
-class Variant:
-    """One plan as the online end side runs it."""
+class Policy(Protocol):
+    """What the end worker asks per frame and tells per result."""
 
-    plan_id: int
-    end_module: Callable[..., Any]    # model inputs -> crossing values, unquantized
-    boundary: Boundary                # of that float split (every crossing "raw")
-    profile: CutProfile
-    #: per crossing: None = the controller picks its bits; otherwise fixed bits (model inputs
-    #: keep ``Settings.input_bits``; non-float values go as they are)
-    fixed_bits: tuple[int | None, ...]
-    #: the offline plan's bits for the adaptive crossings (one for all, or one per crossing)
-    plan_bits: int | tuple[int, ...]
-    cache: CacheSetup | None = None
-    reference_s: float | None = None  # end work on this host, measured alone (no cache)
-    lookup_s: float = 0.0             # what the cache lookup adds to it
-    #: end work of a hit answered on the end (end half and lookup; nothing quantized or
-    #: encoded), measured alone; None: charged like a miss
-    hit_s: float | None = None
-    end_only: bool = False            # the end half returns the model's output: nothing to send
-    #: per crossing, the most bits worth sending (a model input: the bits of its source, as
-    #: an 8-bit camera frame gains nothing from 32); None: no limit
-    caps: tuple[int | None, ...] | None = None
-    #: the plan's cloud half on the unquantized crossing values, to finish on the end device a
-    #: request the link has no room for (None: never finished there); its time on this host alone
-    local_module: Callable[..., Any] | None = None
-    local_s: float | None = None
-    #: the end half split where the cache looks up, when that is before the cut (see
-    #: ``CacheSetup.at``): (head: inputs -> that node's value as a 1-tuple, tail: the value ->
-    #: the crossing values, as ``end_module`` returns them)
-    probe: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+    #: whether ``prepare`` may answer on the end: then the worker prepares a frame before
+    #: waiting for room in flight (its answers go on while the link is stalled)
+    answers_on_end: bool
 
-    def message_bytes(self, bits: int | None = None) -> int:
-        """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
-        from coach_fx.passes.ops import packed_nbytes
-        from coach_fx.plan import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
-        total = MESSAGE_HEADER_BYTES
-        for k, c in enumerate(self.boundary.crossings):
-            numel = math.prod(c.shape) if c.shape is not None else 1
-            if c.kind == "image":   # coded size varies; its 8-bit codes bound it in practice
-                total += TENSOR_HEADER_BYTES + numel
-                continue
-            b = self.bits_for(k, bits, None)
-            size = c.dtype.itemsize if c.dtype is not None else 8
-            total += TENSOR_HEADER_BYTES + (numel * size if b >= 32 else
-                                            numel * 2 if b == 16 else packed_nbytes(numel, b))
-        return total
+    def warm_up(self, x: tuple, slowdown: float) -> None:
+        """Before the stream, with its first frame (e.g. measure the end work alone)."""
 
-    def bits_for(self, k: int, bits: int | None, floor: int | None) -> int:
-        """Bits of crossing ``k``: ``bits`` from the controller, or (None) the offline plan's,
-        lowered to ``floor`` for a near miss of the cache; never above the crossing's cap."""
-        fixed = self.fixed_bits[k]
-        if fixed is not None:
-            return fixed
-        if bits is None:
-            bits = self.plan_bits if isinstance(self.plan_bits, int) else self.plan_bits[k]
-            if floor is not None:
-                bits = min(bits, floor)
-        cap = self.caps[k] if self.caps is not None else None
-        return min(bits, cap) if cap is not None else bits
+    def prepare(self, i: int, x: tuple) -> Prepared:
+        """Frame ``i``: the message to send and/or its answer on the end."""
+
+    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+        """A result came back (``audit``: for a frame already answered on the end)."""
+
+    def finish_on_end_wait_s(self, i: int, inflight: int, silence_s: float) -> float:
+        """How much longer request ``i`` waits for room in flight before it is finished on the
+        end device (inf: never)."""
+
+    def finish_on_end(self, i: int) -> Prepared:
+        """Finish request ``i`` on the end device."""
+
+
+class StaticPolicy:
+    """One plan, its bits fixed at compile time: run the end half, encode what it returns.
+
+    ``end_host_s``: the end half's time on this host measured alone (the emulated device
+    takes ``slowdown ×`` it); measured on the first frame when None and ``measure``."""
+
+    answers_on_end = False
+
+    def __init__(self, end_module: Callable[..., Any], boundary: Boundary, plan_id: int = 0,
+                 end_host_s: float | None = None, measure: bool = True) -> None:
+        self.end_module, self.boundary, self.plan_id = end_module, boundary, plan_id
+        self.end_host_s, self.measure = end_host_s, measure
+
+    def prepare(self, i: int, x: tuple) -> Prepared:
+        return Prepared(encode(i, payload_to_entries(self.boundary, self.end_module(*x)), 0,
+                               self.plan_id), end_host_s=self.end_host_s)
+
+    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+        """A result came back (``audit``: for a frame already answered on the end)."""
+
+    def warm_up(self, x: tuple, slowdown: float) -> None:
+        """Measure the end half's own time on this host before the stream (median of 9 runs
+        after 10 warm-up runs: in a fresh process the first runs of an exported module are
+        several times slower)."""
+        if not self.measure or self.end_host_s is not None or slowdown <= 1.0:
+            return
+        with torch.no_grad():
+            self.end_host_s = median_time(lambda: self.prepare(0, x), 9, warmup=10)
+
+    def finish_on_end_wait_s(self, i: int, inflight: int, silence_s: float) -> float:
+        """Never finishes a request on the end: it waits for room in flight."""
+        return math.inf
+
+    def finish_on_end(self, i: int) -> Prepared:
+        raise RuntimeError("StaticPolicy never finishes a request on the end device")
 
 
 def _as_tuple(vals: Any) -> tuple:
@@ -152,52 +147,52 @@ def label_of(out: Any) -> int:
 class OnlinePolicy:
     """Bandwidth estimate, adaptive bits, plan switching and the semantic cache, per request.
 
-    ``adaptive``: pick bits per request (else each plan's offline bits); ``switching``: follow
-    the bandwidth bands (else stay on ``start``); ``cache``: answer hits on the end;
-    ``similarity_bits``: let near misses travel with their band's fewer bits; ``local``: a
-    request that finds the link backlogged or stalled is finished on the end device (its plan's
-    cloud half run there on the unquantized crossing values) instead of waiting for room in
-    flight, see :meth:`local_wait_s`.
+    ``bands``: which plan serves which bandwidth; ``config``: the controller (adaptive bits,
+    switching), the cache (hits answered on the end, near misses with their band's fewer
+    bits) and ``local``: a request that finds the link backlogged or stalled is finished on the
+    end device (its plan's cloud half run there on the unquantized crossing values) instead of
+    waiting for room in flight, see :meth:`finish_on_end_wait_s`; ``label``: the class an output names.
     """
 
-    def __init__(self, variants: Sequence[Variant], edges_mbps: Sequence[float] = (),
-                 band_plans: Sequence[int] | None = None, *, start: int = 0, adaptive: bool = True,
-                 switching: bool = True, cache: bool = True, similarity_bits: bool = True,
-                 capacity: int = 16, audit_rate: float = 0.1, hold: int = 5, window: int = 5,
-                 seed: int = 0, label: Callable[[Any], int] = label_of, end_slowdown: float = 1.0,
-                 headroom: float = 0.9, local: bool = False) -> None:
+    def __init__(self, variants: Sequence[Variant], bands: Bands = Bands(),
+                 config: PolicyConfig = PolicyConfig(), label: Callable[[Any], int] = label_of) -> None:
         self.variants = {v.plan_id: v for v in variants}
         self.control = OnlineController({k: dataclasses.replace(v.profile, end_only=v.end_only)
-                                         for k, v in self.variants.items()},
-                                        edges_mbps, band_plans, start=start, adaptive=adaptive,
-                                        switching=switching, hold=hold, window=window,
-                                        headroom=headroom)
-        self.adaptive, self.use_cache, self.similarity_bits = adaptive, cache, similarity_bits
-        self.caches = {k: SemanticCache(v.cache.sim_threshold, v.cache.margin, capacity, audit_rate,
-                                        seed=seed + k, context=v.cache.context)
+                                         for k, v in self.variants.items()}, bands, config.control)
+        cc = config.cache
+        self.adaptive = config.control.adaptive
+        self.use_cache, self.similarity_bits = cc.enabled, cc.similarity_bits
+        self.caches = {k: SemanticCache(v.cache.sim_threshold, v.cache.margin, cc.capacity,
+                                        cc.audit_rate, seed=cc.seed + k, context=v.cache.context)
                        for k, v in self.variants.items() if v.cache is not None}
         self.label = label
         #: the end stage (its work measured alone × the slowdown) joins the cloud's reported
         #: compute time as the bottleneck the controller sizes the bits against
-        self.end_slowdown = end_slowdown
+        self.end_slowdown = config.end_slowdown
         self.answers: dict[int, Any] = {}      # class -> its last cloud-confirmed output
         self._ctx: dict[int, tuple] = {}
         self._lock = threading.Lock()
         self.bits_used: Counter = Counter()
         self.plans_used: Counter = Counter()
-        self.hits = self.audits = self.corrections = self.lowered = self.finished_locally = 0
-        self.local = local
+        self.hits = self.audits = self.corrections = self.lowered = self.finished_on_end = 0
+        self.may_finish_on_end = config.finish_on_end
         #: the request now waiting for room in flight (one at a time: the end worker is one
         #: thread): (request, variant, its crossing values, its message's bytes, its bits)
         self._waiting: tuple[int, Variant, tuple, int, int] | None = None
-        self.audit_rate = audit_rate
+        self.audit_rate = cc.audit_rate
         self._looked: Counter = Counter()
         self._answered: Counter = Counter()
+
+    #: it answers on the end (cache hits, requests finished there)
+    answers_on_end = True
+
+    def warm_up(self, x: tuple, slowdown: float) -> None:
+        """Nothing to measure: each variant's end work was measured at compile time."""
 
     # ------------------------------------------------------------------ per frame
     def prepare(self, i: int, x: tuple) -> Prepared:
         v = self.variants[self.control.next_plan(time.perf_counter())]
-        ref = v.reference_s
+        ref = v.end_host_s
         if v.end_only:
             self.plans_used[v.plan_id] += 1
             out = v.end_module(*x)
@@ -214,9 +209,9 @@ class OnlinePolicy:
             cache = None
         if cache is not None:
             ref = ref + v.lookup_s if ref is not None else None
-            if v.probe is not None:
+            if v.lookup_split is not None:
                 # the cache looks up at a node inside the end half: a hit skips the rest of it
-                head = v.probe[0](*x)
+                head = v.lookup_split[0](*x)
                 feat = lookup_features(list(head), v.cache.grid)
             else:
                 vals = _as_tuple(v.end_module(*x))
@@ -239,7 +234,7 @@ class OnlinePolicy:
             elif self.similarity_bits:
                 floor = v.cache.floor(r.similarity)
             if vals is None:
-                vals = _as_tuple(v.probe[1](*head))
+                vals = _as_tuple(v.lookup_split[1](*head))
         else:
             vals = _as_tuple(v.end_module(*x))
         bits = self.control.bits(v.plan_id, floor, self.end_stage_s(v))
@@ -248,7 +243,7 @@ class OnlinePolicy:
         if floor is not None and adaptive_bits and min(adaptive_bits) < v.profile.min_bits:
             self.lowered += 1
         # an image crossing is already coded (JPEG/PNG): it goes as it is, never re-quantized
-        images = {k for k, c in enumerate(getattr(v.boundary, "crossings", ())) if c.kind == "image"}
+        images = {k for k, c in enumerate(v.boundary.crossings) if c.kind == "image"}
         entries = [Entry.of_value(t) if k in images or not isinstance(t, torch.Tensor)
                    else quantized_entry(t, b)
                    for k, (t, b) in enumerate(zip(vals, per))]
@@ -256,7 +251,7 @@ class OnlinePolicy:
         with self._lock:
             self._ctx[i] = (v.plan_id, feat, cached)
         key = max(adaptive_bits) if adaptive_bits else 32
-        if self.local and v.local_module is not None and v.local_s is not None:
+        if self.may_finish_on_end and v.cloud_on_end is not None and v.cloud_on_end_s is not None:
             self._waiting = (i, v, vals, len(msg), key)
         if cached is None:
             self.bits_used[key] += 1
@@ -292,7 +287,7 @@ class OnlinePolicy:
             cache.note(i, label)
 
     # ------------------------------------------------------------------ finishing on the end
-    def local_wait_s(self, i: int, inflight: int, silence_s: float) -> float:
+    def finish_on_end_wait_s(self, i: int, inflight: int, silence_s: float) -> float:
         """How much longer request ``i``, waiting for room in flight, should wait before it is
         finished on the end device instead (0: now; inf: not while nothing changes).
 
@@ -304,30 +299,30 @@ class OnlinePolicy:
         learned from results, is blind). Otherwise waiting for the link is cheaper.
         """
         w = self._waiting
-        if not self.local or w is None or w[0] != i:
+        if not self.may_finish_on_end or w is None or w[0] != i:
             return math.inf
         _, v, _, nbytes, _ = w
-        t_local = v.local_s * self.end_slowdown
+        t_local = v.cloud_on_end_s * self.end_slowdown
         mbps = self.control.estimator.mbps
         if mbps is not None and (inflight - 1) * nbytes * 8 / (mbps * 1e6) >= t_local:
             return 0.0
         return max(0.0, t_local - silence_s)
 
-    def finish_locally(self, i: int) -> Prepared:
-        """Finish request ``i`` on the end device (see :meth:`local_wait_s`): its answer, and
+    def finish_on_end(self, i: int) -> Prepared:
+        """Finish request ``i`` on the end device (see :meth:`finish_on_end_wait_s`): its answer, and
         the work's time on this host alone. The result teaches the cache like a cloud result
         (the same weights, unquantized); an audit copy is checked here instead."""
         assert self._waiting is not None and self._waiting[0] == i
         _, v, vals, _, bits = self._waiting
         self._waiting = None
-        out = v.local_module(*vals)
+        out = v.cloud_on_end(*vals)
         with self._lock:
             audit = self._ctx.get(i, (None, None, None))[2] is not None
         self.on_result(i, out, (), audit)
         if not audit:
-            self.finished_locally += 1
+            self.finished_on_end += 1
             self.bits_used[bits] -= 1     # counted as sent in prepare; it went nowhere
-        return Prepared(None, out, True, v.local_s)
+        return Prepared(None, out, True, v.cloud_on_end_s)
 
     def answered_share(self, v: Variant) -> float:
         """The share of plan ``v``'s lookups answered on the end (hits not audited): the
@@ -339,7 +334,7 @@ class OnlinePolicy:
         return (answered + 20 * prior) / (looked + 20)
 
     def _cached_end_s(self, v: Variant) -> float:
-        miss = v.reference_s + v.lookup_s
+        miss = v.end_host_s + v.lookup_s
         return mean_end_s(miss, v.hit_s if v.hit_s is not None else miss, self.answered_share(v))
 
     def _cache_pays(self, v: Variant) -> bool:
@@ -347,9 +342,9 @@ class OnlinePolicy:
         end's quantize and encode), a miss costs the lookup; while the end device is the
         bottleneck by a margin and lookups cost it more than its hits save, skip them."""
         mbps = self.control.estimator.mbps
-        if mbps is None or v.reference_s is None:
+        if mbps is None or v.end_host_s is None:
             return True
-        if self._cached_end_s(v) <= v.reference_s:
+        if self._cached_end_s(v) <= v.end_host_s:
             return True
         end = self._cached_end_s(v) * self.end_slowdown
         link = v.profile.link_seconds(v.profile.min_bits, mbps)
@@ -357,11 +352,11 @@ class OnlinePolicy:
 
     def end_stage_s(self, v: Variant) -> float | None:
         """The end stage of plan ``v`` on the emulated device (None: not measured)."""
-        if v.reference_s is None:
+        if v.end_host_s is None:
             return None
         if self.use_cache and v.cache is not None:
             return self._cached_end_s(v) * self.end_slowdown
-        return v.reference_s * self.end_slowdown
+        return v.end_host_s * self.end_slowdown
 
     # ------------------------------------------------------------------ reporting
     @property
@@ -374,11 +369,11 @@ class OnlinePolicy:
 
     def summary(self) -> dict[str, Any]:
         return {"hits": self.hits, "audits": self.audits, "corrections": self.corrections,
-                "finished_locally": self.finished_locally,
+                "finished_on_end": self.finished_on_end,
                 "lowered_bits": self.lowered, "switches": self.switches,
                 "bits": dict(sorted((+self.bits_used).items())),
                 "plans": dict(sorted(self.plans_used.items())),
                 "estimate_mbps": self.control.estimator.mbps}
 
 
-__all__ = ["OnlinePolicy", "Variant", "CacheSetup", "label_of", "mean_end_s"]
+__all__ = ["OnlinePolicy", "Policy", "Prepared", "StaticPolicy", "label_of", "mean_end_s"]

@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx as fx
 
-from coach_fx.graph import CodecCost, LayerDAG
+from coach_fx.dag import CodecCost, LayerDAG
+from coach_fx.passes.annotate import NodeMeta
 from coach_fx.progress import Progress
 from coach_fx.settings import Device, Settings, calibration_parts
+from coach_fx.timing import run_times
 
 HOST_FLOPS = 20e9            # FLOP/s of the reference host in the analytic model
 HOST_BYTES_PER_S = 10e9      # memory bandwidth of the reference host
@@ -76,10 +78,11 @@ def analytic_node_times(gm: fx.GraphModule) -> dict[str, float]:
     out = {}
     for n in gm.graph.nodes:
         info = n.meta.get("coach")
-        if info is None or n.op in ("placeholder", "output", "get_attr") or info["kind"] == "value":
+        if not isinstance(info, NodeMeta) or n.op in ("placeholder", "output", "get_attr") \
+                or info.kind == "value":
             out[n.name] = 0.0
             continue
-        out[n.name] = OP_OVERHEAD_S + info["flops"] / HOST_FLOPS + info["moved"] / HOST_BYTES_PER_S
+        out[n.name] = OP_OVERHEAD_S + info.flops / HOST_FLOPS + info.moved / HOST_BYTES_PER_S
     return out
 
 
@@ -96,12 +99,7 @@ def measure_quant_cost(numel: int = 1 << 18, bits: int = 8, repeat: int = 3) -> 
     def dq() -> Any:
         return ops.dequantize(ops.unpack(p, bits, [numel]), s, z, bits, torch.float32)
     def best(f: Callable[[], Any]) -> float:
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t0)
-        return min(ts) / numel
+        return min(run_times(f, repeat, 0)) / numel
     return best(q), best(dq)
 
 

@@ -39,7 +39,7 @@ def load_model(spec: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
         size = 299 if name == "inception_v3" else 224
         return model.eval(), (3, size, size)
     if source == "digits":
-        from coach_fx.digits import load_digits_model
+        from coach_fx.zoo.digits import load_digits_model
         frame = int(name) if name.isdigit() else 8
         return load_digits_model(frame), (1, frame, frame)
     module = importlib.import_module(source)

@@ -28,14 +28,14 @@ import socket
 import struct
 import time
 
-from coach_fx.runtime.link import LinkError, LinkTimeout, PeerGone, RealClock, TokenBucket
+from coach_fx.runtime.links.base import (MAX_MESSAGE, LinkError, LinkTimeout, PeerGone, RealClock,
+                                         TokenBucket)
 from coach_fx.traces import Trace
 
 log = logging.getLogger("coach_fx.runtime")
 
 HELLO = b"COCHAUTH"
 AUTH_VERSION = 1
-MAX_MESSAGE = 1 << 30
 _LEN = struct.Struct("<Q")
 
 
@@ -119,13 +119,19 @@ class TcpEndpoint:
         except OSError as e:
             raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone: {e}") from None
 
+    def ready(self) -> bool:
+        """Unknown without reading the socket: the cloud does not batch over this link."""
+        return False
+
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
 
-    abort = close
+    def abort(self) -> None:
+        """After a fault: just close the socket."""
+        self.close()
 
 
 class TcpServer:

@@ -1,6 +1,6 @@
 import pytest
 
-from coach_fx.runtime.link import InProcessLink, LinkTimeout, PeerGone, TokenBucket, VirtualClock
+from coach_fx.runtime.links import InProcessLink, LinkTimeout, PeerGone, TokenBucket, VirtualClock
 from coach_fx.traces import Trace
 
 

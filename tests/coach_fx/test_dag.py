@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from coach_fx.compiled import prepare
-from coach_fx.graph import LayerDAG, NodeData, PlanSpaceTooLarge
+from coach_fx.driver import prepare
+from coach_fx.dag import LayerDAG, NodeData, PlanSpaceTooLarge
 from coach_fx.settings import Settings
 
 S = Settings(costs="analytic", progress=False)

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator, Mapping
 
 import torch.fx as fx
 
+from coach_fx.passes.annotate import NodeMeta, meta
+
 
 @dataclass(frozen=True)
 class NodeData:
@@ -39,7 +41,7 @@ class NodeData:
 
 @dataclass(frozen=True)
 class CodecCost:
-    """What sending a model input through an image codec costs (``coach_fx.costs`` measures it
+    """What sending a model input through an image codec costs (``coach_fx.profile`` measures it
     on real frames): coded bytes per request (a high quantile over the frames, not the mean:
     a plan must keep up with the frames that code large) and the end / cloud seconds to
     encode / decode, each device's own."""
@@ -241,28 +243,28 @@ class LayerDAG:
         for n in gm.graph.nodes:
             g = groups.get(n.name)
             if n.op == "placeholder":
-                info = n.meta.get("coach")
-                if info is None:
+                if not isinstance(n.meta.get("coach"), NodeMeta):
                     raise ValueError("LayerDAG needs an annotated graph (run passes.annotate first)")
-                inputs[n.name] = NodeData(n.name, info["numel"], info["bytes"],
-                                          info["kind"] == "tensor" and info["float"], 0.0, 0.0)
+                info = meta(n)
+                inputs[n.name] = NodeData(n.name, info.numel, info.bytes,
+                                          info.is_tensor and info.float, 0.0, 0.0)
             elif g is not None:
                 members.setdefault(g, []).append(n.name)
         by_name = {n.name: n for n in gm.graph.nodes}
         for g, ms in members.items():
             ns = [by_name[m] for m in ms]
-            tensors = [m for m in ns if m.meta["coach"]["kind"] == "tensor"]
+            tensors = [m for m in ns if meta(m).is_tensor]
             head = ns[0]
-            if head.meta["coach"]["kind"] == "tensor" or not tensors:
+            if meta(head).is_tensor or not tensors:
                 sent = [head]
             else:
                 sent = tensors
-            info = [m.meta["coach"] for m in sent]
+            info = [meta(m) for m in sent]
             nodes[g] = NodeData(
-                g, sum(i["numel"] for i in info), sum(i["bytes"] for i in info),
-                all(i["kind"] == "tensor" and i["float"] for i in info),
+                g, sum(i.numel for i in info), sum(i.bytes for i in info),
+                all(i.is_tensor and i.float for i in info),
                 sum(node_t_end.get(m, 0.0) for m in ms), sum(node_t_cloud.get(m, 0.0) for m in ms),
-                sum(by_name[m].meta["coach"]["flops"] for m in ms))
+                sum(meta(by_name[m]).flops for m in ms))
         data_preds, order_preds = {}, {}
         for g, ms in members.items():
             dp, op = set(), set()
@@ -331,14 +333,11 @@ def dag_groups(gm: fx.GraphModule) -> dict[str, str]:
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method", "call_module"):
             continue
-        info = n.meta.get("coach")
-        if info is None:
-            raise ValueError(f"node {n.name} is not annotated (run passes.annotate first)")
-        if info["kind"] == "value":
+        if meta(n).kind == "value":
             continue
         src = n.args[0] if n.args else None
         if (n.op == "call_function" and n.target is operator.getitem and isinstance(src, fx.Node)
-                and src.name in groups and src.meta["coach"]["kind"] == "tensors"):
+                and src.name in groups and meta(src).kind == "tensors"):
             groups[n.name] = groups[src.name]   # picks a tensor out of a tuple-valued node
         else:
             groups[n.name] = n.name

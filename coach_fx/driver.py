@@ -1,0 +1,74 @@
+"""The driver: capture -> annotate -> profile (``prepare``) and plan (``plan_model``); the public
+``coach_fx.compile`` (``coach_fx.api``) joins them into a :class:`~coach_fx.compiled.CompiledModel`.
+
+Example::
+
+    >>> gm, inputs, dag = prepare(model, (x,), Settings())                    # doctest: +SKIP
+    >>> plan, oracle = plan_model(gm, inputs, dag, Settings(strategy="dads"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from coach_fx.accuracy import AccuracyOracle
+from coach_fx.compiled import InputError, example_tuple
+from coach_fx.profile import build_dag
+from coach_fx.dag import LayerDAG
+from coach_fx.optimize import Problem, solve
+from coach_fx.optimize.simple import manual
+from coach_fx.optimize.trace import plan_for_trace, varies
+from coach_fx.passes.annotate import annotate, keeps_effect
+from coach_fx.passes.capture import capture
+from coach_fx.plan import Plan
+from coach_fx.settings import Settings
+
+
+def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Settings
+            ) -> tuple[fx.GraphModule, tuple, LayerDAG]:
+    """Capture, annotate and cost ``model``: the (GraphModule, inputs, LayerDAG) to plan on."""
+    inputs = example_tuple(example_inputs)
+    gm = capture(model, inputs, settings.leaf_modules)
+    gm.graph.eliminate_dead_code(is_impure_node=keeps_effect)
+    gm.recompile()
+    try:
+        annotate(gm, inputs)
+    except Exception as e:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        raise InputError(f"running {type(model).__name__} on the example inputs {shapes} "
+                         f"failed: {e}") from e
+    dag = build_dag(gm, inputs, settings)
+    return gm, inputs, dag
+
+
+def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Settings,
+               strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
+    """Plan an already prepared model with ``strategy`` (default: the settings')."""
+    strategy = strategy or settings.strategy
+    if strategy == "manual":
+        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
+        return manual(problem, settings.end_nodes, settings.manual_bits), oracle
+    if oracle is None and strategy not in ("end-only",):
+        oracle = AccuracyOracle(gm, dag, settings, inputs)
+    problem = Problem(dag, settings.network, settings.objective, settings.bits,
+                      settings.input_bits, oracle, settings.input_codecs)
+    kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
+    plan = solve(strategy, problem, **kw)
+    if strategy == "coach" and varies(settings.network):
+        plan = plan_for_trace(problem, plan, settings.input_bits)
+    if oracle is not None:
+        plan.accuracy = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
+        plan.accuracy_ok = oracle.ok(plan.end_nodes, plan.bits, plan.codecs)
+        what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
+                "l2": "output relative L2"}[oracle.mode]
+        plan.note = f"{what} {plan.accuracy:.4f}; check: {oracle.describe()}"
+        if oracle.bounded:
+            plan.note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
+    return plan, oracle
+
+
+__all__ = ["plan_model", "prepare"]

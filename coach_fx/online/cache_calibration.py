@@ -1,0 +1,143 @@
+"""Offline calibration of the semantic cache: hit thresholds tuned on replayed calibration
+streams with temporal locality, and similarity bands whose samples stay safe with fewer bits.
+The runtime's cache (``coach_fx.runtime.cache``) only looks up; this decides its settings.
+
+Example::
+
+    >>> stream = locality_stream(torch.tensor([0, 1, 2, 0]), 20, mean_run=5.0)
+    >>> len(stream)
+    20
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from coach_fx.runtime.cache import SemanticCache
+from coach_fx.runtime.features import vec_rows
+from coach_fx.settings import OnlineSettings
+
+
+
+def locality_stream(labels: torch.Tensor, n: int, mean_run: float = 10.0, seed: int = 0) -> list[int]:
+    """Indices of ``n`` samples forming a stream with temporal locality: a class persists for a
+    geometric number of frames (mean ``mean_run``), each frame a random sample of that class."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels.tolist()):
+        by_class.setdefault(int(c), []).append(i)
+    classes = sorted(by_class)
+    out: list[int] = []
+    while len(out) < n:
+        c = rng.choice(classes)
+        run = 1
+        while rng.random() > 1.0 / mean_run:
+            run += 1
+        out += [rng.choice(by_class[c]) for _ in range(run)]
+    return out[:n]
+
+
+def replay(cache: SemanticCache, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int],
+           lag: int = 0) -> tuple[int, int]:
+    """Run ``stream`` (sample indices) through this cache as the end worker would: misses
+    and audits learn the label ``lag`` requests later (when the cloud's answer is back);
+    returns (hits, wrong hits)."""
+    hits = wrong = 0
+    feats = vec_rows(feats)
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+    pending: deque[tuple[int, int, np.ndarray, int, int | None]] = deque()
+    for t, i in enumerate(stream):
+        while pending and pending[0][0] <= t:
+            _, seq, f0, y0, cached = pending.popleft()
+            if cached is None:
+                cache.confirm(f0, y0, seq)
+            else:
+                cache.audit(f0, cached, y0, seq)
+        f, y = feats[i], int(labels[i])
+        r = cache.lookup(f, t)
+        if r.hit:
+            hits += 1
+            wrong += r.label != y
+            if r.audit:
+                pending.append((t + lag, t, f, y, r.label))
+        else:
+            pending.append((t + lag, t, f, y, None))
+    return hits, wrong
+
+
+def calibrate_on_stream(feats: torch.Tensor, labels: torch.Tensor,
+                        streams: Sequence[Sequence[int]], budget: float, capacity: int = 16,
+                        audit_rate: float = 0.1, max_hit_error: float = 0.01,
+                        sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
+                        margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
+                        lag: int = OnlineSettings().result_lag, context: bool = False,
+                        ) -> tuple[float, float, float]:
+    """(sim_threshold, margin, hit rate) that maximize hits on replayed calibration streams
+    while wrong hits stay within ``budget`` of the frames of *every* stream.
+
+    The replay learns each answer ``lag`` requests late, as the pipeline does: most wrong
+    hits fall in the frames after a class change, before the cloud's first answers for the
+    new class are back (a replay that learns at once saw a third of the wrong hits that
+    the pipeline made with the same thresholds). ``context``: calibrate a cache that answers
+    only for the latest known answer's class (see :class:`SemanticCache`).
+
+    Replaying streams through a cache of the deployed capacity matters: with few classes
+    cached the top-1/top-2 margin is taken among them only, so a sample of an uncached
+    class can look confident; calibrating with every class's center present would not see
+    those wrong hits. Give streams drawn from disjoint parts of the calibration data:
+    thresholds that pass on each are less fitted to the few samples a stream repeats.
+    Besides the budget (one wrong hit more than seen must still fit), at most
+    ``max_hit_error`` of the hits may be wrong: features that tell classes apart poorly
+    should not answer at all. ``labels``: the cloud's answers (the model's predictions).
+    """
+    best = (1.0, 1.0, 0.0)
+    total = sum(len(s) for s in streams)
+    feats, labels = vec_rows(feats), labels.tolist()
+    for mg in margins:
+        for st in sorted(sims, reverse=True):   # strictest first
+            hits = wrong = 0
+            fail = False
+            for stream in streams:
+                h, w = replay(SemanticCache(st, mg, capacity, audit_rate, context=context),
+                              feats, labels, stream, lag)
+                hits, wrong = hits + h, wrong + w
+                fail = fail or w + 1 > budget * len(stream)
+            if fail:
+                break       # looser thresholds only add wrong hits
+            if wrong + 1 <= max_hit_error * hits and hits / total > best[2]:
+                best = (st, mg, hits / total)
+    return best
+
+
+def similarity_bits(similarity: torch.Tensor, agrees: dict[int, torch.Tensor], min_bits: int,
+                    budget: float, edges: Sequence[float] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8),
+                    min_samples: int = 20) -> list[tuple[float, int]]:
+    """Similarity bands -> bits below ``min_bits`` that stay safe in that band.
+
+    ``similarity``: each calibration sample's top-1 similarity to the class centers;
+    ``agrees[b]``: whether the cloud's answer with ``b`` bits equals the unquantized one,
+    per sample. A band [edge, 1] gets the fewest bits whose disagreement among its samples
+    stays within ``budget``; returned as (edge, bits), highest edge first, only where that
+    is below ``min_bits``.
+    """
+    out: list[tuple[float, int]] = []
+    for edge in sorted(edges, reverse=True):
+        m = similarity >= edge
+        if int(m.sum()) < min_samples:
+            continue
+        ok = [b for b in sorted(agrees) if b < min_bits
+              and 1.0 - agrees[b][m].float().mean().item() <= budget]
+        # the fewest bits from which every width up to min_bits passes (as for min_bits:
+        # one lucky width below a failing one is noise, not safety)
+        safe = [b for b in ok if all(w in ok for w in agrees if b <= w < min_bits)]
+        if safe:
+            out.append((edge, min(safe)))
+    return out
+
+
+__all__ = ["calibrate_on_stream", "locality_stream", "replay", "similarity_bits"]

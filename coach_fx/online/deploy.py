@@ -1,0 +1,170 @@
+"""From compiled cuts to run-time plans, as data: a cut's :class:`~coach_fx.runtime.plans.Variant`
+and :class:`~coach_fx.runtime.plans.CutProfile` (what the end side and the controller run), the
+cloud halves by plan id, and the end side's measured work per request. The runtime gets these
+and never plans.
+
+Example::
+
+    >>> dep = deploy(cal, inputs, {offline: 0}, {offline: None}, offline_plan)   # doctest: +SKIP
+    >>> dep.variants[0].profile.min_bits                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from coach_fx.compiled import CompiledModel
+from coach_fx.plan import Plan, evaluate
+from coach_fx.runtime.cloud import CloudPlan
+from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig
+from coach_fx.runtime.features import pooled_features
+from coach_fx.runtime.plans import CutProfile, Variant
+from coach_fx.runtime.policy import OnlinePolicy
+from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.settings import Network
+from coach_fx.timing import quiet_times
+
+if TYPE_CHECKING:
+    from coach_fx.online.analysis import CutAnalysis, CutInfo
+
+
+@dataclass
+class Deployment:
+    """Every distinct online plan by id: its offline record (``plans``), its run-time plan
+    (``variants``), its cloud half (``cloud``), and the model's output structure."""
+
+    plans: dict[int, Plan]
+    variants: dict[int, Variant]
+    cloud: dict[int, CloudPlan]
+    out_spec: Any
+
+
+def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
+           rate_of: dict[tuple, float | None], offline_plan: Plan) -> Deployment:
+    """The run-time plans of the cuts in ``ids`` (end set -> plan id), each priced at
+    ``rate_of`` its end set (None: the network as given), halves re-measured as whole modules."""
+    settings, dag = cal.settings, cal.dag
+    net = settings.network
+    dep = Deployment({}, {}, {}, None)
+    for c, pid in ids.items():
+        r = rate_of.get(c)
+        s = settings if r is None else dataclasses.replace(
+            settings, network=Network(r, net.downlink_mbps, net.rtt_ms))
+        info = cal.info(c)
+        p = offline_plan if c == offline_plan.end_nodes else evaluate(
+            dag, c, info.min_bits if info.min_bits < 32 else 32, s.network,
+            strategy="coach-online", input_bits=min(info.min_bits, settings.input_bits))
+        cm = CompiledModel(cal.gm, dag, p, s, inputs, cal.oracle)
+        if settings.costs == "measured" and settings.calibrate:
+            cm.calibrate()
+        dep.out_spec = dep.out_spec or cm.out_spec
+        v = variant(pid, info, max(cm.plan.t_end, cm.plan.t_cloud),
+                    offline_plan if c == offline_plan.end_nodes else None)
+        v.end_host_s = cal.end_host_s(c, cache=False)
+        if v.cache is not None:
+            v.lookup_s = max(0.0, cal.end_host_s(c) - v.end_host_s)
+            v.hit_s = cal.end_host_s(c, hit=True)
+        if not v.end_only:
+            # to finish on the end a request the link has no room for (``local`` modes)
+            v.cloud_on_end, v.cloud_on_end_s = info.cloud, cal.cloud_host_s(c)
+        dep.plans[pid], dep.variants[pid] = cm.plan, v
+        dep.cloud[pid] = (info.cloud, info.boundary)
+    return dep
+
+
+def plan_profile(dag: Any, plan: Plan, min_bits: int | None, input_bits: int,
+                 stage_s: tuple[tuple[int, float, float], ...] | None = None) -> CutProfile:
+    """The controller's view of an offline ``plan`` (no split made): its float crossings are
+    quantized per request, a model input crosses at ``input_bits``, the rest as it is."""
+    quant, quant_raw, raw = [], [], 0
+    for x in plan.cut:
+        d = dag.info[x]
+        if d.quantizable and x not in dag.inputs:
+            quant.append(d.numel)
+            quant_raw.append(d.bytes)
+        else:
+            raw += tensor_bytes(d.numel, d.bytes, d.quantizable, input_bits) - TENSOR_HEADER_BYTES
+    return CutProfile(tuple(quant), raw, len(plan.cut), min_bits or 32, max(plan.t_end, plan.t_cloud),
+                      stage_s if quant else None, end_only=len(plan.end_nodes) == len(dag.nodes),
+                      quant_raw_bytes=tuple(quant_raw))
+
+
+def variant(pid: int, info: "CutInfo", compute_s: float, plan: Plan | None = None,
+             cache: Any = None, lookup_split: Any = None) -> Any:
+    """The runtime's view of a cut (``cache``/``lookup_split``: instead of the cut's chosen ones)."""
+    quant_numel, quant_raw, raw_bytes = [], [], 0
+    for c, b in zip(info.boundary.crossings, info.fixed_bits):
+        numel = math.prod(c.shape) if c.shape is not None else 0
+        raw = numel * c.dtype.itemsize if c.dtype is not None else 8
+        if b is None:
+            quant_numel.append(numel)
+            quant_raw.append(raw)
+        else:
+            raw_bytes += tensor_bytes(numel, raw, True, b) - TENSOR_HEADER_BYTES
+    profile = CutProfile(tuple(quant_numel), raw_bytes, len(info.boundary.crossings),
+                         info.min_bits, compute_s, quant_raw_bytes=tuple(quant_raw))
+    plan_bits: int | tuple[int, ...] = info.min_bits
+    if plan is not None:     # the offline plan's own bits, crossing by crossing
+        plan_bits = tuple(plan.bits.get(c.dag_node, info.min_bits) for c in info.boundary.crossings)
+    if cache is None:
+        cache, lookup_split = info.cache, info.lookup_split
+    return Variant(pid, info.end, info.boundary, profile, info.fixed_bits, plan_bits,
+                   cache=cache, end_only=info.boundary.end_only, caps=info.caps, lookup_split=lookup_split)
+
+
+def end_paths(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> tuple[float, float | None, float | None]:
+    """The end side's work for one request on this host, measured alone (``quiet_times``):
+    (no cache: end half, quantize, encode; a miss: the same and the lookup against a full cache
+    whose centers nothing hits; a hit answered on the end: the end half up to where the cache
+    looks up, and the lookup, nothing quantized or encoded). Without ``cache`` or a cache
+    calibration: (no cache, None, None)."""
+    if not cache or v.cache is None:
+        return end_paths_of([v], inputs, capacity, cache=False)[0], None, None
+    plain, ((miss, hit),) = end_paths_of([v], inputs, capacity)
+    return plain, miss, hit
+
+
+def end_paths_of(vs: Sequence[Any], inputs: tuple, capacity: int,
+                  cache: bool = True) -> tuple[float, list[tuple[float, float]]]:
+    """``end_paths`` of variants of one cut that differ in their cache (where it looks up, its
+    thresholds), measured interleaved: (no cache, [(miss, hit) per variant])."""
+    x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+
+    def policy(v: Any, use: bool, hit: bool) -> Any:
+        p = OnlinePolicy([v], Bands(start=v.plan_id),
+                         PolicyConfig(ControlConfig(switching=False),
+                                      CacheConfig(enabled=use, capacity=capacity, audit_rate=0.0)))
+        store = p.caches.get(v.plan_id) if use else None
+        if store is not None:
+            if v.lookup_split is not None:
+                f = pooled_features(list(v.lookup_split[0](*x)), v.cache.grid)
+            else:
+                vals = v.end_module(*x)
+                vals = vals if isinstance(vals, tuple) else (vals,)
+                f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
+            rng = np.random.default_rng(0)
+            # a full cache of centers far from this input, so that it misses; for ``hit`` one
+            # of them is the input's own class instead
+            for k in range(1 if hit else 0, capacity):
+                far = -(f + rng.random(f.shape))
+                store.confirm(far / np.linalg.norm(far), k)
+            if hit:
+                store.confirm(f, 0)
+                p.answers[0] = torch.zeros(1)
+        return p
+
+    policies = [policy(vs[0], False, False)]
+    if cache:
+        policies += [policy(v, True, h) for v in vs for h in (False, True)]
+    with torch.no_grad():
+        times = quiet_times([lambda p=p: p.prepare(0, x) for p in policies])
+    return times[0], [(times[1 + 2 * k], times[2 + 2 * k]) for k in range(len(vs))] if cache else []
+
+
+__all__ = ["Deployment", "deploy", "end_paths", "end_paths_of", "plan_profile", "variant"]

@@ -1,0 +1,178 @@
+"""The cloud worker: receives requests, runs the plan's cloud half, sends results back.
+
+Requests that have arrived together run as one batch (a server that falls behind catches up);
+each reply carries the cloud's compute time, the request's size and its time on the wire, from
+which the end side learns the bandwidth. An error in one request is that request's error
+reply; the worker goes on.
+
+Example::
+
+    >>> link = InProcessLink.for_network(Network(20))                                   # doctest: +SKIP
+    >>> cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud).start()     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from coach_fx._compat import tree_flatten, tree_unflatten
+from coach_fx.passes.boundary import Boundary
+from coach_fx.runtime.codec import entries_to_payload, output_to_entries
+from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.emulation import emulate, fast_handoff
+from coach_fx.runtime.links.base import Endpoint, LinkError
+from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError,
+                                   decode, encode)
+
+log = logging.getLogger("coach_fx.runtime")
+
+#: One plan's cloud side: its cloud half and the boundary its requests follow.
+CloudPlan = tuple[Callable[..., Any], Boundary]
+
+
+class CloudWorker:
+    """Receives payloads, runs the cloud half, sends results back (a thread or a process)."""
+
+    def __init__(self, plans: dict[int, CloudPlan], endpoint: Endpoint | None,
+                 config: StreamConfig = StreamConfig(), *, adaptive: bool = False) -> None:
+        #: plan id -> (its cloud half, its boundary)
+        self.plans = dict(plans)
+        #: requests that have arrived together run as one batch, up to ``config.max_batch``
+        #: (only on an endpoint whose ``ready()`` tells what has arrived: the in-process link)
+        self.max_batch = config.max_batch
+        #: accept float crossings quantized with bits chosen per request (online control)
+        self.adaptive = adaptive
+        self.endpoint = endpoint
+        self.slowdown = config.cloud_slowdown
+        self.busy_s = 0.0
+        self.served = 0
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def handle(self, msg: bytes, t_recv: float | None = None) -> bytes | None:
+        """One request message -> its result message (None for a close request); ``t_recv``:
+        its time on the wire (default: the endpoint's last)."""
+        if t_recv is None:
+            t_recv = self.endpoint.last_wire_s if self.endpoint is not None else 0.0
+        req, plan_id, flags, entries = decode(msg)
+        if flags & FLAG_CONTROL and req == CLOSE_ID:
+            return None
+        t0 = time.perf_counter()
+        try:
+            if plan_id not in self.plans:
+                raise WireError(f"unknown plan id {plan_id}")
+            module, boundary = self.plans[plan_id]
+            payload = entries_to_payload(boundary, entries, self.adaptive)
+            with torch.no_grad():
+                out = module(*payload)
+            out_entries, _ = output_to_entries(out)
+        except Exception as e:  # noqa: BLE001 - reported to the end side, the worker goes on
+            text = f"{type(e).__name__}: {e}".encode()[:4096]
+            return encode(req, [Entry.raw(torch.frombuffer(bytearray(text), dtype=torch.uint8))],
+                          FLAG_RESULT | FLAG_ERROR, plan_id)
+        took = emulate(t0, self.slowdown)
+        self.busy_s += took
+        self.served += 1
+        stats = Entry.stats([took, float(len(msg)), float(t_recv)])
+        return encode(req, [*out_entries, stats], FLAG_RESULT, plan_id)
+
+    def serve(self) -> None:
+        """Serve until the end side sends close (or the link goes away)."""
+        with fast_handoff():
+            self._serve()
+
+    def handle_batch(self, msgs: Sequence[tuple[bytes, float]]) -> list[bytes | None]:
+        """Several request messages (each with its time on the wire) -> their replies, in
+        order. Requests for one plan run through its cloud half as one batch (one call's
+        overhead for all: a server that falls behind catches up); anything else (a close, mixed
+        plans, a value that does not batch, an output without the batch dimension, an error)
+        is handled message by message, with the same replies as ``handle``."""
+        if len(msgs) == 1:
+            return [self.handle(*msgs[0])]
+
+        def one_by_one() -> list[bytes | None]:
+            return [self.handle(m, t) for m, t in msgs]
+
+        decoded = [decode(m) for m, _ in msgs]
+        plan_ids = {d[1] for d in decoded}
+        if len(plan_ids) != 1 or any(d[2] & FLAG_CONTROL for d in decoded) or \
+                next(iter(plan_ids)) not in self.plans:
+            return one_by_one()
+        t0 = time.perf_counter()
+        try:
+            module, boundary = self.plans[decoded[0][1]]
+            payloads = [entries_to_payload(boundary, d[3], self.adaptive) for d in decoded]
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
+                       for p in payloads for v in p):
+                return one_by_one()
+            with torch.no_grad():
+                out = module(*(torch.cat(vs) for vs in zip(*payloads)))
+            leaves, spec = tree_flatten(out)
+            n = len(msgs)
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves):
+                return one_by_one()
+        except Exception:  # noqa: BLE001 - each request gets its own reply (or error) below
+            return one_by_one()
+        took = emulate(t0, self.slowdown)
+        self.busy_s += took
+        self.served += n
+        replies = []
+        for k, ((msg, t_recv), d) in enumerate(zip(msgs, decoded)):
+            out_entries, _ = output_to_entries(tree_unflatten([v[k:k + 1] for v in leaves], spec))
+            stats = Entry.stats([took / n, float(len(msg)), float(t_recv)])
+            replies.append(encode(d[0], [*out_entries, stats], FLAG_RESULT, d[1]))
+        return replies
+
+    def _serve(self) -> None:
+        ep = self.endpoint
+        while True:
+            msgs = [(ep.recv(None), ep.last_wire_s)]
+            # what has arrived meanwhile goes in one batch (only what is already there: no
+            # request waits for another)
+            while len(msgs) < self.max_batch and ep.ready():
+                msgs.append((ep.recv(None), ep.last_wire_s))
+            for reply in self.handle_batch(msgs):
+                if reply is None:   # close: acknowledge, so the end's receiver stops cleanly
+                    self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL))
+                    return
+                t0 = time.perf_counter()
+                self.endpoint.send(reply)
+                self.busy_s += time.perf_counter() - t0
+
+    def serve_forever(self, server: Any, max_sessions: int | None = None) -> None:
+        """Serve end after end on an authenticated server (``runtime.tcp.TcpServer``): when an
+        end goes away the next one is accepted; an end's close request stops the worker."""
+        sessions = 0
+        while max_sessions is None or sessions < max_sessions:
+            self.endpoint = server.accept()
+            sessions += 1
+            try:
+                self.serve()
+                return
+            except LinkError as e:   # that end went away: wait for the next
+                log.warning("coach cloud: the end at %s went away (%s); waiting for the next",
+                            self.endpoint.addr, e)
+            finally:
+                self.endpoint.close()
+
+    def start(self) -> "CloudWorker":
+        def run() -> None:
+            try:
+                self.serve()
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+        self._thread = threading.Thread(target=run, name="coach-cloud", daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+
+__all__ = ["CloudPlan", "CloudWorker"]

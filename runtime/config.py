@@ -1,0 +1,110 @@
+"""Run-time settings, one record per part: :class:`StreamConfig` (the end and cloud workers,
+the simulator, ``stream()`` and the CLI), :class:`Bands` (which plan serves which bandwidth),
+:class:`ControlConfig` (the online controller), :class:`CacheConfig` (the semantic cache) and
+:class:`PolicyConfig` (the adaptive policy: the last three and finishing on the end).
+
+Example::
+
+    >>> cfg = StreamConfig(end_slowdown=8, fallback="local")
+    >>> PolicyConfig(control=ControlConfig(adaptive=False)).control.switching
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FALLBACKS = (None, "local", "error")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a stream runs: the emulated devices, the pipeline's queues, faults.
+
+    ``fallback``: when the link or the cloud fails, ``None`` raises, ``"local"`` answers the
+    affected and following requests on the end device, ``"error"`` gives them a
+    ``RequestFailed`` result; meanwhile a reconnect is tried every ``retry_s``.
+    """
+
+    end_slowdown: float = 1.0
+    cloud_slowdown: float = 1.0
+    #: messages waiting for the sender (a full queue stops the end: backpressure)
+    queue_size: int = 2
+    #: requests waiting for the cloud at once (memory stays bounded however long the stream)
+    max_inflight: int = 8
+    #: no result for this long while requests are in flight: the cloud stalled
+    timeout_s: float = 30.0
+    retry_s: float = 0.5
+    fallback: str | None = None
+    #: requests that have arrived together run through the cloud half as one batch, up to
+    #: this many (only on a link that tells what has arrived: the in-process one)
+    max_batch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be None, 'local' or 'error', got {self.fallback!r}")
+        for name in ("end_slowdown", "cloud_slowdown", "timeout_s", "retry_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("queue_size", "max_inflight", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Bands:
+    """Which plan serves which bandwidth: ``edges_mbps`` increasing (n edges), ``plans`` the
+    n + 1 plan ids serving the bands between them (None: ``start`` everywhere); a stream begins
+    on ``start``."""
+
+    edges_mbps: tuple[float, ...] = ()
+    plans: tuple[int, ...] | None = None
+    start: int = 0
+
+    @property
+    def band_plans(self) -> list[int]:
+        return list(self.plans) if self.plans is not None else [self.start] * (len(self.edges_mbps) + 1)
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The online controller: ``adaptive`` bits per request (else each plan's offline bits),
+    ``switching`` between the bands' plans after ``hold`` estimates in a new band, a bandwidth
+    estimate over ``window`` results, the link kept at ``headroom`` of the compute bottleneck,
+    and on an end-only plan one probe frame per ``probe_s`` (see ``OnlineController``)."""
+
+    adaptive: bool = True
+    switching: bool = True
+    hold: int = 5
+    window: int = 5
+    headroom: float = 0.9
+    probe_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The semantic cache: ``enabled`` answers hits on the end, ``similarity_bits`` lets near
+    misses travel with their band's fewer bits; ``capacity`` classes, ``audit_rate`` of hits
+    still sent to the cloud (a seeded draw)."""
+
+    enabled: bool = True
+    similarity_bits: bool = True
+    capacity: int = 16
+    audit_rate: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The adaptive policy: its controller, its cache, whether a request that finds the link
+    backlogged or stalled is finished on the end device (``finish_on_end``: its plan's cloud
+    half run there), and the end device's
+    slowdown (its stage joins the cloud's as the bottleneck the bits are sized against)."""
+
+    control: ControlConfig = field(default_factory=ControlConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    finish_on_end: bool = False
+    end_slowdown: float = 1.0
+
+
+__all__ = ["Bands", "CacheConfig", "ControlConfig", "PolicyConfig", "StreamConfig"]

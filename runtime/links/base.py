@@ -1,0 +1,116 @@
+"""The link contract: the :class:`Endpoint` protocol every link implements, its errors,
+clocks (real or virtual) and the token bucket that paces a sender to a bandwidth trace.
+
+Example::
+
+    >>> clock = VirtualClock()
+    >>> bucket = TokenBucket(Trace.constant(8), clock)   # 8 Mbit/s = 1 MB/s
+    >>> bucket.wait(500_000); bucket.finish()
+    0.0
+    0.5
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from coach_fx.traces import Trace
+
+#: The largest message a link accepts; the announced length is checked before allocating.
+MAX_MESSAGE = 1 << 30
+
+
+class LinkError(RuntimeError):
+    """The link failed."""
+
+
+class LinkTimeout(LinkError):
+    """Nothing arrived within the timeout."""
+
+
+class PeerGone(LinkError):
+    """The other side closed the link or died."""
+
+
+class Endpoint(Protocol):
+    """One side of a link. Every link implements all of it (no optional methods)."""
+
+    #: the peer's address, for messages and logs
+    addr: str
+
+    def send(self, msg: bytes) -> float:
+        """Send one whole message; returns the seconds the sender was busy with it."""
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """The next whole message (:class:`LinkTimeout` after ``timeout`` s)."""
+
+    def ready(self) -> bool:
+        """Whether a message can be received now without waiting (False where unknown)."""
+
+    def abort(self) -> None:
+        """After a fault: drop the connection without a goodbye (may do nothing)."""
+
+    def close(self) -> None:
+        """Close the sending direction (the peer's ``recv`` raises :class:`PeerGone`)."""
+
+    @property
+    def last_wire_s(self) -> float:
+        """The wire time of the last message received (first to last byte), 0 if unknown."""
+
+
+class Clock(Protocol):
+    """Where links and device emulation read and spend time: :class:`RealClock` or
+    :class:`VirtualClock` (tests: nothing sleeps, outcomes are exact)."""
+
+    def now(self) -> float: ...
+
+    def sleep_until(self, t: float) -> None: ...
+
+
+class RealClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    def sleep_until(self, t: float) -> None:
+        dt = t - time.monotonic()
+        if dt > 0:
+            time.sleep(dt)
+
+
+class VirtualClock:
+    """Time that only moves when someone waits: deterministic, instant (one thread)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep_until(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+
+def as_trace(rate: Trace | float | None) -> Trace | None:
+    if rate is None or isinstance(rate, Trace):
+        return rate
+    return Trace.constant(float(rate))
+
+
+class TokenBucket:
+    """Paces a sender to a trace: a message may leave once the trace has carried its bytes."""
+
+    def __init__(self, trace: Trace, clock: Clock | None = None) -> None:
+        self.trace = trace
+        self.clock = clock or RealClock()
+        self.free_at = 0.0
+        self.t0 = self.clock.now()   # the trace starts with the bucket
+
+    def wait(self, nbytes: int) -> float:
+        start = max(self.clock.now(), self.free_at)
+        self.free_at = self.t0 + self.trace.finish_time(start - self.t0, nbytes)
+        return start
+
+    def finish(self) -> float:
+        self.clock.sleep_until(self.free_at)
+        return self.free_at

@@ -1,0 +1,139 @@
+"""Plans as the runtime runs them, as data: :class:`CutProfile` (what the controller knows
+of a cut, no tensors), :class:`CacheSetup` (a plan's calibrated semantic cache) and
+:class:`Variant` (one plan as the online end side runs it: its halves, bits and timings).
+``coach_fx.online.deploy`` makes them from compiled plans; the runtime never plans.
+
+Example::
+
+    >>> CutProfile(100_000, 0, 1, min_bits=4, compute_s=0.05).message_bytes(4)
+    50080
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from coach_fx.passes.boundary import Boundary
+from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
+
+
+@dataclass(frozen=True)
+class CutProfile:
+    """What the controller needs to know of one plan's cut."""
+
+    #: elements of the float tensors that cross (quantized per request): one count per tensor
+    #: (exact sizes), or their sum (a tensor of that many elements)
+    quant_numel: int | tuple[int, ...]
+    raw_bytes: int          # bytes that cross as they are (integers, the raw input...)
+    n_tensors: int          # crossing values (each has a header on the wire)
+    min_bits: int           # the accuracy-safe minimum found offline
+    compute_s: float        # the compute bottleneck: max(T_end, T_cloud)
+    #: (bits, T_end, T_cloud) per bit width when quantizing costs differ by width (packing
+    #: 6 bits costs far more than 8 on a large tensor): bits are then chosen for the shortest
+    #: period, not only for the link
+    stage_s: tuple[tuple[int, float, float], ...] | None = None
+    end_only: bool = False  # nothing crosses: the plan tells nothing about the link
+    #: bytes of the quantized tensors sent as they are (at 32 bits), like ``quant_numel``
+    #: (None: float32, 4 per element)
+    quant_raw_bytes: int | tuple[int, ...] | None = None
+
+    def message_bytes(self, bits: int) -> int:
+        """Bytes on the wire of one request with ``bits`` per quantized element (the wire
+        format's sizes)."""
+        numels = self.quant_numel if isinstance(self.quant_numel, tuple) else (self.quant_numel,)
+        raws = self.quant_raw_bytes
+        if raws is None:
+            raws = tuple(4 * n for n in numels)
+        elif not isinstance(raws, tuple):
+            raws = (raws,)
+        payload = sum(tensor_bytes(n, r, True, bits) - TENSOR_HEADER_BYTES for n, r in zip(numels, raws))
+        return message_bytes([payload + self.raw_bytes, *[TENSOR_HEADER_BYTES] * self.n_tensors])
+
+    def link_seconds(self, bits: int, mbps: float) -> float:
+        return self.message_bytes(bits) * 8 / (mbps * 1e6)
+
+
+@dataclass
+class CacheSetup:
+    """A plan's calibrated semantic-cache settings."""
+
+    sim_threshold: float
+    margin: float
+    hit_rate: float                                   # on the calibration stream
+    bits_by_similarity: list[tuple[float, int]] = field(default_factory=list)
+    grid: int = 2
+    #: the node of the end half whose features the cache looks up (None: the cut's crossing
+    #: values); an earlier node answers a hit without running the rest of the end half
+    at: str | None = None
+    #: hits only for the latest known answer's class (see ``SemanticCache``)
+    context: bool = False
+
+    def floor(self, similarity: float) -> int | None:
+        for edge, bits in self.bits_by_similarity:
+            if similarity >= edge:
+                return bits
+        return None
+
+
+@dataclass
+class Variant:
+    """One plan as the online end side runs it."""
+
+    plan_id: int
+    end_module: Callable[..., Any]    # model inputs -> crossing values, unquantized
+    boundary: Boundary                # of that float split (every crossing "raw")
+    profile: CutProfile
+    #: per crossing: None = the controller picks its bits; otherwise fixed bits (model inputs
+    #: keep ``Settings.input_bits``; non-float values go as they are)
+    fixed_bits: tuple[int | None, ...]
+    #: the offline plan's bits for the adaptive crossings (one for all, or one per crossing)
+    plan_bits: int | tuple[int, ...]
+    cache: CacheSetup | None = None
+    end_host_s: float | None = None  # end work on this host, measured alone (no cache)
+    lookup_s: float = 0.0             # what the cache lookup adds to it
+    #: end work of a hit answered on the end (end half and lookup; nothing quantized or
+    #: encoded), measured alone; None: charged like a miss
+    hit_s: float | None = None
+    end_only: bool = False            # the end half returns the model's output: nothing to send
+    #: per crossing, the most bits worth sending (a model input: the bits of its source, as
+    #: an 8-bit camera frame gains nothing from 32); None: no limit
+    caps: tuple[int | None, ...] | None = None
+    #: the plan's cloud half on the unquantized crossing values, to finish on the end device a
+    #: request the link has no room for (None: never finished there); its time on this host alone
+    cloud_on_end: Callable[..., Any] | None = None
+    cloud_on_end_s: float | None = None
+    #: the end half split where the cache looks up, when that is before the cut (see
+    #: ``CacheSetup.at``): (head: inputs -> that node's value as a 1-tuple, tail: the value ->
+    #: the crossing values, as ``end_module`` returns them)
+    lookup_split: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+
+    def message_bytes(self, bits: int | None = None) -> int:
+        """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
+        sizes = []
+        for k, c in enumerate(self.boundary.crossings):
+            numel = math.prod(c.shape) if c.shape is not None else 1
+            if c.kind == "image":   # coded size varies; its 8-bit codes bound it in practice
+                sizes.append(tensor_bytes(numel, numel, False, 32))
+                continue
+            raw = numel * c.dtype.itemsize if c.dtype is not None else 8
+            quantizable = c.dtype is not None and c.dtype.is_floating_point
+            sizes.append(tensor_bytes(numel, raw, quantizable, self.bits_for(k, bits, None)))
+        return message_bytes(sizes)
+
+    def bits_for(self, k: int, bits: int | None, floor: int | None) -> int:
+        """Bits of crossing ``k``: ``bits`` from the controller, or (None) the offline plan's,
+        lowered to ``floor`` for a near miss of the cache; never above the crossing's cap."""
+        fixed = self.fixed_bits[k]
+        if fixed is not None:
+            return fixed
+        if bits is None:
+            bits = self.plan_bits if isinstance(self.plan_bits, int) else self.plan_bits[k]
+            if floor is not None:
+                bits = min(bits, floor)
+        cap = self.caps[k] if self.caps is not None else None
+        return min(bits, cap) if cap is not None else bits
+
+
+__all__ = ["CacheSetup", "CutProfile", "Variant"]

@@ -1,0 +1,95 @@
+"""Measured figures of one stream (:class:`Stats`) and the steady-state throughput rule.
+
+Example::
+
+    >>> Stats(2, [0.1, 0.2], 0.3, 10.0, 0.1, 0.1, 0.1, 2_000).pct(0.5)
+    0.2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tabulate import tabulate
+
+
+@dataclass
+class Stats:
+    """Measured figures of one stream."""
+
+    n: int
+    latencies: list[float]
+    wall_s: float
+    throughput: float
+    end_busy_s: float
+    link_busy_s: float
+    cloud_busy_s: float
+    bytes_sent: int
+    predicted: dict = field(default_factory=dict)
+    fell_back: int = 0        # requests run on the end device after a fault (fallback="local")
+    failed: int = 0       # requests given a RequestFailed result (fallback="error")
+    dropped: int = 0      # late or repeated replies dropped (already settled)
+    reconnects: int = 0
+    answered_on_end: int = 0   # answered by the end device's policy (semantic-cache hits)
+    #: requests the policy finished on the end device because the link was backlogged or
+    #: stalled (``PolicyConfig(finish_on_end=True)``)
+    finished_on_end: int = 0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return 0.0
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+    @property
+    def stage_means(self) -> tuple[float, float, float]:
+        n = max(self.n, 1)
+        return self.end_busy_s / n, self.link_busy_s / n, self.cloud_busy_s / n
+
+    @property
+    def utilization(self) -> tuple[float, float, float]:
+        w = max(self.wall_s, 1e-12)
+        return self.end_busy_s / w, self.link_busy_s / w, self.cloud_busy_s / w
+
+    @property
+    def period(self) -> float:
+        return 1.0 / self.throughput if self.throughput > 0 else float("inf")
+
+    @property
+    def bubble_ratio(self) -> float:
+        """1 - (mean stage times) / (3 × measured period): the idle share of the pipeline."""
+        e, l_, c = self.stage_means
+        return max(0.0, 1.0 - (e + l_ + c) / (3 * self.period)) if self.throughput > 0 else 0.0
+
+    def table(self) -> str:
+        e, l_, c = self.stage_means
+        ue, ul, uc = self.utilization
+        p = self.predicted
+        def pr(key: str, scale: float = 1e3) -> Any:
+            return p[key] * scale if key in p else "-"
+        rows = [["requests", self.n, "-"],
+                ["latency p50 ms", self.pct(0.5) * 1e3, pr("latency")],
+                ["latency p95 ms", self.pct(0.95) * 1e3, "-"],
+                ["throughput /s", self.throughput, pr("throughput", 1)],
+                ["period ms", self.period * 1e3, pr("period")],
+                ["end stage ms (util)", f"{e*1e3:.2f} ({ue:.0%})", pr("t_end")],
+                ["uplink ms (util)", f"{l_*1e3:.2f} ({ul:.0%})", pr("t_link")],
+                ["cloud stage ms (util)", f"{c*1e3:.2f} ({uc:.0%})", pr("t_cloud")],
+                ["bubble ratio", self.bubble_ratio, pr("bubble_ratio", 1)],
+                ["KB sent / request", self.bytes_sent / max(self.n, 1) / 1e3, pr("bytes_sent", 1e-3)]]
+        def fmt(v: Any) -> Any:
+            return f"{v:.3f}" if isinstance(v, float) else v
+        rows = [[name, fmt(v), fmt(p_)] for name, v, p_ in rows]
+        return tabulate(rows, headers=["measured", "value", "predicted"], disable_numparse=True)
+
+
+def steady_throughput(done: Sequence[float], wall: float) -> float:
+    """Requests per second once the pipeline is full: the first few completions (warm-up and
+    pipeline fill) are left out."""
+    ts = sorted(done)
+    skip = min(5, len(ts) // 5)
+    ts = ts[skip:]
+    if len(ts) > 1 and ts[-1] > ts[0]:
+        return (len(ts) - 1) / (ts[-1] - ts[0])
+    return len(done) / wall if wall > 0 else 0.0
