@@ -117,7 +117,7 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
           f"{stats.failed} failed, {stats.dropped} late dropped, {stats.reconnects} reconnects; "
           f"events: {end.events[:3]}")
     assert stats.reconnects >= 1, end.events
-    settled_without_cloud = stats.local if fallback == "local" else stats.failed
+    settled_without_cloud = stats.fell_back if fallback == "local" else stats.failed
     assert settled_without_cloud >= 1
     assert sum(isinstance(r, RequestFailed) for r in results) == stats.failed
     # after the restart the cloud served again
@@ -229,8 +229,12 @@ def test_fuzz_mutated_real_messages(msg, data):
         at = sorted({data.draw(st.integers(0, len(buf) - 1)) for _ in range(data.draw(st.integers(1, 4)))})
         for i in at:
             buf[i] ^= 1 << data.draw(st.integers(0, 7))
-        # the message header names what it holds; past it the checksum catches any change
-        expect = "magic|version|entries|checksum|truncated|payload" if at[0] < 24 else "checksum"
+        # the message header names what it holds (a changed entry count makes payload bytes
+        # read as entry headers: any entry check may catch that); past it the checksum does
+        if any(18 <= i < 20 for i in at):
+            expect = "."
+        else:
+            expect = "magic|version|checksum" if at[0] < 24 else "checksum"
     elif op == "truncate":
         buf = buf[: data.draw(st.integers(0, len(buf) - 1))]
         expect = "shorter|checksum"
