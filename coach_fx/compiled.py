@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -210,7 +211,8 @@ class CompiledModel(nn.Module):
         return head + "\n" + tabulate(rows, headers=["predicted", "ms / value"], floatfmt=".3f")
 
     def calibrate(self, repeat: int = 5) -> Plan:
-        """Re-measure the chosen plan's halves as whole modules on this host and re-price it.
+        """Re-measure the chosen plan's halves as whole modules on this host and re-price it
+        (``self.plan`` becomes the re-priced plan, which is returned).
 
         The search prices plans with per-node costs; a half run as one module (with its
         quantize/pack, or unpack/dequantize, and message encoding) takes somewhat different
@@ -225,9 +227,10 @@ class CompiledModel(nn.Module):
         if self.boundary.end_only:   # the whole model on the end device
             with torch.no_grad(), torch_threads(self.settings.threads):
                 t_end = median_time(lambda: self.end_module(*x), repeat)
-            p.extra.update(model_t_end=p.t_end, calibrated=True, end_host_s=t_end)
-            p.t_end = t_end * self.settings.end.slowdown
-            return p
+            self.plan = dataclasses.replace(
+                p, t_end=t_end * self.settings.end.slowdown,
+                extra={**p.extra, "model_t_end": p.t_end, "calibrated": True, "end_host_s": t_end})
+            return self.plan
         with torch.no_grad(), torch_threads(self.settings.threads):
             def end() -> bytes:
                 return encode(0, payload_to_entries(self.boundary, self.end_module(*x)))
@@ -238,12 +241,13 @@ class CompiledModel(nn.Module):
             t_end = median_time(end, repeat)
             t_cloud = median_time(cloud, repeat)
         net = self.settings.network
-        p.extra.update(model_t_end=p.t_end, model_t_cloud=p.t_cloud, calibrated=True,
-                       end_host_s=t_end, cloud_host_s=t_cloud)
-        p.t_end = t_end * self.settings.end.slowdown
-        p.t_cloud = (t_cloud * self.settings.cloud.slowdown + net.rtt_ms / 2e3
-                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES))
-        return p
+        self.plan = dataclasses.replace(
+            p, t_end=t_end * self.settings.end.slowdown,
+            t_cloud=(t_cloud * self.settings.cloud.slowdown + net.rtt_ms / 2e3
+                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES)),
+            extra={**p.extra, "model_t_end": p.t_end, "model_t_cloud": p.t_cloud,
+                   "calibrated": True, "end_host_s": t_end, "cloud_host_s": t_cloud})
+        return self.plan
 
     def prediction_check(self, repeat: int = 10) -> dict[str, float]:
         """How well the per-node sum of host times predicts each half run as one module."""

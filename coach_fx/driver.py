@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -61,13 +62,14 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
     if strategy == "coach" and varies(settings.network):
         plan = plan_for_trace(problem, plan, settings.input_bits)
     if oracle is not None:
-        plan.accuracy = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
-        plan.accuracy_ok = oracle.ok(plan.end_nodes, plan.bits, plan.codecs)
+        plan = dataclasses.replace(plan, accuracy=oracle.metric(plan.end_nodes, plan.bits, plan.codecs),
+                                   accuracy_ok=oracle.ok(plan.end_nodes, plan.bits, plan.codecs))
         what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
                 "l2": "output relative L2"}[oracle.mode]
-        plan.note = f"{what} {plan.accuracy:.4f}; check: {oracle.describe()}"
+        note = f"{what} {plan.accuracy:.4f}; check: {oracle.describe()}"
         if oracle.bounded:
-            plan.note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
+            note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
+        plan = dataclasses.replace(plan, note=note)
     return plan, oracle
 
 

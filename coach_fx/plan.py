@@ -25,9 +25,12 @@ from coach_fx.settings import Network
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Where the model is cut, how many bits each crossing tensor gets, and what that costs."""
+    """Where the model is cut, how many bits each crossing tensor gets, and what that costs.
+
+    Immutable: a re-measured or re-checked plan is a new one (``dataclasses.replace``), never
+    written into one that other objects share."""
 
     strategy: str
     end_nodes: tuple[str, ...]

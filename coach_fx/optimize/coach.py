@@ -17,6 +17,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from coach_fx.optimize.candidates import candidate_masks
@@ -102,5 +104,5 @@ def coach(p: Problem, block_limit: int = 4096) -> Plan:
     if best is None:
         raise ValueError("coach: no plan meets the accuracy budget with the allowed bits "
                          f"{p.bits}; raise accuracy_budget or allow more bits")
-    best.extra.update(candidates=len(masks), resolved=resolved)
+    best = dataclasses.replace(best, extra={**best.extra, "candidates": len(masks), "resolved": resolved})
     return best

@@ -74,8 +74,8 @@ def plan_for_trace(problem: Problem, plan: Plan, input_bits: int) -> Plan:
         return plan
     out = evaluate(problem.dag, best.end_nodes, best.bits, net, strategy=plan.strategy,
                    objective=plan.objective, input_bits=input_bits, codecs=best.codecs)
-    out.extra["for_trace"] = f"best of {len(cands)} plans for the trace's rate quantiles"
-    return out
+    return dataclasses.replace(out, extra={**out.extra, "for_trace": f"best of {len(cands)} plans "
+                                                                      "for the trace's rate quantiles"})
 
 
 __all__ = ["TRACE_QUANTILES", "TRACE_STARTS", "expected_latency", "plan_for_trace", "varies"]
