@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Container, Iterable, Iterator, Mapping, Sequence
 
 import torch.fx as fx
 
@@ -109,9 +109,6 @@ class LayerDAG:
     def preds(self, name: str) -> frozenset[str]:
         return self._preds[name]
 
-    def succs(self, name: str) -> frozenset[str]:
-        return frozenset(self._succs[name])
-
     def readers(self, name: str) -> frozenset[str]:
         """DAG nodes that read ``name``'s tensor as data."""
         return frozenset(self._data_readers[name])
@@ -146,52 +143,17 @@ class LayerDAG:
         return seen
 
     def articulation_nodes(self) -> tuple[str, ...]:
-        """Nodes that every input -> output path passes through, in topological order.
-
-        In a topological order v is on every path exactly when no edge (including the virtual
-        source -> root and output -> sink edges) jumps over v's position.
-        """
+        """Nodes that every input -> output path passes through, in topological order."""
         n = len(self.nodes)
-        cover = [0] * (n + 1)   # difference array over positions strictly inside an edge
-        def jump(a: int, b: int) -> None:
-            if b - a > 1:
-                cover[a + 1] += 1
-                cover[b] -= 1
-        for v in self.nodes:
-            j = self.index[v]
-            # the virtual source (position -1) feeds roots and every reader of a model input
-            if not self._preds[v] or any(v in self._data_readers[i] for i in self.inputs):
-                jump(-1, j)
-            for u in self._preds[v]:
-                jump(self.index[u], j)
-        sinks = set(self.outputs) | {v for v in self.nodes if not self._succs[v]}
-        for v in sinks:
-            if v in self.index:
-                jump(self.index[v], n)
-        result, run = [], 0
-        for i, v in enumerate(self.nodes):
-            run += cover[i]
-            if run == 0:
-                result.append(v)
-        return tuple(result)
+        fed = {self.index[v] for v in self.nodes if any(v in self._data_readers[i] for i in self.inputs)}
+        feeds = {self.index[v] for v in self.outputs if v in self.index}
+        return tuple(self.nodes[i] for i in articulations(self._pred_mask, range(n), fed, feeds))
 
     def closed_sets(self, limit: int | None = None) -> Iterator[frozenset[str]]:
         """Every predecessor-closed set, from the empty set; ``limit`` raises past that count."""
         n = len(self.nodes)
-        masks = self._pred_mask
-        count = 0
-        stack = [(0, 0)]
-        while stack:
-            i, s = stack.pop()
-            if i == n:
-                count += 1
-                if limit is not None and count > limit:
-                    raise PlanSpaceTooLarge(limit)
-                yield frozenset(self.nodes[j] for j in range(n) if s >> j & 1)
-                continue
-            stack.append((i + 1, s))
-            if masks[i] & ~s == 0:
-                stack.append((i + 1, s | (1 << i)))
+        for s in closed_masks(self._pred_mask, range(n), limit):
+            yield frozenset(self.nodes[j] for j in range(n) if s >> j & 1)
 
     def count_closed_sets(self, limit: int) -> int:
         """How many closed sets there are, counting up to ``limit`` (then ``limit + 1``)."""
@@ -342,3 +304,60 @@ def dag_groups(gm: fx.GraphModule) -> dict[str, str]:
         else:
             groups[n.name] = n.name
     return groups
+
+
+# ---------------------------------------------------------------- the two graph algorithms
+# (one copy each: the DAG's own queries and the optimizer's blocks use them on bitmasks)
+def closed_masks(pred: Sequence[int], positions: Sequence[int],
+                 limit: int | None = None) -> Iterator[int]:
+    """The predecessor-closed subsets of the nodes at ``positions`` (topological order; bit i
+    is the node at position i, ``pred[i]`` the bitmask of its predecessors; a predecessor
+    outside ``positions`` counts as present), depth first from the empty set; raises
+    :class:`PlanSpaceTooLarge` past ``limit``."""
+    inside = sum(1 << i for i in positions)
+    local = [pred[i] & inside for i in positions]
+    count = 0
+    stack = [(0, 0)]
+    while stack:
+        k, s = stack.pop()
+        if k == len(positions):
+            count += 1
+            if limit is not None and count > limit:
+                raise PlanSpaceTooLarge(limit)
+            yield s
+            continue
+        stack.append((k + 1, s))
+        if local[k] & ~s == 0:
+            stack.append((k + 1, s | (1 << positions[k])))
+
+
+def articulations(pred: Sequence[int], positions: Sequence[int], fed: Container[int] = (),
+                  feeds: Container[int] = ()) -> list[int]:
+    """The positions every source -> sink path of the sub-DAG at ``positions`` passes through.
+
+    The source feeds the nodes without a predecessor inside and those in ``fed``; the nodes
+    without a successor inside and those in ``feeds`` feed the sink. In a topological order v
+    is on every path exactly when no edge (the virtual ones included) jumps over v's place.
+    """
+    pos = {v: k for k, v in enumerate(positions)}
+    m = len(pos)
+    cover = [0] * (m + 1)   # difference array over places strictly inside an edge
+
+    def jump(a: int, b: int) -> None:
+        if b - a > 1:
+            cover[a + 1] += 1
+            cover[b] -= 1
+    for v in positions:
+        preds = [u for u in positions if pred[v] >> u & 1]
+        if not preds or v in fed:
+            jump(-1, pos[v])
+        for u in preds:
+            jump(pos[u], pos[v])
+        if v in feeds or not any(pred[w] >> v & 1 for w in positions):
+            jump(pos[v], m)
+    out, run = [], 0
+    for k, v in enumerate(positions):
+        run += cover[k]
+        if run == 0:
+            out.append(v)
+    return out

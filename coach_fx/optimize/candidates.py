@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from coach_fx.dag import LayerDAG
+from coach_fx.dag import LayerDAG, PlanSpaceTooLarge, articulations, closed_masks
 from coach_fx.runtime.wire import tensor_bytes
 
 
@@ -57,47 +57,10 @@ class _Space:
 
 def _closed_subsets(sp: _Space, nodes: Sequence[int], limit: int) -> list[int] | None:
     """Closed subsets of ``nodes`` (preds outside ``nodes`` count as present); None past limit."""
-    inside = sum(1 << i for i in nodes)
-    local_pred = [sp.pred[i] & inside for i in nodes]
-    out: list[int] = []
-    stack = [(0, 0)]
-    while stack:
-        k, s = stack.pop()
-        if k == len(nodes):
-            out.append(s)
-            if len(out) > limit:
-                return None
-            continue
-        stack.append((k + 1, s))
-        if local_pred[k] & ~s == 0:
-            stack.append((k + 1, s | (1 << nodes[k])))
-    return out
-
-
-def _articulations(sp: _Space, nodes: Sequence[int]) -> list[int]:
-    """Articulation nodes of the sub-DAG induced by ``nodes`` (sorted by position)."""
-    inside = sum(1 << i for i in nodes)
-    pos = {v: k for k, v in enumerate(nodes)}
-    m = len(nodes)
-    cover = [0] * (m + 1)
-    def jump(a: int, b: int) -> None:
-        if b - a > 1:
-            cover[a + 1] += 1
-            cover[b] -= 1
-    for v in nodes:
-        preds = [u for u in range(sp.n) if sp.pred[v] >> u & 1 and inside >> u & 1]
-        if not preds:
-            jump(-1, pos[v])
-        for u in preds:
-            jump(pos[u], pos[v])
-        if not any(sp.pred[w] >> v & 1 for w in nodes):   # no successor inside: feeds the sink
-            jump(pos[v], m)
-    out, run = [], 0
-    for k, v in enumerate(nodes):
-        run += cover[k]
-        if run == 0:
-            out.append(v)
-    return out
+    try:
+        return list(closed_masks(sp.pred, nodes, limit))
+    except PlanSpaceTooLarge:
+        return None
 
 
 def _components(sp: _Space, nodes: Sequence[int]) -> list[list[int]]:
@@ -190,7 +153,7 @@ def _conquer(sp: _Space, nodes: list[int], exact_sets: bool, limit: int, depth: 
     comps = _components(sp, nodes)
     if len(comps) == 1:
         # one branch: divide it at its own articulation nodes (sum over its sub-blocks)
-        arts = _articulations(sp, nodes)
+        arts = articulations(sp.pred, nodes)
         if not arts:
             subsets = _closed_subsets(sp, nodes, limit * 64)
             if subsets is None:

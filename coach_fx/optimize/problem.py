@@ -34,7 +34,6 @@ class Problem:
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(set(self.bits)))
         self.codecs = tuple(self.codecs)
-        self.min_bits_calls = 0
 
     def price(self, end_nodes: Iterable[str], bits: int, strategy: str,
               codec: str | None = None) -> Plan:
@@ -54,7 +53,6 @@ class Problem:
         allowed = tuple(sorted(allowed or self.bits))
         if self.oracle is None:
             return allowed[0]
-        self.min_bits_calls += 1
         s = frozenset(end_nodes)
         coded = usable_codecs(self.dag, self.dag.crossing(s), codec)
         if coded:

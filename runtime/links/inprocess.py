@@ -7,6 +7,7 @@ trace in milliseconds (single-threaded use).
 
 Example::
 
+    >>> from coach_fx.runtime.links.base import VirtualClock
     >>> link = InProcessLink(uplink=Trace.constant(10), latency_s=0.01, clock=VirtualClock())
     >>> link.end.send(b"x" * 125_000); link.cloud.recv()[:1]      # 0.1 s on the wire + 10 ms
     0.1
@@ -19,8 +20,7 @@ import queue
 import threading
 from typing import Any
 
-from coach_fx.runtime.links.base import (Clock, LinkTimeout, PeerGone, RealClock,  # noqa: F401
-                                         VirtualClock, as_trace)
+from coach_fx.runtime.links.base import Clock, LinkTimeout, PeerGone, RealClock, as_trace
 from coach_fx.traces import Trace
 
 
@@ -36,7 +36,6 @@ class Channel:
         self.free_at = 0.0
         self.busy_s = 0.0
         self.bytes = 0
-        self.messages = 0
         self.last_wire_s = 0.0   # of the last message received
         self.closed = False
         self._lock = threading.Lock()
@@ -53,7 +52,6 @@ class Channel:
             self.clock.sleep_until(finish)   # the sender is busy while its bytes are on the wire
             self.busy_s += finish - start
             self.bytes += len(msg)
-            self.messages += 1
         self.q.put((finish + self.latency_s, finish - start, msg))
         return finish - start
 
