@@ -43,3 +43,20 @@ def test_public_names_resolve():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_every_package_of_the_tree_is_installed():
+    """pyproject lists packages by name: a new sub-package must be listed, or a plain install
+    (CI, users) lacks it while an editable install (development) hides that."""
+    import tomllib
+    project = ROOT / "pyproject.toml"
+    if not project.is_file():
+        return   # an installed copy without its source tree: nothing to compare
+    tool = tomllib.loads(project.read_text())["tool"]["setuptools"]
+    dirs = {"coach_fx": ROOT / "coach_fx", **{k: ROOT / v for k, v in tool["package-dir"].items()}}
+    found = set()
+    for name, top in dirs.items():
+        for init in top.rglob("__init__.py"):
+            rel = init.parent.relative_to(top).parts
+            found.add(".".join((name, *rel)))
+    assert found == set(tool["packages"]), sorted(found ^ set(tool["packages"]))
