@@ -83,13 +83,16 @@ def test_unsendable_value():
         Entry.of_value(object())
 
 
-def test_importing_the_wire_format_loads_no_optimizer():
+def test_importing_the_wire_format_loads_no_optimizer(tmp_path):
     """A run-time process (the cloud server, an end device) imports the wire format without the
-    planner, the accuracy oracle or networkx: ``coach_fx`` re-exports lazily."""
+    planner, the accuracy oracle or networkx: ``coach_fx`` re-exports lazily. (Run from an
+    empty folder: ``python -c`` puts the current folder first on the path, and the source
+    tree is not the installed package.)"""
     import subprocess
     import sys
     code = ("import sys, coach_fx.runtime.wire, coach_fx.runtime.end, coach_fx.runtime.cloud; "
             "bad = [m for m in ('networkx', 'scipy', 'coach_fx.optimize', 'coach_fx.accuracy', "
             "'coach_fx.driver') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
