@@ -69,12 +69,14 @@ class Clock(Protocol):
 
 
 class RealClock:
+    """This host's time: ``time.perf_counter``, the clock the workers stamp their work with
+    (``emulate(start=...)`` takes such a stamp), so the two never mix clocks."""
+
     def now(self) -> float:
-        return time.monotonic()
+        return time.perf_counter()
 
     def sleep_until(self, t: float) -> None:
-        dt = t - time.monotonic()
-        if dt > 0:
+        while (dt := t - time.perf_counter()) > 0:   # a sleep may end early on some systems
             time.sleep(dt)
 
 
