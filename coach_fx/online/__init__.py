@@ -87,9 +87,28 @@ class OnlineModel:
                  deployment: Deployment, bands: dict[bool, Bands]) -> None:
         self.gm, self.dag, self.settings = gm, dag, settings
         self.example_inputs, self.deployment, self.bands = example_inputs, deployment, bands
-        self.plans, self.variants = deployment.plans, deployment.variants
-        self.cloud, self.out_spec = deployment.cloud, deployment.out_spec
-        self.offline = bands[False].start
+
+    # the deployment's parts, by plan id (read through: one copy of each)
+    @property
+    def plans(self) -> dict[int, Any]:
+        return self.deployment.plans
+
+    @property
+    def variants(self) -> dict[int, Any]:
+        return self.deployment.variants
+
+    @property
+    def cloud(self) -> dict[int, Any]:
+        return self.deployment.cloud
+
+    @property
+    def out_spec(self) -> Any:
+        return self.deployment.out_spec
+
+    @property
+    def offline(self) -> int:
+        """The id of the offline plan (for the network as given), where every mode starts."""
+        return self.bands[False].start
 
     def policy(self, mode: str = "full", seed: int = 0) -> OnlinePolicy:
         """A fresh :class:`coach_fx.runtime.policy.OnlinePolicy` for ``mode`` (see ``MODES``)."""
