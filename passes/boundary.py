@@ -27,7 +27,9 @@ class Crossing:
     bits: int
     shape: tuple[int, ...] | None
     dtype: torch.dtype | None
-    codec: str | None = None   # "image": the image codec's name ("jpeg90", "png")
+    #: "image": the image codec's name ("jpeg90", "png"); "quant": the lossless codec of the
+    #: packed codes on the wire ("deflate"), None: packed as they are
+    codec: str | None = None
 
     @property
     def n_payload(self) -> int:

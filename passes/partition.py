@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
-from coach_fx.runtime.wire import ALL_BITS
+from coach_fx.runtime.wire import ALL_BITS, TENSOR_CODECS
 import coach_fx.runtime.imagecodec as imagecodec  # registers torch.ops.coach.image_*
 from coach_fx.dag import dag_groups
 from coach_fx.passes.annotate import meta, mutated_input
@@ -108,7 +108,7 @@ def _check_codecs(gm: fx.GraphModule, codecs: Mapping[str, str]) -> None:
 
 
 def _crossing(n: fx.Node, groups: Mapping[str, str], bits: Mapping[str, int],
-              codecs: Mapping[str, str]) -> Crossing:
+              codecs: Mapping[str, str], tensor_codecs: Mapping[str, str]) -> Crossing:
     """How the value of end node ``n`` crosses: as an image, raw, or quantized with its bits."""
     info = meta(n)
     owner = groups.get(n.name, n.name)
@@ -124,7 +124,8 @@ def _crossing(n: fx.Node, groups: Mapping[str, str], bits: Mapping[str, int],
     kind = "raw" if not is_float or b >= 32 else "quant"
     if is_float and b not in ALL_BITS:
         raise ValueError(f"partition: bits for {owner} must be one of {ALL_BITS}; got {b}")
-    return Crossing(n.name, owner, kind, b if kind != "raw" else 32, info.shape, info.dtype)
+    codec = tensor_codecs.get(owner) if kind == "quant" else None
+    return Crossing(n.name, owner, kind, b if kind != "raw" else 32, info.shape, info.dtype, codec)
 
 
 def _captures(gm: fx.GraphModule, side: Mapping[str, str], crossing_nodes: list[fx.Node],
@@ -171,19 +172,26 @@ def _cloud_inputs(cg: fx.Graph, crossing_nodes: list[fx.Node], crossings: list[C
 
 
 def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, int],
-              mode: str = "deploy", codecs: Mapping[str, str] | None = None
+              mode: str = "deploy", codecs: Mapping[str, str] | None = None,
+              tensor_codecs: Mapping[str, str] | None = None
               ) -> tuple[fx.GraphModule, fx.GraphModule, Boundary]:
     """Split annotated ``gm`` into (end module, cloud module, boundary) for ``end_nodes``.
 
     ``bits`` maps DAG node names (or model input names) to bits; a crossing value that is a
     float tensor and not listed goes with 32 bits. ``codecs`` maps model input names to an
     image codec (``runtime.imagecodec``: "jpeg<q>", "png"): such an input, where it crosses,
-    travels as images (``Crossing.kind == "image"``; its bits do not apply).
+    travels as images (``Crossing.kind == "image"``; its bits do not apply). ``tensor_codecs``
+    maps DAG node names to a lossless codec for their packed codes (``runtime.wire``'s
+    ``TENSOR_CODECS``: "deflate"), applied on the wire; the halves do not change.
     """
     if mode not in ("deploy", "train"):
         raise ValueError(f"mode must be 'deploy' or 'train', got {mode!r}")
     codecs = dict(codecs or {})
     _check_codecs(gm, codecs)
+    tensor_codecs = dict(tensor_codecs or {})
+    bad = {c for c in tensor_codecs.values() if c not in TENSOR_CODECS}
+    if bad:
+        raise ValueError(f"partition: unknown tensor codec(s) {sorted(bad)} (known: {sorted(TENSOR_CODECS)})")
     groups = dag_groups(gm)
     end = set(end_nodes)
     unknown = end - set(groups.values())
@@ -195,7 +203,7 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
 
     crossing_nodes = [n for n in gm.graph.nodes if side.get(n.name) == "end" and n.op != "output"
                       and any(side[u.name] == "cloud" for u in n.users)]
-    crossings = [_crossing(n, groups, bits, codecs) for n in crossing_nodes]
+    crossings = [_crossing(n, groups, bits, codecs, tensor_codecs) for n in crossing_nodes]
     capture_before = _captures(gm, side, crossing_nodes, crossings)
 
     eg, cg = fx.Graph(), fx.Graph()

@@ -30,7 +30,7 @@ def payload_to_entries(boundary: Boundary, payload: Sequence[Any]) -> list[Entry
     for c in boundary.crossings:
         if c.kind == "quant":
             packed, scale, zero = payload[k:k + 3]
-            entries.append(Entry.quantized(packed, scale, zero, c.bits, c.shape, c.dtype))
+            entries.append(Entry.quantized(packed, scale, zero, c.bits, c.shape, c.dtype, c.codec))
             k += 3
         elif c.kind == "image":
             p = payload[k]
@@ -62,7 +62,8 @@ def entries_to_payload(boundary: Boundary, entries: Sequence[Entry],
             if e.kind != QUANT or e.bits != c.bits or tuple(e.shape) != tuple(c.shape) or e.dtype != c.dtype:
                 raise WireError(f"entry for {c.name}: expected {c.bits}-bit {c.dtype} of shape "
                                 f"{tuple(c.shape)}, got {e.kind_name} {e.bits}-bit {e.dtype} {tuple(e.shape)}")
-            out += [e.data, torch.tensor(e.scale, dtype=torch.float32),
+            # the shape is the plan's: it bounds what a coded entry may inflate to
+            out += [e.packed(), torch.tensor(e.scale, dtype=torch.float32),
                     torch.tensor(e.zero_point, dtype=torch.int32)]
         elif c.kind == "image":
             out.append(_image_payload(c, e))
@@ -97,20 +98,21 @@ def _dequantized(c: Any, e: Entry) -> torch.Tensor:
     if e.bits not in QUANT_BITS or tuple(e.shape) != tuple(c.shape) or e.dtype != c.dtype:
         raise WireError(f"entry for {c.name}: expected a quantized {c.dtype} of shape "
                         f"{tuple(c.shape)}, got {e.bits}-bit {e.dtype} {tuple(e.shape)}")
-    codes = unpack_impl(e.data, e.bits, list(c.shape))
+    codes = unpack_impl(e.packed(), e.bits, list(c.shape))
     return dequantize_impl(codes, torch.tensor(e.scale, dtype=torch.float32),
                            torch.tensor(e.zero_point, dtype=torch.int32), e.bits, c.dtype)
 
 
-def quantized_entry(value: torch.Tensor, bits: int) -> Entry:
-    """``value`` as a message entry with ``bits`` (32: as it is), through the boundary ops."""
+def quantized_entry(value: torch.Tensor, bits: int, codec: str | None = None) -> Entry:
+    """``value`` as a message entry with ``bits`` (32: as it is), through the boundary ops;
+    ``codec`` ("deflate") codes the packed bytes where that shortens them."""
     value = value.detach()
     if bits >= 32 or not value.is_floating_point():
         return Entry.of_value(value)
     # the boundary ops' arithmetic without their per-op overhead (bit-exact with them): per
     # request the dispatcher and torch's small-op costs would outweigh the work
     packed, scale, zero = quantize_pack_cpu(value, bits)
-    return Entry.quantized(packed, scale, zero, bits, tuple(value.shape), value.dtype)
+    return Entry.quantized(packed, scale, zero, bits, tuple(value.shape), value.dtype, codec)
 
 
 def output_to_entries(out: Any) -> tuple[list[Entry], Any]:

@@ -210,6 +210,7 @@ _FIELD_ERRORS = [
     (range(36, 40), "scale"),                                       # scale
     (range(40, 44), "zero point"),                                  # zero point
     (range(44, 52), "bytes|tuple"),                                 # byte count
+    (range(52, 56), "codec|bytes"),                                 # codec (coded: fewer bytes)
 ]
 
 
@@ -246,7 +247,7 @@ def test_fuzz_mutated_real_messages(msg, data):
         off = data.draw(st.integers(0, 55))
         buf[24 + off] = data.draw(st.integers(0, 255))
         struct.pack_into("<I", buf, 20, zlib.crc32(bytes(buf[24:])))
-        expect = _field_error(off) if off < 52 else None   # the reserved word is not checked
+        expect = _field_error(off)
     try:
         decode(bytes(buf))
     except WireError as e:
