@@ -64,8 +64,8 @@ class CompiledModel(nn.Module):
         self.oracle = oracle
         self.example_inputs = tuple(example_inputs)
         self.input_names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        self.end_module, self.cloud_module, self.boundary = partition(gm, plan.end_nodes, plan.bits,
-                                                                      codecs=plan.codecs)
+        self.end_module, self.cloud_module, self.boundary = partition(
+            gm, plan.end_nodes, plan.bits, codecs=plan.codecs, tensor_codecs=plan.tensor_codecs)
         self._train_end, self._train_cloud, _ = partition(gm, plan.end_nodes, plan.bits, mode="train",
                                                           codecs=plan.codecs)
         self.link: Callable[[tuple], tuple] = _identity_link
@@ -200,8 +200,7 @@ class CompiledModel(nn.Module):
         p = self.plan
         head = (f"plan: {p.strategy}, objective {p.objective}; {len(p.end_nodes)}/{len(self.dag)} "
                 f"nodes on the end; crossing: "
-                + (", ".join(f"{x}@{p.codecs[x]}" if x in p.codecs else f"{x}@{p.bits[x]}b"
-                             for x in p.cut) or "nothing"))
+                + (", ".join(p.crossing_label(x) for x in p.cut) or "nothing"))
         if p.accuracy is not None:
             head += f"\naccuracy: {p.note}"
         rows = [["T_end", p.t_end * 1e3], ["T_link", p.t_link * 1e3], ["T_cloud", p.t_cloud * 1e3],

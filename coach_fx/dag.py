@@ -41,10 +41,11 @@ class NodeData:
 
 @dataclass(frozen=True)
 class CodecCost:
-    """What sending a model input through an image codec costs (``coach_fx.profile`` measures it
-    on real frames): coded bytes per request (a high quantile over the frames, not the mean:
-    a plan must keep up with the frames that code large) and the end / cloud seconds to
-    encode / decode, each device's own."""
+    """What sending a tensor through a codec costs (``coach_fx.profile`` measures it on real
+    frames): a model input through an image codec, or a quantized tensor's packed codes through
+    a lossless one (``LayerDAG.tensor_codecs``). Coded bytes per request (a high quantile over
+    the frames, not the mean: a plan must keep up with the frames that code large) and the
+    end / cloud seconds to encode / decode, each device's own."""
 
     codec: str
     bytes: int
@@ -100,6 +101,9 @@ class LayerDAG:
         #: model input name -> codec name -> its cost (image-shaped inputs only; see
         #: ``Settings.input_codecs``); empty when no codec applies
         self.input_codecs: dict[str, dict[str, CodecCost]] = {}
+        #: lossless codec ("deflate") -> node or model input -> bits -> its cost (the coded
+        #: size of the packed codes at that width); empty when none was measured
+        self.tensor_codecs: dict[str, dict[str, dict[int, CodecCost]]] = {}
         self._pred_mask = [sum(1 << self.index[p] for p in self._preds[v]) for v in self.nodes]
 
     # ----------------------------------------------------------------- structure
@@ -180,6 +184,13 @@ class LayerDAG:
         if isinstance(q, Mapping):
             return q.get(bits) or q[min(q, key=lambda b: abs(b - bits))]
         return q
+
+    def coded_cost(self, name: str, codec: str | None, bits: int) -> CodecCost | None:
+        """What coding ``name``'s packed codes at ``bits`` with ``codec`` costs (None: not
+        measured, or no codec)."""
+        if codec is None:
+            return None
+        return self.tensor_codecs.get(codec, {}).get(name, {}).get(bits)
 
     def output_bytes(self) -> int:
         return sum(self.info[o].bytes for o in self.outputs)

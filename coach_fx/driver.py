@@ -21,6 +21,7 @@ from coach_fx.compiled import InputError, example_tuple
 from coach_fx.profile import build_dag
 from coach_fx.dag import LayerDAG
 from coach_fx.optimize import Problem, solve
+from coach_fx.optimize.problem import per_tensor_bits
 from coach_fx.optimize.simple import manual
 from coach_fx.optimize.trace import plan_for_trace, varies
 from coach_fx.passes.annotate import annotate, keeps_effect
@@ -46,6 +47,10 @@ def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Se
     return gm, inputs, dag
 
 
+#: The strategies whose plans may code their quantized crossings (``Settings.tensor_codecs``).
+CODING_STRATEGIES = ("coach", "brute-force")
+
+
 def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Settings,
                strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
     """Plan an already prepared model with ``strategy`` (default: the settings')."""
@@ -55,12 +60,16 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
         return manual(problem, settings.end_nodes, settings.manual_bits), oracle
     if oracle is None and strategy not in ("end-only",):
         oracle = AccuracyOracle(gm, dag, settings, inputs)
+    # baselines are what their papers do: only coach's own searches code crossings
+    coding = settings.tensor_codecs if strategy in CODING_STRATEGIES else ()
     problem = Problem(dag, settings.network, settings.objective, settings.bits,
-                      settings.input_bits, oracle, settings.input_codecs)
+                      settings.input_bits, oracle, settings.input_codecs, coding)
     kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
     plan = solve(strategy, problem, **kw)
     if strategy == "coach" and varies(settings.network):
         plan = plan_for_trace(problem, plan, settings.input_bits)
+    if strategy in CODING_STRATEGIES and settings.per_tensor_bits:
+        plan = per_tensor_bits(problem, plan)
     if oracle is not None:
         plan = dataclasses.replace(plan, accuracy=oracle.metric(plan.end_nodes, plan.bits, plan.codecs),
                                    accuracy_ok=oracle.ok(plan.end_nodes, plan.bits, plan.codecs))

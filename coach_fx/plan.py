@@ -48,6 +48,19 @@ class Plan:
     extra: dict = field(default_factory=dict)
     #: model input name -> image codec it crosses with ("jpeg90", "png"); others as ``bits``
     codecs: dict[str, str] = field(default_factory=dict)
+    #: crossing -> lossless codec of its packed codes ("deflate"), where it shortens them
+    tensor_codecs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tensor_codec(self) -> str | None:
+        """The lossless codec the plan codes its quantized crossings with (None: none)."""
+        return next(iter(self.tensor_codecs.values()), None)
+
+    def crossing_label(self, x: str) -> str:
+        """How crossing ``x`` travels, e.g. ``"x@jpeg90"``, ``"relu@4b"``, ``"relu@4b+deflate"``."""
+        if x in self.codecs:
+            return f"{x}@{self.codecs[x]}"
+        return f"{x}@{self.bits[x]}b" + (f"+{self.tensor_codecs[x]}" if x in self.tensor_codecs else "")
 
     @property
     def latency(self) -> float:
@@ -108,17 +121,21 @@ def usable_codecs(dag: LayerDAG, cut: Iterable[str], codec: str | Mapping[str, s
 
 
 def mean_bytes(dag: LayerDAG, plan: Plan) -> int:
-    """The plan's message bytes averaged over a stream: an image codec's coded size varies per
-    frame, and ``bytes_sent`` may price it at a high quantile (see ``CodecCost.priced``)."""
-    return plan.bytes_sent - sum(dag.input_codecs[x][c].priced(plan.objective) - dag.input_codecs[x][c].average
-                                 for x, c in plan.codecs.items())
+    """The plan's message bytes averaged over a stream: a codec's coded size varies per frame,
+    and ``bytes_sent`` may price it at a high quantile (see ``CodecCost.priced``)."""
+    costs = [dag.input_codecs[x][c] for x, c in plan.codecs.items()]
+    costs += [dag.tensor_codecs[c][x][plan.bits[x]] for x, c in plan.tensor_codecs.items()]
+    return plan.bytes_sent - sum(c.priced(plan.objective) - c.average for c in costs)
 
 
 def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, int],
              network: Network, *, strategy: str = "manual", objective: str = "throughput",
-             input_bits: int | None = None, codecs: str | Mapping[str, str] | None = None) -> Plan:
+             input_bits: int | None = None, codecs: str | Mapping[str, str] | None = None,
+             tensor_codec: str | None = None) -> Plan:
     """Price the plan that runs ``end_nodes`` on the end device (must be predecessor-closed);
-    ``codecs``: image codec(s) for the model inputs that cross (see :func:`usable_codecs`)."""
+    ``codecs``: image codec(s) for the model inputs that cross (see :func:`usable_codecs`);
+    ``tensor_codec``: the lossless codec ("deflate") for the packed codes of the quantized
+    crossings whose measured coded size (``LayerDAG.tensor_codecs``) is shorter."""
     s = set(end_nodes)
     unknown = s - set(dag.nodes)
     if unknown:
@@ -132,6 +149,7 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
     t_end = sum(dag.t_end(v) for v in s)
     t_cloud = sum(dag.t_cloud(v) for v in dag.nodes if v not in s)
     nbytes = 0
+    tensor_coded: dict[str, str] = {}
     for x in cut:
         d = dag.info[x]
         if x in coded:
@@ -141,7 +159,15 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
             t_end += cost.t_end
             t_cloud += cost.t_cloud
             continue
-        nbytes += tensor_bytes(d.numel, d.bytes, d.quantizable, b[x])
+        plain = tensor_bytes(d.numel, d.bytes, d.quantizable, b[x])
+        lossless = dag.coded_cost(x, tensor_codec, b[x]) if d.quantizable and b[x] < 32 else None
+        if lossless is not None and lossless.priced(objective) + TENSOR_HEADER_BYTES < plain:
+            tensor_coded[x] = lossless.codec
+            nbytes += lossless.priced(objective) + TENSOR_HEADER_BYTES
+            t_end += lossless.t_end
+            t_cloud += lossless.t_cloud
+        else:
+            nbytes += plain
         if d.quantizable and b[x] < 32:
             q_end, q_cloud = dag.quant_cost(b[x])
             t_end += q_end * d.numel
@@ -153,4 +179,5 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
         t_link = network.up_seconds(nbytes) + half_rtt
         t_cloud += network.down_seconds(dag.output_bytes() + MESSAGE_HEADER_BYTES) + half_rtt
     order = tuple(v for v in dag.nodes if v in s)
-    return Plan(strategy, order, cut, b, t_end, t_link, t_cloud, nbytes, objective, codecs=coded)
+    return Plan(strategy, order, cut, b, t_end, t_link, t_cloud, nbytes, objective, codecs=coded,
+                tensor_codecs=tensor_coded)

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import warnings
@@ -27,6 +28,7 @@ import torch.fx as fx
 from coach_fx.dag import CodecCost, LayerDAG
 from coach_fx.passes.annotate import NodeMeta
 from coach_fx.progress import Progress
+from coach_fx.runtime.wire import Entry, packed_nbytes
 from coach_fx.settings import Device, Settings, calibration_parts
 from coach_fx.timing import run_times
 
@@ -43,6 +45,16 @@ BASELINE_CODECS = ("jpeg90", "png")
 #: that code large, not only the average one).
 CODEC_FRAMES = 64
 CODEC_QUANTILE = 0.95
+#: Requests whose crossing tensors price a lossless tensor codec (each node's value on the
+#: first calibration samples, else on the example), at ``CODEC_QUANTILE`` of their coded sizes.
+TENSOR_CODEC_FRAMES = 16
+#: Elements of one tensor coded to price a codec: a larger one is priced on evenly spaced
+#: slices of this many elements in all, quantized with the whole tensor's range (its coded
+#: share times the whole's packed size), so large models compile in seconds, not minutes
+TENSOR_CODEC_SAMPLE = 1 << 16
+#: deflate (level 1) seconds per packed byte in the analytic model (about 12 ns/byte to code
+#: and 3 to inflate on this project's reference host, trained resnet18 features)
+ANALYTIC_DEFLATE_S_PER_BYTE = (12e-9, 3e-9)
 
 
 class _Timer(fx.Interpreter):
@@ -154,6 +166,7 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
                                      device_times(host, settings.cloud), quant)
     dag.host_times = host  # kept for the prediction check in `coach plan`
     dag.input_codecs = codec_costs(gm, example_inputs, settings)
+    dag.tensor_codecs = tensor_codec_costs(gm, example_inputs, dag, settings)
     return dag
 
 
@@ -192,4 +205,100 @@ def codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Set
                                      per_request * dec * settings.cloud.slowdown,
                                      round(per_request * sum(m.sizes) / len(m.sizes)))
         out[name] = costs
+    return out
+
+
+def _requests(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings, n: int) -> list[tuple]:
+    """Up to ``n`` requests shaped like ``example_inputs`` cut from the calibration frames
+    (the example itself where they do not fit)."""
+    frames = calibration_parts(settings.calibration)[0] if settings.calibration is not None else ()
+    ex = tuple(example_inputs)
+    fits = len(frames) == len(ex) and all(
+        isinstance(f, torch.Tensor) and isinstance(e, torch.Tensor) and e.dim() > 0
+        and f.shape[1:] == e.shape[1:] and f.dtype == e.dtype for f, e in zip(frames, ex))
+    if not fits:
+        return [ex]
+    per = ex[0].shape[0]
+    count = min(n, min(f.shape[0] for f in frames) // per)
+    return [tuple(f[k * per:(k + 1) * per] for f in frames) for k in range(count)] or [ex]
+
+
+class _Values(fx.Interpreter):
+    """Runs the graph and keeps the tensors of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names and isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        return out
+
+
+def _codec_sample(value: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``value`` itself, or for a tensor over ``TENSOR_CODEC_SAMPLE`` elements evenly spaced
+    slices of it led by its minimum and maximum (so that they quantize with its range), and
+    how much larger the whole is."""
+    flat = value.reshape(-1)
+    n = flat.numel()
+    if n <= TENSOR_CODEC_SAMPLE:
+        return value, 1.0
+    k = 8
+    run = TENSOR_CODEC_SAMPLE // k
+    parts = [flat.min().reshape(1), flat.max().reshape(1)]
+    parts += [flat[i * (n - run) // (k - 1):][:run] for i in range(k)]
+    sample = torch.cat(parts)
+    return sample, n / sample.numel()
+
+
+def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: LayerDAG,
+                       settings: Settings) -> dict[str, dict[str, dict[int, CodecCost]]]:
+    """Per lossless codec (``Settings.tensor_codecs``), per float node or model input, per
+    bit width: the ``CODEC_QUANTILE`` of the coded sizes of its packed codes over
+    ``TENSOR_CODEC_FRAMES`` real requests (coded exactly as the wire codes them, so a size
+    never exceeds the packed one) and the coding times (analytic costs: a fixed rate)."""
+    from coach_fx.runtime.codec import quantized_entry
+    if not settings.tensor_codecs:
+        return {}
+    widths = {x: [b for b in settings.bits if b < 32] for x in dag.nodes if dag.info[x].quantizable}
+    widths.update({x: [settings.input_bits] for x in dag.inputs
+                   if dag.info[x].quantizable and settings.input_bits < 32})
+    timed = settings.costs == "measured"    # analytic costs price coding at a fixed rate
+    sizes: dict[tuple[str, str, int], list[int]] = {}
+    times: dict[tuple[str, str, int], list[tuple[float, float]]] = {}
+    with torch.no_grad():
+        for req in _requests(gm, example_inputs, settings, TENSOR_CODEC_FRAMES):
+            run = _Values(gm, set(widths))
+            run.run(*req)
+            for name, whole in run.values.items():
+                value, scale = _codec_sample(whole)
+                for bits in widths[name]:
+                    for codec in settings.tensor_codecs:
+                        plain = quantized_entry(value, bits)   # quantizing is priced apart
+                        t0 = time.perf_counter()
+                        e = Entry.quantized(plain.data, plain.scale, plain.zero_point, bits, plain.shape,
+                                            plain.dtype, codec)
+                        t1 = time.perf_counter()
+                        if timed:
+                            e.packed()
+                        t2 = time.perf_counter()
+                        coded = e.data.numel() if scale == 1.0 else min(
+                            packed_nbytes(whole.numel(), bits) - 1, round(e.data.numel() * scale))
+                        sizes.setdefault((codec, name, bits), []).append(int(coded))
+                        times.setdefault((codec, name, bits), []).append(
+                            (scale * (t1 - t0), scale * (t2 - t1) if e.codec else 0.0))
+    out: dict[str, dict[str, dict[int, CodecCost]]] = {}
+    for (codec, name, bits), got in sizes.items():
+        got = sorted(got)
+        q = got[min(len(got) - 1, max(0, math.ceil(CODEC_QUANTILE * len(got)) - 1))]
+        if settings.costs == "analytic":
+            packed = packed_nbytes(dag.info[name].numel, bits)
+            enc, dec = (r * packed for r in ANALYTIC_DEFLATE_S_PER_BYTE)
+        else:
+            enc = statistics.median(t[0] for t in times[(codec, name, bits)])
+            dec = statistics.median(t[1] for t in times[(codec, name, bits)])
+        out.setdefault(codec, {}).setdefault(name, {})[bits] = CodecCost(
+            codec, q, enc * settings.end.slowdown, dec * settings.cloud.slowdown, round(sum(got) / len(got)))
     return out

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from coach_fx.runtime.wire import ALL_BITS
+from coach_fx.runtime.wire import ALL_BITS, TENSOR_CODECS
 from coach_fx.traces import Trace
 
 #: Goodput over the shaped rate measured for our TCP link behind ``tc tbf`` (18.9 / 4.8 / 9.4
@@ -181,6 +181,13 @@ class Settings:
     #: ``input_bits`` (``coach_fx.runtime.imagecodec``: "jpeg<quality>", "png"): what a camera
     #: would send, so coach's search space holds "send a JPEG to the cloud". ``()``: none.
     input_codecs: Sequence[str] = ("jpeg95", "jpeg90", "jpeg75", "png")
+    #: Lossless codecs the packed codes of a quantized crossing may travel with
+    #: (``coach_fx.runtime.wire.TENSOR_CODECS``: "deflate"); the planner prices each plan with
+    #: and without, from coded sizes measured on calibration frames. ``()``: none.
+    tensor_codecs: Sequence[str] = ("deflate",)
+    #: After the exact search (one width per plan), give each crossing tensor its own width
+    #: where that is cheaper and the budget holds (``optimize.problem.per_tensor_bits``).
+    per_tensor_bits: bool = True
     #: For ``strategy="manual"``: the end set and bits (an int for all, or name -> bits).
     end_nodes: Sequence[str] | None = None
     manual_bits: int | Mapping[str, int] = 32
@@ -216,6 +223,11 @@ class Settings:
             raise ValueError(f"accuracy_confidence must be in (0, 1) or None, got {self.accuracy_confidence}")
         if isinstance(self.input_codecs, str):
             raise ValueError(f"input_codecs must be a sequence of codec names, got the string {self.input_codecs!r}")
+        if isinstance(self.tensor_codecs, str):
+            raise ValueError(f"tensor_codecs must be a sequence of codec names, got the string {self.tensor_codecs!r}")
+        unknown = [c for c in self.tensor_codecs if c not in TENSOR_CODECS]
+        if unknown:
+            raise ValueError(f"unknown tensor codec(s) {unknown}; known: {sorted(TENSOR_CODECS)}")
         if self.input_bits not in DEFAULT_BITS:
             raise ValueError(f"input_bits must be one of {DEFAULT_BITS}, got {self.input_bits}")
 

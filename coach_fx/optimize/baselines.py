@@ -32,7 +32,7 @@ from coach_fx.plan import Plan
 
 
 def _latency_problem(p: Problem) -> Problem:
-    return replace(p, objective="latency", oracle=None, codecs=())
+    return replace(p, objective="latency", oracle=None, codecs=(), tensor_codecs=())
 
 
 #: DSH's weight grid (end, link, cloud): every mix of 1, 2, 4 and 8 (up to scale).
@@ -58,7 +58,7 @@ def dads(p: Problem, bits: int = 32, name: str = "dads") -> Plan:
 
 
 def dads_dsh(p: Problem, bits: int = 32, name: str = "dads-dsh") -> Plan:
-    tp = replace(p, objective="throughput", oracle=None, codecs=())
+    tp = replace(p, objective="throughput", oracle=None, codecs=(), tensor_codecs=())
     best = tp.price(tp.dag.nodes, bits, name)
     seen: set[frozenset[str]] = set()
     for w in DSH_WEIGHTS:

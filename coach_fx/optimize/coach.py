@@ -50,6 +50,10 @@ def optimistic_scores(p: Problem, masks: list[int]) -> tuple[np.ndarray, np.ndar
         raw = tensor_bytes(d.numel, d.bytes, d.quantizable, b)
         coded = [min(c.bytes, c.average) + TENSOR_HEADER_BYTES
                  for k, c in dag.input_codecs.get(name, {}).items() if is_input and k in p.codecs]
+        if not is_input or d.quantizable and p.input_bits < 32:
+            coded += [c.priced(p.objective) + TENSOR_HEADER_BYTES for tc in p.tensor_codecs
+                      for w, c in dag.tensor_codecs[tc].get(name, {}).items()
+                      if w in p.bits or is_input and w == p.input_bits]
         return min([raw, *coded])   # a codec's coding time only adds: still a lower bound
     readers = np.zeros((n, n), dtype=np.int32)          # readers[u, r]: r reads u
     for v in dag.nodes:

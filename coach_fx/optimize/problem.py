@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, Sequence
 
@@ -16,12 +17,17 @@ class Oracle(Protocol):
     def min_bits(self, end_nodes: Iterable[str], allowed: Sequence[int] | None = None,
                  codecs: Mapping[str, str] | None = None) -> int | None: ...
 
+    def ok(self, end_nodes: Iterable[str], bits: dict[str, int],
+           codecs: Mapping[str, str] | None = None) -> bool: ...
+
 
 @dataclass
 class Problem:
     """A DAG priced on ``network``; ``oracle=None`` means every allowed bit width is accurate
     enough (the cheapest allowed is then always chosen). ``codecs``: image codecs a crossing
-    model input may use besides raw ``input_bits`` (those the DAG has costs for)."""
+    model input may use besides raw ``input_bits`` (those the DAG has costs for);
+    ``tensor_codecs``: lossless codecs the quantized crossings may use (lossless: they change
+    the price, never the accuracy, so each plan is priced with and without them)."""
 
     dag: LayerDAG
     network: Network
@@ -30,17 +36,26 @@ class Problem:
     input_bits: int = 8
     oracle: Oracle | None = None
     codecs: Sequence[str] = ()
+    tensor_codecs: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         self.bits = tuple(sorted(set(self.bits)))
         self.codecs = tuple(self.codecs)
+        self.tensor_codecs = tuple(c for c in self.tensor_codecs if c in self.dag.tensor_codecs)
 
-    def price(self, end_nodes: Iterable[str], bits: int, strategy: str,
+    def price(self, end_nodes: Iterable[str], bits: int | Mapping[str, int], strategy: str,
               codec: str | None = None) -> Plan:
+        """The plan for this end set at ``bits`` (one width for every quantized crossing, or
+        crossing -> width) and input ``codec``, with the better of no tensor codec and each of
+        ``tensor_codecs``."""
         s = frozenset(end_nodes)
         cut = self.dag.crossing(s)
-        return evaluate(self.dag, s, plan_bits(self.dag, cut, bits, self.input_bits),
-                        self.network, strategy=strategy, objective=self.objective, codecs=codec)
+        b = plan_bits(self.dag, cut, bits, self.input_bits)
+        best = None
+        for tc in (None, *self.tensor_codecs):
+            best = better(best, evaluate(self.dag, s, b, self.network, strategy=strategy,
+                                         objective=self.objective, codecs=codec, tensor_codec=tc))
+        return best
 
     def input_options(self, end_nodes: Iterable[str]) -> list[str | None]:
         """How the crossing model inputs may travel: raw (None) and each usable codec."""
@@ -77,6 +92,30 @@ class Problem:
                 if w >= b:
                     best = better(best, self.price(end_nodes, w, strategy, codec))
         return best
+
+
+def per_tensor_bits(p: Problem, plan: Plan) -> Plan:
+    """``plan`` with a width per crossing tensor where that is cheaper: greedily, the tensor
+    with the most bytes first, one allowed width lower while the plan gets cheaper and the
+    budget holds (accuracy is checked for the whole plan each time). The search over cuts and
+    one width per plan is exact; this step after it only improves on its answer, it does not
+    search the (exponential) space of per-tensor widths."""
+    dag = p.dag
+    free = [x for x in plan.cut if dag.info[x].quantizable and x not in dag.inputs and x not in plan.codecs]
+    if p.oracle is None or len(free) < 2:
+        return plan
+    best, codec = plan, next(iter(plan.codecs.values()), None)
+    improved = True
+    while improved:
+        improved = False
+        for x in sorted(free, key=lambda v: -dag.info[v].numel * best.bits[v]):
+            lower = [w for w in p.bits if w < best.bits[x]]
+            if not lower:
+                continue
+            trial = p.price(best.end_nodes, {**best.bits, x: lower[-1]}, best.strategy, codec)
+            if trial.score < best.score and p.oracle.ok(best.end_nodes, trial.bits, trial.codecs):
+                best, improved = dataclasses.replace(trial, extra=dict(plan.extra)), True
+    return best
 
 
 def better(a: Plan | None, b: Plan | None) -> Plan | None:

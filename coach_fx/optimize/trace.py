@@ -53,19 +53,21 @@ def plan_for_trace(problem: Problem, plan: Plan, input_bits: int) -> Plan:
     """
     net = problem.network
     rates = [max(r, 1e-3) for r in net.trace.quantiles(TRACE_QUANTILES)]
-    cands = {(plan.end_nodes, tuple(sorted(plan.codecs.items()))): plan}
+    cands = {(plan.end_nodes, tuple(sorted(plan.codecs.items())), plan.tensor_codec): plan}
     for q in (0.1, 0.3, 0.5, 0.7, 0.9):
         r = max(net.trace.quantiles([q])[0], 1e-3)
         sub = dataclasses.replace(problem, network=dataclasses.replace(net, uplink_mbps=r))
         p = solve("coach", sub)
-        cands.setdefault((p.end_nodes, tuple(sorted(p.codecs.items()))), p)
+        cands.setdefault((p.end_nodes, tuple(sorted(p.codecs.items())), p.tensor_codec), p)
 
     def cost(p: Plan) -> float:
         if plan.objective == "latency":
             return expected_latency(evaluate(problem.dag, p.end_nodes, p.bits, net, objective="latency",
-                                             input_bits=input_bits, codecs=p.codecs), net)
+                                             input_bits=input_bits, codecs=p.codecs,
+                                             tensor_codec=p.tensor_codec), net)
         at = [evaluate(problem.dag, p.end_nodes, p.bits, dataclasses.replace(net, uplink_mbps=r),
-                       objective=plan.objective, input_bits=input_bits, codecs=p.codecs)
+                       objective=plan.objective, input_bits=input_bits, codecs=p.codecs,
+                                             tensor_codec=p.tensor_codec)
               for r in rates]
         return -sum(1.0 / e.period for e in at) / len(at)
 
@@ -73,7 +75,8 @@ def plan_for_trace(problem: Problem, plan: Plan, input_bits: int) -> Plan:
     if best is plan:
         return plan
     out = evaluate(problem.dag, best.end_nodes, best.bits, net, strategy=plan.strategy,
-                   objective=plan.objective, input_bits=input_bits, codecs=best.codecs)
+                   objective=plan.objective, input_bits=input_bits, codecs=best.codecs,
+                   tensor_codec=best.tensor_codec)
     return dataclasses.replace(out, extra={**out.extra, "for_trace": f"best of {len(cands)} plans "
                                                                       "for the trace's rate quantiles"})
 
