@@ -34,6 +34,9 @@ from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.wire import ALL_BITS
 
+#: Weight of the newest message in a plan's learned size factor (``BitController.observe``).
+SIZE_SMOOTHING = 0.2
+
 
 class BandwidthEstimator:
     """Harmonic mean of the last ``window`` throughput samples, in Mbit/s."""
@@ -64,6 +67,21 @@ class BitController:
         self.profile = profile
         self.all_bits = sorted(bits)
         self.bits = sorted(b for b in bits if b >= profile.min_bits) or [profile.min_bits]
+        #: per bit width, sent bytes over the profile's expected bytes (smoothed): coded sizes
+        #: vary with the frames, so the byte estimate follows what was sent
+        self.size_factor: dict[int, float] = {}
+
+    def observe(self, bits: int, nbytes: int) -> None:
+        """A message of ``nbytes`` went with ``bits``: learn how its size compares."""
+        expected = self.profile.message_bytes(bits)
+        if expected > 0 and nbytes > 0:
+            prev = self.size_factor.get(bits)
+            f = nbytes / expected
+            self.size_factor[bits] = f if prev is None else (1 - SIZE_SMOOTHING) * prev + SIZE_SMOOTHING * f
+
+    def link_seconds(self, bits: int, mbps: float) -> float:
+        """The link time of a message with ``bits`` at ``mbps``, on the sizes seen so far."""
+        return self.profile.link_seconds(bits, mbps) * self.size_factor.get(bits, 1.0)
 
     def choose(self, mbps: float | None, floor: int | None = None,
                compute_s: float | None = None, headroom: float = 1.0) -> int:
@@ -84,17 +102,17 @@ class BitController:
             # those within 2 % of it the most bits
             def period(b: int) -> float:
                 e, c = stages[b]
-                return max(e, c, self.profile.link_seconds(b, mbps) / headroom)
+                return max(e, c, self.link_seconds(b, mbps) / headroom)
             best = min(period(b) for b in allowed)
             return max(b for b in allowed if period(b) <= 1.02 * best)
         for b in reversed(allowed):
-            if self.profile.link_seconds(b, mbps) <= limit:
+            if self.link_seconds(b, mbps) <= limit:
                 return b
         return allowed[0]
 
     def link_bound(self, mbps: float | None) -> bool:
         """Even the fewest safe bits make the link the bottleneck (time to switch plan)."""
-        return mbps is not None and self.profile.link_seconds(self.bits[0], mbps) > self.profile.compute_s
+        return mbps is not None and self.link_seconds(self.bits[0], mbps) > self.profile.compute_s
 
 
 class PlanSwitcher:
@@ -217,6 +235,15 @@ class OnlineController:
         if cloud is None:
             return self.profiles[plan].compute_s
         return max(end, cloud)
+
+    def on_sent(self, plan: int, bits: int, nbytes: int) -> None:
+        """A request of ``nbytes`` went on ``plan`` with ``bits`` (its coded size teaches the
+        plan's byte estimate)."""
+        self.bit_controllers[plan].observe(bits, nbytes)
+
+    def link_seconds(self, plan: int, bits: int, mbps: float) -> float:
+        """Link time of a request on ``plan`` with ``bits`` at ``mbps`` (sizes as sent so far)."""
+        return self.bit_controllers[plan].link_seconds(bits, mbps)
 
     def on_result(self, plan: int | None, nbytes: float, wire_s: float, cloud_s: float | None) -> None:
         """A result came back: a bandwidth sample (its message's bytes over its time on the

@@ -38,18 +38,24 @@ class CutProfile:
     #: bytes of the quantized tensors sent as they are (at 32 bits), like ``quant_numel``
     #: (None: float32, 4 per element)
     quant_raw_bytes: int | tuple[int, ...] | None = None
+    #: the lossless codec of the quantized tensors' packed codes ("deflate"; None: none) and,
+    #: per bit width, their mean coded share of the packed bytes on calibration frames (a
+    #: width not listed: 1, uncoded); the controller corrects it with the sizes it sends
+    codec: str | None = None
+    coded_share: tuple[tuple[int, float], ...] = ()
 
     def message_bytes(self, bits: int) -> int:
-        """Bytes on the wire of one request with ``bits`` per quantized element (the wire
-        format's sizes)."""
+        """Expected bytes on the wire of one request with ``bits`` per quantized element (the
+        wire format's sizes; coded packed bytes at their calibrated share)."""
         numels = self.quant_numel if isinstance(self.quant_numel, tuple) else (self.quant_numel,)
         raws = self.quant_raw_bytes
         if raws is None:
             raws = tuple(4 * n for n in numels)
         elif not isinstance(raws, tuple):
             raws = (raws,)
+        share = dict(self.coded_share).get(bits, 1.0) if bits < 32 else 1.0
         payload = sum(tensor_bytes(n, r, True, bits) - TENSOR_HEADER_BYTES for n, r in zip(numels, raws))
-        return message_bytes([payload + self.raw_bytes, *[TENSOR_HEADER_BYTES] * self.n_tensors])
+        return message_bytes([round(payload * share) + self.raw_bytes, *[TENSOR_HEADER_BYTES] * self.n_tensors])
 
     def link_seconds(self, bits: int, mbps: float) -> float:
         return self.message_bytes(bits) * 8 / (mbps * 1e6)

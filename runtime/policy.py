@@ -245,9 +245,11 @@ class OnlinePolicy:
         # an image crossing is already coded (JPEG/PNG): it goes as it is, never re-quantized
         images = {k for k, c in enumerate(v.boundary.crossings) if c.kind == "image"}
         entries = [Entry.of_value(t) if k in images or not isinstance(t, torch.Tensor)
-                   else quantized_entry(t, b)
+                   else quantized_entry(t, b, v.profile.codec)
                    for k, (t, b) in enumerate(zip(vals, per))]
         msg = encode(i, entries, FLAG_CACHE_HIT if cached is not None else 0, v.plan_id)
+        if bits is not None and all(b == bits for b in adaptive_bits):   # as the controller chose
+            self.control.on_sent(v.plan_id, bits, len(msg))
         with self._lock:
             self._ctx[i] = (v.plan_id, feat, cached)
         key = max(adaptive_bits) if adaptive_bits else 32
@@ -347,7 +349,7 @@ class OnlinePolicy:
         if self._cached_end_s(v) <= v.end_host_s:
             return True
         end = self._cached_end_s(v) * self.end_slowdown
-        link = v.profile.link_seconds(v.profile.min_bits, mbps)
+        link = self.control.link_seconds(v.plan_id, v.profile.min_bits, mbps)
         return max(link, self.control.cloud_s.get(v.plan_id, 0.0)) > 0.8 * end
 
     def end_stage_s(self, v: Variant) -> float | None:

@@ -21,7 +21,7 @@ import torch
 from coach_fx._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
 from coach_fx.online.cache_calibration import calibrate_on_stream, locality_stream, similarity_bits
-from coach_fx.online.deploy import end_paths, end_paths_of, variant
+from coach_fx.online.deploy import coded_share, end_paths, end_paths_of, variant
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.passes.partition import partition
 from coach_fx.passes.split import SplitError, split_at
@@ -59,6 +59,8 @@ class CutInfo:
     lookup_split: Any = None   # (head, tail) of the end half where its cache looks up, if before the cut
     own_cache: Any = None  # the cache calibrated at the cut itself
     split_checked: bool = False
+    codec: str | None = None   # the lossless codec of its quantized crossings (``Settings.tensor_codecs``)
+    coded_share: tuple = ()    # per bits, the coded share of their packed bytes (``deploy.coded_share``)
 
 
 class CutAnalysis:
@@ -93,6 +95,8 @@ class CutAnalysis:
             fixed_bits = tuple(_fixed_bits(c) for c in boundary.crossings)
             info = CutInfo(end32, cloud32, boundary, fixed_bits, 32, None,
                             _caps(self.dag, boundary, self.settings))
+            info.codec = next(iter(self.settings.tensor_codecs), None)
+            info.coded_share = coded_share(self.dag, boundary, fixed_bits, info.codec, self.settings.bits)
             if not boundary.end_only and any(b is None for b in fixed_bits):
                 info.vals = [x if isinstance(x, tuple) else (x,)
                              for x in _batched(end32, self.oracle.inputs, self.oracle.batch)]

@@ -26,7 +26,7 @@ from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyCon
 from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CutProfile, Variant
 from coach_fx.runtime.policy import OnlinePolicy
-from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, packed_nbytes, tensor_bytes
 from coach_fx.settings import Network
 from coach_fx.timing import quiet_times
 
@@ -78,6 +78,28 @@ def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
     return dep
 
 
+def coded_share(dag: Any, boundary: Any, fixed_bits: Sequence[int | None], codec: str | None,
+                widths: Sequence[int]) -> tuple[tuple[int, float], ...]:
+    """Per bit width, the mean coded share of the packed bytes of the adaptive crossings
+    (``fixed_bits`` None) of ``boundary`` (``LayerDAG.tensor_codecs``, measured on calibration
+    frames; unmeasured ones count whole)."""
+    if codec is None:
+        return ()
+    out = []
+    for b in (w for w in widths if w < 32):
+        coded = packed = 0
+        for c, fixed in zip(boundary.crossings, fixed_bits):
+            if fixed is not None or c.shape is None or c.dtype is None or not c.dtype.is_floating_point:
+                continue
+            p = packed_nbytes(math.prod(c.shape), b)
+            cost = dag.coded_cost(c.dag_node, codec, b)
+            packed += p
+            coded += min(p, cost.average) if cost is not None else p
+        if packed:
+            out.append((b, coded / packed))
+    return tuple(out)
+
+
 def plan_profile(dag: Any, plan: Plan, min_bits: int | None, input_bits: int,
                  stage_s: tuple[tuple[int, float, float], ...] | None = None) -> CutProfile:
     """The controller's view of an offline ``plan`` (no split made): its float crossings are
@@ -108,7 +130,8 @@ def variant(pid: int, info: "CutInfo", compute_s: float, plan: Plan | None = Non
         else:
             raw_bytes += tensor_bytes(numel, raw, True, b) - TENSOR_HEADER_BYTES
     profile = CutProfile(tuple(quant_numel), raw_bytes, len(info.boundary.crossings),
-                         info.min_bits, compute_s, quant_raw_bytes=tuple(quant_raw))
+                         info.min_bits, compute_s, quant_raw_bytes=tuple(quant_raw),
+                         codec=info.codec, coded_share=info.coded_share)
     plan_bits: int | tuple[int, ...] = info.min_bits
     if plan is not None:     # the offline plan's own bits, crossing by crossing
         plan_bits = tuple(plan.bits.get(c.dag_node, info.min_bits) for c in info.boundary.crossings)

@@ -77,3 +77,21 @@ def test_a_start_plan_that_serves_no_band_gives_way_to_the_bands_plan():
                              ControlConfig(switching=False))
     still.on_result(0, 125_000, 0.01, 0.005)
     assert still.current == 0 and still.switches == 0
+
+
+def test_coded_sizes_raise_the_bits_that_fit_and_the_estimate_follows_them():
+    # 200k floats, bottleneck 40 ms, at 16 Mbit/s: 40 ms carry 80 kB, i.e. 3 bits uncoded
+    plain = CutProfile(quant_numel=200_000, raw_bytes=0, n_tensors=1, min_bits=2, compute_s=0.04)
+    coded = CutProfile(quant_numel=200_000, raw_bytes=0, n_tensors=1, min_bits=2, compute_s=0.04,
+                       codec="deflate", coded_share=tuple((b, 0.4) for b in (2, 3, 4, 5, 6, 8, 16)))
+    assert coded.message_bytes(4) < 0.41 * plain.message_bytes(4)
+    assert BitController(plain).choose(16.0) == 3
+    ctl = BitController(coded)
+    assert ctl.choose(16.0) == 6                     # 40 % of 6-bit codes fit where 3 bits did
+    for _ in range(20):                              # the frames code worse than calibrated
+        ctl.observe(6, plain.message_bytes(6))
+        ctl.observe(5, plain.message_bytes(5))
+        ctl.observe(4, plain.message_bytes(4))
+        ctl.observe(3, plain.message_bytes(3))
+    assert ctl.size_factor[6] == pytest.approx(2.5, rel=0.02)
+    assert ctl.choose(16.0) == 3                     # back to what fits uncoded

@@ -255,3 +255,19 @@ def test_a_cache_looking_up_inside_the_end_half_skips_the_rest_on_a_hit(tiny_spl
     assert torch.equal(hit.answer, model(x))
     # the cache's centers are the probe's features (16 values: 4 channels x 2 x 2 cells)
     assert policy.caches[0].centers[int(model(x).argmax())].total.shape == (16,)
+
+
+def test_a_coded_plan_sends_coded_codes_and_learns_their_size(tiny_split):
+    model, gm, dag, x = tiny_split
+    v, cloud, boundary = variant(gm, dag, upto(dag, "relu"), 0, min_bits=4)
+    v.profile = dataclasses.replace(v.profile, codec="deflate", coded_share=((4, 0.5),))
+    policy = online_policy([v], cache=False)
+    prep = policy.prepare(0, (torch.zeros_like(x),))   # a blank frame: codes that deflate well
+    _, _, _, entries = decode(prep.msg)
+    assert entries[0].kind == QUANT and entries[0].codec_name == "deflate"
+    out = cloud(*entries_to_payload(boundary, entries, accept_quantized=True))
+    assert torch.allclose(out, model(torch.zeros_like(x)), atol=0.5)
+    policy.on_result(0, model(x), [0.001, float(len(prep.msg)), 0.01], False)
+    policy.prepare(1, (torch.zeros_like(x),))         # with an estimate: the controller picks bits
+    learned = policy.control.bit_controllers[0].size_factor
+    assert learned and all(f < 1.0 for f in learned.values())   # smaller than the 50 % expected
