@@ -13,7 +13,8 @@ reported.
 Methods: end-only; cloud-only with raw 8-bit pixels, with a quality-90 JPEG and with a PNG
 (what a deployed camera sends; measured coding times, real coded sizes); Neurosurgeon, DADS
 (light load), DADS-DSH (heavy load, throughput) and QDMP, each float32 and +int8; coach
-planned for throughput, and coach planned with ``objective="latency"``. A baseline counts
+planned for throughput, and coach planned with ``objective="latency"``; "coach uncoded" (no
+lossless coding of the crossings, ``tensor_codecs=()``) for the bytes table only. A baseline counts
 against coach when it passes the accuracy check coach is held to (the calibration split's
 confidence bound); every method's test-split drop is reported. Throughput comes from the pipeline simulator (the traces' real
 rates; coded sizes at their mean over the frames); single-request latency with empty queues.
@@ -44,7 +45,7 @@ from coach_fx.optimize.trace import TRACE_STARTS
 from coach_fx.profile import build_dag, host_times, torch_threads
 from coach_fx.plan import Plan, mean_bytes
 from coach_fx.runtime.simulate import SimPlan, simulate
-from coach_fx.settings import Device, Settings
+from coach_fx.settings import Device, Network, Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import Condition, geomean  # noqa: E402 - the random-weight grid's records
@@ -59,7 +60,12 @@ TRACES = {"norway x1": ("norway-hsdpa/norway_bus_20", 1.0),
           "lte x1": ("mahimahi-lte/Verizon-LTE-short.up", 1.0)}
 BASELINES = ["end-only", "cloud-only", "cloud-only+jpeg90", "cloud-only+png", "neurosurgeon",
              "neurosurgeon+int8", "dads", "dads+int8", "dads-dsh", "dads-dsh+int8", "qdmp", "qdmp+int8"]
-COACH = ["coach", "coach latency"]
+#: "coach uncoded": coach without lossless coding of its crossings (``tensor_codecs=()``),
+#: for the bytes table: uniform bits alone against bits and deflate
+COACH = ["coach", "coach latency", "coach uncoded"]
+#: An uplink so fast that no plan's link is its bottleneck: coach planned on it gives the
+#: compute ceiling of a split (the end and the cloud sharing the model, nothing waiting on the link)
+UNBOUNDED_MBPS = 1e6
 BUDGET = 0.005
 
 
@@ -82,11 +88,18 @@ def measure(dag, plan: Plan, cond: Condition) -> tuple[float, float]:  # noqa: A
     return st.throughput, single
 
 
+def coding_s(dag, plan: Plan) -> float:  # noqa: ANN001
+    """The end device's seconds per request to code the plan's crossings (image codecs and
+    deflate), as the cost model prices them."""
+    image = sum(dag.input_codecs[x][c].t_end for x, c in plan.codecs.items())
+    return image + sum(dag.tensor_codecs[c][x][plan.bits[x]].t_end for x, c in plan.tensor_codecs.items())
+
+
 def describe(plan: Plan, dag) -> str:  # noqa: ANN001
     if len(plan.end_nodes) == len(dag.nodes):
         return "end-only"
     where = f"{len(plan.end_nodes)}/{len(dag.nodes)} on end"
-    sent = ", ".join(f"{x}@{plan.codecs[x]}" if x in plan.codecs else f"{x}@{plan.bits[x]}b" for x in plan.cut)
+    sent = ", ".join(plan.crossing_label(x) for x in plan.cut)
     return f"{where}: {sent}"
 
 
@@ -111,15 +124,21 @@ def run_model(name: str, slowdowns: list[float], conds: list[Condition], rows: l
             oracle = AccuracyOracle(gm, dag, settings, inputs)
             test = AccuracyOracle(gm, dag, dataclasses.replace(settings, calibration=(xt, yt),
                                                                accuracy_confidence=None), inputs)
+        free = plan_model(gm, inputs, dag, dataclasses.replace(settings, network=Network(UNBOUNDED_MBPS)),
+                          strategy="coach", oracle=oracle)[0]
+        ceiling = 1.0 / max(free.t_end, free.t_cloud)
         for cond in conds:
             s = dataclasses.replace(settings, network=cond.network)
             plans = {m: plan_model(gm, inputs, dag, s, strategy=m, oracle=oracle)[0] for m in BASELINES}
             plans["coach"] = plan_model(gm, inputs, dag, s, strategy="coach", oracle=oracle)[0]
             plans["coach latency"] = plan_model(gm, inputs, dag, dataclasses.replace(s, objective="latency"),
                                                 strategy="coach", oracle=oracle)[0]
+            plans["coach uncoded"] = plan_model(gm, inputs, dag, dataclasses.replace(s, tensor_codecs=()),
+                                                strategy="coach", oracle=oracle)[0]
             for m, p in plans.items():
                 thr, single = measure(dag, p, cond)
                 rows.append(dict(model=name, slowdown=sd, network=cond.name, method=m, throughput=thr,
+                                 ceiling=ceiling, coding_ms=coding_s(dag, p) * 1e3,
                                  latency_single_ms=single * 1e3, kb_per_request=mean_bytes(dag, p) / 1e3,
                                  calib_drop=p.accuracy if p.accuracy is not None else 0.0,
                                  passes_check=p.accuracy_ok is not False,
@@ -145,6 +164,8 @@ def summarize(rows: list[dict]) -> tuple[list[dict], dict[str, float]]:
                           thr_vs=best_t["method"], thr_jpeg=coach["throughput"] / jpeg["throughput"],
                           lat=best_l["latency_single_ms"] / lat["latency_single_ms"], lat_vs=best_l["method"],
                           lat_jpeg=jpeg["latency_single_ms"] / lat["latency_single_ms"],
+                          ceiling_jpeg=coach["ceiling"] / jpeg["throughput"],
+                          ceiling_best=coach["ceiling"] / best_t["throughput"],
                           coach_plan=coach["plan"], coach_drop=coach["test_drop"],
                           lat_drop=lat["test_drop"], jpeg_drop=jpeg["test_drop"]))
     summary = dict(geomean_throughput_gain=geomean([c["thr"] for c in cells]),
@@ -217,6 +238,15 @@ def write_results_md(path: Path, rows: list[dict], cells: list[dict], summary: d
         "",
         *shortfalls(rows, cells),
         "",
+        "## Bytes per frame, and where the limit lies",
+        "",
+        *limit_lines(cells),
+        "",
+        tabulate(bytes_rows(rows), headers=["model", "network", "raw KB", "JPEG-90 KB", "coach uniform bits KB",
+                                            "/s", "coach coded KB", "/s", "coding ms (end)",
+                                            "compute ceiling /s"],
+                 floatfmt=".2f", tablefmt="github"),
+        "",
         "## Test-split top-1 drop per method (pt)",
         "",
         tabulate(drops, headers=["method", "max", "median", "cells over 0.5 pt", "cells"],
@@ -242,6 +272,42 @@ def write_results_md(path: Path, rows: list[dict], cells: list[dict], summary: d
         "",
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def bytes_rows(rows: list[dict]) -> list[list]:
+    """Per model and network: mean bytes per frame of cloud-only raw, the quality-90 JPEG,
+    coach with uniform bits alone and coach with deflate too (with their throughputs), coach's
+    end-side coding time, and the compute ceiling."""
+    by = {(r["model"], r["network"], r["method"]): r for r in rows}
+    out = []
+    for model, net in dict.fromkeys((r["model"], r["network"]) for r in rows):
+        g = {m: by[(model, net, m)] for m in ("cloud-only", "cloud-only+jpeg90", "coach uncoded", "coach")}
+        out.append([model, net, g["cloud-only"]["kb_per_request"], g["cloud-only+jpeg90"]["kb_per_request"],
+                    g["coach uncoded"]["kb_per_request"], g["coach uncoded"]["throughput"],
+                    g["coach"]["kb_per_request"], g["coach"]["throughput"], g["coach"]["coding_ms"],
+                    g["coach"]["ceiling"]])
+    return out
+
+
+def limit_lines(cells: list[dict]) -> list[str]:
+    """Where the gain is bounded: no plan, coach's or anyone's, runs faster than the compute
+    ceiling (the end and the cloud sharing the model with a link that never waits), so in a
+    cell the gain over a baseline is at most the ceiling over that baseline's throughput."""
+    return [
+        "The compute ceiling of a cell is the throughput of the best split of the model between "
+        "the end and the cloud when the link costs nothing (coach planned on a "
+        f"{UNBOUNDED_MBPS:g} Mbit/s uplink): no plan of any method can beat it, so the ceiling over "
+        "the best baseline's throughput bounds coach's gain in that cell. Over these cells that bound "
+        f"is geomean {geomean([c['ceiling_best'] for c in cells]):.3f} and max "
+        f"{max(c['ceiling_best'] for c in cells):.3f} against the best baseline (geomean "
+        f"{geomean([c['ceiling_jpeg'] for c in cells]):.3f}, max {max(c['ceiling_jpeg'] for c in cells):.3f} "
+        "against the JPEG); coach reaches geomean "
+        f"{geomean([c['thr'] for c in cells]):.3f} and max {max(c['thr'] for c in cells):.3f}. With this host "
+        "as the cloud and the end " + " or ".join(f"{sd:g}x" for sd in sorted({c["slowdown"] for c in cells}))
+        + " slower, a split can at best add the end's share of the cloud's speed to a cloud-bound plan ("
+        + ", ".join(f"x{1 + 1 / sd:.3f}" for sd in sorted({c["slowdown"] for c in cells}))
+        + "); above that, gains come only where the best baseline is link-bound.",
+    ]
 
 
 def _median_kb(rows: list[dict], method: str) -> float:
@@ -290,7 +356,8 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def _typed(r: dict) -> dict:
     """A CSV row back with its numbers and flags."""
     out = dict(r)
-    for k in ("slowdown", "throughput", "latency_single_ms", "kb_per_request", "calib_drop", "test_drop"):
+    for k in ("slowdown", "throughput", "ceiling", "coding_ms", "latency_single_ms", "kb_per_request",
+              "calib_drop", "test_drop"):
         out[k] = float(r[k])
     out["passes_check"] = r["passes_check"] == "True"
     return out
