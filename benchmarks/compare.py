@@ -53,9 +53,9 @@ from coach_fx.plan import Plan, evaluate
 from coach_fx.progress import Progress
 from coach_fx.runtime.config import Bands
 from coach_fx.runtime.controller import OnlineController
-from coach_fx.runtime.plans import CutProfile
+from coach_fx.runtime.plans import CutProfile, Sizes
 from coach_fx.runtime.links import InProcessLink
-from coach_fx.runtime.simulate import SimPlan, simulate
+from coach_fx.runtime.simulate import simulate
 from coach_fx.settings import Device, Network, Settings
 from coach_fx.traces import Trace
 
@@ -113,17 +113,12 @@ class Cell:
                                       input_bits=self.settings.input_bits)
         return self._at[bits]
 
-    def sim_plan(self) -> SimPlan:
-        p = self.plan
-        end_only = len(p.end_nodes) == len(self.dag.nodes)
-        return SimPlan(p.t_end, p.t_cloud, lambda b: self.at(b).bytes_sent, end_only,
-                       lambda b: self.at(b).t_end)
-
-
-def profile_of(dag, cell: "Cell", min_bits: int | None, input_bits: int) -> CutProfile:  # noqa: ANN001
-    stages = tuple((b, cell.at(b).t_end, cell.at(b).t_cloud) for b in cell.settings.bits
-                   if b >= (min_bits or 32))
-    return plan_profile(dag, cell.plan, min_bits, input_bits, stages)
+    def profile(self, min_bits: int | None = None) -> CutProfile:
+        """The cell's plan as the controller and the simulator read it; its stage times per
+        width from ``min_bits`` up (default: its own widths only)."""
+        floor = min_bits if min_bits is not None else 32
+        stages = tuple((b, self.at(b).t_end, self.at(b).t_cloud) for b in self.settings.bits if b >= floor)
+        return plan_profile(self.dag, self.plan, min_bits, self.settings.input_bits, stages or None)
 
 
 def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # noqa: ANN001
@@ -151,21 +146,21 @@ def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # 
                                                             strategy="coach", input_bits=s.input_bits), cond.network)
         band_ids.append(ids[p.end_nodes])
     edges, band_plans = band_edges(rates, band_ids)
-    profiles = {pid: profile_of(dag, c, oracle.min_bits(c.plan.end_nodes) if c.plan.cut else 32,
-                                s.input_bits) for pid, c in cells.items()}
-    out["coach full"] = (cells, (profiles, edges, band_plans), 0, off)
+    floors = {pid: oracle.min_bits(c.plan.end_nodes) if c.plan.cut else 32 for pid, c in cells.items()}
+    out["coach full"] = (cells, (floors, edges, band_plans), 0, off)
     return out
 
 
 def measure(cells: dict[int, Cell], control, cond: Condition, n_trace: int, start_s: float = 0.0):  # noqa: ANN001
     """(throughput stats, single latency, 15 fps latency, 30 fps latency)."""
-    plans = {k: c.sim_plan() for k, c in cells.items()}
+    floors = control[0] if control is not None else {}
+    plans = {k: c.profile(floors.get(k)) for k, c in cells.items()}
 
     def ctl():  # noqa: ANN202
         if control is None:
             return None
-        profiles, edges, band_plans = control
-        return OnlineController(profiles, Bands(edges, band_plans, start=0),
+        _, edges, band_plans = control
+        return OnlineController(plans, Bands(edges, band_plans, start=0),
                                 end_s={k: c.plan.t_end for k, c in cells.items()})
 
     n = 200 if cond.static else n_trace
@@ -188,8 +183,8 @@ def real_run(gm, dag, inputs, oracle, settings: Settings, plan: Plan, cond: Cond
     link = InProcessLink(cond.trace, cond.network.down_mbps, cond.network.rtt_ms / 2e3)
     _, stats = cm.stream(xs, link=link)
     p = cm.plan
-    sim = simulate({0: SimPlan(p.t_end, p.t_cloud, lambda b: p.bytes_sent,
-                               len(p.end_nodes) == len(dag.nodes))}, frames, cond.trace)
+    sim = simulate({0: CutProfile(Sizes(own_bytes=p.bytes_sent), 32, p.t_end, p.t_cloud,
+                                  end_only=len(p.end_nodes) == len(dag.nodes))}, frames, cond.trace)
     return stats.throughput, sim.throughput
 
 

@@ -44,7 +44,8 @@ from coach_fx.driver import plan_model, prepare
 from coach_fx.optimize.trace import TRACE_STARTS
 from coach_fx.profile import build_dag, host_times, torch_threads
 from coach_fx.plan import Plan, mean_bytes
-from coach_fx.runtime.simulate import SimPlan, simulate
+from coach_fx.runtime.plans import CutProfile, Sizes
+from coach_fx.runtime.simulate import simulate
 from coach_fx.settings import Device, Network, Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,9 +74,10 @@ def conditions(quick: bool) -> list[Condition]:
     return grid_conditions(quick, UPLINKS, TRACES, quick_uplinks=(1.0, 20.0), quick_trace="lte x1")
 
 
-def sim_plan(dag, plan: Plan) -> SimPlan:  # noqa: ANN001
-    nbytes = mean_bytes(dag, plan)
-    return SimPlan(plan.t_end, plan.t_cloud, lambda b: nbytes, len(plan.end_nodes) == len(dag.nodes))
+def sim_plan(dag, plan: Plan) -> CutProfile:  # noqa: ANN001
+    """The plan as the simulator runs it: its own widths and codecs, coded sizes at their mean."""
+    return CutProfile(Sizes(own_bytes=mean_bytes(dag, plan)), 32, plan.t_end, plan.t_cloud,
+                      end_only=len(plan.end_nodes) == len(dag.nodes))
 
 
 def measure(dag, plan: Plan, cond: Condition) -> tuple[float, float]:  # noqa: ANN001

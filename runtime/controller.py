@@ -21,7 +21,8 @@ Example::
     >>> est = BandwidthEstimator(window=5)
     >>> est.add(125_000, 0.1); est.mbps
     10.0
-    >>> BitController(CutProfile(100_000, 0, 1, min_bits=3, compute_s=0.05)).choose(10.0)
+    >>> from coach_fx.runtime.plans import Sizes
+    >>> BitController(CutProfile(Sizes((100_000,)), min_bits=3, t_end=0.05, t_cloud=0.01)).choose(10.0)
     4
 """
 

@@ -1,12 +1,17 @@
-"""Plans as the runtime runs them, as data: :class:`CutProfile` (what the controller knows
-of a cut, no tensors), :class:`CacheSetup` (a plan's calibrated semantic cache) and
-:class:`Variant` (one plan as the online end side runs it: its halves, bits and timings).
-``coach_fx.online.deploy`` makes them from compiled plans; the runtime never plans.
+"""Plans as the runtime runs them, as data. :class:`CutProfile` is the one record of a plan
+without tensors: what one request sends (:class:`Sizes`), its stage times, its safe bits and
+its cache's hit rate; the online controller and the pipeline simulator both read it.
+:class:`Variant` binds a profile to what runs it on the end (its halves, bits, measured host
+times), :class:`CacheSetup` is a plan's calibrated semantic cache. ``coach_fx.online.deploy``
+makes them from compiled plans; the runtime never plans.
 
 Example::
 
-    >>> CutProfile(100_000, 0, 1, min_bits=4, compute_s=0.05).message_bytes(4)
+    >>> sizes = Sizes(quant_numel=(100_000,))
+    >>> sizes.message_bytes(4)
     50080
+    >>> CutProfile(sizes, min_bits=4, t_end=0.05, t_cloud=0.01).compute_s
+    0.05
 """
 
 from __future__ import annotations
@@ -20,45 +25,73 @@ from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, message_bytes, tensor_byt
 
 
 @dataclass(frozen=True)
-class CutProfile:
-    """What the controller needs to know of one plan's cut."""
+class Sizes:
+    """What one request of a plan sends: float tensors quantized per request with the bits
+    asked for, and bytes that cross as they are."""
 
-    #: elements of the float tensors that cross (quantized per request): one count per tensor
-    #: (exact sizes), or their sum (a tensor of that many elements)
-    quant_numel: int | tuple[int, ...]
-    raw_bytes: int          # bytes that cross as they are (integers, the raw input...)
-    n_tensors: int          # crossing values (each has a header on the wire)
-    min_bits: int           # the accuracy-safe minimum found offline
-    compute_s: float        # the compute bottleneck: max(T_end, T_cloud)
+    #: elements of each float tensor quantized per request (one count per tensor)
+    quant_numel: tuple[int, ...] = ()
+    #: their bytes sent as they are (at 32 bits); empty: float32, 4 per element
+    quant_raw_bytes: tuple[int, ...] = ()
+    raw_bytes: int = 0       # payload bytes that cross as they are (integers, a coded input...)
+    n_tensors: int | None = None   # crossing values, each with a header (None: the quantized ones)
+    #: the lossless codec of the quantized tensors' packed codes ("deflate"; None: none) and,
+    #: per bit width, their mean coded share of the packed bytes on calibration frames (a width
+    #: not listed: 1, uncoded); the controller corrects it with the sizes it sends
+    codec: str | None = None
+    coded_share: tuple[tuple[int, float], ...] = ()
+    #: bytes of one message with the plan's own widths and codecs (``message_bytes(None)``)
+    own_bytes: int | None = None
+
+    def message_bytes(self, bits: int | None) -> int:
+        """Expected bytes on the wire of one request with ``bits`` per quantized element (the
+        wire format's sizes; coded packed bytes at their calibrated share); None: the plan's own."""
+        if bits is None:
+            if self.own_bytes is None:
+                raise ValueError("these sizes know no plan of their own: ask for a bit width")
+            return self.own_bytes
+        raws = self.quant_raw_bytes or tuple(4 * n for n in self.quant_numel)
+        share = dict(self.coded_share).get(bits, 1.0) if bits < 32 else 1.0
+        payload = sum(tensor_bytes(n, r, True, bits) - TENSOR_HEADER_BYTES
+                      for n, r in zip(self.quant_numel, raws))
+        n = len(self.quant_numel) if self.n_tensors is None else self.n_tensors
+        return message_bytes([round(payload * share) + self.raw_bytes, *[TENSOR_HEADER_BYTES] * n])
+
+
+@dataclass(frozen=True)
+class CutProfile:
+    """One plan as data: what the controller and the simulator know of it (no tensors)."""
+
+    sizes: Sizes
+    min_bits: int            # the accuracy-safe minimum found offline
+    t_end: float             # end stage, seconds (on the emulated device)
+    t_cloud: float           # cloud stage, seconds (downlink included)
     #: (bits, T_end, T_cloud) per bit width when quantizing costs differ by width (packing
     #: 6 bits costs far more than 8 on a large tensor): bits are then chosen for the shortest
     #: period, not only for the link
     stage_s: tuple[tuple[int, float, float], ...] | None = None
-    end_only: bool = False  # nothing crosses: the plan tells nothing about the link
-    #: bytes of the quantized tensors sent as they are (at 32 bits), like ``quant_numel``
-    #: (None: float32, 4 per element)
-    quant_raw_bytes: int | tuple[int, ...] | None = None
-    #: the lossless codec of the quantized tensors' packed codes ("deflate"; None: none) and,
-    #: per bit width, their mean coded share of the packed bytes on calibration frames (a
-    #: width not listed: 1, uncoded); the controller corrects it with the sizes it sends
-    codec: str | None = None
-    coded_share: tuple[tuple[int, float], ...] = ()
+    end_only: bool = False   # nothing crosses: the plan tells nothing about the link
+    hit_rate: float = 0.0    # share of frames its semantic cache answers on the end
+    #: end stage of a hit answered on the end (no quantize, no encode); None: ``t_end``
+    t_hit: float | None = None
 
-    def message_bytes(self, bits: int) -> int:
-        """Expected bytes on the wire of one request with ``bits`` per quantized element (the
-        wire format's sizes; coded packed bytes at their calibrated share)."""
-        numels = self.quant_numel if isinstance(self.quant_numel, tuple) else (self.quant_numel,)
-        raws = self.quant_raw_bytes
-        if raws is None:
-            raws = tuple(4 * n for n in numels)
-        elif not isinstance(raws, tuple):
-            raws = (raws,)
-        share = dict(self.coded_share).get(bits, 1.0) if bits < 32 else 1.0
-        payload = sum(tensor_bytes(n, r, True, bits) - TENSOR_HEADER_BYTES for n, r in zip(numels, raws))
-        return message_bytes([round(payload * share) + self.raw_bytes, *[TENSOR_HEADER_BYTES] * self.n_tensors])
+    @property
+    def compute_s(self) -> float:
+        """The compute bottleneck: max(T_end, T_cloud)."""
+        return max(self.t_end, self.t_cloud)
+
+    def message_bytes(self, bits: int | None) -> int:
+        return self.sizes.message_bytes(bits)
 
     def link_seconds(self, bits: int, mbps: float) -> float:
         return self.message_bytes(bits) * 8 / (mbps * 1e6)
+
+    def end_s(self, bits: int | None) -> float:
+        """The end stage with ``bits`` (its own for a width ``stage_s`` does not list)."""
+        for b, e, _ in self.stage_s or ():
+            if b == bits:
+                return e
+        return self.t_end
 
 
 @dataclass
@@ -142,4 +175,4 @@ class Variant:
         return min(bits, cap) if cap is not None else bits
 
 
-__all__ = ["CacheSetup", "CutProfile", "Variant"]
+__all__ = ["CacheSetup", "CutProfile", "Sizes", "Variant"]

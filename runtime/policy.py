@@ -245,7 +245,7 @@ class OnlinePolicy:
         # an image crossing is already coded (JPEG/PNG): it goes as it is, never re-quantized
         images = {k for k, c in enumerate(v.boundary.crossings) if c.kind == "image"}
         entries = [Entry.of_value(t) if k in images or not isinstance(t, torch.Tensor)
-                   else quantized_entry(t, b, v.profile.codec)
+                   else quantized_entry(t, b, v.profile.sizes.codec)
                    for k, (t, b) in enumerate(zip(vals, per))]
         msg = encode(i, entries, FLAG_CACHE_HIT if cached is not None else 0, v.plan_id)
         if bits is not None and all(b == bits for b in adaptive_bits):   # as the controller chose

@@ -14,12 +14,14 @@ Hours of trace in seconds, with the rules of :mod:`coach_fx.runtime.end`:
 
 Per-request choices come from :class:`coach_fx.runtime.controller.OnlineController` (the end
 worker's own controller), fed with the simulated results as they complete: the same bandwidth
-samples (bytes over time on the wire), the same band switching and bits. Stage times come
-from the planner's cost model (``coach_fx.evaluate`` on the plan's end set, per bit width).
+samples (bytes over time on the wire), the same band switching and bits. Each plan is its
+:class:`~coach_fx.runtime.plans.CutProfile`, the record the controller reads too: stage times
+from the planner's cost model (per bit width where they differ), message sizes from the wire's.
 
 Example::
 
-    >>> plans = {0: SimPlan(t_end=0.01, t_cloud=0.005, nbytes=lambda bits: 50_000)}
+    >>> from coach_fx.runtime.plans import Sizes
+    >>> plans = {0: CutProfile(Sizes(own_bytes=50_000), min_bits=32, t_end=0.01, t_cloud=0.005)}
     >>> stats = simulate(plans, 500, Trace.constant(20.0))
     >>> round(stats.throughput)          # the link: 50 kB at 20 Mbit/s = 20 ms per frame
     50
@@ -30,40 +32,23 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
-
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.controller import OnlineController
+from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.stats import Stats, steady_throughput
 from coach_fx.traces import Trace
 
 
-@dataclass
-class SimPlan:
-    """One plan as the simulator runs it."""
-
-    t_end: float                              # end stage, seconds (on the emulated device)
-    t_cloud: float                            # cloud stage, seconds (downlink included)
-    nbytes: Callable[[int | None], int]       # message bytes at the given bits (None: the plan's)
-    end_only: bool = False
-    #: end stage at the given bits, when quantizing costs differ by width (default: t_end)
-    t_end_at: Callable[[int | None], float] | None = None
-    hit_rate: float = 0.0                     # share of frames the semantic cache answers
-    #: end stage of a hit answered on the end (no quantize, no encode); None: ``t_end``
-    t_hit: float | None = None
-
-
-def simulate(plans: dict[int, SimPlan], n: int, trace: Trace | float, *, fps: float | None = None,
+def simulate(plans: dict[int, CutProfile], n: int, trace: Trace | float, *, fps: float | None = None,
              controller: OnlineController | None = None, plan: int | None = None,
              config: StreamConfig = StreamConfig(), latency_s: float = 0.0,
              start_s: float = 0.0, audit_rate: float = 0.1, seed: int = 0) -> Stats:
     """Run ``n`` frames through ``plans`` over ``trace`` (a Trace or a fixed Mbit/s).
 
     ``controller`` picks the plan and bits per frame (otherwise ``plan``, default the first,
-    with its own bits). ``fps``: frames arrive from a camera at that rate and latency counts
-    from arrival (queueing included); otherwise frames are always ready and latency counts from
-    when the end worker takes the frame, as the real pipeline measures it. ``config``: the
+    with its own widths: ``Sizes.own_bytes``). ``fps``: frames arrive from a camera at that
+    rate and latency counts from arrival (queueing included); otherwise frames are always ready
+    and latency counts from when the end worker takes the frame, as the real pipeline measures it. ``config``: the
     pipeline's send queue and in-flight limit. ``start_s``: where in the trace the stream
     begins. A plan's ``hit_rate`` answers that share of frames on the end (a seeded draw), of
     which ``audit_rate`` are still sent.
@@ -89,7 +74,7 @@ def simulate(plans: dict[int, SimPlan], n: int, trace: Trace | float, *, fps: fl
         audit = hit and rng.random() < audit_rate
         if not (sp.end_only or hit) or audit:
             t = sim.room_in_flight(t)
-        t_end = sp.t_end_at(bits) if sp.t_end_at is not None else sp.t_end
+        t_end = sp.end_s(bits)
         if hit and not audit and sp.t_hit is not None:
             t_end = sp.t_hit
         sim.busy_end += t_end
@@ -99,7 +84,7 @@ def simulate(plans: dict[int, SimPlan], n: int, trace: Trace | float, *, fps: fl
             sim.answered += 1
             sim.put_prev = t + t_end
             continue
-        finish = sim.send(k, pid, t + t_end, sp.nbytes(bits), sp.t_cloud)
+        finish = sim.send(k, pid, t + t_end, sp.message_bytes(bits), sp.t_cloud)
         sim.answered += hit
         sim.done.append(t + t_end if hit else finish)
     wall = max(sim.done) - min(sim.started) if sim.done else 0.0
@@ -162,4 +147,4 @@ class _Pipeline:
         return finish
 
 
-__all__ = ["SimPlan", "simulate"]
+__all__ = ["simulate"]

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -96,7 +97,9 @@ class CutAnalysis:
             info = CutInfo(end32, cloud32, boundary, fixed_bits, 32, None,
                             _caps(self.dag, boundary, self.settings))
             info.codec = next(iter(self.settings.tensor_codecs), None)
-            info.coded_share = coded_share(self.dag, boundary, fixed_bits, info.codec, self.settings.bits)
+            quantized = [(c.dag_node, math.prod(c.shape)) for c, b in zip(boundary.crossings, fixed_bits)
+                         if b is None and c.shape is not None and c.dtype is not None and c.dtype.is_floating_point]
+            info.coded_share = coded_share(self.dag, quantized, info.codec, self.settings.bits)
             if not boundary.end_only and any(b is None for b in fixed_bits):
                 info.vals = [x if isinstance(x, tuple) else (x,)
                              for x in _batched(end32, self.oracle.inputs, self.oracle.batch)]
@@ -149,7 +152,7 @@ class CutAnalysis:
             return
         answered = [c.hit_rate * (1 - self.audit_rate) for c, _, _ in options]
         if self.settings.costs == "measured":
-            plain, paths = end_paths_of([variant(0, info, 0.0, cache=c, lookup_split=p) for c, p, _ in options],
+            plain, paths = end_paths_of([variant(0, info, 0.0, 0.0, cache=c, lookup_split=p) for c, p, _ in options],
                                          self.example, self.capacity)
             k = min(range(len(options)), key=lambda k: mean_end_s(*paths[k], answered[k]))
             self._times[("end", end_nodes, False, False)] = plain
@@ -249,7 +252,7 @@ class CutAnalysis:
         if key not in self._times:
             info = self.info(end_nodes, cache)      # with the cache: may measure them (a probe)
         if key not in self._times:
-            plain, miss, hit_s = end_paths(variant(0, info, 0.0), self.example, self.capacity, cache)
+            plain, miss, hit_s = end_paths(variant(0, info, 0.0, 0.0), self.example, self.capacity, cache)
             self._times[("end", end_nodes, False, False)] = plain
             if cache:
                 self._times[("end", end_nodes, True, False)] = miss if miss is not None else plain

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.plan import Plan, evaluate
+from coach_fx.plan import Plan, evaluate, mean_bytes
 from coach_fx.runtime.cloud import CloudPlan
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig
 from coach_fx.runtime.features import pooled_features
-from coach_fx.runtime.plans import CutProfile, Variant
+from coach_fx.runtime.plans import CutProfile, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, packed_nbytes, tensor_bytes
 from coach_fx.settings import Network
@@ -64,7 +64,7 @@ def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
         if settings.costs == "measured" and settings.calibrate:
             cm.calibrate()
         dep.out_spec = dep.out_spec or cm.out_spec
-        v = variant(pid, info, max(cm.plan.t_end, cm.plan.t_cloud),
+        v = variant(pid, info, cm.plan.t_end, cm.plan.t_cloud,
                     offline_plan if c == offline_plan.end_nodes else None)
         v.end_host_s = cal.end_host_s(c, cache=False)
         if v.cache is not None:
@@ -78,21 +78,19 @@ def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
     return dep
 
 
-def coded_share(dag: Any, boundary: Any, fixed_bits: Sequence[int | None], codec: str | None,
+def coded_share(dag: Any, quantized: Sequence[tuple[str, int]], codec: str | None,
                 widths: Sequence[int]) -> tuple[tuple[int, float], ...]:
-    """Per bit width, the mean coded share of the packed bytes of the adaptive crossings
-    (``fixed_bits`` None) of ``boundary`` (``LayerDAG.tensor_codecs``, measured on calibration
-    frames; unmeasured ones count whole)."""
-    if codec is None:
+    """Per bit width, the mean coded share of the packed bytes of the ``quantized`` crossings
+    ((DAG node, elements) each; ``LayerDAG.tensor_codecs``, measured on calibration frames;
+    unmeasured ones count whole)."""
+    if codec is None or not quantized:
         return ()
     out = []
     for b in (w for w in widths if w < 32):
         coded = packed = 0
-        for c, fixed in zip(boundary.crossings, fixed_bits):
-            if fixed is not None or c.shape is None or c.dtype is None or not c.dtype.is_floating_point:
-                continue
-            p = packed_nbytes(math.prod(c.shape), b)
-            cost = dag.coded_cost(c.dag_node, codec, b)
+        for node, numel in quantized:
+            p = packed_nbytes(numel, b)
+            cost = dag.coded_cost(node, codec, b)
             packed += p
             coded += min(p, cost.average) if cost is not None else p
         if packed:
@@ -102,24 +100,29 @@ def coded_share(dag: Any, boundary: Any, fixed_bits: Sequence[int | None], codec
 
 def plan_profile(dag: Any, plan: Plan, min_bits: int | None, input_bits: int,
                  stage_s: tuple[tuple[int, float, float], ...] | None = None) -> CutProfile:
-    """The controller's view of an offline ``plan`` (no split made): its float crossings are
-    quantized per request, a model input crosses at ``input_bits``, the rest as it is."""
+    """The controller's and the simulator's view of an offline ``plan`` (no split made): its
+    float crossings are quantized per request (with the plan's lossless codec, at its
+    calibrated share), a model input crosses at ``input_bits``, the rest as it is; its own
+    widths and codecs send ``mean_bytes`` (``Sizes.own_bytes``)."""
     quant, quant_raw, raw = [], [], 0
     for x in plan.cut:
         d = dag.info[x]
         if d.quantizable and x not in dag.inputs:
-            quant.append(d.numel)
+            quant.append((x, d.numel))
             quant_raw.append(d.bytes)
         else:
             raw += tensor_bytes(d.numel, d.bytes, d.quantizable, input_bits) - TENSOR_HEADER_BYTES
-    return CutProfile(tuple(quant), raw, len(plan.cut), min_bits or 32, max(plan.t_end, plan.t_cloud),
-                      stage_s if quant else None, end_only=len(plan.end_nodes) == len(dag.nodes),
-                      quant_raw_bytes=tuple(quant_raw))
+    codec = plan.tensor_codec
+    sizes = Sizes(tuple(n for _, n in quant), tuple(quant_raw), raw, len(plan.cut), codec,
+                  coded_share(dag, quant, codec, [b for b, _, _ in stage_s or ()]), mean_bytes(dag, plan))
+    return CutProfile(sizes, min_bits or 32, plan.t_end, plan.t_cloud, stage_s if quant else None,
+                      end_only=len(plan.end_nodes) == len(dag.nodes))
 
 
-def variant(pid: int, info: "CutInfo", compute_s: float, plan: Plan | None = None,
-             cache: Any = None, lookup_split: Any = None) -> Any:
-    """The runtime's view of a cut (``cache``/``lookup_split``: instead of the cut's chosen ones)."""
+def variant(pid: int, info: "CutInfo", t_end: float, t_cloud: float, plan: Plan | None = None,
+            cache: Any = None, lookup_split: Any = None) -> Any:
+    """The runtime's view of a cut with these stage times (``cache``/``lookup_split``: instead
+    of the cut's chosen ones)."""
     quant_numel, quant_raw, raw_bytes = [], [], 0
     for c, b in zip(info.boundary.crossings, info.fixed_bits):
         numel = math.prod(c.shape) if c.shape is not None else 0
@@ -129,9 +132,9 @@ def variant(pid: int, info: "CutInfo", compute_s: float, plan: Plan | None = Non
             quant_raw.append(raw)
         else:
             raw_bytes += tensor_bytes(numel, raw, True, b) - TENSOR_HEADER_BYTES
-    profile = CutProfile(tuple(quant_numel), raw_bytes, len(info.boundary.crossings),
-                         info.min_bits, compute_s, quant_raw_bytes=tuple(quant_raw),
-                         codec=info.codec, coded_share=info.coded_share)
+    sizes = Sizes(tuple(quant_numel), tuple(quant_raw), raw_bytes, len(info.boundary.crossings),
+                  info.codec, info.coded_share)
+    profile = CutProfile(sizes, info.min_bits, t_end, t_cloud)
     plan_bits: int | tuple[int, ...] = info.min_bits
     if plan is not None:     # the offline plan's own bits, crossing by crossing
         plan_bits = tuple(plan.bits.get(c.dag_node, info.min_bits) for c in info.boundary.crossings)

@@ -12,7 +12,7 @@ from coach_fx.runtime.cloud import CloudWorker
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, StreamConfig
 from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links import InProcessLink
-from coach_fx.runtime.plans import CutProfile, Variant
+from coach_fx.runtime.plans import CutProfile, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.traces import Trace
 
@@ -20,7 +20,7 @@ from coach_fx.traces import Trace
 def variant(gm, dag, end_nodes, pid, min_bits=4, compute_s=0.01):
     end, cloud, boundary = partition(gm, end_nodes, {})
     numel = sum(math.prod(c.shape) for c in boundary.crossings)
-    prof = CutProfile(numel, 0, len(boundary.crossings), min_bits, compute_s)
+    prof = CutProfile(Sizes((numel,), n_tensors=len(boundary.crossings)), min_bits, compute_s, 0.0)
     v = Variant(pid, end, boundary, prof, tuple(None for _ in boundary.crossings), min_bits)
     return v, cloud, boundary
 

@@ -2,7 +2,7 @@ import pytest
 
 from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.controller import BandwidthEstimator, BitController, OnlineController, PlanSwitcher
-from coach_fx.runtime.plans import CutProfile
+from coach_fx.runtime.plans import CutProfile, Sizes
 
 
 def test_harmonic_mean_resists_a_lucky_sample():
@@ -17,7 +17,7 @@ def test_harmonic_mean_resists_a_lucky_sample():
 
 def test_bits_fall_after_a_step_drop_and_rise_after_recovery():
     # 200k floats cross; compute bottleneck 40 ms; accuracy-safe minimum 3 bits
-    prof = CutProfile(quant_numel=200_000, raw_bytes=0, n_tensors=1, min_bits=3, compute_s=0.04)
+    prof = CutProfile(Sizes((200_000,)), min_bits=3, t_end=0.04, t_cloud=0.01)
     ctl, est = BitController(prof), BandwidthEstimator(window=5)
     schedule = [200.0] * 20 + [8.0] * 20 + [200.0] * 20
     chosen = []
@@ -49,8 +49,8 @@ def test_plan_switch_only_after_the_estimate_stays():
 
 
 def test_an_end_only_band_still_probes_the_link():
-    local = CutProfile(0, 0, 0, 32, 0.05, end_only=True)
-    split = CutProfile(10_000, 0, 1, 4, 0.01)
+    local = CutProfile(Sizes(), 32, 0.05, 0.0, end_only=True)
+    split = CutProfile(Sizes((10_000,)), 4, 0.01, 0.0)
     ctl = OnlineController({0: local, 1: split}, Bands((1.0,), (0, 1), start=0),
                            ControlConfig(hold=2, probe_s=0.5))
     assert ctl.next_plan(0.0) == 0 and ctl.next_plan(0.4) == 0
@@ -62,8 +62,8 @@ def test_an_end_only_band_still_probes_the_link():
 
 
 def test_a_start_plan_that_serves_no_band_gives_way_to_the_bands_plan():
-    fixed = CutProfile(10_000, 0, 1, 4, 0.01)
-    cheap = CutProfile(10_000, 0, 1, 4, 0.002)
+    fixed = CutProfile(Sizes((10_000,)), 4, 0.01, 0.0)
+    cheap = CutProfile(Sizes((10_000,)), 4, 0.002, 0.0)
     # one band for all rates, served by another plan than the offline one it starts with
     ctl = OnlineController({0: fixed, 2: cheap}, Bands((), (2,), start=0))
     assert ctl.current == 0 and ctl.switches == 0
@@ -81,9 +81,9 @@ def test_a_start_plan_that_serves_no_band_gives_way_to_the_bands_plan():
 
 def test_coded_sizes_raise_the_bits_that_fit_and_the_estimate_follows_them():
     # 200k floats, bottleneck 40 ms, at 16 Mbit/s: 40 ms carry 80 kB, i.e. 3 bits uncoded
-    plain = CutProfile(quant_numel=200_000, raw_bytes=0, n_tensors=1, min_bits=2, compute_s=0.04)
-    coded = CutProfile(quant_numel=200_000, raw_bytes=0, n_tensors=1, min_bits=2, compute_s=0.04,
-                       codec="deflate", coded_share=tuple((b, 0.4) for b in (2, 3, 4, 5, 6, 8, 16)))
+    plain = CutProfile(Sizes((200_000,)), min_bits=2, t_end=0.04, t_cloud=0.0)
+    coded = CutProfile(Sizes((200_000,), codec="deflate", coded_share=tuple((b, 0.4) for b in (2, 3, 4, 5, 6, 8, 16))),
+                       min_bits=2, t_end=0.04, t_cloud=0.0)
     assert coded.message_bytes(4) < 0.41 * plain.message_bytes(4)
     assert BitController(plain).choose(16.0) == 3
     ctl = BitController(coded)

@@ -11,7 +11,7 @@ from coach_fx.runtime.cloud import CloudWorker
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, StreamConfig
 from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links import InProcessLink
-from coach_fx.runtime.plans import CacheSetup, CutProfile, Variant
+from coach_fx.runtime.plans import CacheSetup, CutProfile, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.runtime.wire import FLAG_CACHE_HIT, QUANT, WireError, decode
 
@@ -19,7 +19,7 @@ from coach_fx.runtime.wire import FLAG_CACHE_HIT, QUANT, WireError, decode
 def variant(gm, dag, end_nodes, pid, min_bits=4, compute_s=0.01, cache=None):
     end, cloud, boundary = partition(gm, end_nodes, {})
     numel = sum(math.prod(c.shape) for c in boundary.crossings)
-    prof = CutProfile(numel, 0, len(boundary.crossings), min_bits, compute_s)
+    prof = CutProfile(Sizes((numel,), n_tensors=len(boundary.crossings)), min_bits, compute_s, 0.0)
     v = Variant(pid, end, boundary, prof, tuple(None for _ in boundary.crossings), min_bits, cache=cache)
     return v, cloud, boundary
 
@@ -260,7 +260,8 @@ def test_a_cache_looking_up_inside_the_end_half_skips_the_rest_on_a_hit(tiny_spl
 def test_a_coded_plan_sends_coded_codes_and_learns_their_size(tiny_split):
     model, gm, dag, x = tiny_split
     v, cloud, boundary = variant(gm, dag, upto(dag, "relu"), 0, min_bits=4)
-    v.profile = dataclasses.replace(v.profile, codec="deflate", coded_share=((4, 0.5),))
+    v.profile = dataclasses.replace(v.profile, sizes=dataclasses.replace(v.profile.sizes, codec="deflate",
+                                                                         coded_share=((4, 0.5),)))
     policy = online_policy([v], cache=False)
     prep = policy.prepare(0, (torch.zeros_like(x),))   # a blank frame: codes that deflate well
     _, _, _, entries = decode(prep.msg)

@@ -1,13 +1,15 @@
+import dataclasses
+
 import pytest
 
 from coach_fx.runtime.controller import OnlineController
-from coach_fx.runtime.plans import CutProfile
-from coach_fx.runtime.simulate import SimPlan, simulate
+from coach_fx.runtime.plans import CutProfile, Sizes
+from coach_fx.runtime.simulate import simulate
 from coach_fx.traces import Trace
 
 
 def plan(t_end, t_cloud, nbytes, **kw):
-    return {0: SimPlan(t_end, t_cloud, lambda bits: nbytes, **kw)}
+    return {0: CutProfile(Sizes(own_bytes=nbytes), 32, t_end, t_cloud, **kw)}
 
 
 @pytest.mark.parametrize("t_end,t_cloud,nbytes,period", [
@@ -57,11 +59,11 @@ def test_the_controller_drives_bits_over_a_step_trace(tmp_path):
     p = tmp_path / "step"
     p.write_text("0\t100\n5\t2\n1000\t2\n")        # 5 s fast, then a long slow stretch
     tr = Trace.load(p)
-    prof = CutProfile(quant_numel=100_000, raw_bytes=0, n_tensors=1, min_bits=3, compute_s=0.01)
-    sp = {0: SimPlan(0.01, 0.005, prof.message_bytes)}
+    sizes = Sizes((100_000,))
+    prof = CutProfile(dataclasses.replace(sizes, own_bytes=sizes.message_bytes(8)), 3, 0.01, 0.005)
     ctl = OnlineController({0: prof}, end_s={0: 0.01})
-    st = simulate(sp, 600, tr, controller=ctl)
-    fixed = simulate({0: SimPlan(0.01, 0.005, lambda b: prof.message_bytes(8))}, 600, tr)
+    st = simulate({0: prof}, 600, tr, controller=ctl)
+    fixed = simulate({0: prof}, 600, tr)              # its own widths: 8 bits
     assert st.wall_s < 0.6 * fixed.wall_s           # fewer bits while the link is slow
     assert st.bytes_sent < 0.95 * fixed.bytes_sent
     assert ctl.estimator.mbps == pytest.approx(2.0, rel=0.05)

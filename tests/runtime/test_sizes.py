@@ -12,7 +12,7 @@ from coach_fx.driver import prepare
 from coach_fx.passes.partition import partition
 from coach_fx.plan import evaluate
 from coach_fx.runtime.codec import payload_to_entries, quantized_entry
-from coach_fx.runtime.plans import CutProfile, Variant
+from coach_fx.runtime.plans import CutProfile, Sizes, Variant
 from coach_fx.runtime.wire import (ALL_BITS, TENSOR_HEADER_BYTES, Entry, encode, message_bytes,
                                    tensor_bytes)
 from coach_fx.settings import Network, Settings
@@ -68,12 +68,12 @@ def test_the_cost_model_prices_the_encoded_message(shape, bits):
     sizes = [n * c.dtype.itemsize for n, c in zip(numels, float_boundary.crossings)]
     quant = [k for k, f in enumerate(fixed) if f is None]
     raw = sum(s for k, s in enumerate(sizes) if k not in quant)
-    v = Variant(0, float_end, float_boundary, CutProfile(0, 0, 0, 2, 0.0), fixed, bits)
+    v = Variant(0, float_end, float_boundary, CutProfile(Sizes(), 2, 0.0, 0.0), fixed, bits)
     sent = encode(0, [quantized_entry(t, bits if f is None else 32)
                       for t, f in zip(float_end(x), fixed)])
     assert v.message_bytes(bits) == len(sent)
-    profile = CutProfile(tuple(numels[k] for k in quant), raw, len(numels), 2, 0.0,
-                         quant_raw_bytes=tuple(sizes[k] for k in quant))
+    profile = CutProfile(Sizes(tuple(numels[k] for k in quant), tuple(sizes[k] for k in quant), raw, len(numels)),
+                         2, 0.0, 0.0)
     assert profile.message_bytes(bits) == len(sent)
 
 
