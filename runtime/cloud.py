@@ -2,8 +2,8 @@
 
 Requests that have arrived together run as one batch (a server that falls behind catches up);
 each reply carries the cloud's compute time, the request's size and its time on the wire, from
-which the end side learns the bandwidth. An error in one request is that request's error
-reply; the worker goes on.
+which the end side learns the bandwidth. An error in one request, a frame that does not even
+decode included, is that request's error reply; the worker goes on.
 
 Example::
 
@@ -27,7 +27,7 @@ from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint, LinkError
 from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError,
-                                   decode, encode)
+                                   decode, encode, peek_header)
 
 log = logging.getLogger("coach_fx.runtime")
 
@@ -52,6 +52,7 @@ class CloudWorker:
         self.busy_s = 0.0
         self.served = 0
         self.error: BaseException | None = None
+        self.rejected = 0   # frames that did not decode (each answered with its error)
         self._thread: threading.Thread | None = None
 
     def handle(self, msg: bytes, t_recv: float | None = None) -> bytes | None:
@@ -59,7 +60,11 @@ class CloudWorker:
         its time on the wire (default: the endpoint's last)."""
         if t_recv is None:
             t_recv = self.endpoint.last_wire_s if self.endpoint is not None else 0.0
-        req, plan_id, flags, entries = decode(msg)
+        try:
+            req, plan_id, flags, entries = decode(msg)
+        except WireError as e:   # a bad frame fails only itself (its error reply); the worker goes on
+            self.rejected += 1
+            return self._error_reply(msg, e)
         if flags & FLAG_CONTROL and req == CLOSE_ID:
             return None
         t0 = time.perf_counter()
@@ -72,14 +77,23 @@ class CloudWorker:
                 out = module(*payload)
             out_entries, _ = output_to_entries(out)
         except Exception as e:  # noqa: BLE001 - reported to the end side, the worker goes on
-            text = f"{type(e).__name__}: {e}".encode()[:4096]
-            return encode(req, [Entry.raw(torch.frombuffer(bytearray(text), dtype=torch.uint8))],
-                          FLAG_RESULT | FLAG_ERROR, plan_id)
+            return error_reply(req, plan_id, e)
         took = emulate(t0, self.slowdown)
         self.busy_s += took
         self.served += 1
         stats = Entry.stats([took, float(len(msg)), float(t_recv)])
         return encode(req, [*out_entries, stats], FLAG_RESULT, plan_id)
+
+    @staticmethod
+    def _error_reply(msg: bytes, e: Exception) -> bytes:
+        """The reply to a frame that does not decode: an error for its request id where its
+        header still names one (a corrupted payload), else for request 0."""
+        try:
+            req, plan_id, _, _ = peek_header(msg)
+        except WireError:
+            req, plan_id = 0, 0
+        log.warning("coach cloud: refused a malformed frame (%s)", e)
+        return error_reply(req, plan_id, e)
 
     def serve(self) -> None:
         """Serve until the end side sends close (or the link goes away)."""
@@ -98,7 +112,10 @@ class CloudWorker:
         def one_by_one() -> list[bytes | None]:
             return [self.handle(m, t) for m, t in msgs]
 
-        decoded = [decode(m) for m, _ in msgs]
+        try:
+            decoded = [decode(m) for m, _ in msgs]
+        except WireError:   # each frame gets its own reply, the bad one its error
+            return one_by_one()
         plan_ids = {d[1] for d in decoded}
         if len(plan_ids) != 1 or any(d[2] & FLAG_CONTROL for d in decoded) or \
                 next(iter(plan_ids)) not in self.plans:
@@ -175,4 +192,11 @@ class CloudWorker:
             self._thread.join(timeout)
 
 
-__all__ = ["CloudPlan", "CloudWorker"]
+def error_reply(req: int, plan_id: int, e: BaseException) -> bytes:
+    """The error reply to request ``req``: the error's type and text (at most 4 KiB)."""
+    text = f"{type(e).__name__}: {e}".encode()[:4096]
+    return encode(req, [Entry.raw(torch.frombuffer(bytearray(text), dtype=torch.uint8))],
+                  FLAG_RESULT | FLAG_ERROR, plan_id)
+
+
+__all__ = ["CloudPlan", "CloudWorker", "error_reply"]

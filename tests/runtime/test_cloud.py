@@ -1,0 +1,75 @@
+"""The cloud worker survives what an end sends: every bad frame is that request's error reply."""
+import struct
+
+import pytest
+import torch
+
+from coach_fx._compat import tree_flatten
+from coach_fx.passes.partition import partition
+from coach_fx.runtime.cloud import CloudWorker
+from coach_fx.runtime.codec import entries_to_output, payload_to_entries
+from coach_fx.runtime.links import InProcessLink
+from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, VERSION, decode,
+                                   encode)
+
+
+def split(tiny_split):
+    model, gm, dag, x = tiny_split
+    relu = next(n for n in dag.nodes if n.startswith("relu"))
+    end, cloud, boundary = partition(gm, dag.ancestors([relu]), {relu: 8})
+    return model, end, cloud, boundary, x
+
+
+def request(end, boundary, x, req):
+    with torch.no_grad():
+        return bytes(encode(req, payload_to_entries(boundary, end(x))))
+
+
+def mutations(good: bytes) -> dict[str, tuple[bytes, str]]:
+    """Frames an end (or a proxy) may send, each with the check that must name it."""
+    flipped = bytearray(good)
+    flipped[-1] ^= 0x10
+    version = bytearray(good)
+    struct.pack_into("<H", version, 4, VERSION + 1)
+    return {"empty": (b"", "shorter"), "truncated": (good[:-7], "checksum|payload"),
+            "flipped bit": (bytes(flipped), "checksum"), "version": (bytes(version), "version"),
+            "garbage": (b"\x00" * 64, "magic"), "extended": (good + b"\x01\x02", "checksum|payload")}
+
+
+@pytest.mark.parametrize("name", ["empty", "truncated", "flipped bit", "version", "garbage", "extended"])
+def test_a_bad_frame_gets_its_error_and_the_next_request_its_answer(tiny_split, name):
+    model, end, cloud, boundary, x = split(tiny_split)
+    worker = CloudWorker({0: (cloud, boundary)}, None)
+    good = request(end, boundary, x, 5)
+    bad, check = mutations(good)[name]
+    req, _, flags, entries = decode(worker.handle(bad, 0.0))
+    assert flags & FLAG_ERROR and flags & FLAG_RESULT
+    text = bytes(entries[0].value().tolist()).decode()
+    assert text.startswith("WireError") and any(w in text for w in check.split("|")), text
+    if name in ("flipped bit", "truncated", "extended"):
+        assert req == 5                    # the header still names the request
+    assert worker.rejected == 1
+    req, _, flags, entries = decode(worker.handle(good, 0.0))
+    assert req == 5 and not flags & FLAG_ERROR
+    with torch.no_grad():
+        want = model(x)
+    out = entries_to_output(entries, tree_flatten(want)[1])
+    assert torch.allclose(out, want, atol=0.1)
+
+
+def test_the_serving_loop_goes_on_after_bad_frames_in_a_batch(tiny_split):
+    """Good and bad frames that arrive together (one batch) each get their reply, in order,
+    and the worker stops only at the end's close."""
+    model, end, cloud, boundary, x = split(tiny_split)
+    link = InProcessLink()
+    worker = CloudWorker({0: (cloud, boundary)}, link.cloud)
+    sent = [request(end, boundary, x, 0), b"junk", request(end, boundary, x, 2)[:-3],
+            request(end, boundary, x, 3), bytes(encode(CLOSE_ID, [], FLAG_CONTROL))]
+    for m in sent:
+        link.end.send(m)
+    worker.start()
+    replies = [decode(link.end.recv(10.0)) for _ in range(5)]
+    worker.join(10.0)
+    assert worker.error is None and worker.rejected == 2
+    assert [r[0] for r in replies] == [0, 0, 2, 3, CLOSE_ID]
+    assert [bool(r[2] & FLAG_ERROR) for r in replies] == [False, True, True, False, False]
