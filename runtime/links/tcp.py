@@ -54,12 +54,18 @@ def _mac(token: bytes, nonce: bytes, who: bytes) -> bytes:
     return hmac.new(token, nonce + who, hashlib.sha256).digest()
 
 
+#: A message's bytes are reserved at most this many at a time: a length prefix alone (up to
+#: ``MAX_MESSAGE``) makes this side hold no more than the peer has actually sent.
+RECV_CHUNK = 1 << 20
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
+    buf = bytearray(min(n, RECV_CHUNK))
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):   # the peer has sent all reserved so far: reserve the next chunk
+            buf.extend(bytes(min(RECV_CHUNK, n - got)))
+        k = sock.recv_into(memoryview(buf)[got:], len(buf) - got)
         if k == 0:
             raise PeerGone("connection closed by the peer")
         got += k
