@@ -49,7 +49,7 @@ from tabulate import tabulate
 
 from coach_fx.zoo.digits import digits_splits, load_digits_model
 from coach_fx.online import MODES, compile_online
-from coach_fx.online.cache_calibration import locality_stream
+from coach_fx.zoo.streams import locality_stream
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.settings import Device, Network
 from coach_fx.traces import Trace

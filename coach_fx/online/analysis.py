@@ -21,7 +21,8 @@ import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.online.cache_calibration import calibrate_on_stream, locality_stream, similarity_bits
+from coach_fx.online.cache_calibration import calibrate_on_stream, similarity_bits
+from coach_fx.zoo.streams import locality_stream
 from coach_fx.online.deploy import coded_share, end_paths, end_paths_of, variant
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.passes.partition import partition

@@ -2,16 +2,11 @@
 streams with temporal locality, and similarity bands whose samples stay safe with fewer bits.
 The runtime's cache (``coach_fx.runtime.cache``) only looks up; this decides its settings.
 
-Example::
-
-    >>> stream = locality_stream(torch.tensor([0, 1, 2, 0]), 20, mean_run=5.0)
-    >>> len(stream)
-    20
+The calibration streams come from ``coach_fx.zoo.streams.locality_stream``.
 """
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from typing import Sequence
 
@@ -21,25 +16,6 @@ import torch
 from coach_fx.runtime.cache import SemanticCache
 from coach_fx.runtime.features import vec_rows
 from coach_fx.settings import OnlineSettings
-
-
-
-def locality_stream(labels: torch.Tensor, n: int, mean_run: float = 10.0, seed: int = 0) -> list[int]:
-    """Indices of ``n`` samples forming a stream with temporal locality: a class persists for a
-    geometric number of frames (mean ``mean_run``), each frame a random sample of that class."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, c in enumerate(labels.tolist()):
-        by_class.setdefault(int(c), []).append(i)
-    classes = sorted(by_class)
-    out: list[int] = []
-    while len(out) < n:
-        c = rng.choice(classes)
-        run = 1
-        while rng.random() > 1.0 / mean_run:
-            run += 1
-        out += [rng.choice(by_class[c]) for _ in range(run)]
-    return out[:n]
 
 
 def replay(cache: SemanticCache, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int],
@@ -140,4 +116,4 @@ def similarity_bits(similarity: torch.Tensor, agrees: dict[int, torch.Tensor], m
     return out
 
 
-__all__ = ["calibrate_on_stream", "locality_stream", "replay", "similarity_bits"]
+__all__ = ["calibrate_on_stream", "replay", "similarity_bits"]

@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from coach_fx.online.cache_calibration import calibrate_on_stream, locality_stream, replay
+from coach_fx.online.cache_calibration import calibrate_on_stream, replay
+from coach_fx.zoo.streams import locality_stream
 from coach_fx.runtime.cache import SemanticCache
 from coach_fx.runtime.features import pooled_features
 
