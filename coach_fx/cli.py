@@ -1,8 +1,10 @@
-"""The ``coach`` command: ``coach plan`` and ``coach demo``.
+"""The ``coach`` command: ``coach plan``, ``coach demo``, and the two sides of a saved plan,
+``coach serve`` (the cloud, many ends at once) and ``coach run`` (an end).
 
     coach plan --model torchvision:resnet18 --uplink-mbps 10 --slowdown 8
     coach plan --model resnet50 --strategy all
     coach demo
+    coach serve plan_dir --port 29517            # until interrupted; --sessions N: N ends
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tabulate import tabulate
@@ -20,6 +23,9 @@ from coach_fx.driver import plan_model, prepare
 from coach_fx.zoo.models import load_model
 from coach_fx.optimize import COMPARED, STRATEGIES
 from coach_fx.settings import Device, Network, Settings
+
+if TYPE_CHECKING:
+    from coach_fx.runtime.config import StreamConfig
 
 
 def _settings(a: argparse.Namespace, strategy: str) -> Settings:
@@ -127,26 +133,53 @@ def cmd_serve(a: argparse.Namespace) -> int:
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout)
     plans = {0: (half.module, half.boundary)}
     if a.link == "tcp":
-        from coach_fx.runtime.links.tcp import TcpServer
-        server = TcpServer(a.host, a.port, token=a.token, timeout_s=a.timeout)
-        print(f"coach serve: cloud half of {a.dir} on {server.host}:{server.port} (tcp, token "
-              f"required, slowdown {slowdown}); waiting for the end side", flush=True)
-        worker = CloudWorker(plans, None, config)
-        try:
-            worker.serve_forever(server)
-        finally:
-            server.close()
-    else:
-        print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (gloo, slowdown "
-              f"{slowdown}); waiting for the end side", flush=True)
-        ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
-        print("coach serve: the end side is connected", flush=True)
-        worker = CloudWorker(plans, ep, config)
-        try:
-            worker.serve()
-        finally:
-            ep.close()
+        return _serve_tcp(a, plans, config, slowdown)
+    print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (gloo, slowdown "
+          f"{slowdown}); waiting for the end side", flush=True)
+    ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
+    print("coach serve: the end side is connected", flush=True)
+    worker = CloudWorker(plans, ep, config)
+    try:
+        worker.serve()
+    finally:
+        ep.close()
     print(f"coach serve: served {worker.served} requests, busy {worker.busy_s:.2f} s", flush=True)
+    return 0
+
+
+def token_of(a: argparse.Namespace) -> bytes | None:
+    """The shared secret from ``--token-file`` (None: ``$COACH_TOKEN``, read by the link)."""
+    if a.token_file is None:
+        return None
+    try:
+        return open(a.token_file, "rb").read().strip()
+    except OSError as e:
+        raise SystemExit(f"coach: cannot read the token file {a.token_file}: {e.strerror}") from None
+
+
+def _serve_tcp(a: argparse.Namespace, plans: dict, config: StreamConfig, slowdown: float) -> int:
+    """``coach serve`` over TCP: many ends at once (``runtime.server.CloudServer``)."""
+    from coach_fx.runtime.config import ServerConfig
+    from coach_fx.runtime.links.tcp import TcpServer
+    from coach_fx.runtime.server import CloudServer
+    listener = TcpServer(a.host, a.port, token=token_of(a), timeout_s=a.timeout)
+    print(f"coach serve: cloud half of {a.dir} on {listener.host}:{listener.port} (tcp, token "
+          f"required, slowdown {slowdown}, up to {a.max_ends} ends at once); "
+          + (f"serving {a.sessions} session(s)" if a.sessions else "serving until interrupted"),
+          flush=True)
+    server = CloudServer(plans, listener, config, ServerConfig(max_ends=a.max_ends),
+                         sessions=a.sessions or None)
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+        listener.close()
+    st = server.snapshot()
+    print(f"coach serve: {st.sessions} session(s), served {st.served} requests, "
+          f"{st.rejected} bad frames answered with an error, {st.refused} connections refused, "
+          f"{st.turned_away} turned away", flush=True)
     return 0
 
 
@@ -174,7 +207,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         from coach_fx.runtime.links.tcp import connect
 
         def dial(retry_for: float = 0.0) -> object:
-            return connect(a.host, a.port, token=a.token, timeout_s=a.timeout, shape=shape,
+            return connect(a.host, a.port, token=token_of(a), timeout_s=a.timeout, shape=shape,
                            retry_for=retry_for)
         # wait for the cloud to come up (it listens once its half is loaded), so that the
         # end half is timed for the emulation while the host is quiet
@@ -256,11 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--slowdown", type=float, default=None, help="default: the saved plan's")
         p.add_argument("--threads", type=int, default=None,
                        help="torch threads for this side (on a small host: 1 per side)")
+        if name == "serve":
+            p.add_argument("--sessions", type=int, default=0,
+                           help="stop after this many ends have finished (default: serve until interrupted)")
+            p.add_argument("--max-ends", type=int, default=64, help="ends served at once")
         p.add_argument("--link", choices=["tcp", "gloo"], default="tcp",
                        help="tcp: authenticated, binds only --host (default); gloo: "
                             "torch.distributed, unauthenticated, for trusted networks")
-        p.add_argument("--token", default=None,
-                       help="shared secret for --link tcp (default: $COACH_TOKEN)")
+        # never the secret itself on the command line: any user can read it in ps
+        p.add_argument("--token-file", default=None, metavar="PATH",
+                       help="file holding the shared secret for --link tcp (default: $COACH_TOKEN)")
         if name == "run":
             p.add_argument("--trace", default=None, help="shape the uplink to this bandwidth trace")
             p.add_argument("--trace-scale", type=float, default=1.0)

@@ -25,7 +25,7 @@ from coach_fx.passes.boundary import Boundary
 from coach_fx.runtime.codec import entries_to_payload, output_to_entries
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.emulation import emulate, fast_handoff
-from coach_fx.runtime.links.base import Endpoint, LinkError
+from coach_fx.runtime.links.base import Endpoint
 from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError,
                                    decode, encode, peek_header)
 
@@ -160,22 +160,6 @@ class CloudWorker:
                 t0 = time.perf_counter()
                 self.endpoint.send(reply)
                 self.busy_s += time.perf_counter() - t0
-
-    def serve_forever(self, server: Any, max_sessions: int | None = None) -> None:
-        """Serve end after end on an authenticated server (``runtime.tcp.TcpServer``): when an
-        end goes away the next one is accepted; an end's close request stops the worker."""
-        sessions = 0
-        while max_sessions is None or sessions < max_sessions:
-            self.endpoint = server.accept()
-            sessions += 1
-            try:
-                self.serve()
-                return
-            except LinkError as e:   # that end went away: wait for the next
-                log.warning("coach cloud: the end at %s went away (%s); waiting for the next",
-                            self.endpoint.addr, e)
-            finally:
-                self.endpoint.close()
 
     def start(self) -> "CloudWorker":
         def run() -> None:

@@ -52,6 +52,29 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """How a cloud server shares itself among ends (``runtime.server.CloudServer``).
+
+    At most ``max_ends`` ends are served at once and ``max_handshakes`` connections may be
+    proving their token at once; a connection beyond either is told the server is busy and
+    closed at once (counted, not logged one by one). A handshake must complete within ``handshake_s`` in all, however
+    slowly its bytes trickle in.
+    """
+
+    max_ends: int = 64
+    #: a pending handshake costs a thread for at most ``handshake_s``: hundreds are cheap
+    max_handshakes: int = 256
+    handshake_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_ends", "max_handshakes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.handshake_s > 0:
+            raise ValueError(f"handshake_s must be > 0, got {self.handshake_s}")
+
+
+@dataclass(frozen=True)
 class Bands:
     """Which plan serves which bandwidth: ``edges_mbps`` increasing (n edges), ``plans`` the
     n + 1 plan ids serving the bands between them (None: ``start`` everywhere); a stream begins
@@ -107,4 +130,4 @@ class PolicyConfig:
     end_slowdown: float = 1.0
 
 
-__all__ = ["Bands", "CacheConfig", "ControlConfig", "PolicyConfig", "StreamConfig"]
+__all__ = ["Bands", "CacheConfig", "ControlConfig", "PolicyConfig", "ServerConfig", "StreamConfig"]

@@ -9,8 +9,9 @@ allocation). Before any message is accepted both sides prove they hold the share
 
 A peer without the token is refused and logged (``logging`` channel ``coach_fx.runtime``).
 The cloud binds to the address it is given (``127.0.0.1`` by default), never to every
-interface unless asked to. :class:`TcpServer` accepts one end at a time and takes the next
-when that one goes; :func:`connect` dials (with retries until its timeout).
+interface unless asked to. :class:`TcpServer` listens and authenticates (within a deadline
+for the whole handshake); ``runtime.server.CloudServer`` serves many ends on it at once;
+:func:`connect` dials (with retries until its timeout).
 
 Example::
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import socket
 import struct
@@ -35,12 +37,18 @@ from coach_fx.traces import Trace
 log = logging.getLogger("coach_fx.runtime")
 
 HELLO = b"COCHAUTH"
+#: What a server that serves its maximum of ends sends instead of ``HELLO`` before closing.
+BUSY = b"COCHBUSY"
 AUTH_VERSION = 1
 _LEN = struct.Struct("<Q")
 
 
 class AuthError(LinkError):
     """The peer could not prove it holds the shared token (or spoke another protocol)."""
+
+
+class ServerBusy(LinkError):
+    """The cloud serves as many ends (or handshakes) as it takes: try again later."""
 
 
 def _token(token: bytes | str | None) -> bytes:
@@ -59,12 +67,19 @@ def _mac(token: bytes, nonce: bytes, who: bytes) -> bytes:
 RECV_CHUNK = 1 << 20
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes; with a ``deadline`` (``time.monotonic``) all of them by then, however
+    slowly they trickle in (``socket.timeout`` otherwise)."""
     buf = bytearray(min(n, RECV_CHUNK))
     got = 0
     while got < n:
         if got == len(buf):   # the peer has sent all reserved so far: reserve the next chunk
             buf.extend(bytes(min(RECV_CHUNK, n - got)))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("deadline passed")
+            sock.settimeout(left)
         k = sock.recv_into(memoryview(buf)[got:], len(buf) - got)
         if k == 0:
             raise PeerGone("connection closed by the peer")
@@ -141,7 +156,13 @@ class TcpEndpoint:
 
 
 class TcpServer:
-    """The cloud's listening socket, bound to the given address only."""
+    """The cloud's listening socket, bound to the given address only.
+
+    :meth:`accept` takes the next end that proves it holds the token, one at a time;
+    ``runtime.server.CloudServer`` instead takes raw connections (:meth:`accept_connection`)
+    and runs each :meth:`handshake` on its own thread, so that no connection can hold up
+    another.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: bytes | str | None = None,
                  timeout_s: float = 30.0) -> None:
@@ -150,37 +171,81 @@ class TcpServer:
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.host, self.port = self.sock.getsockname()[:2]
         self.refused = 0
+        self._log = ThrottledLog(log, f"coach cloud {self.host}:{self.port}")
+
+    def accept_connection(self, timeout: float | None = None) -> tuple[socket.socket, str]:
+        """The next TCP connection, not yet authenticated: (its socket, "host:port")."""
+        self.sock.settimeout(timeout)
+        try:
+            conn, addr = self.sock.accept()
+        except socket.timeout:
+            raise LinkTimeout(f"no end connected to {self.host}:{self.port} within {timeout} s") from None
+        return conn, f"{addr[0]}:{addr[1]}"
+
+    def handshake(self, conn: socket.socket, peer: str, within_s: float = 10.0) -> TcpEndpoint:
+        """Authenticate ``conn`` both ways within ``within_s`` in all; a peer that cannot is
+        refused (:class:`AuthError`; the socket closed, the refusal counted and logged)."""
+        deadline = time.monotonic() + within_s
+        try:
+            conn.settimeout(within_s)
+            nonce_c = os.urandom(32)
+            conn.sendall(HELLO + struct.pack("<H", AUTH_VERSION) + nonce_c)
+            reply = _recv_exact(conn, 64, deadline)
+            if not hmac.compare_digest(reply[:32], _mac(self.token, nonce_c, b"end")):
+                raise AuthError("bad token")
+            conn.sendall(_mac(self.token, reply[32:], b"cloud"))
+        except (AuthError, OSError, PeerGone) as e:
+            self.refused += 1
+            why = "no handshake in time" if isinstance(e, socket.timeout) else str(e) or type(e).__name__
+            self._log.warning(f"refused peer {peer}: {why}")
+            conn.close()
+            raise AuthError(f"refused peer {peer}: {why}") from None
+        return TcpEndpoint(conn, "end", peer, self.timeout_s)
 
     def accept(self, timeout: float | None = None) -> TcpEndpoint:
         """The next end that proves it holds the token (others are refused and logged)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.01, deadline - time.monotonic())
-            self.sock.settimeout(left)
+            conn, peer = self.accept_connection(left)
             try:
-                conn, addr = self.sock.accept()
-            except socket.timeout:
-                raise LinkTimeout(f"no end connected to {self.host}:{self.port} within {timeout} s") from None
-            peer = f"{addr[0]}:{addr[1]}"
-            try:
-                conn.settimeout(min(self.timeout_s, 10.0))
-                nonce_c = os.urandom(32)
-                conn.sendall(HELLO + struct.pack("<H", AUTH_VERSION) + nonce_c)
-                reply = _recv_exact(conn, 64)
-                if not hmac.compare_digest(reply[:32], _mac(self.token, nonce_c, b"end")):
-                    raise AuthError("bad token")
-                conn.sendall(_mac(self.token, reply[32:], b"cloud"))
-            except (AuthError, OSError, PeerGone) as e:
-                self.refused += 1
-                log.warning("coach cloud %s:%s refused peer %s: %s", self.host, self.port, peer, e)
-                conn.close()
+                return self.handshake(conn, peer, min(self.timeout_s, 10.0))
+            except AuthError:
                 if deadline is not None and time.monotonic() > deadline:
                     raise LinkTimeout(f"no authenticated end within {timeout} s") from None
-                continue
-            return TcpEndpoint(conn, "end", peer, self.timeout_s)
+
+    def turn_away(self, conn: socket.socket) -> None:
+        """Tell a connection the server is busy (:class:`ServerBusy` at its end) and close it."""
+        try:
+            conn.settimeout(0.5)
+            conn.sendall(BUSY)
+        except OSError:
+            pass
+        conn.close()
 
     def close(self) -> None:
         self.sock.close()
+
+
+class ThrottledLog:
+    """Warnings at most ``burst`` per ``window_s``; the rest are counted and summed up in the
+    next line let through (a storm of refused connections must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, burst: int = 5, window_s: float = 10.0) -> None:
+        self.logger, self.prefix, self.burst, self.window_s = logger, prefix, burst, window_s
+        self._start, self._count, self.suppressed = -math.inf, 0, 0
+
+    def warning(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window_s:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count > self.burst:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} more not logged)" if self.suppressed else ""
+        self.suppressed = 0
+        self.logger.warning("%s %s%s", self.prefix, text, more)
 
 
 def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: float = 30.0,
@@ -197,7 +262,10 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
                 raise PeerGone(f"cannot reach the cloud at {host}:{port}: {e}") from None
             time.sleep(0.1)
     try:
-        hello = _recv_exact(sock, len(HELLO) + 2 + 32)
+        hello = _recv_exact(sock, len(HELLO))
+        if hello == BUSY:
+            raise ServerBusy(f"the cloud at {host}:{port} serves as many ends as it takes; try later")
+        hello += _recv_exact(sock, 2 + 32)
         if hello[:len(HELLO)] != HELLO:
             raise AuthError(f"{host}:{port} is not a coach cloud")
         version = struct.unpack("<H", hello[len(HELLO):len(HELLO) + 2])[0]
@@ -215,7 +283,7 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
     except socket.timeout:
         sock.close()
         raise AuthError(f"no handshake from {host}:{port} within the timeout") from None
-    except AuthError:
+    except (AuthError, ServerBusy):
         sock.close()
         raise
     return TcpEndpoint(sock, "cloud", f"{host}:{port}", timeout_s, shape)

@@ -3,6 +3,7 @@ hostile bytes on the wire. Every request gets exactly one result, in order."""
 
 import ast
 import logging
+import os
 import struct
 import subprocess
 import sys
@@ -63,9 +64,10 @@ def check_exactly_once(frames, results, m, allow_failed=False):
 
 
 def _serve(d, port):
-    return subprocess.Popen([COACH, "serve", str(d), "--port", str(port),
-                             "--token", TOKEN, "--timeout", "10"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the token from the environment: never on a command line (any user can read it in ps)
+    return subprocess.Popen([COACH, "serve", str(d), "--port", str(port), "--timeout", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COACH_TOKEN": TOKEN})
 
 
 @pytest.mark.parametrize("fallback", ["local", "error"])

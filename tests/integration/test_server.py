@@ -1,0 +1,150 @@
+"""The cloud server shared by many ends over real loopback TCP: outcomes (counts, equality,
+order), never durations."""
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import coach_fx
+from coach_fx.runtime.config import ServerConfig, StreamConfig
+from coach_fx.runtime.end import EndWorker
+from coach_fx.runtime.links.tcp import ServerBusy, TcpServer, connect
+from coach_fx.runtime.policy import StaticPolicy
+from coach_fx.runtime.server import CloudServer
+
+TOKEN = b"a shared secret for the test"
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def split():
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["stem", "relu"], bits=16,
+                          costs="analytic", progress=False)
+    return cm, m
+
+
+def serve(cm, limits=ServerConfig(), sessions=None):
+    listener = TcpServer("127.0.0.1", 0, token=TOKEN, timeout_s=10)
+    server = CloudServer({0: (cm.cloud_module, cm.boundary)}, listener, StreamConfig(timeout_s=10),
+                         limits, sessions=sessions).start()
+    return server, listener
+
+
+def stream(cm, port, frames):
+    end = EndWorker(connect("127.0.0.1", port, TOKEN, 10.0), cm.out_spec,
+                    StaticPolicy(cm.end_module, cm.boundary), StreamConfig(timeout_s=10))
+    try:
+        results, _ = end.run(frames)
+    finally:
+        end.close()
+    return results
+
+
+def expect(m, frames, results):
+    assert len(results) == len(frames)
+    with torch.no_grad():
+        for f, r in zip(frames, results):
+            assert torch.allclose(r, m(f), atol=1e-2)
+
+
+def test_many_ends_at_once_and_an_end_closing_stops_only_its_session(split):
+    cm, m = split
+    server, listener = serve(cm, sessions=3)
+    frames = {k: [torch.randn(1, 3, 8, 8) for _ in range(40)] for k in range(3)}
+    got: dict[int, list] = {}
+    ends = [threading.Thread(target=lambda k=k: got.__setitem__(k, stream(cm, listener.port, frames[k])))
+            for k in (0, 1)]
+    for t in ends:
+        t.start()
+    for t in ends:
+        t.join(120)
+    # both sessions closed by their ends: the server still takes the next
+    got[2] = stream(cm, listener.port, frames[2])
+    assert server.wait(60)
+    listener.close()
+    for k in range(3):
+        expect(m, frames[k], got[k])       # each end its own answers, exactly once, in order
+    st = server.snapshot()
+    assert (st.sessions, st.ended, st.served, st.active) == (3, 3, 120, 0)
+
+
+def test_silent_and_idle_connections_do_not_lock_out_a_real_end(split):
+    cm, m = split
+    server, listener = serve(cm, ServerConfig(handshake_s=60))
+    idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(200)]
+    try:
+        frames = [torch.randn(1, 3, 8, 8) for _ in range(30)]
+        expect(m, frames, stream(cm, listener.port, frames))
+        st = server.snapshot()
+        # the 200 are still waiting for their handshake deadline while the real end was served
+        assert st.sessions == 1 and st.served == 30 and st.refused == 0 and st.turned_away == 0
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+        listener.close()
+
+
+def test_a_trickling_handshake_is_cut_at_its_deadline(split):
+    cm, _ = split
+    server, listener = serve(cm, ServerConfig(handshake_s=1.0))
+    s = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        s.recv(64)                                     # the server's hello
+        s.settimeout(0.3)
+        closed = False
+        for _ in range(200):                           # a byte now and then, never a whole proof
+            try:
+                s.sendall(b"x")
+                if s.recv(1) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+        assert closed
+        for _ in range(100):                           # the refusal is counted by the handshake thread
+            if server.snapshot().refused == 1:
+                break
+            time.sleep(0.05)
+        assert server.snapshot().refused == 1
+    finally:
+        s.close()
+        server.stop()
+        listener.close()
+
+
+def test_beyond_its_ends_the_server_says_busy(split):
+    cm, m = split
+    server, listener = serve(cm, ServerConfig(max_ends=1))
+    first = connect("127.0.0.1", listener.port, TOKEN, 10.0)
+    try:
+        for _ in range(100):                           # the first end's session has started
+            if server.snapshot().active == 1:
+                break
+            time.sleep(0.05)
+        with pytest.raises(ServerBusy, match="try later"):
+            connect("127.0.0.1", listener.port, TOKEN, 10.0)
+        assert server.snapshot().turned_away == 1
+    finally:
+        first.close()
+        server.stop()
+        listener.close()
