@@ -339,6 +339,10 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
                 raise WireError(f"entry {i}: quantized entry of non-float dtype {dtype}")
             if not math.isfinite(scale) or scale <= 0:
                 raise WireError(f"entry {i}: bad scale {scale}")
+            # the largest code times the scale must stay finite in the dtype it dequantizes to
+            # (a finite 3e38 would turn every value into inf or NaN)
+            if scale * ((1 << bits) - 1) > torch.finfo(dtype).max:
+                raise WireError(f"entry {i}: scale {scale:g} overflows dtype {dtype} at {bits} bits")
             if not 0 <= zero < (1 << min(bits, 16)):
                 raise WireError(f"entry {i}: zero point {zero} out of range for {bits} bits")
         if codec not in _CODEC_NAMES or (codec and kind != QUANT):

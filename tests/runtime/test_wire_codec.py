@@ -140,3 +140,14 @@ def test_a_bomb_for_another_shape_allocates_nothing_before_the_plan_refuses_it()
     finally:
         tracemalloc.stop()
     assert peak < 4 * len(msg) + (1 << 20)
+
+
+def test_a_scale_that_overflows_its_dtype_is_refused():
+    ok = _forge_quant((1024,), 4, b"\0" * 512, codec=0)
+    decode(ok)
+    big = bytearray(ok)
+    struct.pack_into("<f", big, 24 + 36, 3e38)              # finite, but 15 x 3e38 is not
+    rest = bytes(big[24:])
+    struct.pack_into("<I", big, 20, zlib.crc32(rest))
+    with pytest.raises(WireError, match="scale 3e\\+38 overflows dtype"):
+        decode(bytes(big))

@@ -46,3 +46,19 @@ def test_messages_across_chunks_arrive_whole():
     t.start()
     assert ep.recv() == big and ep.recv() == b"abc"
     t.join()
+
+
+def test_a_storm_of_warnings_is_throttled():
+    import logging
+    from coach_fx.runtime.links.tcp import ThrottledLog
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+    logger = logging.getLogger("coach_fx.test_throttle")
+    logger.addHandler(Keep())
+    t = ThrottledLog(logger, "cloud", burst=5, window_s=3600)
+    for k in range(100):
+        t.warning(f"refused peer {k}")
+    assert len(records) == 5 and t.suppressed == 95
