@@ -1,11 +1,20 @@
-"""A plain TCP link with mutual authentication, for deployments that need to survive faults.
+"""A TCP link with mutual authentication and per-message integrity, for deployments.
 
-Frames: an 8-byte little-endian length, then the message (checked against a limit before any
-allocation). Before any message is accepted both sides prove they hold the shared token:
+Frames: an 8-byte little-endian length, the message (the length checked against a limit
+before anything is reserved), then a 16-byte tag. Before any message both sides prove they
+hold the shared token, the cloud first, so that an end never answers a challenge from a
+server that has proved nothing:
 
-    cloud -> end:  b"COCHAUTH" | version u16 | 32-byte nonce_c
-    end   -> cloud: HMAC-SHA256(token, nonce_c | b"end")  | 32-byte nonce_e
-    cloud -> end:  HMAC-SHA256(token, nonce_e | b"cloud")
+    cloud -> end:   b"COCHAUTH" | version u16 | 32-byte nonce_c
+    end   -> cloud: 32-byte nonce_e
+    cloud -> end:   HMAC-SHA256(token, b"cloud" | nonce_c | nonce_e)
+    end   -> cloud: HMAC-SHA256(token, b"end" | nonce_c | nonce_e)
+
+Each direction then keys its tags with HMAC-SHA256(token, direction | nonce_c | nonce_e):
+a tag is the first 16 bytes of HMAC-SHA256(key, sequence number | message), so a message
+altered, replayed, reordered or dropped on the way is refused (:class:`IntegrityError`), and
+a recorded session replays nowhere (fresh nonces). Tokens shorter than :data:`MIN_TOKEN_BYTES`
+are refused: a recorded handshake lets a short one be guessed offline.
 
 A peer without the token is refused and logged (``logging`` channel ``coach_fx.runtime``).
 The cloud binds to the address it is given (``127.0.0.1`` by default), never to every
@@ -15,8 +24,8 @@ for the whole handshake); ``runtime.server.CloudServer`` serves many ends on it 
 
 Example::
 
-    >>> server = TcpServer("127.0.0.1", 0, token=b"secret")          # doctest: +SKIP
-    >>> end = connect("127.0.0.1", server.port, token=b"secret")      # doctest: +SKIP
+    >>> server = TcpServer("127.0.0.1", 0, token=secret)          # doctest: +SKIP
+    >>> end = connect("127.0.0.1", server.port, token=secret)      # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -39,8 +48,13 @@ log = logging.getLogger("coach_fx.runtime")
 HELLO = b"COCHAUTH"
 #: What a server that serves its maximum of ends sends instead of ``HELLO`` before closing.
 BUSY = b"COCHBUSY"
-AUTH_VERSION = 1
+AUTH_VERSION = 2
 _LEN = struct.Struct("<Q")
+_SEQ = struct.Struct("<Q")
+#: Bytes of the integrity tag after each message.
+TAG_BYTES = 16
+#: The shortest shared token accepted (e.g. ``openssl rand -hex 16`` gives 32 characters).
+MIN_TOKEN_BYTES = 16
 
 
 class AuthError(LinkError):
@@ -51,15 +65,29 @@ class ServerBusy(LinkError):
     """The cloud serves as many ends (or handshakes) as it takes: try again later."""
 
 
+class IntegrityError(LinkError):
+    """A message's tag does not match: altered, replayed, reordered or dropped on the way."""
+
+
 def _token(token: bytes | str | None) -> bytes:
     token = token if token is not None else os.environ.get("COACH_TOKEN")
     if not token:
-        raise AuthError("no shared token: pass token=... (or --token) or set COACH_TOKEN")
-    return token.encode() if isinstance(token, str) else bytes(token)
+        raise AuthError("no shared token: pass token=... (or --token-file) or set COACH_TOKEN")
+    key = token.encode() if isinstance(token, str) else bytes(token)
+    if len(key) < MIN_TOKEN_BYTES:
+        raise AuthError(f"the shared token has {len(key)} bytes; use at least {MIN_TOKEN_BYTES} "
+                        "(e.g. openssl rand -hex 16): a short one can be guessed from a recorded handshake")
+    return key
 
 
-def _mac(token: bytes, nonce: bytes, who: bytes) -> bytes:
-    return hmac.new(token, nonce + who, hashlib.sha256).digest()
+def _mac(token: bytes, who: bytes, nonce_c: bytes, nonce_e: bytes) -> bytes:
+    return hmac.new(token, who + nonce_c + nonce_e, hashlib.sha256).digest()
+
+
+def _session_keys(token: bytes, nonce_c: bytes, nonce_e: bytes, side: str) -> tuple[bytes, bytes]:
+    """(this side's sending key, its receiving key)."""
+    up, down = _mac(token, b"up", nonce_c, nonce_e), _mac(token, b"down", nonce_c, nonce_e)
+    return (up, down) if side == "end" else (down, up)
 
 
 #: A message's bytes are reserved at most this many at a time: a length prefix alone (up to
@@ -91,9 +119,13 @@ class TcpEndpoint:
     """One authenticated connection; ``send``/``recv`` whole messages."""
 
     def __init__(self, sock: socket.socket, peer_name: str, addr: str, timeout_s: float,
-                 shape: Trace | None = None) -> None:
+                 shape: Trace | None = None, *, keys: tuple[bytes, bytes] | None = None) -> None:
+        """``keys``: (sending, receiving) keys of the integrity tags (from the handshake;
+        None: untagged frames, for tests of the framing alone)."""
         self.sock, self.peer_name, self.addr = sock, peer_name, addr
         self.timeout_s = timeout_s
+        self.keys = keys
+        self._sent = self._received = 0   # sequence numbers, one per direction
         self.bucket = TokenBucket(shape) if shape is not None else None
         self.busy_s = 0.0
         self.bytes = 0
@@ -109,6 +141,9 @@ class TcpEndpoint:
             self.sock.settimeout(self.timeout_s)
             self.sock.sendall(_LEN.pack(len(msg)))
             self.sock.sendall(msg)
+            if self.keys is not None:
+                self.sock.sendall(self._tag(self.keys[0], self._sent, msg))
+                self._sent += 1
         except socket.timeout:
             raise LinkTimeout(f"the {self.peer_name} side ({self.addr}) took no data for "
                               f"{self.timeout_s} s") from None
@@ -131,6 +166,12 @@ class TcpEndpoint:
             # from the first byte after the length to the last: the message's time on the
             # wire as this side saw it (the online controller's bandwidth sample)
             self.last_wire_s = time.monotonic() - t0
+            if self.keys is not None:
+                tag = _recv_exact(self.sock, TAG_BYTES)
+                if not hmac.compare_digest(tag, self._tag(self.keys[1], self._received, msg)):
+                    raise IntegrityError(f"a message from the {self.peer_name} side ({self.addr}) "
+                                         "failed its integrity check: altered, replayed or out of order")
+                self._received += 1
             return msg
         except socket.timeout:
             raise LinkTimeout(f"nothing from the {self.peer_name} side ({self.addr}) within "
@@ -139,6 +180,12 @@ class TcpEndpoint:
             raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone: {e}") from None
         except OSError as e:
             raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone: {e}") from None
+
+    @staticmethod
+    def _tag(key: bytes, seq: int, msg: bytes | bytearray) -> bytes:
+        h = hmac.new(key, _SEQ.pack(seq), hashlib.sha256)
+        h.update(msg)
+        return h.digest()[:TAG_BYTES]
 
     def ready(self) -> bool:
         """Unknown without reading the socket: the cloud does not batch over this link."""
@@ -190,17 +237,19 @@ class TcpServer:
             conn.settimeout(within_s)
             nonce_c = os.urandom(32)
             conn.sendall(HELLO + struct.pack("<H", AUTH_VERSION) + nonce_c)
-            reply = _recv_exact(conn, 64, deadline)
-            if not hmac.compare_digest(reply[:32], _mac(self.token, nonce_c, b"end")):
+            nonce_e = _recv_exact(conn, 32, deadline)
+            conn.sendall(_mac(self.token, b"cloud", nonce_c, nonce_e))    # the cloud proves first
+            proof = _recv_exact(conn, 32, deadline)
+            if not hmac.compare_digest(proof, _mac(self.token, b"end", nonce_c, nonce_e)):
                 raise AuthError("bad token")
-            conn.sendall(_mac(self.token, reply[32:], b"cloud"))
         except (AuthError, OSError, PeerGone) as e:
             self.refused += 1
             why = "no handshake in time" if isinstance(e, socket.timeout) else str(e) or type(e).__name__
             self._log.warning(f"refused peer {peer}: {why}")
             conn.close()
             raise AuthError(f"refused peer {peer}: {why}") from None
-        return TcpEndpoint(conn, "end", peer, self.timeout_s)
+        return TcpEndpoint(conn, "end", peer, self.timeout_s,
+                           keys=_session_keys(self.token, nonce_c, nonce_e, "cloud"))
 
     def accept(self, timeout: float | None = None) -> TcpEndpoint:
         """The next end that proves it holds the token (others are refused and logged)."""
@@ -273,10 +322,12 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
             raise AuthError(f"cloud speaks handshake version {version}, this end {AUTH_VERSION}")
         nonce_c = hello[-32:]
         nonce_e = os.urandom(32)
-        sock.sendall(_mac(key, nonce_c, b"end") + nonce_e)
+        sock.sendall(nonce_e)
         proof = _recv_exact(sock, 32)
-        if not hmac.compare_digest(proof, _mac(key, nonce_e, b"cloud")):
-            raise AuthError(f"the cloud at {host}:{port} does not hold the shared token")
+        if not hmac.compare_digest(proof, _mac(key, b"cloud", nonce_c, nonce_e)):
+            # this end proves nothing to a server that could not prove itself
+            raise AuthError(f"the cloud at {host}:{port} does not hold this end's token")
+        sock.sendall(_mac(key, b"end", nonce_c, nonce_e))
     except PeerGone:
         sock.close()
         raise AuthError(f"the cloud at {host}:{port} refused this end (wrong token?)") from None
@@ -286,4 +337,5 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
     except (AuthError, ServerBusy):
         sock.close()
         raise
-    return TcpEndpoint(sock, "cloud", f"{host}:{port}", timeout_s, shape)
+    return TcpEndpoint(sock, "cloud", f"{host}:{port}", timeout_s, shape,
+                       keys=_session_keys(key, nonce_c, nonce_e, "end"))

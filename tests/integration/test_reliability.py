@@ -163,7 +163,7 @@ def test_wrong_token_is_refused_and_logged(caplog):
     t.start()
     with caplog.at_level(logging.WARNING, logger="coach_fx.runtime"):
         with pytest.raises(AuthError):
-            connect("127.0.0.1", server.port, token="wrong", timeout_s=5)
+            connect("127.0.0.1", server.port, token="wrong-but-long-enough", timeout_s=5)
         good = connect("127.0.0.1", server.port, token=TOKEN, timeout_s=5)
         t.join(10)
     assert server.refused == 1
