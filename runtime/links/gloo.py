@@ -89,14 +89,23 @@ class GlooEndpoint:
                            f"{_first_line(e)}") from None
 
     def recv(self, timeout: float | None = None) -> bytes:
+        """The next message. A gloo receive whose wait times out is failed for good (every
+        later wait on it fails at once, and gloo cannot post another in its place), so a
+        shorter ``timeout`` than the link's own (a caller polling for stalls) is not used: the
+        wait lasts ``timeout_s``, and after it the link counts as gone."""
         torch, dist = self.torch, self.dist
-        # a receive that timed out stays posted in gloo: wait on that same one next time, or the
-        # next message would land in an abandoned buffer
+        if self._pending == "dead":
+            raise PeerGone(f"the gloo link to the {self.peer_name} side ({self.addr}) timed out "
+                           f"after {self.timeout_s} s without a message; it cannot be resumed")
         if self._pending is None:
             head = torch.empty(1, dtype=torch.int64)
             self._pending = (dist.irecv(head, src=self.peer, group=self.in_group), head)
         work, head = self._pending
-        self._wait(work, timeout, "message header")
+        try:
+            self._wait(work, max(timeout or 0.0, self.timeout_s), "message header")
+        except LinkTimeout:
+            self._pending = "dead"
+            raise
         self._pending = None
         n = int(head.item())
         if not 0 <= n <= MAX_MESSAGE:   # checked before allocating

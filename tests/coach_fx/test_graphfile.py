@@ -1,0 +1,89 @@
+"""Plan directories hold no code: halves as JSON graphs and raw tensors, checked against a
+manifest before anything is read."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import coach_fx
+from coach_fx.artifact import ArtifactError, load_half
+from coach_fx.graphfile import GraphFileError, _resolve
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        f = self.stem(x)
+        return {"logits": self.head(f.mean((2, 3))), "feat": f.sum()}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["stem_0", "stem_1", "stem_2"], bits=8,
+                          costs="analytic", progress=False)
+    d = tmp_path_factory.mktemp("plan")
+    cm.save(d, whole=True)
+    return cm, m, d
+
+
+def test_halves_load_back_and_compute_what_the_split_did(saved):
+    cm, m, d = saved
+    end, cloud, whole = load_half(d, "end"), load_half(d, "cloud"), load_half(d, "model")
+    for _ in range(3):
+        x = torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            got = cloud.module(*end.module(x))
+            want = cm(x)
+            assert torch.equal(got["logits"], want["logits"]) and torch.equal(got["feat"], want["feat"])
+            assert torch.allclose(whole.module(x)["logits"], m(x)["logits"], atol=1e-6)
+    # the end half holds the end's weights only
+    assert sum(p.numel() for p in end.module.parameters()) < sum(p.numel() for p in m.parameters())
+
+
+def test_no_file_is_a_pickle_or_an_archive(saved):
+    _, _, d = saved
+    names = sorted(p.name for p in d.iterdir())
+    assert not any(n.endswith((".pt", ".pt2", ".pkl")) for n in names), names
+    for p in d.iterdir():
+        head = p.read_bytes()[:4]
+        assert not head.startswith(b"\x80") and not head.startswith(b"PK"), p.name   # pickle / zip
+
+
+@pytest.mark.parametrize("victim", ["cloud.tensors", "cloud.graph.json", "plan.json"])
+def test_a_changed_file_is_refused_before_it_is_read(saved, tmp_path, victim):
+    import shutil
+    _, _, d = saved
+    copy = tmp_path / "plan"
+    shutil.copytree(d, copy)
+    data = bytearray((copy / victim).read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / victim).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        load_half(copy, "cloud")
+
+
+def test_a_graph_may_call_only_allowed_operators(saved, tmp_path):
+    for name in ("builtins.eval", "os.system", "operator.attrgetter", "torch.load", "aten"):
+        with pytest.raises(GraphFileError, match="not an allowed operator"):
+            _resolve(name)
+    assert _resolve("aten.conv2d.default") is torch.ops.aten.conv2d.default
+
+
+def test_a_directory_without_manifest_is_refused(saved, tmp_path):
+    import shutil
+    _, _, d = saved
+    copy = tmp_path / "plan"
+    shutil.copytree(d, copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="manifest"):
+        load_half(copy, "end")
+    doc = json.loads((d / "manifest.json").read_text())
+    assert set(doc["sha256"]) == {p.name for p in d.iterdir()} - {"manifest.json"}
