@@ -93,13 +93,13 @@ class GlooEndpoint:
         later wait on it fails at once, and gloo cannot post another in its place), so a
         shorter ``timeout`` than the link's own (a caller polling for stalls) is not used: the
         wait lasts ``timeout_s``, and after it the link counts as gone."""
-        torch, dist = self.torch, self.dist
+        torch = self.torch
         if self._pending == "dead":
             raise PeerGone(f"the gloo link to the {self.peer_name} side ({self.addr}) timed out "
                            f"after {self.timeout_s} s without a message; it cannot be resumed")
         if self._pending is None:
             head = torch.empty(1, dtype=torch.int64)
-            self._pending = (dist.irecv(head, src=self.peer, group=self.in_group), head)
+            self._pending = (self._post(head), head)
         work, head = self._pending
         try:
             self._wait(work, max(timeout or 0.0, self.timeout_s), "message header")
@@ -112,8 +112,15 @@ class GlooEndpoint:
             raise LinkError(f"peer announced a message of {n} bytes (limit {MAX_MESSAGE})")
         body = torch.empty(n, dtype=torch.uint8)
         if n:
-            self._wait(dist.irecv(body, src=self.peer, group=self.in_group), timeout, "message body")
+            self._wait(self._post(body), max(timeout or 0.0, self.timeout_s), "message body")
         return body.numpy().tobytes()
+
+    def _post(self, buf: Any) -> Any:
+        """Post a receive into ``buf`` (gloo refuses at once when the peer's connection is gone)."""
+        try:
+            return self.dist.irecv(buf, src=self.peer, group=self.in_group)
+        except Exception as e:  # noqa: BLE001
+            raise PeerGone(f"the {self.peer_name} side ({self.addr}) is gone: {_first_line(e)}") from None
 
     def ready(self) -> bool:
         """Unknown without waiting on gloo: the cloud does not batch over this link."""
