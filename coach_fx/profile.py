@@ -284,8 +284,13 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
                         if timed:
                             e.packed()
                         t2 = time.perf_counter()
-                        coded = e.data.numel() if scale == 1.0 else min(
-                            packed_nbytes(whole.numel(), bits) - 1, round(e.data.numel() * scale))
+                        whole_packed = packed_nbytes(whole.numel(), bits)
+                        if not e.codec:            # no shorter: it would go packed
+                            coded = whole_packed
+                        elif scale == 1.0:
+                            coded = e.data.numel()
+                        else:                      # the sample's coded share of the whole
+                            coded = min(whole_packed - 1, round(e.data.numel() * scale))
                         sizes.setdefault((codec, name, bits), []).append(int(coded))
                         times.setdefault((codec, name, bits), []).append(
                             (scale * (t1 - t0), scale * (t2 - t1) if e.codec else 0.0))
