@@ -46,6 +46,22 @@ def serve(cm, limits=ServerConfig(), sessions=None):
     return server, listener
 
 
+def shut(server, listener, *socks):
+    for s in socks:
+        s.close()
+    server.stop()
+    listener.close()
+
+
+def until(cond, tries=100):
+    """Poll ``cond`` (work done by the server's threads) a bounded number of times."""
+    for _ in range(tries):
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
 def stream(cm, port, frames):
     end = EndWorker(connect("127.0.0.1", port, TOKEN, 10.0), cm.out_spec,
                     StaticPolicy(cm.end_module, cm.boundary), StreamConfig(timeout_s=10))
@@ -95,10 +111,7 @@ def test_silent_and_idle_connections_do_not_lock_out_a_real_end(split):
         # the 200 are still waiting for their handshake deadline while the real end was served
         assert st.sessions == 1 and st.served == 30 and st.refused == 0 and st.turned_away == 0
     finally:
-        for s in idle:
-            s.close()
-        server.stop()
-        listener.close()
+        shut(server, listener, *idle)
 
 
 def test_a_trickling_handshake_is_cut_at_its_deadline(split):
@@ -121,15 +134,9 @@ def test_a_trickling_handshake_is_cut_at_its_deadline(split):
                 closed = True
                 break
         assert closed
-        for _ in range(100):                           # the refusal is counted by the handshake thread
-            if server.snapshot().refused == 1:
-                break
-            time.sleep(0.05)
-        assert server.snapshot().refused == 1
+        assert until(lambda: server.snapshot().refused == 1)   # counted by the handshake thread
     finally:
-        s.close()
-        server.stop()
-        listener.close()
+        shut(server, listener, s)
 
 
 def test_beyond_its_ends_the_server_says_busy(split):
@@ -137,14 +144,9 @@ def test_beyond_its_ends_the_server_says_busy(split):
     server, listener = serve(cm, ServerConfig(max_ends=1))
     first = connect("127.0.0.1", listener.port, TOKEN, 10.0)
     try:
-        for _ in range(100):                           # the first end's session has started
-            if server.snapshot().active == 1:
-                break
-            time.sleep(0.05)
+        assert until(lambda: server.snapshot().active == 1)    # the first end's session has started
         with pytest.raises(ServerBusy, match="try later"):
             connect("127.0.0.1", listener.port, TOKEN, 10.0)
         assert server.snapshot().turned_away == 1
     finally:
-        first.close()
-        server.stop()
-        listener.close()
+        shut(server, listener, first)
