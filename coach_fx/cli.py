@@ -4,16 +4,21 @@
     coach plan --model torchvision:resnet18 --uplink-mbps 10 --slowdown 8
     coach plan --model resnet50 --strategy all
     coach demo
-    coach serve plan_dir --port 29517            # until interrupted; --sessions N: N ends
+    coach serve plan_dir --port 29517            # until SIGTERM/Ctrl-C; --sessions N: N ends
+    coach serve plan_dir --host 0.0.0.0 --tls-cert cloud.pem --tls-key cloud.key
+    coach run plan_dir --host cloud.example --tls-ca cloud.pem --frames 100
+
+The shared token comes from ``--token-file`` or ``$COACH_TOKEN``, never the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from tabulate import tabulate
@@ -23,9 +28,6 @@ from coach_fx.driver import plan_model, prepare
 from coach_fx.zoo.models import load_model
 from coach_fx.optimize import COMPARED, STRATEGIES
 from coach_fx.settings import Device, Network, Settings
-
-if TYPE_CHECKING:
-    from coach_fx.runtime.config import StreamConfig
 
 
 def _settings(a: argparse.Namespace, strategy: str) -> Settings:
@@ -90,7 +92,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     print(f"\ntiming: capture+profile {t_prep:.2f} s, planning {t_plan:.3f} s"
           + (f" ({oracle.evals} accuracy evaluations)" if oracle else ""))
     if a.save:
-        print(f"saved to {cm.save(a.save, whole=a.save_whole)}")
+        print(f"saved to {cm.save(a.save, whole=a.save_whole, key=token_of(a))}")
     return 0
 
 
@@ -120,6 +122,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if err <= max(settings.output_tolerance, 0.05) else 1
 
 
+#: What ``--host`` may be with ``--link gloo``: its store listens on every interface anyway.
+GLOO_HOSTS = ("0.0.0.0", "::")
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from coach_fx.artifact import load_half
     from coach_fx.runtime.cloud import CloudWorker
@@ -128,12 +134,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    half = load_half(a.dir, "cloud")
+    if a.link == "tcp":
+        return _serve_tcp(a)
+    half = load_half(a.dir, "cloud", key=token_of(a))
     slowdown = a.slowdown if a.slowdown is not None else half.meta["cloud"]["slowdown"]
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout)
     plans = {0: (half.module, half.boundary)}
-    if a.link == "tcp":
-        return _serve_tcp(a, plans, config, slowdown)
     print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (gloo, slowdown "
           f"{slowdown}); waiting for the end side", flush=True)
     ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
@@ -157,29 +163,52 @@ def token_of(a: argparse.Namespace) -> bytes | None:
         raise SystemExit(f"coach: cannot read the token file {a.token_file}: {e.strerror}") from None
 
 
-def _serve_tcp(a: argparse.Namespace, plans: dict, config: StreamConfig, slowdown: float) -> int:
-    """``coach serve`` over TCP: many ends at once (``runtime.server.CloudServer``)."""
-    from coach_fx.runtime.config import ServerConfig
-    from coach_fx.runtime.links.tcp import TcpServer
-    from coach_fx.runtime.server import CloudServer
-    listener = TcpServer(a.host, a.port, token=token_of(a), timeout_s=a.timeout)
-    print(f"coach serve: cloud half of {a.dir} on {listener.host}:{listener.port} (tcp, token "
-          f"required, slowdown {slowdown}, up to {a.max_ends} ends at once); "
-          + (f"serving {a.sessions} session(s)" if a.sessions else "serving until interrupted"),
-          flush=True)
-    server = CloudServer(plans, listener, config, ServerConfig(max_ends=a.max_ends),
-                         sessions=a.sessions or None)
+def tls_of(a: argparse.Namespace) -> object:
+    """The TLS settings of ``--tls-*`` (None: no TLS)."""
+    from coach_fx.runtime.links.tls import TlsConfig
+    if not (a.tls_cert or a.tls_key or a.tls_ca):
+        return None
+    return TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca,
+                     server_name=getattr(a, "tls_server_name", None))
+
+
+def _serve_tcp(a: argparse.Namespace) -> int:
+    """``coach serve`` over TCP: many ends at once (``coach_fx.serve``); SIGTERM drains."""
+    from coach_fx.api import serve
+    from coach_fx.artifact import load_half
+    from coach_fx.runtime.config import ServerConfig, StreamConfig
+
+    token = token_of(a)
+    slowdown = a.slowdown if a.slowdown is not None else \
+        load_half(a.dir, "cloud", key=token).meta["cloud"]["slowdown"]
+    config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, max_batch=a.max_batch,
+                          max_wait_s=a.max_wait_ms / 1e3)
+    tls = tls_of(a)
+    server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
+                   limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None)
+    host, port = server.address
+    print(f"coach serve: cloud half of {a.dir} on {host}:{port} ({'TLS, ' if tls else ''}token "
+          f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, batches of up to "
+          f"{a.max_batch}); " + (f"serving {a.sessions} session(s)" if a.sessions
+                                 else "serving until SIGTERM or Ctrl-C"), flush=True)
+    drained: list[bool] = []
+
+    def on_term(signum: int, frame: object) -> None:   # stop taking work, answer what was read
+        print("coach serve: SIGTERM: draining", flush=True)
+        threading.Thread(target=lambda: drained.append(server.drain()), daemon=True).start()
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         server.serve()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop()
-        listener.close()
     st = server.snapshot()
-    print(f"coach serve: {st.sessions} session(s), served {st.served} requests, "
-          f"{st.rejected} bad frames answered with an error, {st.refused} connections refused, "
-          f"{st.turned_away} turned away", flush=True)
+    print(f"coach serve: {st.sessions} session(s), served {st.served} requests in {st.batches} "
+          f"batches, {st.rejected} bad frames answered with an error, {st.refused} connections "
+          f"refused, {st.turned_away} turned away"
+          + ("; drained" if drained == [True] else "; drain timed out" if drained else ""), flush=True)
     return 0
 
 
@@ -195,20 +224,21 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    half = load_half(a.dir, "end")
+    token = token_of(a)
+    half = load_half(a.dir, "end", key=token)
     if half.boundary.end_only:
         raise ValueError(f"{a.dir} holds an end-only plan: nothing to send to a cloud")
     shape = Trace.load(a.trace, scale=a.trace_scale) if a.trace else (
         Trace.constant(a.uplink_mbps) if a.uplink_mbps else None)
     slowdown = a.slowdown if a.slowdown is not None else half.meta["end"]["slowdown"]
     frames = make_frames(half.input_specs, a.frames, a.seed)
-    local = load_half(a.dir, "model").module if a.fallback == "local" else None
+    local = load_half(a.dir, "model", key=token).module if a.fallback == "local" else None
     if a.link == "tcp":
         from coach_fx.runtime.links.tcp import connect
 
         def dial(retry_for: float = 0.0) -> object:
-            return connect(a.host, a.port, token=token_of(a), timeout_s=a.timeout, shape=shape,
-                           retry_for=retry_for)
+            return connect(a.host, a.port, token=token, timeout_s=a.timeout, shape=shape,
+                           retry_for=retry_for, tls=tls_of(a))
         # wait for the cloud to come up (it listens once its half is loaded), so that the
         # end half is timed for the emulation while the host is quiet
         try:
@@ -279,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="write the plan and both halves (for coach serve / coach run)")
             p.add_argument("--save-whole", action="store_true",
                            help="with --save: also the whole model (for coach run --fallback local)")
+            p.add_argument("--token-file", default=None, metavar="PATH",
+                           help="with --save: sign the plan with this shared secret (default: "
+                                "$COACH_TOKEN; coach serve/run load only a plan signed with theirs)")
     for name in ("serve", "run"):
         p = sub.add_parser(name, help="cloud side of a saved plan" if name == "serve"
                            else "end side of a saved plan: stream frames to a coach serve")
@@ -293,6 +326,22 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--sessions", type=int, default=0,
                            help="stop after this many ends have finished (default: serve until interrupted)")
             p.add_argument("--max-ends", type=int, default=64, help="ends served at once")
+            p.add_argument("--max-batch", type=int, default=16,
+                           help="requests of all ends run through the cloud half together, up to this many")
+            p.add_argument("--max-wait-ms", type=float, default=2.0,
+                           help="how long the first request of a batch waits for more")
+            p.add_argument("--tls-cert", default=None, metavar="PEM", help="the cloud's TLS certificate")
+            p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+            p.add_argument("--tls-ca", default=None, metavar="PEM",
+                           help="require client certificates signed by this CA")
+        else:
+            p.add_argument("--tls-ca", default=None, metavar="PEM",
+                           help="use TLS; check the cloud's certificate against this CA (or the "
+                                "cloud's self-signed certificate)")
+            p.add_argument("--tls-cert", default=None, metavar="PEM", help="this end's client certificate")
+            p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+            p.add_argument("--tls-server-name", default=None,
+                           help="the name the cloud's certificate must carry (default: --host)")
         p.add_argument("--link", choices=["tcp", "gloo"], default="tcp",
                        help="tcp: authenticated, binds only --host (default); gloo: "
                             "torch.distributed, unauthenticated, for trusted networks")
@@ -310,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
                            help="when the cloud fails: run requests locally (needs a plan saved "
                                 "with --save-whole) or fail them; reconnects meanwhile")
     a = ap.parse_args(argv)
+    if a.cmd == "serve" and a.link == "gloo" and a.host not in GLOO_HOSTS:
+        # torch.distributed's store binds every interface whatever address it is given:
+        # accepting 127.0.0.1 would promise what gloo does not do
+        ap.error(f"--link gloo listens on every interface (torch.distributed's store cannot bind "
+                 f"one address), so --host {a.host} would not hold: pass --host 0.0.0.0 on a "
+                 "trusted network, or use --link tcp (authenticated, binds only --host)")
+    if a.cmd == "serve" and a.link == "gloo" and (a.tls_cert or a.tls_ca):
+        ap.error("--link gloo has no TLS; use --link tcp")
     cmds = {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve, "run": cmd_run}
     try:
         return cmds[a.cmd](a)

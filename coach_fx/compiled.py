@@ -71,6 +71,13 @@ class CompiledModel(nn.Module):
         self.link: Callable[[tuple], tuple] = _identity_link
         self.train(gm.training)
 
+    @property
+    def batched_cloud_module(self) -> fx.GraphModule:
+        """The cloud half on dequantized inputs (one float tensor per crossing, in boundary
+        order): a server dequantizes each request as the boundary ops do and runs many
+        requests through this as one batch (``runtime.cloud.CloudHalf``)."""
+        return self._train_cloud
+
     # -------------------------------------------------------------- running
     def check_inputs(self, args: Sequence[Any]) -> None:
         """Raise :class:`InputError` naming the expected shape/dtype before any work is done."""
@@ -172,9 +179,16 @@ class CompiledModel(nn.Module):
                                                               end_host_s=ref), config)
         return run_session(end, cloud, frames, pipelined=pipelined, predicted=self.predicted())
 
-    def save(self, path: str, whole: bool = False) -> str:
+    def save(self, path: str, whole: bool = False, key: bytes | str | None = None) -> str:
         """Write the plan and each half on its own (``coach serve DIR`` / ``coach run DIR``);
-        ``whole=True`` also writes the whole model, for ``coach run --fallback local``."""
+        ``whole=True`` also writes the whole model, for ``coach run --fallback local``.
+        ``key``: the shared token that signs the manifest (default ``$COACH_TOKEN``); a side
+        that holds a token loads only a plan signed with it.
+
+        Example::
+
+            >>> cm.save("plan_dir", whole=True, key=open("token").read())   # doctest: +SKIP
+        """
         from coach_fx.artifact import save
         from dataclasses import asdict
         net = self.settings.network
@@ -190,7 +204,8 @@ class CompiledModel(nn.Module):
         self.eval()
         try:
             return str(save(path, self.end_module, self.cloud_module, self.boundary,
-                            self.example_inputs, self.out_spec, meta, self.gm if whole else None))
+                            self.example_inputs, self.out_spec, meta, self.gm if whole else None,
+                            key=key, batched=self.batched_cloud_module))
         finally:
             self.train(was)
 

@@ -14,25 +14,43 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
 from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.boundary import Boundary
-from coach_fx.runtime.codec import entries_to_payload, output_to_entries
+from coach_fx.runtime.codec import entries_to_payload, output_to_entries, payload_to_floats
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint
 from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError,
-                                   decode, encode, peek_header)
+                                   decode, encode, packed_nbytes, peek_header)
 
 log = logging.getLogger("coach_fx.runtime")
 
-#: One plan's cloud side: its cloud half and the boundary its requests follow.
-CloudPlan = tuple[Callable[..., Any], Boundary]
+@dataclass(frozen=True)
+class CloudHalf:
+    """One plan's cloud side: its cloud half, the boundary its requests follow, and optionally
+    the same half on dequantized inputs with a free batch dimension (``batched``: requests
+    are dequantized one by one, exactly as the half's own boundary ops do, then run as one
+    batch; the packed form cannot batch, its shapes are per request)."""
+
+    module: Callable[..., Any]
+    boundary: Boundary
+    batched: Callable[..., Any] | None = None
+
+
+#: What a worker or server is given per plan: a :class:`CloudHalf`, or (module, boundary).
+CloudPlan = Union[CloudHalf, tuple[Callable[..., Any], Boundary]]
+
+
+def cloud_half(plan: CloudPlan) -> CloudHalf:
+    return plan if isinstance(plan, CloudHalf) else CloudHalf(*plan)
 
 
 class CloudWorker:
@@ -40,8 +58,8 @@ class CloudWorker:
 
     def __init__(self, plans: dict[int, CloudPlan], endpoint: Endpoint | None,
                  config: StreamConfig = StreamConfig(), *, adaptive: bool = False) -> None:
-        #: plan id -> (its cloud half, its boundary)
-        self.plans = dict(plans)
+        #: plan id -> its cloud half and boundary
+        self.plans = {k: cloud_half(v) for k, v in plans.items()}
         #: requests that have arrived together run as one batch, up to ``config.max_batch``
         #: (only on an endpoint whose ``ready()`` tells what has arrived: the in-process link)
         self.max_batch = config.max_batch
@@ -51,6 +69,7 @@ class CloudWorker:
         self.slowdown = config.cloud_slowdown
         self.busy_s = 0.0
         self.served = 0
+        self.calls = 0      # runs of a cloud half (one per batch): served / calls = mean batch
         self.error: BaseException | None = None
         self.rejected = 0   # frames that did not decode (each answered with its error)
         self._thread: threading.Thread | None = None
@@ -64,17 +83,21 @@ class CloudWorker:
             req, plan_id, flags, entries = decode(msg)
         except WireError as e:   # a bad frame fails only itself (its error reply); the worker goes on
             self.rejected += 1
-            return self._error_reply(msg, e)
+            return self.reply_to_bad_frame(msg, e)
         if flags & FLAG_CONTROL and req == CLOSE_ID:
             return None
         t0 = time.perf_counter()
         try:
             if plan_id not in self.plans:
                 raise WireError(f"unknown plan id {plan_id}")
-            module, boundary = self.plans[plan_id]
-            payload = entries_to_payload(boundary, entries, self.adaptive)
+            half = self.plans[plan_id]
+            payload = entries_to_payload(half.boundary, entries, self.adaptive)
+            self.calls += 1
             with torch.no_grad():
-                out = module(*payload)
+                out = half.module(*payload)
+            if not all_finite(tree_flatten(out)[0]):
+                raise ValueError("the cloud half's result is not finite (NaN or inf): the request's "
+                                 "values or scales were out of range")
             out_entries, _ = output_to_entries(out)
         except Exception as e:  # noqa: BLE001 - reported to the end side, the worker goes on
             return error_reply(req, plan_id, e)
@@ -84,8 +107,25 @@ class CloudWorker:
         stats = Entry.stats([took, float(len(msg)), float(t_recv)])
         return encode(req, [*out_entries, stats], FLAG_RESULT, plan_id)
 
+    def warm_up(self) -> None:
+        """Run every plan's halves once on a zero request (the first call of a loaded graph
+        costs about a second: the first end's first request should not pay it). Plans whose
+        requests cannot be made up here (images, non-tensor values) are skipped."""
+        for half in self.plans.values():
+            payload = zero_payload(half.boundary)
+            if payload is None:
+                continue
+            try:
+                with torch.no_grad():
+                    half.module(*payload)
+                    floats = payload_to_floats(half.boundary, payload)
+                    if half.batched is not None and floats is not None:
+                        half.batched(*(torch.cat([v, v]) for v in floats))
+            except Exception as e:  # noqa: BLE001 - a warm-up never stops a server; requests will say
+                log.warning("coach cloud: warming up a cloud half failed: %s: %s", type(e).__name__, e)
+
     @staticmethod
-    def _error_reply(msg: bytes, e: Exception) -> bytes:
+    def reply_to_bad_frame(msg: bytes, e: Exception) -> bytes:
         """The reply to a frame that does not decode: an error for its request id where its
         header still names one (a corrupted payload), else for request 0."""
         try:
@@ -122,8 +162,13 @@ class CloudWorker:
             return one_by_one()
         t0 = time.perf_counter()
         try:
-            module, boundary = self.plans[decoded[0][1]]
-            payloads = [entries_to_payload(boundary, d[3], self.adaptive) for d in decoded]
+            half = self.plans[decoded[0][1]]
+            payloads = [entries_to_payload(half.boundary, d[3], self.adaptive) for d in decoded]
+            module = half.module
+            if half.batched is not None:   # dequantized here, so that the rest runs as one batch
+                floats = [payload_to_floats(half.boundary, p) for p in payloads]
+                if all(f is not None for f in floats):
+                    payloads, module = floats, half.batched
             if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
                        for p in payloads for v in p):
                 return one_by_one()
@@ -131,10 +176,12 @@ class CloudWorker:
                 out = module(*(torch.cat(vs) for vs in zip(*payloads)))
             leaves, spec = tree_flatten(out)
             n = len(msgs)
-            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves):
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves) \
+                    or not all_finite(leaves):   # the one-by-one path names the bad requests
                 return one_by_one()
         except Exception:  # noqa: BLE001 - each request gets its own reply (or error) below
             return one_by_one()
+        self.calls += 1
         took = emulate(t0, self.slowdown)
         self.busy_s += took
         self.served += n
@@ -176,6 +223,28 @@ class CloudWorker:
             self._thread.join(timeout)
 
 
+def zero_payload(boundary: Boundary) -> tuple | None:
+    """A request of zeros for ``boundary`` (None where one cannot be made up: an image or a
+    crossing without a tensor shape)."""
+    out: list[Any] = []
+    for c in boundary.crossings:
+        if c.kind == "image" or c.shape is None or c.dtype is None:
+            return None
+        if c.kind == "quant":
+            out += [torch.zeros(packed_nbytes(math.prod(c.shape), c.bits), dtype=torch.uint8),
+                    torch.tensor(1.0), torch.tensor(0, dtype=torch.int32)]
+        else:
+            out.append(torch.zeros(c.shape, dtype=c.dtype))
+    return tuple(out)
+
+
+def all_finite(leaves: Sequence[Any]) -> bool:
+    """Whether every floating-point tensor among ``leaves`` is finite (a NaN or inf result is
+    an error, never an answer)."""
+    return all(bool(torch.isfinite(v).all()) for v in leaves
+               if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
 def error_reply(req: int, plan_id: int, e: BaseException) -> bytes:
     """The error reply to request ``req``: the error's type and text (at most 4 KiB)."""
     text = f"{type(e).__name__}: {e}".encode()[:4096]
@@ -183,4 +252,4 @@ def error_reply(req: int, plan_id: int, e: BaseException) -> bytes:
                   FLAG_RESULT | FLAG_ERROR, plan_id)
 
 
-__all__ = ["CloudPlan", "CloudWorker", "error_reply"]
+__all__ = ["CloudHalf", "CloudPlan", "CloudWorker", "all_finite", "cloud_half", "error_reply"]

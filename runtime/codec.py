@@ -20,7 +20,8 @@ from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.boundary import Boundary
 from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu, unpack_impl
 from coach_fx.runtime.imagecodec import max_payload_bytes
-from coach_fx.runtime.wire import QUANT, QUANT_BITS, RAW, STATS, Entry, WireError
+from coach_fx.runtime.wire import (MAX_RANK, QUANT, QUANT_BITS, RAW, STATS, TENSOR_HEADER_BYTES, Entry,
+                                   WireError, message_bytes, packed_nbytes)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -79,6 +80,52 @@ def entries_to_payload(boundary: Boundary, entries: Sequence[Entry],
                                 f"got {v.dtype} {tuple(v.shape)}")
             out.append(v)
     return tuple(out)
+
+
+def payload_to_floats(boundary: Boundary, payload: Sequence[Any]) -> tuple | None:
+    """A checked cloud payload (``entries_to_payload``) with each quantized crossing unpacked
+    and dequantized, exactly as the cloud half's own boundary ops do: the inputs of the half
+    on floats (``CompiledModel.batched_cloud_module``); None where an image crossing would
+    need decoding first."""
+    out: list[Any] = []
+    k = 0
+    for c in boundary.crossings:
+        if c.kind == "image":
+            return None
+        if c.kind == "quant":
+            packed, scale, zero = payload[k:k + 3]
+            out.append(dequantize_impl(unpack_impl(packed, c.bits, list(c.shape)), scale, zero,
+                                       c.bits, c.dtype))
+        else:
+            out.append(payload[k])
+        k += c.n_payload
+    return tuple(out)
+
+
+#: What a crossing without a tensor shape (an int, a float, a size) takes at most on the wire.
+SMALL_VALUE_BYTES = 8 * MAX_RANK + TENSOR_HEADER_BYTES
+
+
+def max_request_bytes(boundary: Boundary) -> int:
+    """The longest legal request for ``boundary``: every crossing at its largest form (a
+    quantized one packed, an image at its codec's bound, a tensor sent as is at its dtype's
+    size; per-request bits only make these smaller). A server refuses a longer length prefix
+    before it reserves anything."""
+    sizes = []
+    for c in boundary.crossings:
+        numel = 1
+        for d in c.shape or ():
+            numel *= d
+        if c.kind == "quant":
+            body = packed_nbytes(numel, c.bits)
+        elif c.kind == "image":
+            body = max_payload_bytes(c.shape, c.codec)
+        elif c.shape is not None and c.dtype is not None:
+            body = numel * torch.empty((), dtype=c.dtype).element_size()
+        else:
+            body = SMALL_VALUE_BYTES
+        sizes.append(body + TENSOR_HEADER_BYTES)
+    return message_bytes(sizes)
 
 
 def _image_payload(c: Any, e: Entry) -> torch.Tensor:

@@ -37,8 +37,12 @@ class StreamConfig:
     retry_s: float = 0.5
     fallback: str | None = None
     #: requests that have arrived together run through the cloud half as one batch, up to
-    #: this many (only on a link that tells what has arrived: the in-process one)
+    #: this many (a server batches requests for one plan from all its ends; a single worker
+    #: only on a link that tells what has arrived: the in-process one)
     max_batch: int = 1
+    #: how long the server holds the first request of a batch for more to arrive (seconds;
+    #: 0: only what has already arrived is batched, no request waits for another)
+    max_wait_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -46,6 +50,8 @@ class StreamConfig:
         for name in ("end_slowdown", "cloud_slowdown", "timeout_s", "retry_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
         for name in ("queue_size", "max_inflight", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -55,23 +61,31 @@ class StreamConfig:
 class ServerConfig:
     """How a cloud server shares itself among ends (``runtime.server.CloudServer``).
 
-    At most ``max_ends`` ends are served at once and ``max_handshakes`` connections may be
-    proving their token at once; a connection beyond either is told the server is busy and
-    closed at once (counted, not logged one by one). A handshake must complete within ``handshake_s`` in all, however
-    slowly its bytes trickle in.
+    At most ``max_ends`` ends are served at once, ``max_handshakes`` connections may be
+    proving their token at once, and one peer address may hold ``max_per_peer`` connections
+    (handshaking or served); a connection beyond any of these is told the server is busy and
+    closed at once (counted, not logged one by one). A handshake must complete within
+    ``handshake_s`` in all, however slowly its bytes trickle in. A session whose end sends
+    nothing for ``idle_s`` is ended (its slot freed); one end has at most ``session_inflight``
+    requests read and not yet answered (reading stops until replies go out: a flooding end
+    holds that much memory, no more).
     """
 
     max_ends: int = 64
     #: a pending handshake costs a thread for at most ``handshake_s``: hundreds are cheap
     max_handshakes: int = 256
-    handshake_s: float = 5.0
+    max_per_peer: int = 32
+    handshake_s: float = 2.0
+    idle_s: float = 300.0
+    session_inflight: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_ends", "max_handshakes"):
+        for name in ("max_ends", "max_handshakes", "max_per_peer", "session_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.handshake_s > 0:
-            raise ValueError(f"handshake_s must be > 0, got {self.handshake_s}")
+        for name in ("handshake_s", "idle_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

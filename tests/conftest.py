@@ -21,6 +21,12 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_token(monkeypatch):
+    """A developer's own $COACH_TOKEN must not sign or unlock the tests' plans: each test says
+    which token it uses (subprocesses get theirs in their env)."""
+    monkeypatch.delenv("COACH_TOKEN", raising=False)
+
 
 @pytest.fixture
 def free_port() -> int:

@@ -16,6 +16,10 @@ altered, replayed, reordered or dropped on the way is refused (:class:`Integrity
 a recorded session replays nowhere (fresh nonces). Tokens shorter than :data:`MIN_TOKEN_BYTES`
 are refused: a recorded handshake lets a short one be guessed offline.
 
+With TLS (``tls=TlsConfig(...)``, ``links.tls``) all of this runs inside the TLS channel:
+the cloud's certificate is checked by the end (and, optionally, the end's by the cloud)
+before the token is proved; the tags stay (one code path, and the token binds the session).
+
 A peer without the token is refused and logged (``logging`` channel ``coach_fx.runtime``).
 The cloud binds to the address it is given (``127.0.0.1`` by default), never to every
 interface unless asked to. :class:`TcpServer` listens and authenticates (within a deadline
@@ -35,12 +39,16 @@ import hmac
 import logging
 import math
 import os
+import select
 import socket
+import ssl
 import struct
+import threading
 import time
 
 from coach_fx.runtime.links.base import (MAX_MESSAGE, LinkError, LinkTimeout, PeerGone, RealClock,
                                          TokenBucket)
+from coach_fx.runtime.links.tls import TlsConfig
 from coach_fx.traces import Trace
 
 log = logging.getLogger("coach_fx.runtime")
@@ -69,8 +77,21 @@ class IntegrityError(LinkError):
     """A message's tag does not match: altered, replayed, reordered or dropped on the way."""
 
 
+#: Where a token comes from when none is passed (never the command line: see ``--token-file``).
+TOKEN_ENV = "COACH_TOKEN"
+
+
+def shared_token(token: bytes | str | None, required: bool = True) -> bytes | None:
+    """The shared secret as bytes: ``token``, else ``$COACH_TOKEN``; refused when shorter than
+    :data:`MIN_TOKEN_BYTES`; None (or :class:`AuthError` when ``required``) when there is none."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    if not token and not required:
+        return None
+    return _token(token)
+
+
 def _token(token: bytes | str | None) -> bytes:
-    token = token if token is not None else os.environ.get("COACH_TOKEN")
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
     if not token:
         raise AuthError("no shared token: pass token=... (or --token-file) or set COACH_TOKEN")
     key = token.encode() if isinstance(token, str) else bytes(token)
@@ -130,6 +151,9 @@ class TcpEndpoint:
         self.busy_s = 0.0
         self.bytes = 0
         self.last_wire_s = 0.0
+        #: the longest message this side accepts; a longer length prefix is refused before
+        #: anything is reserved (a server sets it from its plans' largest legal request)
+        self.max_message = MAX_MESSAGE
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, msg: bytes | bytearray) -> float:
@@ -158,8 +182,9 @@ class TcpEndpoint:
         try:
             self.sock.settimeout(timeout if timeout is not None else self.timeout_s)
             n = _LEN.unpack(_recv_exact(self.sock, _LEN.size))[0]
-            if n > MAX_MESSAGE:
-                raise LinkError(f"the {self.peer_name} side announced {n} bytes (limit {MAX_MESSAGE})")
+            if n > self.max_message:
+                raise LinkError(f"the {self.peer_name} side ({self.addr}) announced a message of "
+                                f"{n} bytes; the limit is {self.max_message}")
             self.sock.settimeout(self.timeout_s)
             t0 = time.monotonic()
             msg = _recv_exact(self.sock, n)
@@ -188,8 +213,18 @@ class TcpEndpoint:
         return h.digest()[:TAG_BYTES]
 
     def ready(self) -> bool:
-        """Unknown without reading the socket: the cloud does not batch over this link."""
+        """Unknown without reading the socket: a lone worker does not batch over this link (a
+        ``CloudServer`` batches across its ends instead)."""
         return False
+
+    def poll(self, timeout: float) -> bool:
+        """Whether bytes of a message are waiting (within ``timeout`` s), without reading any."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            return bool(select.select([self.sock], [], [], timeout)[0])
+        except (OSError, ValueError):   # closed meanwhile: the next recv says so
+            return True
 
     def close(self) -> None:
         try:
@@ -212,9 +247,10 @@ class TcpServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: bytes | str | None = None,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, tls: TlsConfig | None = None) -> None:
         self.token = _token(token)
         self.timeout_s = timeout_s
+        self.tls = tls.server_context() if tls is not None else None
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.host, self.port = self.sock.getsockname()[:2]
         self.refused = 0
@@ -233,8 +269,13 @@ class TcpServer:
         """Authenticate ``conn`` both ways within ``within_s`` in all; a peer that cannot is
         refused (:class:`AuthError`; the socket closed, the refusal counted and logged)."""
         deadline = time.monotonic() + within_s
+        # the whole handshake, TLS included, ends at the deadline: a watchdog shuts the socket
+        # (a TLS handshake's own timeouts are per read, so a trickle could stretch it)
+        watchdog = _Watchdog(conn, within_s)
         try:
             conn.settimeout(within_s)
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
             nonce_c = os.urandom(32)
             conn.sendall(HELLO + struct.pack("<H", AUTH_VERSION) + nonce_c)
             nonce_e = _recv_exact(conn, 32, deadline)
@@ -244,10 +285,13 @@ class TcpServer:
                 raise AuthError("bad token")
         except (AuthError, OSError, PeerGone) as e:
             self.refused += 1
-            why = "no handshake in time" if isinstance(e, socket.timeout) else str(e) or type(e).__name__
+            late = isinstance(e, socket.timeout) or time.monotonic() >= deadline
+            why = "no handshake in time" if late else str(e) or type(e).__name__
             self._log.warning(f"refused peer {peer}: {why}")
+            watchdog.cancel()
             conn.close()
             raise AuthError(f"refused peer {peer}: {why}") from None
+        watchdog.cancel()
         return TcpEndpoint(conn, "end", peer, self.timeout_s,
                            keys=_session_keys(self.token, nonce_c, nonce_e, "cloud"))
 
@@ -297,10 +341,40 @@ class ThrottledLog:
         self.logger.warning("%s %s%s", self.prefix, text, more)
 
 
+class _Watchdog:
+    """Shuts a connection down (waking the thread blocked reading it) at a deadline unless
+    cancelled first. It holds a duplicate of the descriptor: wrapping the socket in TLS
+    detaches the original object, and the duplicate can never name another connection."""
+
+    def __init__(self, conn: socket.socket, after_s: float) -> None:
+        self._sock = conn.dup()
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(after_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._sock.close()
+            self._sock = None
+
+
 def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: float = 30.0,
-            shape: Trace | None = None, retry_for: float = 0.0) -> TcpEndpoint:
-    """Dial the cloud and authenticate both ways; retry refused connections for ``retry_for`` s."""
+            shape: Trace | None = None, retry_for: float = 0.0,
+            tls: TlsConfig | None = None) -> TcpEndpoint:
+    """Dial the cloud and authenticate both ways; retry refused connections for ``retry_for``
+    s. With ``tls`` the cloud's certificate is checked first (``ssl.SSLError`` if it fails)."""
     key = _token(token)
+    ctx = tls.client_context() if tls is not None else None
     deadline = time.monotonic() + retry_for
     while True:
         try:
@@ -311,6 +385,8 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
                 raise PeerGone(f"cannot reach the cloud at {host}:{port}: {e}") from None
             time.sleep(0.1)
     try:
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_hostname=tls.server_name or host)
         hello = _recv_exact(sock, len(HELLO))
         if hello == BUSY:
             raise ServerBusy(f"the cloud at {host}:{port} serves as many ends as it takes; try later")
@@ -334,6 +410,9 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
     except socket.timeout:
         sock.close()
         raise AuthError(f"no handshake from {host}:{port} within the timeout") from None
+    except ssl.SSLError as e:
+        sock.close()
+        raise AuthError(f"TLS with the cloud at {host}:{port} failed: {e}") from None
     except (AuthError, ServerBusy):
         sock.close()
         raise

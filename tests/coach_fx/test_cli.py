@@ -29,3 +29,24 @@ def test_demo_runs_and_checks_against_eager(capsys):
 def test_bad_model_spec():
     with pytest.raises(SystemExit):
         main(["plan", "--model", "torchvision:not_a_model"])
+
+
+def test_serve_refuses_a_gloo_host_it_cannot_keep(capsys):
+    """gloo's store listens on every interface: --host 127.0.0.1 would be a false promise."""
+    with pytest.raises(SystemExit):
+        main(["serve", "plan_dir", "--link", "gloo", "--host", "127.0.0.1"])
+    assert "listens on every interface" in capsys.readouterr().err
+
+
+def test_plan_save_signs_with_the_token_file(tmp_path, capsys):
+    import json
+    from coach_fx.artifact import ArtifactError, load_half
+    token = tmp_path / "token"
+    token.write_text("a-token-of-at-least-16-bytes\n")
+    d = tmp_path / "plan"
+    assert main(["plan", "--model", "digits", "--costs", "analytic", "--save", str(d),
+                 "--token-file", str(token)]) == 0
+    assert "hmac_sha256" in json.loads((d / "manifest.json").read_text())
+    load_half(d, "end", key="a-token-of-at-least-16-bytes")
+    with pytest.raises(ArtifactError):
+        load_half(d, "end", key="another-token-of-16-bytes")

@@ -87,3 +87,59 @@ def test_a_directory_without_manifest_is_refused(saved, tmp_path):
         load_half(copy, "end")
     doc = json.loads((d / "manifest.json").read_text())
     assert set(doc["sha256"]) == {p.name for p in d.iterdir()} - {"manifest.json"}
+
+
+KEY = "a-token-of-at-least-16-bytes"
+
+
+@pytest.fixture(scope="module")
+def signed(saved, tmp_path_factory):
+    cm, m, _ = saved
+    d = tmp_path_factory.mktemp("signed")
+    cm.save(d, key=KEY)
+    return d
+
+
+def test_a_signed_plan_loads_only_with_its_token(signed):
+    assert load_half(signed, "cloud", key=KEY).module is not None
+    load_half(signed, "cloud")                       # no token here: the hashes are still checked
+    with pytest.raises(ArtifactError, match="not signed with this side's token"):
+        load_half(signed, "cloud", key="another-token-of-16-bytes")
+
+
+def test_a_side_with_a_token_refuses_an_unsigned_plan(saved):
+    _, _, d = saved
+    with pytest.raises(ArtifactError, match="not signed"):
+        load_half(d, "end", key=KEY)
+
+
+@pytest.mark.parametrize("forged", [None, "0" * 64])
+def test_rewritten_files_with_rewritten_hashes_are_refused(signed, tmp_path, forged):
+    """Whoever can write the directory can recompute the SHA-256s, not the HMAC."""
+    import hashlib
+    import shutil
+    copy = tmp_path / "plan"
+    shutil.copytree(signed, copy)
+    data = bytearray((copy / "cloud.tensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "cloud.tensors").write_bytes(bytes(data))
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["sha256"]["cloud.tensors"] = hashlib.sha256(bytes(data)).hexdigest()
+    doc.pop("hmac_sha256")
+    if forged:
+        doc["hmac_sha256"] = forged
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="signed"):
+        load_half(copy, "cloud", key=KEY)
+
+
+def test_the_batched_cloud_half_is_saved_and_batches(saved, signed):
+    cm, m, _ = saved
+    half = load_half(signed, "cloud", key=KEY)
+    assert half.batched is not None
+    xs = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        floats = cm._train_end(xs)      # the end half on floats: fake-quantized per sample
+        got = half.batched(*floats if isinstance(floats, tuple) else (floats,))
+        want = m(xs)
+    assert torch.allclose(got["logits"], want["logits"], atol=5e-2)

@@ -115,7 +115,7 @@ def test_two_processes_over_gloo_match_in_process(saved, tmp_path, free_port):
     port = free_port
     frames = make_frames(load_half(d, "end").input_specs, 6, seed=3)
     want, _ = cm.stream(frames)
-    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30, "--link", "gloo"),
+    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30, "--link", "gloo", "--host", "0.0.0.0"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = tmp_path / "out.npz"
@@ -136,7 +136,7 @@ def test_two_processes_over_gloo_match_in_process(saved, tmp_path, free_port):
 def test_killed_cloud_gives_clear_error_within_timeout(saved, free_port):
     cm, d = saved
     port = free_port
-    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--slowdown", 50, "--link", "gloo"),
+    serve = subprocess.Popen(_coach("serve", d, "--port", port, "--slowdown", 50, "--link", "gloo", "--host", "0.0.0.0"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         serve.stdout.readline()     # the cloud has loaded its half and waits for the end

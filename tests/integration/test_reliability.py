@@ -73,7 +73,7 @@ def _serve(d, port):
 @pytest.mark.parametrize("fallback", ["local", "error"])
 def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
     cm, m = compiled()
-    cm.save(tmp_path)
+    cm.save(tmp_path, key=TOKEN)
     port = free_port
     serve = _serve(tmp_path, port)
     frames = [torch.randn(1, 3, 8, 8) for _ in range(250)]

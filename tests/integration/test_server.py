@@ -2,6 +2,7 @@
 order), never durations."""
 
 import socket
+import struct
 import threading
 import time
 
@@ -12,6 +13,7 @@ from torch import nn
 import coach_fx
 from coach_fx.runtime.config import ServerConfig, StreamConfig
 from coach_fx.runtime.end import EndWorker
+from coach_fx.runtime.links.base import LinkError
 from coach_fx.runtime.links.tcp import ServerBusy, TcpServer, connect
 from coach_fx.runtime.policy import StaticPolicy
 from coach_fx.runtime.server import CloudServer
@@ -39,9 +41,9 @@ def split():
     return cm, m
 
 
-def serve(cm, limits=ServerConfig(), sessions=None):
+def serve(cm, limits=ServerConfig(), sessions=None, config=StreamConfig(timeout_s=10)):
     listener = TcpServer("127.0.0.1", 0, token=TOKEN, timeout_s=10)
-    server = CloudServer({0: (cm.cloud_module, cm.boundary)}, listener, StreamConfig(timeout_s=10),
+    server = CloudServer({0: (cm.cloud_module, cm.boundary)}, listener, config,
                          limits, sessions=sessions).start()
     return server, listener
 
@@ -100,18 +102,60 @@ def test_many_ends_at_once_and_an_end_closing_stops_only_its_session(split):
     assert (st.sessions, st.ended, st.served, st.active) == (3, 3, 120, 0)
 
 
+def dial_from(source, port):
+    """A raw TCP connection from another loopback address (127/8 is all ours): another peer."""
+    return socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+
+
 def test_silent_and_idle_connections_do_not_lock_out_a_real_end(split):
     cm, m = split
-    server, listener = serve(cm, ServerConfig(handshake_s=60))
-    idle = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(200)]
+    server, listener = serve(cm, ServerConfig(handshake_s=60, max_per_peer=32))
+    silent = dial_from("127.0.0.3", listener.port)
+    idle = [dial_from("127.0.0.2", listener.port) for _ in range(200)]
     try:
+        # one peer holds at most 32 connections: the other 168 are turned away at once
+        assert until(lambda: server.snapshot().turned_away == 168)
         frames = [torch.randn(1, 3, 8, 8) for _ in range(30)]
         expect(m, frames, stream(cm, listener.port, frames))
         st = server.snapshot()
-        # the 200 are still waiting for their handshake deadline while the real end was served
-        assert st.sessions == 1 and st.served == 30 and st.refused == 0 and st.turned_away == 0
+        # 33 connections still wait for their handshake deadline while the real end was served
+        assert st.sessions == 1 and st.served == 30 and st.refused == 0 and st.turned_away == 168
     finally:
-        shut(server, listener, *idle)
+        shut(server, listener, silent, *idle)
+
+
+def test_sixteen_ends_at_once_each_get_their_own_answers_in_order(split):
+    cm, m = split
+    server, listener = serve(cm, sessions=16, config=StreamConfig(timeout_s=10, max_batch=16,
+                                                                   max_wait_s=0.002))
+    frames = {k: [torch.randn(1, 3, 8, 8) for _ in range(25)] for k in range(16)}
+    got: dict[int, list] = {}
+    ends = [threading.Thread(target=lambda k=k: got.__setitem__(k, stream(cm, listener.port, frames[k])))
+            for k in range(16)]
+    for t in ends:
+        t.start()
+    for t in ends:
+        t.join(180)
+    assert server.wait(60)
+    for k in range(16):
+        expect(m, frames[k], got[k])
+    st = server.snapshot()
+    assert (st.sessions, st.ended, st.served, st.active) == (16, 16, 400, 0)
+    assert 1 <= st.batches <= 400
+
+
+def test_a_length_prefix_beyond_the_plan_s_largest_request_ends_only_that_session(split):
+    cm, m = split
+    server, listener = serve(cm)
+    rogue = connect("127.0.0.1", listener.port, TOKEN, 10.0)
+    try:
+        rogue.sock.sendall(struct.pack("<Q", server.max_message + 1))   # nothing follows
+        with pytest.raises(LinkError):
+            rogue.recv(10)                      # the server closed the session unread
+        frames = [torch.randn(1, 3, 8, 8) for _ in range(5)]
+        expect(m, frames, stream(cm, listener.port, frames))
+    finally:
+        shut(server, listener, rogue.sock)
 
 
 def test_a_trickling_handshake_is_cut_at_its_deadline(split):
@@ -150,3 +194,49 @@ def test_beyond_its_ends_the_server_says_busy(split):
         assert server.snapshot().turned_away == 1
     finally:
         shut(server, listener, first)
+
+
+@pytest.fixture(scope="module")
+def signed_plan(split, tmp_path_factory):
+    cm, m = split
+    d = tmp_path_factory.mktemp("plan")
+    cm.save(d, whole=True, key=TOKEN)
+    return d
+
+
+def test_serve_api_over_tls_then_drain_answers_what_was_read(split, signed_plan, tmp_path):
+    """coach_fx.serve with TLS; drain mid-stream: every request gets exactly one answer, in
+    order (the end finishes on its device what the server no longer takes)."""
+    import shutil
+    import subprocess
+    from coach_fx.runtime.links.tls import TlsConfig
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "c.pem", tmp_path / "c.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    cm, m = split
+    server = coach_fx.serve(signed_plan, port=0, token=TOKEN,
+                            tls=TlsConfig(cert=str(cert), key=str(key)))
+    host, port = server.address
+    frames = [torch.randn(1, 3, 8, 8) for _ in range(300)]
+
+    def camera():
+        yield from ((f,) for f in frames)
+
+    end = EndWorker(connect(host, port, TOKEN, 10.0, tls=TlsConfig(ca=str(cert))), cm.out_spec,
+                    StaticPolicy(cm.end_module, cm.boundary),
+                    StreamConfig(timeout_s=10, fallback="local", retry_s=60), local_module=m)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("r", end.run(camera())))
+    t.start()
+    assert until(lambda: server.snapshot().served >= 100, tries=1200)
+    assert server.drain(30)                 # everything read was answered
+    t.join(120)
+    results, stats = got["r"]
+    expect(m, frames, results)
+    st = server.snapshot()
+    # every request answered once; a reply still on its way when the link closed may have been
+    # superseded by the device's answer (counted on both sides, delivered once)
+    assert st.served >= 100 and st.served + stats.fell_back >= 300 and st.active == 0

@@ -1,0 +1,126 @@
+"""The server's compute step, driven directly (no threads, no sockets): requests of several
+ends for one plan run as one batch, each reply goes to its own end, a bad request fails only
+itself; and the largest legal request follows from the plan."""
+import pytest
+import torch
+from torch import nn
+
+import coach_fx
+from coach_fx.runtime.cloud import CloudHalf
+from coach_fx.runtime.codec import entries_to_output, max_request_bytes, payload_to_entries
+from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.links.tcp import TcpServer
+from coach_fx.runtime.server import CloudServer, _Session
+from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, decode, encode
+
+TOKEN = b"a shared secret for the test"
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def split():
+    torch.manual_seed(0)
+    m = Net().eval()
+    cm = coach_fx.compile(m, (torch.randn(1, 3, 8, 8),), strategy="manual",
+                          end_nodes=["stem", "relu"], bits=8, costs="analytic", progress=False)
+    return cm, m
+
+
+class Counting:
+    """A module wrapper that counts its calls and the batch sizes it saw."""
+
+    def __init__(self, module):
+        self.module, self.batches = module, []
+
+    def __call__(self, *args):
+        self.batches.append(args[0].shape[0])
+        return self.module(*args)
+
+
+def request(cm, x, req):
+    with torch.no_grad():
+        return encode(req, payload_to_entries(cm.boundary, cm.end_module(x)))
+
+
+def server_for(plans):
+    listener = TcpServer("127.0.0.1", 0, token=TOKEN)
+    return CloudServer(plans, listener, StreamConfig(max_batch=16))
+
+
+def answer(cm, reply):
+    req, _, flags, entries = decode(reply)
+    assert not flags & FLAG_ERROR, bytes(entries[0].value().numpy())
+    return req, entries_to_output(entries[:-1], cm.out_spec)   # the last entry: the cloud's stats
+
+
+def test_requests_of_several_ends_run_as_one_batch_and_each_end_gets_its_own(split):
+    cm, m = split
+    batched = Counting(cm.batched_cloud_module)
+    server = server_for({0: CloudHalf(cm.cloud_module, cm.boundary, batched)})
+    try:
+        ends = [_Session(None, f"end{k}", 4) for k in range(3)]
+        xs = [torch.randn(1, 3, 8, 8) for _ in range(6)]
+        # two requests from each end, interleaved as they would arrive
+        server._run([(ends[k % 3], request(cm, x, 100 + k), 0.0) for k, x in enumerate(xs)])
+        assert batched.batches == [6] and server.stats.batches == 1
+        with torch.no_grad():
+            for k, x in enumerate(xs):
+                req, y = answer(cm, ends[k % 3].replies.get_nowait())
+                assert req == 100 + k                           # its own, in its order
+                assert torch.allclose(y, m(x), atol=2e-2)
+                assert torch.allclose(y, cm(x), atol=1e-5)      # the batch changes nothing
+    finally:
+        server.listener.close()
+
+
+def test_a_bad_request_in_a_batch_fails_only_itself_and_a_close_ends_only_its_end(split):
+    cm, m = split
+    server = server_for({0: CloudHalf(cm.cloud_module, cm.boundary, cm.batched_cloud_module)})
+    try:
+        a, b = _Session(None, "a", 4), _Session(None, "b", 4)
+        x = torch.randn(1, 3, 8, 8)
+        bad = bytearray(request(cm, x, 7))
+        bad[-1] ^= 1                                          # fails its checksum
+        server._run([(a, request(cm, x, 1), 0.0), (b, bytes(bad), 0.0),
+                     (b, encode(CLOSE_ID, [], FLAG_CONTROL), 0.0), (a, request(cm, x, 2), 0.0)])
+        assert [answer(cm, a.replies.get_nowait())[0] for _ in range(2)] == [1, 2]
+        req, _, flags, _ = decode(b.replies.get_nowait())
+        assert (req, bool(flags & FLAG_ERROR)) == (7, True)
+        assert b.replies.get_nowait() is None                 # its close: its writer acknowledges
+        assert server.stats.rejected == 1
+    finally:
+        server.listener.close()
+
+
+def test_a_half_without_a_batched_form_still_answers_every_request(split):
+    cm, m = split
+    server = server_for({0: (cm.cloud_module, cm.boundary)})   # packed inputs: one at a time
+    try:
+        s = _Session(None, "a", 4)
+        xs = [torch.randn(1, 3, 8, 8) for _ in range(3)]
+        server._run([(s, request(cm, x, k), 0.0) for k, x in enumerate(xs)])
+        assert server.stats.batches == 3
+        for k, x in enumerate(xs):
+            assert torch.allclose(answer(cm, s.replies.get_nowait())[1], cm(x), atol=1e-5)
+    finally:
+        server.listener.close()
+
+
+def test_the_largest_legal_request_is_what_the_plan_sends_at_most(split):
+    cm, _ = split
+    limit = max_request_bytes(cm.boundary)
+    sent = len(request(cm, torch.randn(1, 3, 8, 8), 0))
+    assert sent == limit                                      # 8-bit codes: always the same size
+    for bits in (16, 32):
+        wide = coach_fx.compile(Net().eval(), (torch.randn(1, 3, 8, 8),), strategy="manual",
+                                end_nodes=["stem", "relu"], bits=bits, costs="analytic", progress=False)
+        assert len(request(wide, torch.randn(1, 3, 8, 8), 0)) == max_request_bytes(wide.boundary)
