@@ -280,7 +280,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="coach", description="end-cloud split inference for PyTorch")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("plan", "demo"):
@@ -312,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--token-file", default=None, metavar="PATH",
                            help="with --save: sign the plan with this shared secret (default: "
                                 "$COACH_TOKEN; coach serve/run load only a plan signed with theirs)")
+    _add_deploy_commands(sub)
+    return ap
+
+
+def _add_deploy_commands(sub: argparse._SubParsersAction) -> None:
+    """``coach serve`` and ``coach run``: the two sides of a saved plan."""
     for name in ("serve", "run"):
         p = sub.add_parser(name, help="cloud side of a saved plan" if name == "serve"
                            else "end side of a saved plan: stream frames to a coach serve")
@@ -358,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--fallback", choices=["local", "error"], default=None,
                            help="when the cloud fails: run requests locally (needs a plan saved "
                                 "with --save-whole) or fail them; reconnects meanwhile")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     a = ap.parse_args(argv)
     if a.cmd == "serve" and a.link == "gloo" and a.host not in GLOO_HOSTS:
         # torch.distributed's store binds every interface whatever address it is given:

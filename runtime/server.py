@@ -39,8 +39,8 @@ from coach_fx.runtime.cloud import CloudPlan, CloudWorker
 from coach_fx.runtime.codec import max_request_bytes
 from coach_fx.runtime.config import ServerConfig, StreamConfig
 from coach_fx.runtime.emulation import fast_handoff
-from coach_fx.runtime.links.base import LinkError
-from coach_fx.runtime.links.tcp import AuthError, TcpEndpoint, TcpServer, ThrottledLog
+from coach_fx.runtime.links.base import LinkError, ThrottledLog
+from coach_fx.runtime.links.tcp import AuthError, TcpEndpoint, TcpServer
 from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, WireError, encode, peek_header
 
 log = logging.getLogger("coach_fx.runtime")

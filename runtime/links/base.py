@@ -1,5 +1,6 @@
 """The link contract: the :class:`Endpoint` protocol every link implements, its errors,
-clocks (real or virtual) and the token bucket that paces a sender to a bandwidth trace.
+clocks (real or virtual), the token bucket that paces a sender to a bandwidth trace, and
+a rate-limited log for what peers may trigger at will (refused connections).
 
 Example::
 
@@ -12,6 +13,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from typing import Protocol
 
@@ -116,3 +119,24 @@ class TokenBucket:
     def finish(self) -> float:
         self.clock.sleep_until(self.free_at)
         return self.free_at
+
+
+class ThrottledLog:
+    """Warnings at most ``burst`` per ``window_s``; the rest are counted and summed up in the
+    next line let through (a storm of refused connections must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, burst: int = 5, window_s: float = 10.0) -> None:
+        self.logger, self.prefix, self.burst, self.window_s = logger, prefix, burst, window_s
+        self._start, self._count, self.suppressed = -math.inf, 0, 0
+
+    def warning(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._start >= self.window_s:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count > self.burst:
+            self.suppressed += 1
+            return
+        more = f" ({self.suppressed} more not logged)" if self.suppressed else ""
+        self.suppressed = 0
+        self.logger.warning("%s %s%s", self.prefix, text, more)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import os
 import select
 import socket
@@ -47,7 +46,7 @@ import threading
 import time
 
 from coach_fx.runtime.links.base import (MAX_MESSAGE, LinkError, LinkTimeout, PeerGone, RealClock,
-                                         TokenBucket)
+                                         ThrottledLog, TokenBucket)
 from coach_fx.runtime.links.tls import TlsConfig
 from coach_fx.traces import Trace
 
@@ -318,27 +317,6 @@ class TcpServer:
 
     def close(self) -> None:
         self.sock.close()
-
-
-class ThrottledLog:
-    """Warnings at most ``burst`` per ``window_s``; the rest are counted and summed up in the
-    next line let through (a storm of refused connections must not flood the log)."""
-
-    def __init__(self, logger: logging.Logger, prefix: str, burst: int = 5, window_s: float = 10.0) -> None:
-        self.logger, self.prefix, self.burst, self.window_s = logger, prefix, burst, window_s
-        self._start, self._count, self.suppressed = -math.inf, 0, 0
-
-    def warning(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self._start >= self.window_s:
-            self._start, self._count = now, 0
-        self._count += 1
-        if self._count > self.burst:
-            self.suppressed += 1
-            return
-        more = f" ({self.suppressed} more not logged)" if self.suppressed else ""
-        self.suppressed = 0
-        self.logger.warning("%s %s%s", self.prefix, text, more)
 
 
 class _Watchdog:

@@ -50,7 +50,7 @@ def test_messages_across_chunks_arrive_whole():
 
 def test_a_storm_of_warnings_is_throttled():
     import logging
-    from coach_fx.runtime.links.tcp import ThrottledLog
+    from coach_fx.runtime.links.base import ThrottledLog
     records = []
 
     class Keep(logging.Handler):
