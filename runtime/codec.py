@@ -12,16 +12,17 @@ cloud half's ``coach::image_decode`` before it decodes; it is never re-quantized
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
 
 from coach_fx._compat import tree_flatten, tree_unflatten
-from coach_fx.passes.boundary import Boundary
+from coach_fx.passes.boundary import Boundary, Crossing
 from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu, unpack_impl
 from coach_fx.runtime.imagecodec import max_payload_bytes
 from coach_fx.runtime.wire import (MAX_RANK, QUANT, QUANT_BITS, RAW, STATS, TENSOR_HEADER_BYTES, Entry,
-                                   WireError, message_bytes, packed_nbytes)
+                                   WireError, message_bytes, tensor_bytes)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -106,26 +107,26 @@ def payload_to_floats(boundary: Boundary, payload: Sequence[Any]) -> tuple | Non
 SMALL_VALUE_BYTES = 8 * MAX_RANK + TENSOR_HEADER_BYTES
 
 
+def crossing_bytes(c: Crossing, bits: int | None = None) -> int:
+    """Bytes on the wire (header included) of crossing ``c`` sent with ``bits`` (None: as its
+    plan sends it: a quantized one at its bits, anything else as it is). A float tensor is
+    packed below 32 bits; a value without a tensor shape counts at its largest. Image
+    crossings vary per request: see :func:`max_request_bytes` for their bound."""
+    if c.shape is None or c.dtype is None:
+        return SMALL_VALUE_BYTES
+    numel = math.prod(c.shape)
+    if bits is None:
+        bits = c.bits if c.kind == "quant" else 32
+    return tensor_bytes(numel, numel * c.dtype.itemsize, c.dtype.is_floating_point, bits)
+
+
 def max_request_bytes(boundary: Boundary) -> int:
     """The longest legal request for ``boundary``: every crossing at its largest form (a
     quantized one packed, an image at its codec's bound, a tensor sent as is at its dtype's
     size; per-request bits only make these smaller). A server refuses a longer length prefix
     before it reserves anything."""
-    sizes = []
-    for c in boundary.crossings:
-        numel = 1
-        for d in c.shape or ():
-            numel *= d
-        if c.kind == "quant":
-            body = packed_nbytes(numel, c.bits)
-        elif c.kind == "image":
-            body = max_payload_bytes(c.shape, c.codec)
-        elif c.shape is not None and c.dtype is not None:
-            body = numel * torch.empty((), dtype=c.dtype).element_size()
-        else:
-            body = SMALL_VALUE_BYTES
-        sizes.append(body + TENSOR_HEADER_BYTES)
-    return message_bytes(sizes)
+    return message_bytes([max_payload_bytes(c.shape, c.codec) + TENSOR_HEADER_BYTES
+                          if c.kind == "image" else crossing_bytes(c) for c in boundary.crossings])
 
 
 def _image_payload(c: Any, e: Entry) -> torch.Tensor:

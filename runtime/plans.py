@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from coach_fx.passes.boundary import Boundary
+from coach_fx.runtime.codec import crossing_bytes
 from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
 
 
@@ -152,13 +153,11 @@ class Variant:
         """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
         sizes = []
         for k, c in enumerate(self.boundary.crossings):
-            numel = math.prod(c.shape) if c.shape is not None else 1
             if c.kind == "image":   # coded size varies; its 8-bit codes bound it in practice
+                numel = math.prod(c.shape)
                 sizes.append(tensor_bytes(numel, numel, False, 32))
-                continue
-            raw = numel * c.dtype.itemsize if c.dtype is not None else 8
-            quantizable = c.dtype is not None and c.dtype.is_floating_point
-            sizes.append(tensor_bytes(numel, raw, quantizable, self.bits_for(k, bits, None)))
+            else:
+                sizes.append(crossing_bytes(c, self.bits_for(k, bits, None)))
         return message_bytes(sizes)
 
     def bits_for(self, k: int, bits: int | None, floor: int | None) -> int:
