@@ -184,31 +184,38 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, max_batch=a.max_batch,
                           max_wait_s=a.max_wait_ms / 1e3)
     tls = tls_of(a)
-    server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
-                   limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None)
-    host, port = server.address
-    print(f"coach serve: cloud half of {a.dir} on {host}:{port} ({'TLS, ' if tls else ''}token "
-          f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, batches of up to "
-          f"{a.max_batch}); " + (f"serving {a.sessions} session(s)" if a.sessions
-                                 else "serving until SIGTERM or Ctrl-C"), flush=True)
-    drained: list[bool] = []
-
-    def on_term(signum: int, frame: object) -> None:   # stop taking work, answer what was read
-        print("coach serve: SIGTERM: draining", flush=True)
-        threading.Thread(target=lambda: drained.append(server.drain()), daemon=True).start()
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # the handler only notes the signal (installed before anything can be announced); the
+    # main thread drains, so that the summary follows the drain and no thread outlives it
+    term = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: term.set())
+    server = None
+    drained: bool | None = None
     try:
-        server.serve()
+        server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
+                       limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None)
+        host, port = server.address
+        print(f"coach serve: cloud half of {a.dir} on {host}:{port} ({'TLS, ' if tls else ''}token "
+              f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, batches of up to "
+              f"{a.max_batch}); " + (f"serving {a.sessions} session(s)" if a.sessions
+                                     else "serving until SIGTERM or Ctrl-C"), flush=True)
+        while not server.wait(0.2):
+            if term.is_set():   # stop taking work, answer what was read
+                print("coach serve: SIGTERM: draining", flush=True)
+                drained = server.drain()
+                break
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        server.stop()
+        if server is not None:
+            server.stop()
+    if server is None:   # SIGTERM while loading: nothing was served
+        return 0
     st = server.snapshot()
     print(f"coach serve: {st.sessions} session(s), served {st.served} requests in {st.batches} "
           f"batches, {st.rejected} bad frames answered with an error, {st.refused} connections "
           f"refused, {st.turned_away} turned away"
-          + ("; drained" if drained == [True] else "; drain timed out" if drained else ""), flush=True)
+          + ("; drained" if drained else "; drain timed out" if drained is False else ""), flush=True)
     return 0
 
 
@@ -379,7 +386,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--link gloo has no TLS; use --link tcp")
     cmds = {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve, "run": cmd_run}
     try:
-        return cmds[a.cmd](a)
+        rc = cmds[a.cmd](a)
+        if a.cmd == "serve":
+            # daemon threads (a session's writer, a link's receiver) may still be inside torch
+            # when the interpreter tears torch down: that aborts ("terminate called...") now
+            # and then. The server has stopped and said so; leave without the teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+        return rc
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as e:
         print(f"coach: error: {e}", file=sys.stderr)
         if a.cmd in ("serve", "run"):

@@ -88,6 +88,8 @@ class CloudWorker:
             return None
         t0 = time.perf_counter()
         try:
+            if flags & FLAG_CONTROL:
+                raise WireError(f"control message for request {req}: the only control request is close")
             if plan_id not in self.plans:
                 raise WireError(f"unknown plan id {plan_id}")
             half = self.plans[plan_id]
