@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from coach_fx.runtime.server import CloudServer
 
 #: How a server batches by default: up to this many requests, the first held at most this long.
-SERVE_MAX_BATCH = 16
+SERVE_MAX_BATCH = 32
 SERVE_MAX_WAIT_S = 0.002
 
 
@@ -69,7 +69,8 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
 
     The plan directory must be signed with the token (``cm.save(dir, key=token)``): it is
     verified before anything in it is read. ``config``: the cloud's slowdown and batching
-    (default: the plan's slowdown, batches of up to 16 held at most 2 ms); ``limits``: how many
+    (default: the plan's slowdown, batches of up to ``SERVE_MAX_BATCH`` = 32, the first
+    request held at most 2 ms for more); ``limits``: how many
     ends, handshakes and connections per peer (``ServerConfig``); ``sessions``: stop after that
     many ends have finished.
 

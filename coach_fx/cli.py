@@ -23,6 +23,7 @@ import time
 import torch
 from tabulate import tabulate
 
+from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
 from coach_fx.compiled import CompiledModel
 from coach_fx.driver import plan_model, prepare
 from coach_fx.zoo.models import load_model
@@ -339,9 +340,9 @@ def _add_deploy_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--sessions", type=int, default=0,
                            help="stop after this many ends have finished (default: serve until interrupted)")
             p.add_argument("--max-ends", type=int, default=64, help="ends served at once")
-            p.add_argument("--max-batch", type=int, default=16,
+            p.add_argument("--max-batch", type=int, default=SERVE_MAX_BATCH,
                            help="requests of all ends run through the cloud half together, up to this many")
-            p.add_argument("--max-wait-ms", type=float, default=2.0,
+            p.add_argument("--max-wait-ms", type=float, default=SERVE_MAX_WAIT_S * 1e3,
                            help="how long the first request of a batch waits for more")
             p.add_argument("--tls-cert", default=None, metavar="PEM", help="the cloud's TLS certificate")
             p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
