@@ -51,6 +51,29 @@ class Tiny(nn.Module):
         return self.head(self.body(torch.relu(self.conv(x))).flatten(1))
 
 
+class StemHead(nn.Module):
+    """conv -> relu | mean -> linear: the servers' tests split it after the relu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def stem_head_split():
+    """(compiled, eager) ``StemHead`` for 1x3x8x8 inputs, its 8-bit relu output crossing."""
+    import coach_fx
+    torch.manual_seed(0)
+    m = StemHead().eval()
+    cm = coach_fx.compile(m, (torch.randn(1, 3, 8, 8),), strategy="manual", end_nodes=["stem", "relu"],
+                          bits=8, costs="analytic", progress=False)
+    return cm, m
+
+
 @pytest.fixture(scope="module")
 def tiny_split():
     """(model, its annotated GraphModule, its LayerDAG, an example input) of ``Tiny``."""

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-import coach_fx
 from coach_fx.runtime.codec import entries_to_output, payload_to_entries
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.end import EndWorker
@@ -45,24 +43,12 @@ TOKEN = "attack-tests-shared-secret"   # >= 16 bytes: a shorter token is refused
 WAIT_S = 60.0
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
-
 
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory):
+def plan(stem_head_split, tmp_path_factory):
     """(compiled model, eager model, an example input, a signed plan directory with the whole model)."""
-    torch.manual_seed(0)
-    m = Net().eval()
+    cm, m = stem_head_split
     x = torch.randn(1, 3, 8, 8)
-    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["stem", "relu"], bits=8,
-                          costs="analytic", progress=False)
     d = tmp_path_factory.mktemp("plan")
     cm.save(d, whole=True, key=TOKEN)
     return cm, m, x, d

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 import coach_fx
 from coach_fx.runtime.config import ServerConfig, StreamConfig
@@ -21,24 +20,10 @@ from coach_fx.runtime.server import CloudServer
 TOKEN = b"a shared secret for the test"
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
-
 
 @pytest.fixture(scope="module")
-def split():
-    torch.manual_seed(0)
-    m = Net().eval()
-    x = torch.randn(1, 3, 8, 8)
-    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["stem", "relu"], bits=16,
-                          costs="analytic", progress=False)
-    return cm, m
+def split(stem_head_split):
+    return stem_head_split
 
 
 def serve(cm, limits=ServerConfig(), sessions=None, config=StreamConfig(timeout_s=10)):

@@ -3,7 +3,6 @@ ends for one plan run as one batch, each reply goes to its own end, a bad reques
 itself; and the largest legal request follows from the plan."""
 import pytest
 import torch
-from torch import nn
 
 import coach_fx
 from coach_fx.runtime.cloud import CloudHalf
@@ -16,23 +15,10 @@ from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, decode, en
 TOKEN = b"a shared secret for the test"
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.stem(x)).mean((2, 3)))
-
 
 @pytest.fixture(scope="module")
-def split():
-    torch.manual_seed(0)
-    m = Net().eval()
-    cm = coach_fx.compile(m, (torch.randn(1, 3, 8, 8),), strategy="manual",
-                          end_nodes=["stem", "relu"], bits=8, costs="analytic", progress=False)
-    return cm, m
+def split(stem_head_split):
+    return stem_head_split
 
 
 class Counting:
@@ -116,11 +102,11 @@ def test_a_half_without_a_batched_form_still_answers_every_request(split):
 
 
 def test_the_largest_legal_request_is_what_the_plan_sends_at_most(split):
-    cm, _ = split
+    cm, m = split
     limit = max_request_bytes(cm.boundary)
     sent = len(request(cm, torch.randn(1, 3, 8, 8), 0))
     assert sent == limit                                      # 8-bit codes: always the same size
     for bits in (16, 32):
-        wide = coach_fx.compile(Net().eval(), (torch.randn(1, 3, 8, 8),), strategy="manual",
+        wide = coach_fx.compile(m, (torch.randn(1, 3, 8, 8),), strategy="manual",
                                 end_nodes=["stem", "relu"], bits=bits, costs="analytic", progress=False)
         assert len(request(wide, torch.randn(1, 3, 8, 8), 0)) == max_request_bytes(wide.boundary)
