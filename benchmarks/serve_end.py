@@ -37,7 +37,8 @@ def main() -> None:
     from coach_fx.artifact import load_half, make_frames
     from coach_fx.runtime.config import StreamConfig
     from coach_fx.runtime.end import EndWorker
-    from coach_fx.runtime.links.tcp import connect, shared_token
+    from coach_fx.runtime.links.credentials import shared_token
+    from coach_fx.runtime.links.tcp import connect
     from coach_fx.runtime.policy import StaticPolicy
     from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, encode
 

@@ -82,7 +82,8 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     from coach_fx.artifact import load_half
     from coach_fx.runtime.cloud import CloudHalf
     from coach_fx.runtime.config import ServerConfig, StreamConfig
-    from coach_fx.runtime.links.tcp import TcpServer, shared_token
+    from coach_fx.runtime.links.credentials import shared_token
+    from coach_fx.runtime.links.tcp import TcpServer
     from coach_fx.runtime.server import CloudServer
 
     secret = shared_token(token)

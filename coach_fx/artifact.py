@@ -130,7 +130,7 @@ def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.M
     """Write a plan directory; ``key`` (default ``$COACH_TOKEN``; none: unsigned) signs its
     manifest; ``batched``: the cloud half on floats (``CompiledModel.batched_cloud_module``),
     written where it exports with a free batch dimension."""
-    from coach_fx.runtime.links.tcp import shared_token
+    from coach_fx.runtime.links.credentials import shared_token
     secret = shared_token(key, required=False)
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,7 @@ def load_half(path: str | Path, side: str, key: bytes | str | None = None) -> Sa
     """Load one half (``"end"`` or ``"cloud"``) of a saved plan, or the whole model (``"model"``,
     written with ``cm.save(dir, whole=True)``, for ``fallback="local"``). With a token
     (``key``, else ``$COACH_TOKEN``) the manifest must be signed with it."""
-    from coach_fx.runtime.links.tcp import shared_token
+    from coach_fx.runtime.links.credentials import shared_token
     secret = shared_token(key, required=False)
     d = Path(path)
     if side not in ("end", "cloud", "model"):

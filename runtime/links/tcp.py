@@ -13,7 +13,7 @@ server that has proved nothing:
 Each direction then keys its tags with HMAC-SHA256(token, direction | nonce_c | nonce_e):
 a tag is the first 16 bytes of HMAC-SHA256(key, sequence number | message), so a message
 altered, replayed, reordered or dropped on the way is refused (:class:`IntegrityError`), and
-a recorded session replays nowhere (fresh nonces). Tokens shorter than :data:`MIN_TOKEN_BYTES`
+a recorded session replays nowhere (fresh nonces). Tokens shorter than ``credentials.MIN_TOKEN_BYTES``
 are refused: a recorded handshake lets a short one be guessed offline.
 
 With TLS (``tls=TlsConfig(...)``, ``links.tls``) all of this runs inside the TLS channel:
@@ -47,6 +47,7 @@ import time
 
 from coach_fx.runtime.links.base import (MAX_MESSAGE, LinkError, LinkTimeout, PeerGone, RealClock,
                                          ThrottledLog, TokenBucket)
+from coach_fx.runtime.links.credentials import AuthError, shared_token
 from coach_fx.runtime.links.tls import TlsConfig
 from coach_fx.traces import Trace
 
@@ -60,44 +61,12 @@ _LEN = struct.Struct("<Q")
 _SEQ = struct.Struct("<Q")
 #: Bytes of the integrity tag after each message.
 TAG_BYTES = 16
-#: The shortest shared token accepted (e.g. ``openssl rand -hex 16`` gives 32 characters).
-MIN_TOKEN_BYTES = 16
-
-
-class AuthError(LinkError):
-    """The peer could not prove it holds the shared token (or spoke another protocol)."""
-
-
 class ServerBusy(LinkError):
     """The cloud serves as many ends (or handshakes) as it takes: try again later."""
 
 
 class IntegrityError(LinkError):
     """A message's tag does not match: altered, replayed, reordered or dropped on the way."""
-
-
-#: Where a token comes from when none is passed (never the command line: see ``--token-file``).
-TOKEN_ENV = "COACH_TOKEN"
-
-
-def shared_token(token: bytes | str | None, required: bool = True) -> bytes | None:
-    """The shared secret as bytes: ``token``, else ``$COACH_TOKEN``; refused when shorter than
-    :data:`MIN_TOKEN_BYTES`; None (or :class:`AuthError` when ``required``) when there is none."""
-    token = token if token is not None else os.environ.get(TOKEN_ENV)
-    if not token and not required:
-        return None
-    return _token(token)
-
-
-def _token(token: bytes | str | None) -> bytes:
-    token = token if token is not None else os.environ.get(TOKEN_ENV)
-    if not token:
-        raise AuthError("no shared token: pass token=... (or --token-file) or set COACH_TOKEN")
-    key = token.encode() if isinstance(token, str) else bytes(token)
-    if len(key) < MIN_TOKEN_BYTES:
-        raise AuthError(f"the shared token has {len(key)} bytes; use at least {MIN_TOKEN_BYTES} "
-                        "(e.g. openssl rand -hex 16): a short one can be guessed from a recorded handshake")
-    return key
 
 
 def _mac(token: bytes, who: bytes, nonce_c: bytes, nonce_e: bytes) -> bytes:
@@ -255,7 +224,7 @@ class TcpServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: bytes | str | None = None,
                  timeout_s: float = 30.0, tls: TlsConfig | None = None) -> None:
-        self.token = _token(token)
+        self.token = shared_token(token)
         self.timeout_s = timeout_s
         self.tls = tls.server_context() if tls is not None else None
         self.sock = socket.create_server((host, port), reuse_port=False)
@@ -359,7 +328,7 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
             tls: TlsConfig | None = None) -> TcpEndpoint:
     """Dial the cloud and authenticate both ways; retry refused connections for ``retry_for``
     s. With ``tls`` the cloud's certificate is checked first (``ssl.SSLError`` if it fails)."""
-    key = _token(token)
+    key = shared_token(token)
     ctx = tls.client_context() if tls is not None else None
     deadline = time.monotonic() + retry_for
     while True:
