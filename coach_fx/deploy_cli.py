@@ -88,8 +88,9 @@ def _serve_tcp(a: argparse.Namespace) -> int:
                        limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None)
         host, port = server.address
         print(f"coach serve: cloud half of {a.dir} on {host}:{port} ({'TLS, ' if tls else ''}token "
-              f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, batches of up to "
-              f"{a.max_batch}); " + (f"serving {a.sessions} session(s)" if a.sessions
+              f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, "
+              + (f"batches of up to {a.max_batch}" if server.batching else
+                 "one request at a time: this plan's cloud half does not batch") + "); " + (f"serving {a.sessions} session(s)" if a.sessions
                                      else "serving until SIGTERM or Ctrl-C"), flush=True)
         while not server.wait(0.2):
             if term.is_set():   # stop taking work, answer what was read

@@ -163,6 +163,12 @@ class CloudServer:
         self.stop()
 
     @property
+    def batching(self) -> bool:
+        """Whether requests of several ends can run as one batch (every plan has a batched
+        cloud half and ``max_batch`` > 1)."""
+        return self.config.max_batch > 1 and all(h.batched is not None for h in self.engine.plans.values())
+
+    @property
     def address(self) -> tuple[str, int]:
         return self.listener.host, self.listener.port
 
