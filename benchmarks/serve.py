@@ -56,7 +56,7 @@ from tabulate import tabulate
 
 import coach_fx
 from coach_fx.api import SERVE_MAX_BATCH
-from coach_fx.runtime.config import ServerConfig, StreamConfig
+from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 
 HERE = Path(__file__).resolve().parent
 TOKEN = b"serve benchmark shared token 0123456789"
@@ -192,8 +192,8 @@ def pct(xs: list[float], q: float) -> float:
 
 def start_server(plan_dir: Path, max_batch: int, limits: ServerConfig = ServerConfig()):  # noqa: ANN201
     server = coach_fx.serve(plan_dir, HOST, 0, token=TOKEN, limits=limits,
-                            config=StreamConfig(timeout_s=30.0, max_batch=max_batch,
-                                                max_wait_s=MAX_WAIT_S if max_batch > 1 else 0.0))
+                            config=StreamConfig(timeout_s=30.0, batching=Batching(
+                                max_batch, MAX_WAIT_S if max_batch > 1 else 0.0)))
     warm_server(server, plan_dir, max_batch)
     return server
 

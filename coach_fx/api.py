@@ -81,7 +81,7 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     """
     from coach_fx.artifact import load_half
     from coach_fx.runtime.cloud import CloudHalf
-    from coach_fx.runtime.config import ServerConfig, StreamConfig
+    from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import TcpServer
     from coach_fx.runtime.server import CloudServer
@@ -90,7 +90,7 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     half = load_half(plan_dir, "cloud", key=secret)
     if config is None:
         config = StreamConfig(cloud_slowdown=half.meta["cloud"]["slowdown"],
-                              max_batch=SERVE_MAX_BATCH, max_wait_s=SERVE_MAX_WAIT_S)
+                              batching=Batching(SERVE_MAX_BATCH, SERVE_MAX_WAIT_S))
     listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
     try:
         server = CloudServer({0: CloudHalf(half.module, half.boundary, half.batched)}, listener, config,

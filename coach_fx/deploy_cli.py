@@ -69,13 +69,12 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     """``coach serve`` over TCP: many ends at once (``coach_fx.serve``); SIGTERM drains."""
     from coach_fx.api import serve
     from coach_fx.artifact import load_half
-    from coach_fx.runtime.config import ServerConfig, StreamConfig
+    from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 
     token = token_of(a)
     slowdown = a.slowdown if a.slowdown is not None else \
         load_half(a.dir, "cloud", key=token).meta["cloud"]["slowdown"]
-    config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, max_batch=a.max_batch,
-                          max_wait_s=a.max_wait_ms / 1e3)
+    config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, batching=Batching(a.max_batch, a.max_wait_ms / 1e3))
     tls = tls_of(a)
     # the handler only notes the signal (installed before anything can be announced); the
     # main thread drains, so that the summary follows the drain and no thread outlives it

@@ -60,9 +60,9 @@ class CloudWorker:
                  config: StreamConfig = StreamConfig(), *, adaptive: bool = False) -> None:
         #: plan id -> its cloud half and boundary
         self.plans = {k: cloud_half(v) for k, v in plans.items()}
-        #: requests that have arrived together run as one batch, up to ``config.max_batch``
+        #: requests that have arrived together run as one batch, up to ``config.batching.max_batch``
         #: (only on an endpoint whose ``ready()`` tells what has arrived: the in-process link)
-        self.max_batch = config.max_batch
+        self.max_batch = config.batching.max_batch
         #: accept float crossings quantized with bits chosen per request (online control)
         self.adaptive = adaptive
         self.endpoint = endpoint

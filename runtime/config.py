@@ -18,6 +18,24 @@ FALLBACKS = (None, "local", "error")
 
 
 @dataclass(frozen=True)
+class Batching:
+    """Requests that have arrived together run through the cloud half as one batch, up to
+    ``max_batch`` (a server batches the requests of all its ends for one plan; a lone worker
+    only on a link that tells what has arrived: the in-process one). A server holds the first
+    request of a batch at most ``max_wait_s`` for more (0: only what has already arrived is
+    batched, no request waits for another)."""
+
+    max_batch: int = 1
+    max_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if not self.max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """How a stream runs: the emulated devices, the pipeline's queues, faults.
 
@@ -36,13 +54,8 @@ class StreamConfig:
     timeout_s: float = 30.0
     retry_s: float = 0.5
     fallback: str | None = None
-    #: requests that have arrived together run through the cloud half as one batch, up to
-    #: this many (a server batches requests for one plan from all its ends; a single worker
-    #: only on a link that tells what has arrived: the in-process one)
-    max_batch: int = 1
-    #: how long the server holds the first request of a batch for more to arrive (seconds;
-    #: 0: only what has already arrived is batched, no request waits for another)
-    max_wait_s: float = 0.0
+    #: how the cloud runs requests that arrive together (default: one at a time)
+    batching: Batching = Batching()
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -50,9 +63,7 @@ class StreamConfig:
         for name in ("end_slowdown", "cloud_slowdown", "timeout_s", "retry_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.max_wait_s >= 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
-        for name in ("queue_size", "max_inflight", "max_batch"):
+        for name in ("queue_size", "max_inflight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -144,4 +155,4 @@ class PolicyConfig:
     end_slowdown: float = 1.0
 
 
-__all__ = ["Bands", "CacheConfig", "ControlConfig", "PolicyConfig", "ServerConfig", "StreamConfig"]
+__all__ = ["Bands", "Batching", "CacheConfig", "ControlConfig", "PolicyConfig", "ServerConfig", "StreamConfig"]

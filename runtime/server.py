@@ -11,8 +11,8 @@ one batch.
 * An authenticated end gets a session: a reader thread (its requests, at most
   ``session_inflight`` unanswered, each no longer than the largest legal request of the
   plans served) and a writer thread (its replies, in order).
-* One compute thread takes the requests of all sessions, up to ``StreamConfig.max_batch`` at
-  a time, holding the first at most ``max_wait_s`` for more, and runs those for one plan as
+* One compute thread takes the requests of all sessions, up to ``Batching.max_batch`` at
+  a time, holding the first at most ``Batching.max_wait_s`` for more, and runs those for one plan as
   one batch (``CloudWorker.handle_batch``). A bad frame is that request's error reply; a
   close request ends that end's session, not the server.
 * :meth:`CloudServer.drain` (``coach serve`` on SIGTERM) stops taking ends and requests,
@@ -166,7 +166,7 @@ class CloudServer:
     def batching(self) -> bool:
         """Whether requests of several ends can run as one batch (every plan has a batched
         cloud half and ``max_batch`` > 1)."""
-        return self.config.max_batch > 1 and all(h.batched is not None for h in self.engine.plans.values())
+        return self.config.batching.max_batch > 1 and all(h.batched is not None for h in self.engine.plans.values())
 
     @property
     def address(self) -> tuple[str, int]:
@@ -295,8 +295,8 @@ class CloudServer:
                 except queue.Empty:
                     continue
                 batch = [first]
-                deadline = time.monotonic() + self.config.max_wait_s
-                while len(batch) < self.config.max_batch:
+                deadline = time.monotonic() + self.config.batching.max_wait_s
+                while len(batch) < self.config.batching.max_batch:
                     try:
                         left = deadline - time.monotonic()
                         batch.append(self._requests.get(timeout=left) if left > 0

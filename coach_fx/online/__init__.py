@@ -45,7 +45,8 @@ from coach_fx.online.bands import band_edges, band_rates, choose_plans
 from coach_fx.online.deploy import Deployment, deploy
 from coach_fx.online.report import report
 from coach_fx.runtime.cloud import CloudWorker
-from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, StreamConfig
+from coach_fx.runtime.config import (Bands, Batching, CacheConfig, ControlConfig, PolicyConfig,
+                                     StreamConfig)
 from coach_fx.runtime.end import EndWorker, run_session
 from coach_fx.runtime.links.inprocess import InProcessLink
 from coach_fx.runtime.policy import OnlinePolicy
@@ -152,7 +153,7 @@ class OnlineModel:
         policy = self.policy(mode, seed)
         # the cloud batches requests that arrive together (while it falls behind)
         config = StreamConfig(self.settings.end.slowdown, self.settings.cloud.slowdown,
-                              queue_size=queue_size, timeout_s=timeout_s, max_batch=8)
+                              queue_size=queue_size, timeout_s=timeout_s, batching=Batching(8))
         with torch_threads(self.settings.threads):
             cloud = CloudWorker(self.cloud, link.cloud, config, adaptive=True).start()
             end = EndWorker(link.end, self.out_spec, policy, config)

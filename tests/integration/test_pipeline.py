@@ -14,7 +14,7 @@ import coach_fx
 from coach_fx.artifact import load_half, make_frames
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.cloud import CloudWorker
-from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.config import Batching, StreamConfig
 from coach_fx.runtime.end import EndWorker, RemoteError
 from coach_fx.runtime.policy import StaticPolicy
 
@@ -173,7 +173,7 @@ def test_cloud_batches_what_arrived_together_with_the_same_replies():
     cm = coach_fx.compile(m, (torch.randn(1, 3, 12, 12),), strategy="manual", end_nodes=["stem"],
                           bits=32, costs="analytic", progress=False)
     link = InProcessLink(None, None)
-    cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud, StreamConfig(max_batch=8))
+    cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud, StreamConfig(batching=Batching(8)))
     frames = [torch.randn(1, 3, 12, 12) for _ in range(5)]
     msgs = [(encode(i, payload_to_entries(cm.boundary, cm.end_module(f)), 0, 0), 0.001 * i)
             for i, f in enumerate(frames)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import coach_fx
-from coach_fx.runtime.config import ServerConfig, StreamConfig
+from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links.base import LinkError
 from coach_fx.runtime.links.tcp import ServerBusy, TcpServer, connect
@@ -111,8 +111,8 @@ def test_silent_and_idle_connections_do_not_lock_out_a_real_end(split):
 
 def test_sixteen_ends_at_once_each_get_their_own_answers_in_order(split):
     cm, m = split
-    server, listener = serve(cm, sessions=16, config=StreamConfig(timeout_s=10, max_batch=16,
-                                                                   max_wait_s=0.002))
+    server, listener = serve(cm, sessions=16, config=StreamConfig(timeout_s=10,
+                                                                   batching=Batching(16, 0.002)))
     frames = {k: [torch.randn(1, 3, 8, 8) for _ in range(25)] for k in range(16)}
     got: dict[int, list] = {}
     ends = [threading.Thread(target=lambda k=k: got.__setitem__(k, stream(cm, listener.port, frames[k])))

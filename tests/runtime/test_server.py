@@ -7,7 +7,7 @@ import torch
 import coach_fx
 from coach_fx.runtime.cloud import CloudHalf
 from coach_fx.runtime.codec import entries_to_output, max_request_bytes, payload_to_entries
-from coach_fx.runtime.config import StreamConfig
+from coach_fx.runtime.config import Batching, StreamConfig
 from coach_fx.runtime.links.tcp import TcpServer
 from coach_fx.runtime.server import CloudServer, _Session
 from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, decode, encode
@@ -39,7 +39,7 @@ def request(cm, x, req):
 
 def server_for(plans):
     listener = TcpServer("127.0.0.1", 0, token=TOKEN)
-    return CloudServer(plans, listener, StreamConfig(max_batch=16))
+    return CloudServer(plans, listener, StreamConfig(batching=Batching(16)))
 
 
 def answer(cm, reply):
