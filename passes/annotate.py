@@ -35,7 +35,6 @@ class NodeMeta:
     dtype: torch.dtype | None
     numel: int
     bytes: int            # output bytes at its own precision (for "tensors" the sum)
-    float: bool           # one floating-point tensor
     flops: float = 0.0
     moved: int = 0        # bytes read and written, parameters included
     value_type: str | None = None
@@ -43,6 +42,11 @@ class NodeMeta:
     @property
     def is_tensor(self) -> bool:
         return self.kind == "tensor"
+
+    @property
+    def float(self) -> bool:
+        """One floating-point tensor (what a crossing may quantize)."""
+        return self.kind == "tensor" and self.dtype is not None and self.dtype.is_floating_point
 
 
 def meta(n: fx.Node) -> NodeMeta:
@@ -146,14 +150,13 @@ class _Annotator(fx.Interpreter):
         out = super().run_node(n)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if isinstance(out, torch.Tensor):
-            info = NodeMeta("tensor", tuple(out.shape), out.dtype, out.numel(), _nbytes(out),
-                            out.is_floating_point())
+            info = NodeMeta("tensor", tuple(out.shape), out.dtype, out.numel(), _nbytes(out))
         elif _tensors(out):
             ts = _tensors(out)
             info = NodeMeta("tensors", None, None, sum(t.numel() for t in ts),
-                            sum(_nbytes(t) for t in ts), False)
+                            sum(_nbytes(t) for t in ts))
         else:
-            info = NodeMeta("value", None, None, 0, 0, False, value_type=type(out).__name__)
+            info = NodeMeta("value", None, None, 0, 0, value_type=type(out).__name__)
         ins = _tensors((args, kwargs))
         moved = sum(_nbytes(t) for t in ins) + info.bytes
         if n.op == "call_module":
