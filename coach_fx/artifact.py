@@ -202,6 +202,20 @@ class ArtifactError(ValueError):
     """A plan directory that is incomplete, altered or of another version."""
 
 
+def plan_meta(path: str | Path, key: bytes | str | None = None) -> dict:
+    """A saved plan's ``plan.json`` (verified against the manifest like any file of it; with a
+    token, ``key`` or ``$COACH_TOKEN``, the manifest must be signed with it), no half loaded."""
+    from coach_fx.runtime.links.credentials import shared_token
+    d = Path(path)
+    if not (d / "plan.json").is_file():
+        raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save()")
+    verify(d, ["plan.json"], shared_token(key, required=False))
+    meta = json.loads((d / "plan.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{d / 'plan.json'}: format {meta.get('format')}, this version reads {FORMAT}")
+    return meta
+
+
 def load_half(path: str | Path, side: str, key: bytes | str | None = None) -> SavedHalf:
     """Load one half (``"end"`` or ``"cloud"``) of a saved plan, or the whole model (``"model"``,
     written with ``cm.save(dir, whole=True)``, for ``fallback="local"``). With a token
@@ -211,12 +225,7 @@ def load_half(path: str | Path, side: str, key: bytes | str | None = None) -> Sa
     d = Path(path)
     if side not in ("end", "cloud", "model"):
         raise ValueError(f"side must be 'end', 'cloud' or 'model', got {side!r}")
-    if not (d / "plan.json").is_file():
-        raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save()")
-    verify(d, ["plan.json"], secret)
-    meta = json.loads((d / "plan.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{d / 'plan.json'}: format {meta.get('format')}, this version reads {FORMAT}")
+    meta = plan_meta(d, secret)
     boundary = boundary_from_json(meta["boundary"])
     if side == "cloud" and boundary.end_only:
         raise ValueError(f"{d} holds an end-only plan: there is no cloud half to serve")

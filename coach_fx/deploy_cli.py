@@ -13,6 +13,7 @@ import threading
 import torch
 
 from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
+from coach_fx.runtime.links.tls import TlsConfig
 
 
 #: What ``--host`` may be with ``--link gloo``: its store listens on every interface anyway.
@@ -56,24 +57,23 @@ def token_of(a: argparse.Namespace) -> bytes | None:
         raise SystemExit(f"coach: cannot read the token file {a.token_file}: {e.strerror}") from None
 
 
-def tls_of(a: argparse.Namespace) -> object:
+def tls_of(a: argparse.Namespace) -> TlsConfig | None:
     """The TLS settings of ``--tls-*`` (None: no TLS)."""
-    from coach_fx.runtime.links.tls import TlsConfig
     if not (a.tls_cert or a.tls_key or a.tls_ca):
         return None
     return TlsConfig(cert=a.tls_cert, key=a.tls_key, ca=a.tls_ca,
-                     server_name=getattr(a, "tls_server_name", None))
+                     server_name=a.tls_server_name)
 
 
 def _serve_tcp(a: argparse.Namespace) -> int:
     """``coach serve`` over TCP: many ends at once (``coach_fx.serve``); SIGTERM drains."""
     from coach_fx.api import serve
-    from coach_fx.artifact import load_half
+    from coach_fx.artifact import plan_meta
     from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 
     token = token_of(a)
-    slowdown = a.slowdown if a.slowdown is not None else \
-        load_half(a.dir, "cloud", key=token).meta["cloud"]["slowdown"]
+    # only plan.json here: coach_fx.serve loads (and verifies) the half itself
+    slowdown = a.slowdown if a.slowdown is not None else plan_meta(a.dir, token)["cloud"]["slowdown"]
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, batching=Batching(a.max_batch, a.max_wait_ms / 1e3))
     tls = tls_of(a)
     # the handler only notes the signal (installed before anything can be announced); the
@@ -204,6 +204,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
             p.add_argument("--tls-ca", default=None, metavar="PEM",
                            help="require client certificates signed by this CA")
+            p.set_defaults(tls_server_name=None)   # the cloud checks no server name
         else:
             p.add_argument("--tls-ca", default=None, metavar="PEM",
                            help="use TLS; check the cloud's certificate against this CA (or the "

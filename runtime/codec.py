@@ -94,9 +94,7 @@ def payload_to_floats(boundary: Boundary, payload: Sequence[Any]) -> tuple | Non
         if c.kind == "image":
             return None
         if c.kind == "quant":
-            packed, scale, zero = payload[k:k + 3]
-            out.append(dequantize_impl(unpack_impl(packed, c.bits, list(c.shape)), scale, zero,
-                                       c.bits, c.dtype))
+            out.append(_dequantize(c, c.bits, *payload[k:k + 3]))
         else:
             out.append(payload[k])
         k += c.n_payload
@@ -146,9 +144,14 @@ def _dequantized(c: Any, e: Entry) -> torch.Tensor:
     if e.bits not in QUANT_BITS or tuple(e.shape) != tuple(c.shape) or e.dtype != c.dtype:
         raise WireError(f"entry for {c.name}: expected a quantized {c.dtype} of shape "
                         f"{tuple(c.shape)}, got {e.bits}-bit {e.dtype} {tuple(e.shape)}")
-    codes = unpack_impl(e.packed(), e.bits, list(c.shape))
-    return dequantize_impl(codes, torch.tensor(e.scale, dtype=torch.float32),
-                           torch.tensor(e.zero_point, dtype=torch.int32), e.bits, c.dtype)
+    return _dequantize(c, e.bits, e.packed(), torch.tensor(e.scale, dtype=torch.float32),
+                       torch.tensor(e.zero_point, dtype=torch.int32))
+
+
+def _dequantize(c: Any, bits: int, packed: torch.Tensor, scale: torch.Tensor,
+                zero: torch.Tensor) -> torch.Tensor:
+    """Crossing ``c``'s value from its packed codes, as the cloud half's boundary ops compute it."""
+    return dequantize_impl(unpack_impl(packed, bits, list(c.shape)), scale, zero, bits, c.dtype)
 
 
 def quantized_entry(value: torch.Tensor, bits: int, codec: str | None = None) -> Entry:

@@ -120,13 +120,6 @@ class CloudServer:
             self._threads.append(t)
         return self
 
-    def serve(self) -> None:
-        """Serve until :meth:`stop` or :meth:`drain` (or until ``sessions`` sessions have ended)."""
-        if not self._threads:
-            self.start()
-        while not self._done.wait(POLL_S):   # wakes for signal handlers now and then
-            pass
-
     def stop(self) -> None:
         """Stop at once: no new ends; running sessions are closed (their ends see the link
         go and fall back, reconnect or fail, as they are configured); the listener is closed."""
@@ -210,7 +203,6 @@ class CloudServer:
             with self._lock:
                 self._handshakes -= 1
                 self._per_peer[host] -= 1
-                self.stats.refused = self.listener.refused
             return
         ep.max_message = self.max_message
         session = _Session(ep, peer, self.limits.session_inflight)
@@ -331,9 +323,6 @@ class CloudServer:
                 out = [CloudWorker.reply_to_bad_frame(batch[i][1], e) for i in idx]
             for i, r in zip(idx, out):
                 replies[i] = r
-        with self._lock:
-            self.stats.batches = self.engine.calls
-            self.stats.rejected = self.engine.rejected
         for (s, _, _), r in zip(batch, replies):
             s.replies.put(r)
 
@@ -342,7 +331,8 @@ class CloudServer:
         with self._lock:
             st = ServerStats(**vars(self.stats))
             st.served += sum(s.served for s in self._sessions)
-            st.refused = self.listener.refused
+        # counted where they happen (the listener, the compute thread's worker)
+        st.refused, st.rejected, st.batches = self.listener.refused, self.engine.rejected, self.engine.calls
         return st
 
 

@@ -214,11 +214,18 @@ def test_serve_api_over_tls_then_drain_answers_what_was_read(split, signed_plan,
                     StaticPolicy(cm.end_module, cm.boundary),
                     StreamConfig(timeout_s=10, fallback="local", retry_s=60), local_module=m)
     got = {}
-    t = threading.Thread(target=lambda: got.setdefault("r", end.run(camera())))
+
+    def run():
+        try:
+            got["r"] = end.run(camera())
+        except BaseException as e:  # noqa: BLE001 - named by the assertion below
+            got["error"] = e
+    t = threading.Thread(target=run)
     t.start()
     assert until(lambda: server.snapshot().served >= 100, tries=1200)
     assert server.drain(30)                 # everything read was answered
     t.join(120)
+    assert "r" in got, f"the end failed: {got.get('error')!r}"
     results, stats = got["r"]
     expect(m, frames, results)
     st = server.snapshot()

@@ -57,7 +57,7 @@ def test_requests_of_several_ends_run_as_one_batch_and_each_end_gets_its_own(spl
         xs = [torch.randn(1, 3, 8, 8) for _ in range(6)]
         # two requests from each end, interleaved as they would arrive
         server._run([(ends[k % 3], request(cm, x, 100 + k), 0.0) for k, x in enumerate(xs)])
-        assert batched.batches == [6] and server.stats.batches == 1
+        assert batched.batches == [6] and server.snapshot().batches == 1
         with torch.no_grad():
             for k, x in enumerate(xs):
                 req, y = answer(cm, ends[k % 3].replies.get_nowait())
@@ -82,7 +82,7 @@ def test_a_bad_request_in_a_batch_fails_only_itself_and_a_close_ends_only_its_en
         req, _, flags, _ = decode(b.replies.get_nowait())
         assert (req, bool(flags & FLAG_ERROR)) == (7, True)
         assert b.replies.get_nowait() is None                 # its close: its writer acknowledges
-        assert server.stats.rejected == 1
+        assert server.snapshot().rejected == 1
     finally:
         server.listener.close()
 
@@ -94,7 +94,7 @@ def test_a_half_without_a_batched_form_still_answers_every_request(split):
         s = _Session(None, "a", 4)
         xs = [torch.randn(1, 3, 8, 8) for _ in range(3)]
         server._run([(s, request(cm, x, k), 0.0) for k, x in enumerate(xs)])
-        assert server.stats.batches == 3
+        assert server.snapshot().batches == 3
         for k, x in enumerate(xs):
             assert torch.allclose(answer(cm, s.replies.get_nowait())[1], cm(x), atol=1e-5)
     finally:
