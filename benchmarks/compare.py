@@ -178,7 +178,7 @@ def real_run(gm, dag, inputs, oracle, settings: Settings, plan: Plan, cond: Cond
     the plan's calibrated stage times. Returns (measured, simulated) throughput."""
     s = dataclasses.replace(settings, network=cond.network)
     cm = CompiledModel(gm, dag, dataclasses.replace(plan, extra={}), s, inputs, oracle)
-    cm.calibrate()
+    cm.remeasure()
     xs = [torch.randn_like(inputs[0]) for _ in range(frames)]
     link = InProcessLink(cond.trace, cond.network.down_mbps, cond.network.rtt_ms / 2e3)
     _, stats = cm.stream(xs, link=link)
@@ -219,7 +219,7 @@ def main() -> None:
     conds = conditions(a.quick)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = Settings(costs="measured", threads=1, progress=False, calibrate=False,
+    base = Settings.of(costs="measured", threads=1, progress=False, remeasure=False,
                     cloud=Device("cloud", 1.0))
     rows: list[dict] = []
     real: list[dict] = []
@@ -233,7 +233,7 @@ def main() -> None:
         model, shape = load_model(name)
         x = torch.randn(1, *shape)
         with torch_threads(1):
-            gm, inputs, _ = prepare(model, (x,), dataclasses.replace(base, costs="analytic"))
+            gm, inputs, _ = prepare(model, (x,), base.replace(costs="analytic"))
             host = host_times(gm, inputs, base)
         oracle = None
         for sd in slowdowns:

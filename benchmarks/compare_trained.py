@@ -112,10 +112,10 @@ def run_model(name: str, slowdowns: list[float], conds: list[Condition], rows: l
     xc, yc = splits.calibration.x, splits.calibration.y
     xt, yt = splits.test.x, splits.test.y
     x = xc[:1]
-    base = Settings(costs="measured", threads=1, progress=False, calibrate=False,
+    base = Settings.of(costs="measured", threads=1, progress=False, remeasure=False,
                     cloud=Device("cloud", 1.0), calibration=(xc, yc), accuracy_budget=BUDGET)
     with torch_threads(1):
-        gm, inputs, _ = prepare(model, (x,), dataclasses.replace(base, costs="analytic"))
+        gm, inputs, _ = prepare(model, (x,), base.replace(costs="analytic"))
         host = host_times(gm, inputs, base)
     oracle = test = None
     for sd in slowdowns:
@@ -124,7 +124,7 @@ def run_model(name: str, slowdowns: list[float], conds: list[Condition], rows: l
             dag = build_dag(gm, inputs, settings, host)
         if oracle is None:
             oracle = AccuracyOracle(gm, dag, settings, inputs)
-            test = AccuracyOracle(gm, dag, dataclasses.replace(settings, calibration=(xt, yt),
+            test = AccuracyOracle(gm, dag, settings.replace(calibration=(xt, yt),
                                                                accuracy_confidence=None), inputs)
         free = plan_model(gm, inputs, dag, dataclasses.replace(settings, network=Network(UNBOUNDED_MBPS)),
                           strategy="coach", oracle=oracle)[0]
@@ -133,9 +133,9 @@ def run_model(name: str, slowdowns: list[float], conds: list[Condition], rows: l
             s = dataclasses.replace(settings, network=cond.network)
             plans = {m: plan_model(gm, inputs, dag, s, strategy=m, oracle=oracle)[0] for m in BASELINES}
             plans["coach"] = plan_model(gm, inputs, dag, s, strategy="coach", oracle=oracle)[0]
-            plans["coach latency"] = plan_model(gm, inputs, dag, dataclasses.replace(s, objective="latency"),
+            plans["coach latency"] = plan_model(gm, inputs, dag, s.replace(objective="latency"),
                                                 strategy="coach", oracle=oracle)[0]
-            plans["coach uncoded"] = plan_model(gm, inputs, dag, dataclasses.replace(s, tensor_codecs=()),
+            plans["coach uncoded"] = plan_model(gm, inputs, dag, s.replace(tensor_codecs=()),
                                                 strategy="coach", oracle=oracle)[0]
             for m, p in plans.items():
                 thr, single = measure(dag, p, cond)

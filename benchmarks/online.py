@@ -107,7 +107,7 @@ def main() -> None:
         """The rate below which the fixed plan's link is its bottleneck: its message bits over
         its compute bottleneck (the end's work measured alone x the slowdown, the cloud half)."""
         v, p = om.variants[om.offline], om.plans[om.offline]
-        compute = max(v.end_host_s * SLOWDOWN, p.t_cloud)
+        compute = max(v.times.host_s * SLOWDOWN, p.t_cloud)
         return v.message_bytes() * 8 / compute / 1e6
 
     rows, summary = [], {}
@@ -161,7 +161,7 @@ def main() -> None:
             lat = st.latencies
             res[mode] = dict(thr=st.throughput, mean=statistics.fmean(lat), p95=st.pct(0.95), acc=acc,
                              ref=ref_acc, hit=s["hits"] / n, kb=st.bytes_sent / n / 1e3,
-                             local=st.finished_on_end / n)
+                             local=st.outcomes.finished_on_end / n)
             bits = " ".join(f"{b}:{c}" for b, c in s["bits"].items())
             plans = " ".join(f"{p}:{c}" for p, c in s["plans"].items())
             rows.append([tname, mode, n, res[mode]["mean"] * 1e3, res[mode]["p95"] * 1e3, st.throughput,
@@ -169,7 +169,7 @@ def main() -> None:
                          res[mode]["local"] * 100, res[mode]["kb"], s["switches"], plans, bits])
             print(f"  {mode:<9} {n:6d} frames {st.throughput:7.1f}/s  mean {res[mode]['mean'] * 1e3:6.2f} ms  "
                   f"acc {acc:.4f}  hits {s['hits']}  audits {s['audits']}  corrections {s['corrections']}  "
-                  f"lowered {s['lowered_bits']}  finished on end {st.finished_on_end}  switches {s['switches']}  plans {plans}  bits {bits}",
+                  f"lowered {s['lowered_bits']}  finished on end {st.outcomes.finished_on_end}  switches {s['switches']}  plans {plans}  bits {bits}",
                   flush=True)
         summary[tname] = dict(thr=res["full"]["thr"] / res["fixed"]["thr"],
                               lat=res["fixed"]["mean"] / res["full"]["mean"],

@@ -64,7 +64,7 @@ def bench_digits(settings: Settings) -> dict | None:
         return None
     model = load_digits_model()
     _, (xc, yc), _ = digits_splits()
-    s = Settings(network=Network(50), end=Device("end", 1.5), costs="analytic", progress=False,
+    s = Settings.of(network=Network(50), end=Device("end", 1.5), costs="analytic", progress=False,
                  calibration=(xc, yc))
     gm, inputs, dag = prepare(model, (xc[:64],), s)
     oracle = AccuracyOracle(gm, dag, s, inputs)
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--slowdown", type=float, default=8.0)
     ap.add_argument("--models", default=",".join(MODELS))
     a = ap.parse_args()
-    settings = Settings(network=Network(a.mbps), end=Device("end", a.slowdown), costs="analytic",
+    settings = Settings.of(network=Network(a.mbps), end=Device("end", a.slowdown), costs="analytic",
                         progress=False)
     rows = []
     for name in a.models.split(","):

@@ -97,7 +97,7 @@ def pipeline(name: str, frames: int) -> dict:
                           threads=1, progress=False, profile_repeat=7)
     xs = [torch.randn(1, *shape) for _ in range(frames)]
     cm.stream(xs[:10])                         # warm-up
-    cm.calibrate(repeat=9)                     # fresh whole-half figures for the plan
+    cm.remeasure(repeat=9)                     # fresh whole-half figures for the plan
     _, piped = cm.stream(xs)
     _, seq = cm.stream(xs[: max(10, frames // 3)], pipelined=False)
     p = cm.plan

@@ -146,11 +146,11 @@ class AccuracyOracle:
         #: (crossing name, chunk) -> the end half's value on that chunk, LRU by bytes
         self._values = CrossingValues()
         self._halves = Halves(gm)
-        self.reference = self._run(self.gm)
+        self.unquantized = self._run(self.gm)
         if self.mode == "labels":
             if labels.shape[0] != n:
                 raise ValueError(f"calibration has {n} inputs but {labels.shape[0]} labels")
-            self.ref_right = self.reference.argmax(1) == labels.reshape(-1)
+            self.ref_right = self.unquantized.argmax(1) == labels.reshape(-1)
             self.ref_acc = self.ref_right.float().mean().item()
 
     @property
@@ -235,7 +235,7 @@ class AccuracyOracle:
         return tally
 
     def _harmful(self, out: torch.Tensor, lo: int, hi: int, margin: float) -> int:
-        ref = self.reference[lo:hi]
+        ref = self.unquantized[lo:hi]
         if self.mode == "labels":
             y = self.labels.reshape(-1)[lo:hi]
             return int((self.ref_right[lo:hi] & _at_risk(ref, out, y, margin)).sum())
@@ -244,7 +244,7 @@ class AccuracyOracle:
         return 0
 
     def _value(self, out: torch.Tensor) -> float:
-        ref = self.reference
+        ref = self.unquantized
         if self.mode == "labels":
             right = out.argmax(1) == self.labels.reshape(-1)
             return self.ref_acc - right.float().mean().item()

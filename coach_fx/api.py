@@ -54,8 +54,8 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
     gm, inputs, dag = prepare(model, example_inputs, settings)
     plan, oracle = plan_model(gm, inputs, dag, settings)
     cm = CompiledModel(gm, dag, plan, settings, inputs, oracle)
-    if settings.costs == "measured" and settings.calibrate:
-        cm.calibrate()
+    if settings.costs == "measured" and settings.remeasure:
+        cm.remeasure()
     return cm
 
 

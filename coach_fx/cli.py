@@ -35,7 +35,7 @@ def _settings(a: argparse.Namespace, strategy: str) -> Settings:
                                  downlink_mbps=a.downlink_mbps)
     else:
         net = Network(a.uplink_mbps, a.downlink_mbps, a.rtt_ms)
-    return Settings(network=net, end=Device("end", a.slowdown), cloud=Device("cloud", a.cloud_slowdown),
+    return Settings.of(network=net, end=Device("end", a.slowdown), cloud=Device("cloud", a.cloud_slowdown),
                     strategy=strategy, objective=a.objective, costs=a.costs,
                     accuracy_budget=a.budget, profile_repeat=a.repeat, threads=a.threads)
 

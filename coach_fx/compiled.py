@@ -147,14 +147,14 @@ class CompiledModel(nn.Module):
         :class:`coach_fx.runtime.stats.Stats`). ``pipelined=False`` runs one request at a
         time, for comparison.
         """
-        from coach_fx.runtime.end import run_local
+        from coach_fx.runtime.end import run_end_only
 
         frames = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in inputs]
         for f in frames:
             self.check_inputs(f)
         if self.boundary.end_only:
             with torch_threads(self.settings.threads):
-                outs, stats = run_local(self.end_module, frames, self.settings.end.slowdown,
+                outs, stats = run_end_only(self.end_module, frames, self.settings.end.slowdown,
                                         self.plan.extra.get("end_host_s"))
             stats.predicted = self.predicted()
             return outs, stats
@@ -190,16 +190,13 @@ class CompiledModel(nn.Module):
             >>> cm.save("plan_dir", whole=True, key=open("token").read())   # doctest: +SKIP
         """
         from coach_fx.artifact import save
-        from dataclasses import asdict
         net = self.settings.network
-        meta = {"plan": {k: v for k, v in asdict(self.plan).items() if k != "extra"},
+        meta = {"plan": self.plan.as_dict(),
                 "network": {"uplink_mbps": net.uplink_mbps, "downlink_mbps": net.down_mbps,
                             "rtt_ms": net.rtt_ms},
                 "end": {"name": self.settings.end.name, "slowdown": self.settings.end.slowdown},
                 "cloud": {"name": self.settings.cloud.name, "slowdown": self.settings.cloud.slowdown},
                 "predicted": self.predicted()}
-        meta["plan"]["end_nodes"] = list(self.plan.end_nodes)
-        meta["plan"]["cut"] = list(self.plan.cut)
         was = self.training
         self.eval()
         try:
@@ -224,7 +221,7 @@ class CompiledModel(nn.Module):
                 ["bytes sent", p.bytes_sent]]
         return head + "\n" + tabulate(rows, headers=["predicted", "ms / value"], floatfmt=".3f")
 
-    def calibrate(self, repeat: int = 5) -> Plan:
+    def remeasure(self, repeat: int = 5) -> Plan:
         """Re-measure the chosen plan's halves as whole modules on this host and re-price it
         (``self.plan`` becomes the re-priced plan, which is returned).
 
@@ -242,8 +239,8 @@ class CompiledModel(nn.Module):
             with torch.no_grad(), torch_threads(self.settings.threads):
                 t_end = median_time(lambda: self.end_module(*x), repeat)
             self.plan = dataclasses.replace(
-                p, t_end=t_end * self.settings.end.slowdown,
-                extra={**p.extra, "model_t_end": p.t_end, "calibrated": True, "end_host_s": t_end})
+                p, costs=dataclasses.replace(p.costs, t_end=t_end * self.settings.end.slowdown),
+                extra={**p.extra, "model_t_end": p.t_end, "remeasured": True, "end_host_s": t_end})
             return self.plan
         with torch.no_grad(), torch_threads(self.settings.threads):
             def end() -> bytes:
@@ -255,12 +252,14 @@ class CompiledModel(nn.Module):
             t_end = median_time(end, repeat)
             t_cloud = median_time(cloud, repeat)
         net = self.settings.network
-        self.plan = dataclasses.replace(
-            p, t_end=t_end * self.settings.end.slowdown,
+        costs = dataclasses.replace(
+            p.costs, t_end=t_end * self.settings.end.slowdown,
             t_cloud=(t_cloud * self.settings.cloud.slowdown + net.rtt_ms / 2e3
-                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES)),
+                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES)))
+        self.plan = dataclasses.replace(
+            p, costs=costs,
             extra={**p.extra, "model_t_end": p.t_end, "model_t_cloud": p.t_cloud,
-                   "calibrated": True, "end_host_s": t_end, "cloud_host_s": t_cloud})
+                   "remeasured": True, "end_host_s": t_end, "cloud_host_s": t_cloud})
         return self.plan
 
     def prediction_check(self, repeat: int = 10) -> dict[str, float]:

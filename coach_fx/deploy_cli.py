@@ -154,7 +154,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     policy = StaticPolicy(half.module, half.boundary)
     worker = EndWorker(ep, half.out_spec, policy,
                        StreamConfig(end_slowdown=slowdown, timeout_s=a.timeout, fallback=a.fallback),
-                       local_module=local, reconnect=reconnect)
+                       whole_model=local, reconnect=reconnect)
     try:
         outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
         try:
@@ -170,8 +170,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"coach run: {a.frames} frames, end slowdown {slowdown}, uplink {rate}{ref}")
     print(stats.table())
     if a.fallback:
-        print(f"faults: {stats.fell_back} run locally, {stats.failed} failed, {stats.dropped} late "
-              f"replies dropped, {stats.reconnects} reconnects")
+        o = stats.outcomes
+        print(f"faults: {o.fell_back} run locally, {o.failed} failed, {o.dropped} late "
+              f"replies dropped, {o.reconnects} reconnects")
     if a.save_outputs:
         from coach_fx._compat import tree_flatten
         arrays = {f"o{i}_{j}": t.numpy() for i, o in enumerate(outs) if not isinstance(o, Exception)

@@ -4,7 +4,7 @@
 Example::
 
     >>> gm, inputs, dag = prepare(model, (x,), Settings())                    # doctest: +SKIP
-    >>> plan, oracle = plan_model(gm, inputs, dag, Settings(strategy="dads"))  # doctest: +SKIP
+    >>> plan, oracle = plan_model(gm, inputs, dag, Settings.of(strategy="dads"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from coach_fx.plan import AccuracyCheck
 from coach_fx.accuracy import AccuracyOracle
 from coach_fx.compiled import InputError, example_tuple
 from coach_fx.profile import build_dag
@@ -71,14 +72,14 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
     if strategy in CODING_STRATEGIES and settings.per_tensor_bits:
         plan = per_tensor_bits(problem, plan)
     if oracle is not None:
-        plan = dataclasses.replace(plan, accuracy=oracle.metric(plan.end_nodes, plan.bits, plan.codecs),
-                                   accuracy_ok=oracle.ok(plan.end_nodes, plan.bits, plan.codecs))
+        metric = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
         what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
                 "l2": "output relative L2"}[oracle.mode]
-        note = f"{what} {plan.accuracy:.4f}; check: {oracle.describe()}"
+        note = f"{what} {metric:.4f}; check: {oracle.describe()}"
         if oracle.bounded:
             note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
-        plan = dataclasses.replace(plan, note=note)
+        plan = dataclasses.replace(plan, check=AccuracyCheck(
+            metric, oracle.ok(plan.end_nodes, plan.bits, plan.codecs), note))
     return plan, oracle
 
 

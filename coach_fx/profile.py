@@ -10,7 +10,7 @@ Two sources:
 
 Example::
 
-    >>> dag = build_dag(gm, example_inputs, Settings(costs="analytic"))   # doctest: +SKIP
+    >>> dag = build_dag(gm, example_inputs, Settings.of(costs="analytic"))   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from coach_fx.runtime.wire import Entry, packed_nbytes
 from coach_fx.settings import Device, Settings, calibration_parts
 from coach_fx.timing import run_times
 
-HOST_FLOPS = 20e9            # FLOP/s of the reference host in the analytic model
-HOST_BYTES_PER_S = 10e9      # memory bandwidth of the reference host
+HOST_FLOPS = 20e9            # FLOP/s of the modelled host in the analytic model
+HOST_BYTES_PER_S = 10e9      # memory bandwidth of the modelled host
 OP_OVERHEAD_S = 5e-6         # fixed cost of launching one op
 ANALYTIC_QUANT_S_PER_ELEM = 4e-9   # quantize+pack (or unpack+dequantize) per element
 ANALYTIC_CODEC_S_PER_ELEM = 20e-9  # image encode (or decode) per element
@@ -53,7 +53,7 @@ TENSOR_CODEC_FRAMES = 16
 #: share times the whole's packed size), so large models compile in seconds, not minutes
 TENSOR_CODEC_SAMPLE = 1 << 16
 #: deflate (level 1) seconds per packed byte in the analytic model (about 12 ns/byte to code
-#: and 3 to inflate on this project's reference host, trained resnet18 features)
+#: and 3 to inflate on this project's development host, trained resnet18 features)
 ANALYTIC_DEFLATE_S_PER_BYTE = (12e-9, 3e-9)
 
 

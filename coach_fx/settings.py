@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -102,50 +103,123 @@ def calibration_parts(calibration: Any) -> tuple[tuple, Any]:
     return (tuple(c) if isinstance(c, (tuple, list)) else (c,)), None
 
 
+def replace_grouped(obj: Any, groups: Mapping[str, type], kw: dict[str, Any]) -> Any:
+    """A copy of the record ``obj`` with ``kw`` changed, where a key is one of its fields or a
+    field of one of its ``groups`` (group name -> record type), named by its own name."""
+    top = {k: kw.pop(k) for k in list(kw) if k in obj.__dataclass_fields__}
+    owner = {f: g for g, c in groups.items() for f in c.__dataclass_fields__}
+    unknown = sorted(set(kw) - set(owner))
+    if unknown:
+        known = sorted(set(obj.__dataclass_fields__) | set(owner))
+        raise TypeError(f"unknown coach option(s) {unknown}; known: {known}")
+    for g in groups:
+        mine = {k: v for k, v in kw.items() if owner[k] == g}
+        if mine:
+            top[g] = dataclasses.replace(top.get(g, getattr(obj, g)), **mine)
+    return dataclasses.replace(obj, **top)
+
+
 @dataclass(frozen=True)
-class OnlineSettings:
-    """What ``coach_fx.compile_online`` prepares online control with (``Settings.online``).
+class BandSettings:
+    """The bandwidth bands online plans are made for (``OnlineSettings.bands``).
 
-    ``cache_share`` of the accuracy budget goes to the semantic cache's wrong hits, the rest to
-    the bits; ``bands_mbps``: the rates to plan for (None: ``band_rates``); the cache holds
-    ``capacity`` classes, audits ``audit_rate`` of its hits, and its features are pooled on the
-    best of ``grid``; the plan switches after ``hold`` estimates in a new band.
-    """
+    ``bands_mbps``: the rates to plan for (None: ``band_rates``); the plan switches after
+    ``hold`` estimates in a new band."""
 
-    cache: bool = True
-    cache_share: float = 0.5
     bands_mbps: Sequence[float] | None = None
-    grid: int | Sequence[int] = (2, 4, 8)
-    capacity: int = 16
-    audit_rate: float = 0.1
     hold: int = 5
-    #: mean frames a class persists in the calibration streams the cache is tuned on
-    locality: float = 10.0
-    #: Frames in each of the two replayed calibration streams the cache's thresholds are tuned
-    #: on. Wrong hits come from a few confusable samples; a short stream may hold none of them
-    #: (with 1000 frames thresholds passed that went wrong 3x as often on unseen data).
-    calibration_frames: int = 4000
     #: A band gets its own plan only when that plan's period there is this much shorter than
     #: the offline plan's (a switch follows the estimate with a lag).
     switch_gain: float = 0.9
+
+    def __post_init__(self) -> None:
+        if self.bands_mbps is not None and (not self.bands_mbps or min(self.bands_mbps) <= 0):
+            raise ValueError(f"bands_mbps must be positive rates, got {list(self.bands_mbps)}")
+        if self.hold < 1:
+            raise ValueError(f"hold must be >= 1, got {self.hold}")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The semantic cache (``OnlineSettings.caching``): ``cache_share`` of the accuracy budget
+    goes to its wrong hits, the rest to the bits; it holds ``capacity`` classes, audits
+    ``audit_rate`` of its hits, and its features are pooled on the best of ``grid``."""
+
+    cache: bool = True
+    cache_share: float = 0.5
+    grid: int | Sequence[int] = (2, 4, 8)
+    capacity: int = 16
+    audit_rate: float = 0.1
     #: The cache may look up at a node before the cut (a hit then skips the rest of the end
     #: half) when its calibrated hit rate is at least this share of the cut's own: a hit also
     #: spares the link and the cloud, which an earlier node with fewer hits would give away.
     early_lookup_hits: float = 0.75
-    #: Requests the end looks up between a request's lookup and the cloud's answer for it
-    #: coming back: in a three-stage pipeline a request's answer returns while the end works a
-    #: few requests on (one on the link, one in the cloud, those queued; the online
-    #: benchmark's fixed plans: latency 3.5-5 periods). The cache's calibration replays that.
-    result_lag: int = 4
 
     def __post_init__(self) -> None:
         if not 0 <= self.cache_share < 1:
             raise ValueError(f"cache_share must be in [0, 1), got {self.cache_share}")
-        if self.bands_mbps is not None and (not self.bands_mbps or min(self.bands_mbps) <= 0):
-            raise ValueError(f"bands_mbps must be positive rates, got {list(self.bands_mbps)}")
-        if self.capacity < 1 or not 0 <= self.audit_rate <= 1 or self.hold < 1:
-            raise ValueError("capacity and hold must be >= 1 and audit_rate in [0, 1]; got "
-                             f"{self.capacity}, {self.hold}, {self.audit_rate}")
+        if self.capacity < 1 or not 0 <= self.audit_rate <= 1:
+            raise ValueError("capacity must be >= 1 and audit_rate in [0, 1]; got "
+                             f"{self.capacity}, {self.audit_rate}")
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """The calibration streams the cache's thresholds are tuned on (``OnlineSettings.replay``)."""
+
+    #: mean frames a class persists in them
+    locality: float = 10.0
+    #: Frames in each of the two streams. Wrong hits come from a few confusable samples; a
+    #: short stream may hold none of them (with 1000 frames thresholds passed that went wrong
+    #: 3x as often on unseen data).
+    calibration_frames: int = 4000
+    #: Requests the end looks up between a request's lookup and the cloud's answer for it
+    #: coming back: in a three-stage pipeline a request's answer returns while the end works a
+    #: few requests on (one on the link, one in the cloud, those queued; the online
+    #: benchmark's fixed plans: latency 3.5-5 periods). The replay learns answers that late.
+    result_lag: int = 4
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    """What ``coach_fx.compile_online`` prepares online control with (``Settings.online``).
+
+    ``OnlineSettings.of(capacity=4, hold=3)`` takes the groups' fields by their own names;
+    ``online.capacity`` and the like read them.
+
+    Example::
+
+        >>> OnlineSettings.of(cache_share=0.25).budgets(0.01)
+        (0.0075, 0.0025)
+    """
+
+    bands: BandSettings = field(default_factory=BandSettings)
+    caching: CacheSettings = field(default_factory=CacheSettings)
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+
+    # the groups' fields, read by their own names
+    bands_mbps = property(lambda self: self.bands.bands_mbps)
+    hold = property(lambda self: self.bands.hold)
+    switch_gain = property(lambda self: self.bands.switch_gain)
+    cache = property(lambda self: self.caching.cache)
+    cache_share = property(lambda self: self.caching.cache_share)
+    grid = property(lambda self: self.caching.grid)
+    capacity = property(lambda self: self.caching.capacity)
+    audit_rate = property(lambda self: self.caching.audit_rate)
+    early_lookup_hits = property(lambda self: self.caching.early_lookup_hits)
+    locality = property(lambda self: self.replay.locality)
+    calibration_frames = property(lambda self: self.replay.calibration_frames)
+    result_lag = property(lambda self: self.replay.result_lag)
+
+    @classmethod
+    def of(cls, **kw: Any) -> "OnlineSettings":
+        """From keywords: a group, or any field of a group by its own name."""
+        return replace_grouped(cls(), ONLINE_GROUPS, kw)
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        """Every keyword :meth:`of` takes."""
+        return set(cls.__dataclass_fields__) | {f for c in ONLINE_GROUPS.values() for f in c.__dataclass_fields__}
 
     def budgets(self, accuracy_budget: float) -> tuple[float, float]:
         """(the bits' share, the cache's share) of ``accuracy_budget``."""
@@ -154,15 +228,30 @@ class OnlineSettings:
         return accuracy_budget * (1 - self.cache_share), accuracy_budget * self.cache_share
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``coach_fx.compile`` takes, passed down instead of globals."""
+ONLINE_GROUPS = {"bands": BandSettings, "caching": CacheSettings, "replay": ReplaySettings}
 
-    network: Network = field(default_factory=Network)
-    end: Device = field(default_factory=lambda: Device("end", slowdown=4.0))
-    cloud: Device = field(default_factory=lambda: Device("cloud", slowdown=1.0))
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the plan is searched for (``Settings.search``)."""
+
     strategy: str = "coach"
     objective: str = "throughput"
+    #: For ``strategy="manual"``: the end set and bits (an int for all, or name -> bits).
+    end_nodes: Sequence[str] | None = None
+    manual_bits: int | Mapping[str, int] = 32
+    #: Brute force refuses DAGs with more predecessor-closed sets than this.
+    max_plans: int = 200_000
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("throughput", "latency"):
+            raise ValueError(f"objective must be 'throughput' or 'latency', got {self.objective!r}")
+
+
+@dataclass(frozen=True)
+class AccuracySettings:
+    """What a plan must keep of the model's answers (``Settings.accuracy``)."""
+
     accuracy_budget: float = 0.005
     #: One-sided confidence of the accuracy check: a plan passes when the upper confidence
     #: bound of its rate of changed answers (Clopper-Pearson, ``coach_fx.accuracy``) is within
@@ -171,10 +260,21 @@ class Settings:
     accuracy_confidence: float | None = 0.9
     #: (inputs, labels or None): a tensor / tuple of tensors batched on dim 0.
     calibration: Any = None
-    bits: Sequence[int] = DEFAULT_BITS
-    costs: str = "measured"
     #: Relative L2 error of the output allowed when there is no calibration data.
     output_tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.accuracy_budget < 1:
+            raise ValueError(f"accuracy_budget must be in [0, 1), got {self.accuracy_budget}")
+        if self.accuracy_confidence is not None and not 0 < self.accuracy_confidence < 1:
+            raise ValueError(f"accuracy_confidence must be in (0, 1) or None, got {self.accuracy_confidence}")
+
+
+@dataclass(frozen=True)
+class EncodingSettings:
+    """How crossing tensors may travel (``Settings.encoding``)."""
+
+    bits: Sequence[int] = DEFAULT_BITS
     #: Bits of a model input when it crosses raw (cloud-only): camera frames are 8-bit.
     input_bits: int = 8
     #: Image codecs an image-shaped model input (N, 1 or 3, H, W) may cross with, besides raw
@@ -188,48 +288,105 @@ class Settings:
     #: After the exact search (one width per plan), give each crossing tensor its own width
     #: where that is cheaper and the budget holds (``optimize.problem.per_tensor_bits``).
     per_tensor_bits: bool = True
-    #: For ``strategy="manual"``: the end set and bits (an int for all, or name -> bits).
-    end_nodes: Sequence[str] | None = None
-    manual_bits: int | Mapping[str, int] = 32
-    #: Extra leaf module types or qualified names for tracing.
-    leaf_modules: Sequence[Any] = ()
-    #: Brute force refuses DAGs with more predecessor-closed sets than this.
-    max_plans: int = 200_000
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.bits if b not in DEFAULT_BITS]
+        if bad or not self.bits:
+            raise ValueError(f"bits must be a non-empty subset of {DEFAULT_BITS}; got {tuple(self.bits)}")
+        for name, codecs in (("input_codecs", self.input_codecs), ("tensor_codecs", self.tensor_codecs)):
+            if isinstance(codecs, str):
+                raise ValueError(f"{name} must be a sequence of codec names, got the string {codecs!r}")
+        unknown = [c for c in self.tensor_codecs if c not in TENSOR_CODECS]
+        if unknown:
+            raise ValueError(f"unknown tensor codec(s) {unknown}; known: {sorted(TENSOR_CODECS)}")
+        if self.input_bits not in DEFAULT_BITS:
+            raise ValueError(f"input_bits must be one of {DEFAULT_BITS}, got {self.input_bits}")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """How the model is traced and measured (``Settings.prepare``)."""
+
+    costs: str = "measured"
     profile_repeat: int = 5
     #: torch intra-op threads for profiling and for in-process streams (None: torch's default).
     #: On a small host give each emulated device one thread, so that the end and the cloud
     #: stage of a stream do not compete for the same cores.
     threads: int | None = None
     #: With measured costs, re-measure the chosen plan's halves as whole modules and report
-    #: those stage times (``CompiledModel.calibrate``).
-    calibrate: bool = True
+    #: those stage times (``CompiledModel.remeasure``).
+    remeasure: bool = True
+    #: Extra leaf module types or qualified names for tracing.
+    leaf_modules: Sequence[Any] = ()
     progress: bool = True
     #: Called with (done, total, label) during long work instead of the default bar.
     progress_fn: Callable[[int, int, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.costs not in ("measured", "analytic"):
+            raise ValueError(f"costs must be 'measured' or 'analytic', got {self.costs!r}")
+
+
+#: The groups of :class:`Settings` whose fields ``Settings.of`` and ``Settings.replace`` take
+#: by their own names (``bits=``, ``costs=``...), as ``coach_fx.compile`` does.
+GROUPS = {"search": SearchSettings, "accuracy": AccuracySettings, "encoding": EncodingSettings,
+          "prepare": PrepareSettings}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``coach_fx.compile`` takes, passed down instead of globals: the network, the
+    two devices, and one record per concern. ``Settings.of(bits=(8,), costs="analytic")``
+    takes the groups' fields by their own names; ``settings.bits`` and the like read them.
+
+    Example::
+
+        >>> Settings.of(bits=(8,), costs="analytic").encoding.bits
+        (8,)
+    """
+
+    network: Network = field(default_factory=Network)
+    end: Device = field(default_factory=lambda: Device("end", slowdown=4.0))
+    cloud: Device = field(default_factory=lambda: Device("cloud", slowdown=1.0))
+    search: SearchSettings = field(default_factory=SearchSettings)
+    accuracy: AccuracySettings = field(default_factory=AccuracySettings)
+    encoding: EncodingSettings = field(default_factory=EncodingSettings)
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
     #: Online control (``coach_fx.compile_online``).
     online: OnlineSettings = field(default_factory=OnlineSettings)
 
-    def __post_init__(self) -> None:
-        if self.objective not in ("throughput", "latency"):
-            raise ValueError(f"objective must be 'throughput' or 'latency', got {self.objective!r}")
-        if self.costs not in ("measured", "analytic"):
-            raise ValueError(f"costs must be 'measured' or 'analytic', got {self.costs!r}")
-        bad = [b for b in self.bits if b not in DEFAULT_BITS]
-        if bad or not self.bits:
-            raise ValueError(f"bits must be a non-empty subset of {DEFAULT_BITS}; got {tuple(self.bits)}")
-        if not 0 <= self.accuracy_budget < 1:
-            raise ValueError(f"accuracy_budget must be in [0, 1), got {self.accuracy_budget}")
-        if self.accuracy_confidence is not None and not 0 < self.accuracy_confidence < 1:
-            raise ValueError(f"accuracy_confidence must be in (0, 1) or None, got {self.accuracy_confidence}")
-        if isinstance(self.input_codecs, str):
-            raise ValueError(f"input_codecs must be a sequence of codec names, got the string {self.input_codecs!r}")
-        if isinstance(self.tensor_codecs, str):
-            raise ValueError(f"tensor_codecs must be a sequence of codec names, got the string {self.tensor_codecs!r}")
-        unknown = [c for c in self.tensor_codecs if c not in TENSOR_CODECS]
-        if unknown:
-            raise ValueError(f"unknown tensor codec(s) {unknown}; known: {sorted(TENSOR_CODECS)}")
-        if self.input_bits not in DEFAULT_BITS:
-            raise ValueError(f"input_bits must be one of {DEFAULT_BITS}, got {self.input_bits}")
+    # the groups' fields, read by their own names
+    strategy = property(lambda self: self.search.strategy)
+    objective = property(lambda self: self.search.objective)
+    end_nodes = property(lambda self: self.search.end_nodes)
+    manual_bits = property(lambda self: self.search.manual_bits)
+    max_plans = property(lambda self: self.search.max_plans)
+    accuracy_budget = property(lambda self: self.accuracy.accuracy_budget)
+    accuracy_confidence = property(lambda self: self.accuracy.accuracy_confidence)
+    calibration = property(lambda self: self.accuracy.calibration)
+    output_tolerance = property(lambda self: self.accuracy.output_tolerance)
+    bits = property(lambda self: self.encoding.bits)
+    input_bits = property(lambda self: self.encoding.input_bits)
+    input_codecs = property(lambda self: self.encoding.input_codecs)
+    tensor_codecs = property(lambda self: self.encoding.tensor_codecs)
+    per_tensor_bits = property(lambda self: self.encoding.per_tensor_bits)
+    costs = property(lambda self: self.prepare.costs)
+    profile_repeat = property(lambda self: self.prepare.profile_repeat)
+    threads = property(lambda self: self.prepare.threads)
+    remeasure = property(lambda self: self.prepare.remeasure)
+    leaf_modules = property(lambda self: self.prepare.leaf_modules)
+    progress = property(lambda self: self.prepare.progress)
+    progress_fn = property(lambda self: self.prepare.progress_fn)
+
+    @classmethod
+    def of(cls, **kw: Any) -> "Settings":
+        """Settings from keywords: ``network``, ``end``, ``cloud``, ``online``, a group, or any
+        field of a group by its own name (an unknown name is a ``TypeError`` naming it)."""
+        return cls().replace(**kw)
+
+    def replace(self, **kw: Any) -> "Settings":
+        """A copy with these keywords changed (the names :meth:`of` takes)."""
+        return replace_grouped(self, GROUPS, kw)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **kw: Any) -> "Settings":
@@ -239,8 +396,4 @@ class Settings:
             merged["bits"] = (merged["bits"],)
         if isinstance(merged.get("network"), (int, float)):
             merged["network"] = Network(uplink_mbps=float(merged["network"]))
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise TypeError(f"unknown coach option(s) {unknown}; known: {sorted(known)}")
-        return cls(**merged)
+        return cls.of(**merged)

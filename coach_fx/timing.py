@@ -46,9 +46,9 @@ def quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 20, warmup: int 
     between rounds, so that a burst of load longer than a round cannot hit all of one's
     rounds, and paths compared with each other (a hit, a miss, no cache) see the same host.
     A host slowed down for longer than all the rounds (seconds, seen here) is caught by a fixed
-    reference workload timed before and after each round: each round's times are scaled by
-    how much slower than its best the reference ran then (the faster of its two timings, so
-    that a burst on the reference alone does not make the round look fast)."""
+    yardstick workload timed before and after each round: each round's times are scaled by
+    how much slower than its best the yardstick ran then (the faster of its two timings, so
+    that a burst on the yardstick alone does not make the round look fast)."""
     quart = [[] for _ in fns]
     speed = []
     was = gc.isenabled()

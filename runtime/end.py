@@ -30,7 +30,7 @@ from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint, LinkError
 from coach_fx.runtime.policy import Policy
 from coach_fx.runtime.session import PENDING, RemoteError, RequestFailed, StreamSession
-from coach_fx.runtime.stats import Stats, steady_throughput
+from coach_fx.runtime.stats import StageBusy, Stats, steady_throughput
 from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, encode
 
 
@@ -40,7 +40,7 @@ class EndWorker:
     Faults: when the link or the cloud fails (an error, or no result for
     ``config.timeout_s`` while requests are in flight), ``config.fallback=None`` raises;
     ``"local"`` runs the affected and the following requests on the end device with
-    ``local_module`` (the whole model); ``"error"`` gives them a :class:`RequestFailed`
+    ``whole_model`` (the whole model); ``"error"`` gives them a :class:`RequestFailed`
     result. Meanwhile ``reconnect`` (a callable returning a fresh endpoint) is retried every
     ``config.retry_s`` and the stream goes back to the cloud once it succeeds. Every request
     gets exactly one result, in order: a late reply for a request already settled is dropped,
@@ -50,12 +50,12 @@ class EndWorker:
 
     def __init__(self, endpoint: Endpoint | None, out_spec: Any, policy: Policy,
                  config: StreamConfig = StreamConfig(), *,
-                 local_module: Callable[..., Any] | None = None,
+                 whole_model: Callable[..., Any] | None = None,
                  reconnect: Callable[[], Endpoint] | None = None) -> None:
-        if config.fallback == "local" and local_module is None:
-            raise ValueError("fallback='local' needs local_module (the whole model on the end device)")
+        if config.fallback == "local" and whole_model is None:
+            raise ValueError("fallback='local' needs whole_model (the whole model on the end device)")
         self.endpoint, self.out_spec, self.config = endpoint, out_spec, config
-        self.local_module, self.reconnect = local_module, reconnect
+        self.whole_model, self.reconnect = whole_model, reconnect
         self.events: list[str] = []
         #: per frame, what to send (``prepare``) and what to learn from results (``on_result``):
         #: ``StaticPolicy`` for one compiled plan, ``OnlinePolicy`` for the bandwidth
@@ -70,7 +70,7 @@ class EndWorker:
         it = iter(inputs)
         first = next(it, None)
         if first is None:
-            return [], Stats(0, [], 0.0, 0.0, 0.0, 0.0, 0.0, 0, predicted or {})
+            return [], Stats(0, [], 0.0, 0.0, StageBusy(), 0, predicted or {})
         first = tuple(first) if isinstance(first, (tuple, list)) else (first,)
         self.policy.warm_up(first, self.config.end_slowdown)
         if self.endpoint is not None:
@@ -104,9 +104,9 @@ class EndWorker:
         # a socket's send returns once the kernel has the bytes: the uplink's busy time is the
         # wire time the cloud saw, when that is longer (in-process both are the emulated time)
         link_busy = max(st.busy.link, st.busy.wire)
-        stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall), st.busy.end,
-                      link_busy, st.busy.cloud, st.busy.sent_bytes, predicted or {},
-                      st.fell_back, st.failed, st.dropped, st.reconnects, st.answered, st.finished_on_end)
+        stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall),
+                      StageBusy(st.busy.end, link_busy, st.busy.cloud), st.busy.sent_bytes,
+                      predicted or {}, st.outcomes)
         return st.results, stats
 
     def close(self, timeout: float = 5.0) -> None:
@@ -136,8 +136,8 @@ def run_session(end: EndWorker, cloud: CloudWorker, frames: Iterable[Sequence[An
         cloud.join(1.0)
 
 
-def run_local(end_module: Callable[..., Any], inputs: Iterable[Sequence[Any]],
-              slowdown: float = 1.0, end_host_s: float | None = None) -> tuple[list[Any], Stats]:
+def run_end_only(end_module: Callable[..., Any], inputs: Iterable[Sequence[Any]],
+                 slowdown: float = 1.0, end_host_s: float | None = None) -> tuple[list[Any], Stats]:
     """An end-only plan: every frame computed on the end device, nothing sent
     (``end_host_s``: the model's time on this host measured alone, see ``emulate``)."""
     outs, lat = [], []
@@ -156,7 +156,7 @@ def run_local(end_module: Callable[..., Any], inputs: Iterable[Sequence[Any]],
     n = len(outs)
     wall = (done[-1] - t_begin) if n else 0.0
     thr = steady_throughput(done, wall)
-    return outs, Stats(n, lat, wall, thr, busy, 0.0, 0.0, 0)
+    return outs, Stats(n, lat, wall, thr, StageBusy(end_s=busy), 0)
 
 
-__all__ = ["EndWorker", "RemoteError", "RequestFailed", "run_local", "run_session"]
+__all__ = ["EndWorker", "RemoteError", "RequestFailed", "run_end_only", "run_session"]

@@ -117,37 +117,80 @@ class CacheSetup:
         return None
 
 
+@dataclass(frozen=True)
+class CrossingBits:
+    """The bits of a plan's crossings as the end sends them."""
+
+    #: per crossing: None = the controller picks its bits; otherwise pinned bits (model inputs
+    #: keep ``Settings.input_bits``; non-float values go as they are)
+    pinned: tuple[int | None, ...]
+    #: the offline plan's bits for the adaptive crossings (one for all, or one per crossing)
+    plan: int | tuple[int, ...]
+    #: per crossing, the most bits worth sending (a model input: the bits of its source, as
+    #: an 8-bit camera frame gains nothing from 32); None: no limit
+    caps: tuple[int | None, ...] | None = None
+
+    def of(self, k: int, bits: int | None, floor: int | None) -> int:
+        """Bits of crossing ``k``: ``bits`` from the controller, or (None) the offline plan's,
+        lowered to ``floor`` for a near miss of the cache; never above the crossing's cap."""
+        pinned = self.pinned[k]
+        if pinned is not None:
+            return pinned
+        if bits is None:
+            bits = self.plan if isinstance(self.plan, int) else self.plan[k]
+            if floor is not None:
+                bits = min(bits, floor)
+        cap = self.caps[k] if self.caps is not None else None
+        return min(bits, cap) if cap is not None else bits
+
+
+@dataclass(frozen=True)
+class EndHalf:
+    """A plan's end half: model inputs -> crossing values, unquantized; and, when its cache
+    looks up before the cut (``CacheSetup.at``), the same split there: (head: inputs -> that
+    node's value as a 1-tuple, tail: the value -> the crossing values)."""
+
+    module: Callable[..., Any]
+    lookup_split: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+
+
+@dataclass
+class EndTimes:
+    """The end side's work for one request on this host, each measured alone."""
+
+    host_s: float | None = None   # end half, quantize, encode (no cache); None: not measured
+    lookup_s: float = 0.0         # what the cache lookup adds to it
+    #: a hit answered on the end (end half and lookup; nothing quantized or encoded); None:
+    #: charged like a miss
+    hit_s: float | None = None
+
+
+@dataclass(frozen=True)
+class FinishOnEnd:
+    """The plan's cloud half on the unquantized crossing values, to finish on the end device a
+    request the link has no room for, and its time on this host alone."""
+
+    module: Callable[..., Any]
+    host_s: float
+
+
 @dataclass
 class Variant:
     """One plan as the online end side runs it."""
 
     plan_id: int
-    end_module: Callable[..., Any]    # model inputs -> crossing values, unquantized
+    end: EndHalf
     boundary: Boundary                # of that float split (every crossing "raw")
     profile: CutProfile
-    #: per crossing: None = the controller picks its bits; otherwise fixed bits (model inputs
-    #: keep ``Settings.input_bits``; non-float values go as they are)
-    fixed_bits: tuple[int | None, ...]
-    #: the offline plan's bits for the adaptive crossings (one for all, or one per crossing)
-    plan_bits: int | tuple[int, ...]
+    bits: CrossingBits
     cache: CacheSetup | None = None
-    end_host_s: float | None = None  # end work on this host, measured alone (no cache)
-    lookup_s: float = 0.0             # what the cache lookup adds to it
-    #: end work of a hit answered on the end (end half and lookup; nothing quantized or
-    #: encoded), measured alone; None: charged like a miss
-    hit_s: float | None = None
-    end_only: bool = False            # the end half returns the model's output: nothing to send
-    #: per crossing, the most bits worth sending (a model input: the bits of its source, as
-    #: an 8-bit camera frame gains nothing from 32); None: no limit
-    caps: tuple[int | None, ...] | None = None
-    #: the plan's cloud half on the unquantized crossing values, to finish on the end device a
-    #: request the link has no room for (None: never finished there); its time on this host alone
-    cloud_on_end: Callable[..., Any] | None = None
-    cloud_on_end_s: float | None = None
-    #: the end half split where the cache looks up, when that is before the cut (see
-    #: ``CacheSetup.at``): (head: inputs -> that node's value as a 1-tuple, tail: the value ->
-    #: the crossing values, as ``end_module`` returns them)
-    lookup_split: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+    times: EndTimes = field(default_factory=EndTimes)
+    finish_on_end: FinishOnEnd | None = None    # None: never finished there
+
+    @property
+    def end_only(self) -> bool:
+        """The end half returns the model's output: nothing to send."""
+        return self.boundary.end_only
 
     def message_bytes(self, bits: int | None = None) -> int:
         """Bytes on the wire of one request with ``bits`` (None: the offline plan's)."""
@@ -157,21 +200,8 @@ class Variant:
                 numel = math.prod(c.shape)
                 sizes.append(tensor_bytes(numel, numel, False, 32))
             else:
-                sizes.append(crossing_bytes(c, self.bits_for(k, bits, None)))
+                sizes.append(crossing_bytes(c, self.bits.of(k, bits, None)))
         return message_bytes(sizes)
 
-    def bits_for(self, k: int, bits: int | None, floor: int | None) -> int:
-        """Bits of crossing ``k``: ``bits`` from the controller, or (None) the offline plan's,
-        lowered to ``floor`` for a near miss of the cache; never above the crossing's cap."""
-        fixed = self.fixed_bits[k]
-        if fixed is not None:
-            return fixed
-        if bits is None:
-            bits = self.plan_bits if isinstance(self.plan_bits, int) else self.plan_bits[k]
-            if floor is not None:
-                bits = min(bits, floor)
-        cap = self.caps[k] if self.caps is not None else None
-        return min(bits, cap) if cap is not None else bits
 
-
-__all__ = ["CacheSetup", "CutProfile", "Sizes", "Variant"]
+__all__ = ["CacheSetup", "CrossingBits", "CutProfile", "EndHalf", "EndTimes", "FinishOnEnd", "Sizes", "Variant"]

@@ -7,7 +7,7 @@ bits, or no request at all.
 For each frame it
 
 1. runs the end half of the current plan, which returns the crossing tensors unquantized (or,
-   when the plan's cache looks up at an earlier node of the end half, ``Variant.lookup_split``, the
+   when the plan's cache looks up at an earlier node of the end half, ``EndHalf.lookup_split``, the
    end half up to that node first);
 2. asks that plan's semantic cache: a **hit** answers on the end with the class's last
    cloud-confirmed output and sends nothing (a share of hits still goes to the cloud, flagged
@@ -192,10 +192,10 @@ class OnlinePolicy:
     # ------------------------------------------------------------------ per frame
     def prepare(self, i: int, x: tuple) -> Prepared:
         v = self.variants[self.control.next_plan(time.perf_counter())]
-        ref = v.end_host_s
+        ref = v.times.host_s
         if v.end_only:
             self.plans_used[v.plan_id] += 1
-            out = v.end_module(*x)
+            out = v.end.module(*x)
             if self.caches:
                 try:
                     with self._lock:
@@ -208,14 +208,14 @@ class OnlinePolicy:
         if cache is not None and self.adaptive and not self._cache_pays(v):
             cache = None
         if cache is not None:
-            ref = ref + v.lookup_s if ref is not None else None
-            if v.lookup_split is not None:
+            ref = ref + v.times.lookup_s if ref is not None else None
+            if v.end.lookup_split is not None:
                 # the cache looks up at a node inside the end half: a hit skips the rest of it
-                head = v.lookup_split[0](*x)
+                head = v.end.lookup_split[0](*x)
                 feat = lookup_features(list(head), v.cache.grid)
             else:
-                vals = _as_tuple(v.end_module(*x))
-                feat = lookup_features([t for t, b in zip(vals, v.fixed_bits)
+                vals = _as_tuple(v.end.module(*x))
+                feat = lookup_features([t for t, b in zip(vals, v.bits.pinned)
                                         if b is None and isinstance(t, torch.Tensor)], v.cache.grid)
             with self._lock:
                 r = cache.lookup(feat, i)
@@ -228,18 +228,18 @@ class OnlinePolicy:
                 self.plans_used[v.plan_id] += 1
                 if not r.audit:
                     self._answered[v.plan_id] += 1
-                    return Prepared(None, answer, True, v.hit_s if v.hit_s is not None else ref)
+                    return Prepared(None, answer, True, v.times.hit_s if v.times.hit_s is not None else ref)
                 self.audits += 1
                 cached = r.label
             elif self.similarity_bits:
                 floor = v.cache.floor(r.similarity)
             if vals is None:
-                vals = _as_tuple(v.lookup_split[1](*head))
+                vals = _as_tuple(v.end.lookup_split[1](*head))
         else:
-            vals = _as_tuple(v.end_module(*x))
+            vals = _as_tuple(v.end.module(*x))
         bits = self.control.bits(v.plan_id, floor, self.end_stage_s(v))
-        per = [v.bits_for(k, bits, floor) for k in range(len(vals))]
-        adaptive_bits = [b for b, f in zip(per, v.fixed_bits) if f is None]
+        per = [v.bits.of(k, bits, floor) for k in range(len(vals))]
+        adaptive_bits = [b for b, f in zip(per, v.bits.pinned) if f is None]
         if floor is not None and adaptive_bits and min(adaptive_bits) < v.profile.min_bits:
             self.lowered += 1
         # an image crossing is already coded (JPEG/PNG): it goes as it is, never re-quantized
@@ -253,7 +253,7 @@ class OnlinePolicy:
         with self._lock:
             self._ctx[i] = (v.plan_id, feat, cached)
         key = max(adaptive_bits) if adaptive_bits else 32
-        if self.may_finish_on_end and v.cloud_on_end is not None and v.cloud_on_end_s is not None:
+        if self.may_finish_on_end and v.finish_on_end is not None:
             self._waiting = (i, v, vals, len(msg), key)
         if cached is None:
             self.bits_used[key] += 1
@@ -304,7 +304,7 @@ class OnlinePolicy:
         if not self.may_finish_on_end or w is None or w[0] != i:
             return math.inf
         _, v, _, nbytes, _ = w
-        t_local = v.cloud_on_end_s * self.end_slowdown
+        t_local = v.finish_on_end.host_s * self.end_slowdown
         mbps = self.control.estimator.mbps
         if mbps is not None and (inflight - 1) * nbytes * 8 / (mbps * 1e6) >= t_local:
             return 0.0
@@ -317,14 +317,14 @@ class OnlinePolicy:
         assert self._waiting is not None and self._waiting[0] == i
         _, v, vals, _, bits = self._waiting
         self._waiting = None
-        out = v.cloud_on_end(*vals)
+        out = v.finish_on_end.module(*vals)
         with self._lock:
             audit = self._ctx.get(i, (None, None, None))[2] is not None
         self.on_result(i, out, (), audit)
         if not audit:
             self.finished_on_end += 1
             self.bits_used[bits] -= 1     # counted as sent in prepare; it went nowhere
-        return Prepared(None, out, True, v.cloud_on_end_s)
+        return Prepared(None, out, True, v.finish_on_end.host_s)
 
     def answered_share(self, v: Variant) -> float:
         """The share of plan ``v``'s lookups answered on the end (hits not audited): the
@@ -336,17 +336,17 @@ class OnlinePolicy:
         return (answered + 20 * prior) / (looked + 20)
 
     def _cached_end_s(self, v: Variant) -> float:
-        miss = v.end_host_s + v.lookup_s
-        return mean_end_s(miss, v.hit_s if v.hit_s is not None else miss, self.answered_share(v))
+        miss = v.times.host_s + v.times.lookup_s
+        return mean_end_s(miss, v.times.hit_s if v.times.hit_s is not None else miss, self.answered_share(v))
 
     def _cache_pays(self, v: Variant) -> bool:
         """Whether a lookup is worth its end time now: a hit saves link and cloud time (and the
         end's quantize and encode), a miss costs the lookup; while the end device is the
         bottleneck by a margin and lookups cost it more than its hits save, skip them."""
         mbps = self.control.estimator.mbps
-        if mbps is None or v.end_host_s is None:
+        if mbps is None or v.times.host_s is None:
             return True
-        if self._cached_end_s(v) <= v.end_host_s:
+        if self._cached_end_s(v) <= v.times.host_s:
             return True
         end = self._cached_end_s(v) * self.end_slowdown
         link = self.control.link_seconds(v.plan_id, v.profile.min_bits, mbps)
@@ -354,11 +354,11 @@ class OnlinePolicy:
 
     def end_stage_s(self, v: Variant) -> float | None:
         """The end stage of plan ``v`` on the emulated device (None: not measured)."""
-        if v.end_host_s is None:
+        if v.times.host_s is None:
             return None
         if self.use_cache and v.cache is not None:
             return self._cached_end_s(v) * self.end_slowdown
-        return v.end_host_s * self.end_slowdown
+        return v.times.host_s * self.end_slowdown
 
     # ------------------------------------------------------------------ reporting
     @property

@@ -15,6 +15,7 @@ from coach_fx.runtime.codec import entries_to_output, stats_of
 from coach_fx.runtime.emulation import emulate
 from coach_fx.runtime.links.base import Endpoint, LinkError, LinkTimeout
 from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, decode
+from coach_fx.runtime.stats import Outcomes
 
 if TYPE_CHECKING:
     from coach_fx.runtime.end import EndWorker
@@ -75,8 +76,7 @@ class StreamSession:
         self.epoch = 0
         self.error: BaseException | None = None
         self.busy = Busy()
-        self.fell_back = self.failed = self.dropped = self.reconnects = self.answered = 0
-        self.finished_on_end = 0
+        self.outcomes = Outcomes()
         #: when the link last showed progress: a result came back, or the first request went
         #: in flight after none was
         self.last_progress = time.perf_counter()
@@ -143,7 +143,7 @@ class StreamSession:
             self.w.events.append(f"reconnect failed: {e}")
             return
         if self.epoch > 0:   # not the first connection of a stream that began without one
-            self.reconnects += 1
+            self.outcomes.reconnects += 1
         self.w.events.append("reconnected" if self.epoch > 0 else "connected")
         self.start_link(endpoint)
 
@@ -165,7 +165,7 @@ class StreamSession:
             with self.cv:
                 self.results[i] = prep.answer
                 self.done[i] = time.perf_counter()
-                self.answered += 1
+                self.outcomes.answered_on_end += 1
                 if prep.msg is not None:
                     self.audits.add(i)
                 self.cv.notify_all()
@@ -223,7 +223,7 @@ class StreamSession:
             else:
                 self.results[i] = prep.answer
                 self.done[i] = time.perf_counter()
-                self.finished_on_end += 1
+                self.outcomes.finished_on_end += 1
             self.cv.notify_all()
         return True
 
@@ -236,12 +236,12 @@ class StreamSession:
             raise LinkError(f"request {i}: {reason}")
         if w.config.fallback == "local":
             t0 = time.perf_counter()
-            out = w.local_module(*x)
+            out = w.whole_model(*x)
             self.busy.end += emulate(t0, w.config.end_slowdown)
-            self.fell_back += 1
+            self.outcomes.fell_back += 1
         else:
             out = RequestFailed(i, reason)
-            self.failed += 1
+            self.outcomes.failed += 1
         with self.cv:
             if self.results[i] is PENDING:
                 self.results[i] = out
@@ -329,7 +329,7 @@ class StreamSession:
                         self.audits.discard(req)
                         self.busy.cloud += st[0] if st else 0.0
                     elif req not in self.inflight or self.results[req] is not PENDING:
-                        self.dropped += 1     # late or repeated: already settled
+                        self.outcomes.dropped += 1     # late or repeated: already settled
                         continue
                     else:
                         del self.inflight[req]

@@ -35,7 +35,7 @@ from collections import deque
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.controller import OnlineController
 from coach_fx.runtime.plans import CutProfile
-from coach_fx.runtime.stats import Stats, steady_throughput
+from coach_fx.runtime.stats import Outcomes, StageBusy, Stats, steady_throughput
 from coach_fx.traces import Trace
 
 
@@ -54,7 +54,7 @@ def simulate(plans: dict[int, CutProfile], n: int, trace: Trace | float, *, fps:
     which ``audit_rate`` are still sent.
     """
     if n <= 0:
-        return Stats(0, [], 0.0, 0.0, 0.0, 0.0, 0.0, 0)
+        return Stats(0, [], 0.0, 0.0, StageBusy(), 0)
     sim = _Pipeline(trace if isinstance(trace, Trace) else Trace.constant(float(trace)),
                     config, latency_s, start_s)
     rng = random.Random(seed)
@@ -89,8 +89,9 @@ def simulate(plans: dict[int, CutProfile], n: int, trace: Trace | float, *, fps:
         sim.done.append(t + t_end if hit else finish)
     wall = max(sim.done) - min(sim.started) if sim.done else 0.0
     lat = [d - s for d, s in zip(sim.done, sim.started)]
-    return Stats(n, lat, wall, steady_throughput(sim.done, wall), sim.busy_end, sim.busy_link,
-                 sim.busy_cloud, sim.sent_bytes, answered_on_end=sim.answered)
+    return Stats(n, lat, wall, steady_throughput(sim.done, wall),
+                 StageBusy(sim.busy_end, sim.busy_link, sim.busy_cloud), sim.sent_bytes,
+                 outcomes=Outcomes(answered_on_end=sim.answered))
 
 
 class _Pipeline:

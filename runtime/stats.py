@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> Stats(2, [0.1, 0.2], 0.3, 10.0, 0.1, 0.1, 0.1, 2_000).pct(0.5)
+    >>> Stats(2, [0.1, 0.2], 0.3, 10.0, StageBusy(0.1, 0.1, 0.1), 2_000).pct(0.5)
     0.2
 """
 
@@ -14,6 +14,30 @@ from typing import Any, Sequence
 from tabulate import tabulate
 
 
+@dataclass(frozen=True)
+class StageBusy:
+    """Each stage's busy time over a stream, in seconds."""
+
+    end_s: float = 0.0
+    link_s: float = 0.0
+    cloud_s: float = 0.0
+
+
+@dataclass
+class Outcomes:
+    """How the requests of a stream were settled other than by the cloud's reply, counted
+    where it happens (the stream session) and reported as they are (``Stats.outcomes``)."""
+
+    fell_back: int = 0        # requests run on the end device after a fault (fallback="local")
+    failed: int = 0           # requests given a RequestFailed result (fallback="error")
+    dropped: int = 0          # late or repeated replies dropped (already settled)
+    reconnects: int = 0
+    answered_on_end: int = 0  # answered by the end device's policy (semantic-cache hits)
+    #: requests the policy finished on the end device because the link was backlogged or
+    #: stalled (``PolicyConfig(finish_on_end=True)``)
+    finished_on_end: int = 0
+
+
 @dataclass
 class Stats:
     """Measured figures of one stream."""
@@ -22,19 +46,10 @@ class Stats:
     latencies: list[float]
     wall_s: float
     throughput: float
-    end_busy_s: float
-    link_busy_s: float
-    cloud_busy_s: float
+    busy: StageBusy
     bytes_sent: int
     predicted: dict = field(default_factory=dict)
-    fell_back: int = 0        # requests run on the end device after a fault (fallback="local")
-    failed: int = 0       # requests given a RequestFailed result (fallback="error")
-    dropped: int = 0      # late or repeated replies dropped (already settled)
-    reconnects: int = 0
-    answered_on_end: int = 0   # answered by the end device's policy (semantic-cache hits)
-    #: requests the policy finished on the end device because the link was backlogged or
-    #: stalled (``PolicyConfig(finish_on_end=True)``)
-    finished_on_end: int = 0
+    outcomes: Outcomes = field(default_factory=Outcomes)
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -44,13 +59,13 @@ class Stats:
 
     @property
     def stage_means(self) -> tuple[float, float, float]:
-        n = max(self.n, 1)
-        return self.end_busy_s / n, self.link_busy_s / n, self.cloud_busy_s / n
+        n, b = max(self.n, 1), self.busy
+        return b.end_s / n, b.link_s / n, b.cloud_s / n
 
     @property
     def utilization(self) -> tuple[float, float, float]:
-        w = max(self.wall_s, 1e-12)
-        return self.end_busy_s / w, self.link_busy_s / w, self.cloud_busy_s / w
+        w, b = max(self.wall_s, 1e-12), self.busy
+        return b.end_s / w, b.link_s / w, b.cloud_s / w
 
     @property
     def period(self) -> float:

@@ -82,5 +82,5 @@ def tiny_split():
     torch.manual_seed(0)
     model = Tiny().eval()
     x = torch.randn(1, 1, 8, 8)
-    gm, inputs, dag = prepare(model, (x,), Settings(costs="analytic", progress=False))
+    gm, inputs, dag = prepare(model, (x,), Settings.of(costs="analytic", progress=False))
     return model, gm, dag, x

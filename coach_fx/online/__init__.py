@@ -188,7 +188,7 @@ def compile_online(model: nn.Module, example_inputs: Any, *, calibration: Any = 
     pooling grid(s) of the cache's features, per plan the one that hits most; ``locality``,
     ``calibration_frames``: the calibration streams the thresholds are tuned on, longer ones
     hold better on unseen data for a longer compile; ``hold``, ``audit_rate``, ...), or
-    ``online=OnlineSettings(...)``.
+    ``online=OnlineSettings.of(...)``.
 
     With ``cache``, a band's plan is chosen cache-aware: among the planner's plans and the
     single-tensor cuts, the one whose period is shortest once the calibrated hit rate takes
@@ -201,8 +201,8 @@ def compile_online(model: nn.Module, example_inputs: Any, *, calibration: Any = 
     if calibration is None:
         raise ValueError("compile_online needs calibration=(inputs, labels): the safe bits and the "
                          "cache's thresholds are calibrated on it")
-    online_keys = set(OnlineSettings.__dataclass_fields__)
-    online = options.pop("online", None) or OnlineSettings(
+    online_keys = OnlineSettings.keys()
+    online = options.pop("online", None) or OnlineSettings.of(
         **{k: options.pop(k) for k in list(options) if k in online_keys})
     bits_budget, cache_budget = online.budgets(accuracy_budget)
     # The budget counts answers that differ from the unquantized model's (a stream repeats what

@@ -6,14 +6,13 @@ the chosen ones into run-time plans.
 
 Example::
 
-    >>> cal = CutAnalysis(gm, dag, oracle, settings, OnlineSettings(...))   # doctest: +SKIP
+    >>> cal = CutAnalysis(gm, dag, oracle, settings, OnlineSettings.of(...))   # doctest: +SKIP
     >>> cal.expected(end_nodes, rate=2.0)          # (period, latency) with the cache   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -21,15 +20,15 @@ import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.online.cache_calibration import calibrate_on_stream, similarity_bits
+from coach_fx.online.cache_calibration import tune_thresholds, similarity_bits
 from coach_fx.zoo.streams import locality_stream
-from coach_fx.online.deploy import coded_share, end_paths, end_paths_of, variant
+from coach_fx.online.deploy import cut_sizes, end_paths, end_paths_of, variant
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.passes.partition import partition
 from coach_fx.passes.split import SplitError, split_at
 from coach_fx.plan import evaluate
 from coach_fx.runtime.features import pooled_features
-from coach_fx.runtime.plans import CacheSetup
+from coach_fx.runtime.plans import CacheSetup, CrossingBits, Sizes
 from coach_fx.runtime.wire import QUANT_BITS
 from coach_fx.runtime.policy import mean_end_s
 from coach_fx.settings import Network, Settings
@@ -44,25 +43,44 @@ def _batched(fn: Callable[..., Any], inputs: tuple, batch: int) -> list[Any]:
 
 
 @dataclasses.dataclass
+class Samples:
+    """Per calibration sample, what choosing a cut's bits and cache reads (until calibrated)."""
+
+    vals: Any = None      # the end half's outputs on the calibration data
+    agrees: Any = None    # per bits, per calibration sample: the answer stays the model's
+    sims: Any = None      # per calibration sample: top-1 similarity to the class centers here
+
+
+@dataclasses.dataclass
+class CutCache:
+    """A cut's semantic cache: the one calibrated at the cut, the one the plan runs (maybe at an
+    earlier node, see ``CutAnalysis._pick_lookup_point``) and how far the choice got."""
+
+    setup: CacheSetup | None = None
+    own: CacheSetup | None = None
+    lookup_split: Any = None   # (head, tail) of the end half where it looks up, if before the cut
+    calibrated: bool = False
+    split_checked: bool = False
+
+
+@dataclasses.dataclass
 class CutInfo:
-    """One end set's split, its safe bits and its cache calibration (memoized by ``CutAnalysis``)."""
+    """One end set's float split, its safe bits, what one request sends and its cache
+    calibration (memoized by ``CutAnalysis``)."""
 
     end: Any
     cloud: Any
     boundary: Any
-    fixed_bits: tuple
-    min_bits: int
-    cache: Any            # CacheSetup or None: the one the plan runs (see ``probe``)
-    caps: tuple = ()
-    calibrated: bool = False
-    vals: Any = None      # the end half's outputs on the calibration data (until calibrated)
-    agrees: Any = None    # per bits, per calibration sample: the answer stays the model's
-    sims: Any = None      # per calibration sample: top-1 similarity to the class centers here
-    lookup_split: Any = None   # (head, tail) of the end half where its cache looks up, if before the cut
-    own_cache: Any = None  # the cache calibrated at the cut itself
-    split_checked: bool = False
-    codec: str | None = None   # the lossless codec of its quantized crossings (``Settings.tensor_codecs``)
-    coded_share: tuple = ()    # per bits, the coded share of their packed bytes (``deploy.coded_share``)
+    #: pinned bits per crossing, ``plan``: the fewest safe bits (32: none), caps
+    bits: CrossingBits
+    sizes: Sizes
+    samples: Samples = dataclasses.field(default_factory=Samples)
+    cache: CutCache = dataclasses.field(default_factory=CutCache)
+
+    @property
+    def min_bits(self) -> int:
+        """The fewest bits that keep the accuracy budget (32: none)."""
+        return int(self.bits.plan)
 
 
 class CutAnalysis:
@@ -82,7 +100,7 @@ class CutAnalysis:
         self.capacity, self.audit_rate = online.capacity, online.audit_rate
         self.locality = online.locality
         self.cache = online.cache
-        self.labels = oracle.reference.argmax(1)
+        self.labels = oracle.unquantized.argmax(1)
         self.example = tuple(t[:1] if isinstance(t, torch.Tensor) and t.dim() else t
                              for t in oracle.inputs)
         self._info: dict[tuple, CutInfo] = {}
@@ -94,29 +112,29 @@ class CutAnalysis:
         info = self._info.get(end_nodes)
         if info is None:
             end32, cloud32, boundary = partition(self.gm, end_nodes, {})
-            fixed_bits = tuple(_fixed_bits(c) for c in boundary.crossings)
-            info = CutInfo(end32, cloud32, boundary, fixed_bits, 32, None,
-                            _caps(self.dag, boundary, self.settings))
-            info.codec = next(iter(self.settings.tensor_codecs), None)
-            quantized = [(c.dag_node, math.prod(c.shape)) for c, b in zip(boundary.crossings, fixed_bits)
-                         if b is None and c.shape is not None and c.dtype is not None and c.dtype.is_floating_point]
-            info.coded_share = coded_share(self.dag, quantized, info.codec, self.settings.bits)
-            if not boundary.end_only and any(b is None for b in fixed_bits):
-                info.vals = [x if isinstance(x, tuple) else (x,)
-                             for x in _batched(end32, self.oracle.inputs, self.oracle.batch)]
-                info.agrees = self._agreement(cloud32, info.vals, fixed_bits, info.caps)
+            pinned = tuple(_pinned_bits(c) for c in boundary.crossings)
+            caps = _caps(self.dag, boundary, self.settings)
+            samples, min_bits = Samples(), 32
+            if not boundary.end_only and any(b is None for b in pinned):
+                samples.vals = [x if isinstance(x, tuple) else (x,)
+                                for x in _batched(end32, self.oracle.inputs, self.oracle.batch)]
+                samples.agrees = self._agreement(cloud32, samples.vals, pinned, caps)
                 # the fewest bits that pass, as the planner's binary search finds them
-                info.min_bits = next((b for b in QUANT_BITS
-                                      if 1 - info.agrees[b].float().mean().item() <= self.bits_budget), 32)
+                min_bits = next((b for b in QUANT_BITS
+                                 if 1 - samples.agrees[b].float().mean().item() <= self.bits_budget), 32)
+            sizes = cut_sizes(self.dag, boundary, pinned, next(iter(self.settings.tensor_codecs), None),
+                              self.settings.bits)
+            info = CutInfo(end32, cloud32, boundary, CrossingBits(pinned, min_bits, caps), sizes, samples)
             self._info[end_nodes] = info
-        if with_cache and self.cache and not info.calibrated:
-            info.calibrated = True
-            if info.vals is not None:
-                info.cache, info.sims = self._cache(info.vals, info.fixed_bits, info.agrees, info.min_bits)
-                info.own_cache = info.cache
-            info.vals = None    # only the calibration needs them
-        if with_cache and self.cache and split and not info.split_checked:
-            info.split_checked = True
+        cc, samples = info.cache, info.samples
+        if with_cache and self.cache and not cc.calibrated:
+            cc.calibrated = True
+            if samples.vals is not None:
+                cc.setup, samples.sims = self._cache(samples.vals, info.bits.pinned, samples.agrees, info.min_bits)
+                cc.own = cc.setup
+            samples.vals = None    # only the calibration needs them
+        if with_cache and self.cache and split and not cc.split_checked:
+            cc.split_checked = True
             self._pick_lookup_point(end_nodes, info)
         return info
 
@@ -128,9 +146,9 @@ class CutAnalysis:
         pays the split). The near-miss bits are the cut's, by the earlier node's similarity.
         Measured here, interleaved (the cost model's end compute with analytic costs); the
         winner's times are memoized."""
-        if info.boundary.end_only or info.agrees is None:
+        if info.boundary.end_only or info.samples.agrees is None:
             return
-        own = info.own_cache          # (``info.cache`` becomes the chosen one, maybe a probe's)
+        own = info.cache.own          # (``info.cache.setup`` becomes the chosen one, maybe earlier)
         options: list[tuple[Any, Any, tuple]] = [(own, None, end_nodes)] if own is not None else []
         inside = set(end_nodes)
         for a in self.dag.articulation_nodes():
@@ -138,17 +156,17 @@ class CutAnalysis:
             if not set(nodes) < inside:
                 continue
             at = self.info(nodes, True, split=False)
-            if at.own_cache is None or at.sims is None or len(at.boundary.crossings) != 1 \
-                    or at.fixed_bits[0] is not None:
+            if at.cache.own is None or at.samples.sims is None or len(at.boundary.crossings) != 1 \
+                    or at.bits.pinned[0] is not None:
                 continue
             try:
                 head_tail = split_at(info.end, at.boundary.crossings[0].name)
             except SplitError:
                 continue
-            if own is not None and at.own_cache.hit_rate < self.early_lookup_hits * own.hit_rate:
+            if own is not None and at.cache.own.hit_rate < self.early_lookup_hits * own.hit_rate:
                 continue
-            bands = similarity_bits(at.sims, info.agrees, info.min_bits, self.bits_budget)
-            options.append((dataclasses.replace(at.own_cache, bits_by_similarity=bands, at=a), head_tail, nodes))
+            bands = similarity_bits(at.samples.sims, info.samples.agrees, info.min_bits, self.bits_budget)
+            options.append((dataclasses.replace(at.cache.own, bits_by_similarity=bands, at=a), head_tail, nodes))
         if not options:
             return
         answered = [c.hit_rate * (1 - self.audit_rate) for c, _, _ in options]
@@ -159,13 +177,13 @@ class CutAnalysis:
             self._times[("end", end_nodes, False, False)] = plain
             self._times[("end", end_nodes, True, False)], self._times[("end", end_nodes, True, True)] = paths[k]
         else:
-            # the cost model's end compute: a hit runs the end half up to the probe
+            # the cost model's end compute: a hit runs the end half up to where it looks up
             t_cut = evaluate(self.dag, end_nodes, 32, Network(1.0)).t_end
             k = min(range(len(options)), key=lambda k: mean_end_s(
                 t_cut, evaluate(self.dag, options[k][2], 32, Network(1.0)).t_end, answered[k]))
-        info.cache, info.lookup_split = options[k][:2]
+        info.cache.setup, info.cache.lookup_split = options[k][:2]
 
-    def _agreement(self, cloud32: Any, vals: list[tuple], fixed_bits: tuple,
+    def _agreement(self, cloud32: Any, vals: list[tuple], pinned: tuple,
                    caps: tuple) -> dict[int, torch.Tensor]:
         """Per bit width, per calibration sample: does the cloud's answer equal the unquantized
         model's when each sample's crossing tensors are quantized on their own?"""
@@ -174,17 +192,17 @@ class CutAnalysis:
             for b in QUANT_BITS:
                 preds = []
                 for chunk in vals:
-                    args = [fake_quantize_per_sample(t, min(b, cap or 32) if fb is None else fb)
+                    args = [fake_quantize_per_sample(t, min(b, cap or 32) if pb is None else pb)
                             if isinstance(t, torch.Tensor) else t
-                            for t, fb, cap in zip(chunk, fixed_bits, caps)]
+                            for t, pb, cap in zip(chunk, pinned, caps)]
                     preds.append(_flat(cloud32(*args)).argmax(1))
                 out[b] = torch.cat(preds) == self.labels
         return out
 
-    def _cache(self, vals: list[tuple], fixed_bits: tuple, agrees: dict, min_bits: int) -> tuple[Any, Any]:
+    def _cache(self, vals: list[tuple], pinned: tuple, agrees: dict, min_bits: int) -> tuple[Any, Any]:
         """Hit thresholds on a replayed calibration stream; similarity bands -> fewer safe bits.
         Returns (the setup, each sample's top-1 similarity to the class centers), or Nones."""
-        adaptive = [k for k, b in enumerate(fixed_bits) if b is None]
+        adaptive = [k for k, b in enumerate(pinned) if b is None]
         labels = self.labels
         # two streams from disjoint halves of the calibration data: thresholds must pass both
         n = len(labels)
@@ -199,7 +217,7 @@ class CutAnalysis:
                 [np.atleast_2d(pooled_features([chunk[k] for k in adaptive], grid)) for chunk in vals]
             )).float()
             for context in (False, True):
-                st, mg, rate = calibrate_on_stream(
+                st, mg, rate = tune_thresholds(
                     feats, labels, streams, self.cache_budget, self.capacity, self.audit_rate,
                     context=context, lag=self.result_lag)
                 if rate > 0 and (best is None or rate > best[2]):
@@ -224,7 +242,7 @@ class CutAnalysis:
         """(period, latency) at ``rate`` with the calibrated hit rate taking its share of
         requests off the link and the cloud; None when no bits are safe."""
         info = self.info(end_nodes, with_cache)
-        if info.min_bits >= 32 and any(b is None for b in info.fixed_bits):
+        if info.min_bits >= 32 and any(b is None for b in info.bits.pinned):
             return None
         # model inputs that cross are quantized like the rest, up to their source's bits
         p = evaluate(self.dag, end_nodes, info.min_bits, Network(rate),
@@ -236,11 +254,12 @@ class CutAnalysis:
             t_end = self.end_host_s(end_nodes, False) * self.settings.end.slowdown
             t_cloud = self.cloud_host_s(end_nodes) * self.settings.cloud.slowdown
         plain = (max(t_end, p.t_link, t_cloud), t_end + p.t_link + t_cloud)
-        if info.cache is None or not with_cache:
+        cache = info.cache.setup
+        if cache is None or not with_cache:
             return plain
         # with the cache: its lookups cost end time, its hits save link and cloud time (the
         # runtime skips lookups while they do not pay, so never worse than without)
-        sent = 1.0 - info.cache.hit_rate * (1 - self.audit_rate)
+        sent = 1.0 - cache.hit_rate * (1 - self.audit_rate)
         if self.settings.costs == "measured":
             t_end = self.end_cached_s(end_nodes) * self.settings.end.slowdown
         cached = (max(t_end, p.t_link * sent, t_cloud * sent), t_end + sent * (p.t_link + t_cloud))
@@ -251,7 +270,7 @@ class CutAnalysis:
         with ``cache``); memoized."""
         key = ("end", end_nodes, cache, hit and cache)
         if key not in self._times:
-            info = self.info(end_nodes, cache)      # with the cache: may measure them (a probe)
+            info = self.info(end_nodes, cache)      # with the cache: may measure them (lookup points)
         if key not in self._times:
             plain, miss, hit_s = end_paths(variant(0, info, 0.0, 0.0), self.example, self.capacity, cache)
             self._times[("end", end_nodes, False, False)] = plain
@@ -263,11 +282,11 @@ class CutAnalysis:
     def end_cached_s(self, end_nodes: tuple) -> float:
         """The mean end work per request on this host with the cache: a hit answered on the end
         skips quantize and encode; an audited hit and a miss do all of it (calibrated hit rate)."""
-        info = self.info(end_nodes)
-        if info.cache is None:
+        cache = self.info(end_nodes).cache.setup
+        if cache is None:
             return self.end_host_s(end_nodes, cache=False)
         return mean_end_s(self.end_host_s(end_nodes), self.end_host_s(end_nodes, hit=True),
-                          info.cache.hit_rate * (1 - self.audit_rate))
+                          cache.hit_rate * (1 - self.audit_rate))
 
     def cloud_host_s(self, end_nodes: tuple) -> float:
         """The cloud half on one request's crossing values, on this host; memoized."""
@@ -281,7 +300,7 @@ class CutAnalysis:
         return self._times[key]
 
 
-def _fixed_bits(c: Any) -> int | None:
+def _pinned_bits(c: Any) -> int | None:
     """None for a float tensor, whose bits the controller picks (a model input too, up to
     ``Settings.input_bits``: see ``_caps``); everything else goes as it is (32)."""
     is_float = c.shape is not None and c.dtype is not None and c.dtype.is_floating_point

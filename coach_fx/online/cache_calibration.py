@@ -46,7 +46,7 @@ def replay(cache: SemanticCache, feats: torch.Tensor, labels: torch.Tensor, stre
     return hits, wrong
 
 
-def calibrate_on_stream(feats: torch.Tensor, labels: torch.Tensor,
+def tune_thresholds(feats: torch.Tensor, labels: torch.Tensor,
                         streams: Sequence[Sequence[int]], budget: float, capacity: int = 16,
                         audit_rate: float = 0.1, max_hit_error: float = 0.01,
                         sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
@@ -116,4 +116,4 @@ def similarity_bits(similarity: torch.Tensor, agrees: dict[int, torch.Tensor], m
     return out
 
 
-__all__ = ["calibrate_on_stream", "replay", "similarity_bits"]
+__all__ = ["tune_thresholds", "replay", "similarity_bits"]

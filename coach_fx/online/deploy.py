@@ -24,7 +24,7 @@ from coach_fx.plan import Plan, evaluate, mean_bytes
 from coach_fx.runtime.cloud import CloudPlan
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig
 from coach_fx.runtime.features import pooled_features
-from coach_fx.runtime.plans import CutProfile, Sizes, Variant
+from coach_fx.runtime.plans import CutProfile, EndHalf, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, packed_nbytes, tensor_bytes
 from coach_fx.settings import Network
@@ -61,18 +61,18 @@ def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
             dag, c, info.min_bits if info.min_bits < 32 else 32, s.network,
             strategy="coach-online", input_bits=min(info.min_bits, settings.input_bits))
         cm = CompiledModel(cal.gm, dag, p, s, inputs, cal.oracle)
-        if settings.costs == "measured" and settings.calibrate:
-            cm.calibrate()
+        if settings.costs == "measured" and settings.remeasure:
+            cm.remeasure()
         dep.out_spec = dep.out_spec or cm.out_spec
         v = variant(pid, info, cm.plan.t_end, cm.plan.t_cloud,
                     offline_plan if c == offline_plan.end_nodes else None)
-        v.end_host_s = cal.end_host_s(c, cache=False)
+        v.times.host_s = cal.end_host_s(c, cache=False)
         if v.cache is not None:
-            v.lookup_s = max(0.0, cal.end_host_s(c) - v.end_host_s)
-            v.hit_s = cal.end_host_s(c, hit=True)
+            v.times.lookup_s = max(0.0, cal.end_host_s(c) - v.times.host_s)
+            v.times.hit_s = cal.end_host_s(c, hit=True)
         if not v.end_only:
             # to finish on the end a request the link has no room for (``local`` modes)
-            v.cloud_on_end, v.cloud_on_end_s = info.cloud, cal.cloud_host_s(c)
+            v.finish_on_end = FinishOnEnd(info.cloud, cal.cloud_host_s(c))
         dep.plans[pid], dep.variants[pid] = cm.plan, v
         dep.cloud[pid] = (info.cloud, info.boundary)
     return dep
@@ -119,29 +119,38 @@ def plan_profile(dag: Any, plan: Plan, min_bits: int | None, input_bits: int,
                       end_only=len(plan.end_nodes) == len(dag.nodes))
 
 
-def variant(pid: int, info: "CutInfo", t_end: float, t_cloud: float, plan: Plan | None = None,
-            cache: Any = None, lookup_split: Any = None) -> Any:
-    """The runtime's view of a cut with these stage times (``cache``/``lookup_split``: instead
-    of the cut's chosen ones)."""
-    quant_numel, quant_raw, raw_bytes = [], [], 0
-    for c, b in zip(info.boundary.crossings, info.fixed_bits):
+def cut_sizes(dag: Any, boundary: Any, pinned: Sequence[int | None], codec: str | None,
+              widths: Sequence[int]) -> Sizes:
+    """What one request of a float split sends: its adaptive crossings (``pinned`` None)
+    quantized per request (with ``codec`` at its coded share per width in ``widths``), the
+    rest as they are."""
+    quant_numel, quant_raw, raw_bytes, quantized = [], [], 0, []
+    for c, b in zip(boundary.crossings, pinned):
         numel = math.prod(c.shape) if c.shape is not None else 0
         raw = numel * c.dtype.itemsize if c.dtype is not None else 8
         if b is None:
             quant_numel.append(numel)
             quant_raw.append(raw)
+            if c.dtype is not None and c.dtype.is_floating_point and c.shape is not None:
+                quantized.append((c.dag_node, numel))
         else:
             raw_bytes += tensor_bytes(numel, raw, True, b) - TENSOR_HEADER_BYTES
-    sizes = Sizes(tuple(quant_numel), tuple(quant_raw), raw_bytes, len(info.boundary.crossings),
-                  info.codec, info.coded_share)
-    profile = CutProfile(sizes, info.min_bits, t_end, t_cloud)
-    plan_bits: int | tuple[int, ...] = info.min_bits
+    return Sizes(tuple(quant_numel), tuple(quant_raw), raw_bytes, len(boundary.crossings),
+                 codec, coded_share(dag, quantized, codec, widths))
+
+
+def variant(pid: int, info: "CutInfo", t_end: float, t_cloud: float, plan: Plan | None = None,
+            cache: Any = None, lookup_split: Any = None) -> Variant:
+    """The runtime's view of a cut with these stage times (``cache``/``lookup_split``: instead
+    of the cut's chosen ones)."""
+    profile = CutProfile(info.sizes, info.min_bits, t_end, t_cloud)
+    bits = info.bits
     if plan is not None:     # the offline plan's own bits, crossing by crossing
-        plan_bits = tuple(plan.bits.get(c.dag_node, info.min_bits) for c in info.boundary.crossings)
+        bits = dataclasses.replace(bits, plan=tuple(plan.bits.get(c.dag_node, info.min_bits)
+                                                    for c in info.boundary.crossings))
     if cache is None:
-        cache, lookup_split = info.cache, info.lookup_split
-    return Variant(pid, info.end, info.boundary, profile, info.fixed_bits, plan_bits,
-                   cache=cache, end_only=info.boundary.end_only, caps=info.caps, lookup_split=lookup_split)
+        cache, lookup_split = info.cache.setup, info.cache.lookup_split
+    return Variant(pid, EndHalf(info.end, lookup_split), info.boundary, profile, bits, cache=cache)
 
 
 def end_paths(v: Any, inputs: tuple, capacity: int, cache: bool = True) -> tuple[float, float | None, float | None]:
@@ -168,12 +177,12 @@ def end_paths_of(vs: Sequence[Any], inputs: tuple, capacity: int,
                                       CacheConfig(enabled=use, capacity=capacity, audit_rate=0.0)))
         store = p.caches.get(v.plan_id) if use else None
         if store is not None:
-            if v.lookup_split is not None:
-                f = pooled_features(list(v.lookup_split[0](*x)), v.cache.grid)
+            if v.end.lookup_split is not None:
+                f = pooled_features(list(v.end.lookup_split[0](*x)), v.cache.grid)
             else:
-                vals = v.end_module(*x)
+                vals = v.end.module(*x)
                 vals = vals if isinstance(vals, tuple) else (vals,)
-                f = pooled_features([t for t, b in zip(vals, v.fixed_bits) if b is None], v.cache.grid)
+                f = pooled_features([t for t, b in zip(vals, v.bits.pinned) if b is None], v.cache.grid)
             rng = np.random.default_rng(0)
             # a full cache of centers far from this input, so that it misses; for ``hit`` one
             # of them is the input's own class instead

@@ -27,13 +27,13 @@ def report(om: "OnlineModel") -> str:
     rows = []
     for pid, p in om.plans.items():
         v = om.variants[pid]
-        c = v.cache
+        c, t = v.cache, v.times
         slow = om.settings.end.slowdown * 1e3
         rows.append([pid, ", ".join(p.cut) or "nothing (end-only)", v.profile.min_bits,
-                     (v.end_host_s or 0) * slow,
-                     f"+{v.lookup_s * slow:.2f} / {v.hit_s * slow:.2f}" if v.hit_s is not None else "-",
+                     (t.host_s or 0) * slow,
+                     f"+{t.lookup_s * slow:.2f} / {t.hit_s * slow:.2f}" if t.hit_s is not None else "-",
                      p.t_cloud * 1e3,
-                     f"{v.cloud_on_end_s * slow:.2f}" if v.cloud_on_end_s is not None else "-",
+                     f"{v.finish_on_end.host_s * slow:.2f}" if v.finish_on_end is not None else "-",
                      f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
                      + (f", at {c.at}" if c.at else "") + (", context" if c.context else "")
                      if c else "off",

@@ -48,7 +48,7 @@ def test_budget_holds_on_the_test_split(digits, mbps, slowdown):
 def test_oracle_modes_and_memo(digits):
     model, (_, (xc, yc), _) = digits
     x = xc[:8]
-    s = Settings(costs="analytic", progress=False, calibration=(xc, yc))
+    s = Settings.of(costs="analytic", progress=False, calibration=(xc, yc))
     gm, inputs, dag = prepare(model, (x,), s)
     o = AccuracyOracle(gm, dag, s, inputs)
     end = dag.ancestors(["res1_a_2"]) if "res1_a_2" in dag.index else dag.ancestors([dag.nodes[5]])
@@ -60,9 +60,9 @@ def test_oracle_modes_and_memo(digits):
     assert o.metric(end, {c: 8 for c in cut}) <= max(m2, 0.0) + 0.01
     b = o.min_bits(end)
     assert b in s.bits and o.ok(end, {c: b for c in cut})
-    agree = AccuracyOracle(gm, dag, Settings(costs="analytic", calibration=xc), inputs)
+    agree = AccuracyOracle(gm, dag, Settings.of(costs="analytic", calibration=xc), inputs)
     assert agree.mode == "agreement"
-    l2 = AccuracyOracle(gm, dag, Settings(costs="analytic"), inputs)
+    l2 = AccuracyOracle(gm, dag, Settings.of(costs="analytic"), inputs)
     assert l2.mode == "l2" and l2.budget == 0.02
 
 
@@ -70,7 +70,7 @@ def test_a_failing_check_stops_early_and_agrees_with_full_runs(digits):
     """The check stops once the harmful changes exceed what the bound allows (they only grow),
     so every answer is the one a run over the whole calibration set gives."""
     model, (_, (xc, yc), _) = digits
-    s = Settings(costs="analytic", progress=False, calibration=(xc, yc))
+    s = Settings.of(costs="analytic", progress=False, calibration=(xc, yc))
     gm, inputs, dag = prepare(model, (xc[:1],), s)
     lazy, full = AccuracyOracle(gm, dag, s, inputs), AccuracyOracle(gm, dag, s, inputs)
     ends = [dag.ancestors([v]) for v in dag.nodes[2:-2:3]]
@@ -111,7 +111,7 @@ def test_tiny_calibration_is_refused_with_the_samples_needed(digits):
 
 def test_without_calibration_several_inputs_are_checked(digits):
     model, (_, (xc, _), _) = digits
-    s = Settings(costs="analytic", progress=False)
+    s = Settings.of(costs="analytic", progress=False)
     gm, inputs, dag = prepare(model, (xc[:2],), s)
     o = AccuracyOracle(gm, dag, s, inputs)
     assert o.mode == "l2" and o.n == 16                  # the example batch and 7 drawn like it
@@ -130,7 +130,7 @@ def test_digits_budget_holds_on_unseen_data_for_18_plans(digits):
     for frame in (8, 32):
         model = load_digits_model(frame)
         _, (xc, yc), (xt, yt) = digits_splits(frame=frame)
-        base = Settings(costs="analytic", progress=False, calibration=(xc, yc))
+        base = Settings.of(costs="analytic", progress=False, calibration=(xc, yc))
         gm, inputs, _ = prepare(model, (xc[:1],), base)
         oracle = test = None
         for slowdown in (1.0, 2.0, 4.0):
@@ -138,7 +138,7 @@ def test_digits_budget_holds_on_unseen_data_for_18_plans(digits):
             dag = build_dag(gm, inputs, s)
             if oracle is None:
                 oracle = AccuracyOracle(gm, dag, s, inputs)
-                test = AccuracyOracle(gm, dag, dataclasses.replace(s, calibration=(xt, yt),
+                test = AccuracyOracle(gm, dag, s.replace(calibration=(xt, yt),
                                                                    accuracy_confidence=None), inputs)
             for mbps in (5.0, 50.0, 200.0):
                 p, _ = plan_model(gm, inputs, dag, dataclasses.replace(s, network=Network(mbps)), oracle=oracle)

@@ -132,7 +132,7 @@ def test_oracle_sees_through_in_place_ops():
     # dynamo names c2's output "out"; with it on the end, the cloud runs `out += h` in place
     end = dag.ancestors(["out"])
     bits = {c: 2 for c in dag.crossing(end)}
-    oracle = AccuracyOracle(gm, dag, Settings(costs="analytic"), split.example_inputs)
+    oracle = AccuracyOracle(gm, dag, Settings.of(costs="analytic"), split.example_inputs)
     e, c, _ = partition(gm, end, bits)
     with torch.no_grad():
         y = c(*e(x))

@@ -11,7 +11,7 @@ from coach_fx.zoo.models import load_model
 from coach_fx.passes.partition import partition
 from coach_fx.settings import Settings
 
-S = Settings(costs="analytic", progress=False)
+S = Settings.of(costs="analytic", progress=False)
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg11", "googlenet", "densenet121",
           "efficientnet_b0", "vit_b_16"]
 
@@ -168,7 +168,7 @@ def test_a_varying_trace_is_planned_across_its_rates(objective):
                       nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 4)).eval()
     x = torch.randn(1, 3, 32, 32)   # 3 KB at 8 bits; 256 values after the first layer
     tr = Trace((0.0, 1.0), (0.05, 100.0), 2.0, "step")   # half the time slow, half fast
-    s = Settings(costs="analytic", progress=False, objective=objective, end=Device("e", 20),
+    s = Settings.of(costs="analytic", progress=False, objective=objective, end=Device("e", 20),
                  network=Network(tr.mean_mbps, trace=tr))
     gm, inputs, dag = prepare(m, (x,), s)
     planned, _ = plan_model(gm, inputs, dag, s)

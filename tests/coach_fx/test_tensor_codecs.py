@@ -106,6 +106,6 @@ def test_evaluate_codes_only_where_shorter_and_prices_the_quantile():
 
 def test_settings_name_bad_codecs():
     with pytest.raises(ValueError, match="sequence of codec names"):
-        Settings(tensor_codecs="deflate")
+        Settings.of(tensor_codecs="deflate")
     with pytest.raises(ValueError, match="unknown tensor codec"):
-        Settings(tensor_codecs=("zstd",))
+        Settings.of(tensor_codecs=("zstd",))

@@ -85,7 +85,7 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
     end = EndWorker(connect("127.0.0.1", port, TOKEN, 1.0, shape, retry_for=20), cm.out_spec,
                     StaticPolicy(cm.end_module, cm.boundary),
                     StreamConfig(timeout_s=1.0, fallback=fallback, retry_s=0.2),
-                    local_module=cm.gm, reconnect=dial)
+                    whole_model=cm.gm, reconnect=dial)
     procs = [serve]
     restarted = threading.Event()
 
@@ -115,13 +115,13 @@ def test_cloud_killed_and_restarted_mid_stream(tmp_path, fallback, free_port):
             if p.poll() is None:
                 p.kill()
     check_exactly_once(frames, results, m, allow_failed=fallback == "error")
-    print(f"\nkill/restart fallback={fallback}: {len(results)} results, {stats.fell_back} local, "
-          f"{stats.failed} failed, {stats.dropped} late dropped, {stats.reconnects} reconnects; "
+    print(f"\nkill/restart fallback={fallback}: {len(results)} results, {stats.outcomes.fell_back} local, "
+          f"{stats.outcomes.failed} failed, {stats.outcomes.dropped} late dropped, {stats.outcomes.reconnects} reconnects; "
           f"events: {end.events[:3]}")
-    assert stats.reconnects >= 1, end.events
-    settled_without_cloud = stats.fell_back if fallback == "local" else stats.failed
+    assert stats.outcomes.reconnects >= 1, end.events
+    settled_without_cloud = stats.outcomes.fell_back if fallback == "local" else stats.outcomes.failed
     assert settled_without_cloud >= 1
-    assert sum(isinstance(r, RequestFailed) for r in results) == stats.failed
+    assert sum(isinstance(r, RequestFailed) for r in results) == stats.outcomes.failed
     # after the restart the cloud served again
     assert not isinstance(results[-1], RequestFailed)
     assert len(results) - settled_without_cloud >= 10
@@ -136,7 +136,7 @@ def test_zero_bandwidth_stall_falls_back_and_drops_late_replies():
     frames = [torch.randn(1, 3, 8, 8) for _ in range(120)]
     end = EndWorker(link.end, cm.out_spec, StaticPolicy(cm.end_module, cm.boundary),
                     StreamConfig(timeout_s=0.5, fallback="local", retry_s=0.3),
-                    local_module=cm.gm, reconnect=lambda: link.end)
+                    whole_model=cm.gm, reconnect=lambda: link.end)
 
     def slow(frames):
         for f in frames:
@@ -146,10 +146,10 @@ def test_zero_bandwidth_stall_falls_back_and_drops_late_replies():
     end.close()
     cloud.join(2)
     check_exactly_once(frames, results, m)
-    print(f"\nstall: {len(results)} results, {stats.fell_back} local, {stats.dropped} late dropped, "
-          f"{stats.reconnects} reconnects; events: {end.events[:2]}")
-    assert stats.fell_back >= 1 and stats.reconnects >= 1, end.events
-    assert stats.fell_back < len(frames)
+    print(f"\nstall: {len(results)} results, {stats.outcomes.fell_back} local, {stats.outcomes.dropped} late dropped, "
+          f"{stats.outcomes.reconnects} reconnects; events: {end.events[:2]}")
+    assert stats.outcomes.fell_back >= 1 and stats.outcomes.reconnects >= 1, end.events
+    assert stats.outcomes.fell_back < len(frames)
 
 
 def test_wrong_token_is_refused_and_logged(caplog):

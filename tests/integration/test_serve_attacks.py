@@ -327,7 +327,7 @@ def test_sigterm_drains_and_exits_0(plan, free_port):
     with serving(d, free_port) as srv:
         policy = CountingPolicy(cm.end_module, cm.boundary)
         end = EndWorker(connect("127.0.0.1", free_port, TOKEN, 10.0), cm.out_spec, policy,
-                        StreamConfig(timeout_s=10, fallback="local"), local_module=m)
+                        StreamConfig(timeout_s=10, fallback="local"), whole_model=m)
         got: dict = {}
 
         def run():
@@ -348,15 +348,15 @@ def test_sigterm_drains_and_exits_0(plan, free_port):
         assert not t.is_alive() and "error" not in got, got.get("error")
         rc = srv.wait()
     results, stats = got["results"], got["stats"]
-    print(f"\nSIGTERM mid-stream: {len(results)} results, {stats.fell_back} computed locally; "
+    print(f"\nSIGTERM mid-stream: {len(results)} results, {stats.outcomes.fell_back} computed locally; "
           f"server: {srv.output.strip().splitlines()[-1]}")
     assert rc == 0, srv.output
     # the drain finished in time: "; drained" at the end of the summary
     assert srv.output.rstrip().endswith("; drained"), srv.output
     expect_close(m, frames, results)
     # the cloud answered what it had read; what came after the drain ran on the end
-    assert stats.fell_back >= 1 and stats.failed == 0
-    from_cloud = len(frames) - stats.fell_back
+    assert stats.outcomes.fell_back >= 1 and stats.outcomes.failed == 0
+    from_cloud = len(frames) - stats.outcomes.fell_back
     assert from_cloud >= 20
     # every cloud result the end used is a reply the server counted (a few replies may have
     # been lost with the socket when the end's sender saw the link go first)

@@ -212,7 +212,7 @@ def test_serve_api_over_tls_then_drain_answers_what_was_read(split, signed_plan,
 
     end = EndWorker(connect(host, port, TOKEN, 10.0, tls=TlsConfig(ca=str(cert))), cm.out_spec,
                     StaticPolicy(cm.end_module, cm.boundary),
-                    StreamConfig(timeout_s=10, fallback="local", retry_s=60), local_module=m)
+                    StreamConfig(timeout_s=10, fallback="local", retry_s=60), whole_model=m)
     got = {}
 
     def run():
@@ -231,4 +231,4 @@ def test_serve_api_over_tls_then_drain_answers_what_was_read(split, signed_plan,
     st = server.snapshot()
     # every request answered once; a reply still on its way when the link closed may have been
     # superseded by the device's answer (counted on both sides, delivered once)
-    assert st.served >= 100 and st.served + stats.fell_back >= 300 and st.active == 0
+    assert st.served >= 100 and st.served + stats.outcomes.fell_back >= 300 and st.active == 0

@@ -6,7 +6,7 @@ from coach_fx.driver import prepare
 from coach_fx.passes.partition import partition
 from coach_fx.settings import Settings
 
-S = Settings(costs="analytic", progress=False)
+S = Settings.of(costs="analytic", progress=False)
 
 
 def split_run(model, inputs, end_nodes, bits):

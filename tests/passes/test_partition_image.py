@@ -18,7 +18,7 @@ from coach_fx.runtime.policy import StaticPolicy
 from coach_fx.runtime.wire import FLAG_ERROR, QUANT, Entry, WireError, decode, encode
 from coach_fx.settings import Settings
 
-S = Settings(costs="analytic", progress=False)
+S = Settings.of(costs="analytic", progress=False)
 
 
 class Tiny(nn.Module):

@@ -11,7 +11,7 @@ from coach_fx.runtime.cloud import CloudWorker
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, StreamConfig
 from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links import InProcessLink
-from coach_fx.runtime.plans import CacheSetup, CutProfile, Sizes, Variant
+from coach_fx.runtime.plans import CacheSetup, CrossingBits, CutProfile, EndHalf, EndTimes, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.runtime.wire import FLAG_CACHE_HIT, QUANT, WireError, decode
 
@@ -20,7 +20,8 @@ def variant(gm, dag, end_nodes, pid, min_bits=4, compute_s=0.01, cache=None):
     end, cloud, boundary = partition(gm, end_nodes, {})
     numel = sum(math.prod(c.shape) for c in boundary.crossings)
     prof = CutProfile(Sizes((numel,), n_tensors=len(boundary.crossings)), min_bits, compute_s, 0.0)
-    v = Variant(pid, end, boundary, prof, tuple(None for _ in boundary.crossings), min_bits, cache=cache)
+    v = Variant(pid, EndHalf(end), boundary, prof, CrossingBits(tuple(None for _ in boundary.crossings), min_bits),
+                cache=cache)
     return v, cloud, boundary
 
 
@@ -63,7 +64,7 @@ def test_bits_on_the_wire_follow_the_bandwidth(tiny_split):
 def test_quantized_entry_only_where_the_plan_allows_it(tiny_split):
     model, gm, dag, x = tiny_split
     v, cloud, boundary = variant(gm, dag, upto(dag, "relu"), 0)
-    val = v.end_module(x)[0]
+    val = v.end.module(x)[0]
     e = quantized_entry(val, 5)
     with pytest.raises(WireError, match="sends it as is"):
         entries_to_payload(boundary, [e])
@@ -119,8 +120,7 @@ def test_an_answer_on_the_end_only_plan_moves_the_caches_context(tiny_split):
     model, gm, dag, x = tiny_split
     v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=dataclasses.replace(cache_setup(), context=True))
     local, _, boundary = variant(gm, dag, tuple(dag.nodes), 1)
-    assert boundary.end_only
-    local = dataclasses.replace(local, end_only=True)
+    assert boundary.end_only and local.end_only
     policy = online_policy([v, local], start=1, switching=False)
     prep = policy.prepare(7, (x,))
     assert prep.answered and torch.allclose(prep.answer, model(x))
@@ -131,7 +131,7 @@ def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_t
     model, gm, dag, x = tiny_split
     v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=cache_setup())
     # end half 1 ms, lookup +0.2 ms, a hit skips quantize + encode: 0.5 ms in all
-    v.end_host_s, v.lookup_s, v.hit_s = 1e-3, 2e-4, 5e-4
+    v.times = EndTimes(1e-3, 2e-4, 5e-4)
     policy = online_policy([v], audit_rate=0.0, end_slowdown=10.0)
     miss = policy.prepare(0, (x,))
     assert miss.end_host_s == pytest.approx(1.2e-3)          # end half + lookup + send
@@ -141,10 +141,10 @@ def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_t
     assert hit.end_host_s == pytest.approx(5e-4)
     # a calibrated 50 % hit rate: 0.5 x 0.5 + 0.5 x 1.2 = 0.85 ms < 1 ms without lookups, so
     # lookups go on although the end is the bottleneck
-    assert policy.end_stage_s(v) < v.end_host_s * 10
+    assert policy.end_stage_s(v) < v.times.host_s * 10
     assert policy._cache_pays(v)
     # with hits as dear as misses they would only slow an end-bound stream down
-    v.hit_s = 1.2e-3
+    v.times.hit_s = 1.2e-3
     assert not policy._cache_pays(v)
 
 
@@ -170,7 +170,7 @@ def test_pipeline_switches_plans_and_the_cloud_runs_the_matching_half(tiny_split
     v1, c1, b1 = variant(gm, dag, upto(dag, "relu"), 1, min_bits=8)
     # cloud-only above 1 Mbit/s, the deeper cut below; the link runs at 0.2 Mbit/s, so the
     # estimate lands in the lower band and the switcher moves there after `hold` results
-    v0.fixed_bits = (8,)
+    v0.bits = dataclasses.replace(v0.bits, pinned=(8,))
     policy = online_policy([v0, v1], edges_mbps=[1.0], band_plans=[1, 0], start=0, hold=3,
                           cache=False)
     link = InProcessLink(0.2, None)
@@ -186,7 +186,7 @@ def test_pipeline_switches_plans_and_the_cloud_runs_the_matching_half(tiny_split
     assert policy.plans_used[0] >= 3 and policy.plans_used[1] >= 10
     for f, o in zip(frames, outs):
         assert (o - model(f)).abs().max() < 0.1 * model(f).abs().max() + 0.05
-    assert stats.n == 30 and stats.answered_on_end == 0
+    assert stats.n == 30 and stats.outcomes.answered_on_end == 0
 
 
 def test_pipeline_answers_hits_and_audits_without_losing_requests(tiny_split):
@@ -202,15 +202,15 @@ def test_pipeline_answers_hits_and_audits_without_losing_requests(tiny_split):
     finally:
         end.close()
         cloud.join(2.0)
-    assert len(outs) == 40 and stats.answered_on_end == policy.hits > 20
+    assert len(outs) == 40 and stats.outcomes.answered_on_end == policy.hits > 20
     assert all(int(o.argmax()) == int(model(x).argmax()) for o in outs)
-    assert policy.audits > 0 and stats.dropped == 0
+    assert policy.audits > 0 and stats.outcomes.dropped == 0
 
 
 def test_a_request_is_finished_on_the_end_when_the_link_is_backlogged_or_stalled(tiny_split):
     model, gm, dag, x = tiny_split
     v, cloud, _ = variant(gm, dag, upto(dag, "relu"), 0, min_bits=8)
-    v.cloud_on_end, v.cloud_on_end_s = cloud, 1e-3            # the rest of the model: 1 ms here
+    v.finish_on_end = FinishOnEnd(cloud, 1e-3)            # the rest of the model: 1 ms here
     policy = online_policy([v], finish_on_end=True, end_slowdown=10.0, cache=False)   # 10 ms there
     prep = policy.prepare(0, (x,))
     nbytes = len(prep.msg)
@@ -240,9 +240,9 @@ def test_a_cache_looking_up_inside_the_end_half_skips_the_rest_on_a_hit(tiny_spl
     model, gm, dag, x = tiny_split
     setup = CacheSetup(sim_threshold=0.9, margin=0.0, hit_rate=0.5, grid=2, at="relu")
     v, cloud, boundary = variant(gm, dag, upto(dag, "body_1"), 0, cache=setup)
-    head, tail = split_at(v.end_module, "relu")
+    head, tail = split_at(v.end.module, "relu")
     tails = []
-    v.lookup_split = (head, lambda *a: tails.append(1) or tail(*a))
+    v.end = EndHalf(v.end.module, (head, lambda *a: tails.append(1) or tail(*a)))
     plain, _, _ = variant(gm, dag, upto(dag, "body_1"), 0)
     policy, reference = online_policy([v], audit_rate=0.0), online_policy([plain], cache=False)
     miss = policy.prepare(0, (x,))

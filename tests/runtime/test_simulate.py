@@ -38,7 +38,7 @@ def test_end_only_and_hits_never_touch_the_link():
     st = simulate(plan(0.004, 0.0, 10_000, end_only=True), 100, 1.0)
     assert st.bytes_sent == 0 and st.throughput == pytest.approx(250)
     hits = simulate(plan(0.002, 0.002, 50_000, hit_rate=0.5), 2000, 20.0, audit_rate=0.0)
-    assert 0.4 < hits.answered_on_end / 2000 < 0.6
+    assert 0.4 < hits.outcomes.answered_on_end / 2000 < 0.6
     assert hits.bytes_sent < 0.6 * 2000 * 50_000
     # a hit answered on the end costs only its own end work: on a fast link, end-bound
     cheap = simulate(plan(0.004, 0.001, 1_000, hit_rate=0.5, t_hit=0.002), 2000, 100.0, audit_rate=0.0)

@@ -12,7 +12,7 @@ from coach_fx.driver import prepare
 from coach_fx.passes.partition import partition
 from coach_fx.plan import evaluate
 from coach_fx.runtime.codec import payload_to_entries, quantized_entry
-from coach_fx.runtime.plans import CutProfile, Sizes, Variant
+from coach_fx.runtime.plans import CrossingBits, CutProfile, EndHalf, Sizes, Variant
 from coach_fx.runtime.wire import (ALL_BITS, TENSOR_HEADER_BYTES, Entry, encode, message_bytes,
                                    tensor_bytes)
 from coach_fx.settings import Network, Settings
@@ -53,7 +53,7 @@ class Mixed(nn.Module):
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_the_cost_model_prices_the_encoded_message(shape, bits):
     x = torch.randn(shape)
-    gm, inputs, dag = prepare(Mixed().eval(), (x,), Settings(costs="analytic", progress=False))
+    gm, inputs, dag = prepare(Mixed().eval(), (x,), Settings.of(costs="analytic", progress=False))
     end_nodes = ("relu", "mul", "half", "flatten", "argmax")
     plan = evaluate(dag, end_nodes, bits, Network(10))
     assert sorted(plan.cut) == ["argmax", "half", "relu"]
@@ -68,7 +68,7 @@ def test_the_cost_model_prices_the_encoded_message(shape, bits):
     sizes = [n * c.dtype.itemsize for n, c in zip(numels, float_boundary.crossings)]
     quant = [k for k, f in enumerate(fixed) if f is None]
     raw = sum(s for k, s in enumerate(sizes) if k not in quant)
-    v = Variant(0, float_end, float_boundary, CutProfile(Sizes(), 2, 0.0, 0.0), fixed, bits)
+    v = Variant(0, EndHalf(float_end), float_boundary, CutProfile(Sizes(), 2, 0.0, 0.0), CrossingBits(fixed, bits))
     sent = encode(0, [quantized_entry(t, bits if f is None else 32)
                       for t, f in zip(float_end(x), fixed)])
     assert v.message_bytes(bits) == len(sent)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from coach_fx.online.cache_calibration import calibrate_on_stream, replay
+from coach_fx.online.cache_calibration import tune_thresholds, replay
 from coach_fx.zoo.streams import locality_stream
 from coach_fx.runtime.cache import SemanticCache
 from coach_fx.runtime.features import pooled_features
@@ -20,7 +20,7 @@ def test_pooled_features_and_calibration():
     feats = torch.nn.functional.normalize(protos[labels] + 0.3 * torch.randn(200, 16, generator=g), dim=1)
     streams = [locality_stream(labels[h::2], 400, 10.0, seed=h) for h in (0, 1)]
     streams = [[2 * i + h for i in s] for h, s in zip((0, 1), streams)]
-    st, mg, rate = calibrate_on_stream(feats, labels, streams, budget=0.01, capacity=3)
+    st, mg, rate = tune_thresholds(feats, labels, streams, budget=0.01, capacity=3)
     assert 0 < rate <= 1 and st >= 0.7
     cache = SemanticCache(st, mg, capacity=3, audit_rate=0.0)
     hits, wrong = replay(cache, feats, labels, streams[0])
@@ -46,7 +46,7 @@ def test_context_calibration_is_at_least_as_safe_on_a_local_stream():
     feats = torch.nn.functional.normalize(protos[labels] + 0.45 * torch.randn(240, 16, generator=g), dim=1)
     streams = [[2 * i + h for i in locality_stream(labels[h::2], 600, 10.0, seed=h)] for h in (0, 1)]
     for context in (False, True):
-        st, mg, rate = calibrate_on_stream(feats, labels, streams, budget=0.01, capacity=3,
+        st, mg, rate = tune_thresholds(feats, labels, streams, budget=0.01, capacity=3,
                                            context=context)
         for s in streams:
             hits, wrong = replay(SemanticCache(st, mg, 3, 0.1, context=context), feats, labels, s, lag=4)

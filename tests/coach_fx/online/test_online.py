@@ -28,7 +28,7 @@ def test_plans_per_band_share_the_model_weights(online):
     assert len(band_plans) == len(edges) + 1 and set(band_plans) <= set(om.plans)
     weights = {p.data_ptr() for p in model.parameters()}
     for v in om.variants.values():
-        for p in v.end_module.parameters():
+        for p in v.end.module.parameters():
             assert p.data_ptr() in weights       # the model's own tensors, not copies
     for cloud, _ in om.cloud.values():
         for p in cloud.parameters():
@@ -38,12 +38,12 @@ def test_plans_per_band_share_the_model_weights(online):
 
 def test_a_cache_inside_the_end_half_computes_what_the_end_half_does(online):
     model, om, xt, _ = online
-    probed = [v for v in om.variants.values() if v.lookup_split is not None]
+    probed = [v for v in om.variants.values() if v.end.lookup_split is not None]
     for v in probed:
-        head, tail = v.lookup_split
+        head, tail = v.end.lookup_split
         assert v.cache.at in [n.name for n in head.graph.nodes]
         with torch.no_grad():
-            for got, want in zip(tail(*head(xt[:4])), v.end_module(xt[:4])):
+            for got, want in zip(tail(*head(xt[:4])), v.end.module(xt[:4])):
                 assert torch.equal(got, want)
     # the digits model's early features tell classes apart about as well as the cut's, for far
     # less end work: some plan looks up before its cut
@@ -65,10 +65,10 @@ def test_modes_on_a_stream_with_locality(online):
         results[mode] = (pred, stats, policy)
         assert stats.n == 150 and len(outs) == 150
     pred, stats, policy = results["fixed"]
-    assert policy.hits == 0 and stats.answered_on_end == 0
+    assert policy.hits == 0 and stats.outcomes.answered_on_end == 0
     assert (pred == ref).float().mean() >= 0.97
     pred, stats, policy = results["full"]
-    assert policy.hits > 30 and stats.answered_on_end == policy.hits, (policy.summary(), om.report())
+    assert policy.hits > 30 and stats.outcomes.answered_on_end == policy.hits, (policy.summary(), om.report())
     assert (pred == ref).float().mean() >= 0.97       # hits and fewer bits keep the answers
     assert stats.bytes_sent < results["fixed"][1].bytes_sent
 
@@ -108,7 +108,7 @@ def test_a_cache_looking_up_early_uses_that_nodes_own_calibration():
 
     model = load_digits_model(32)
     (_, _), (xc, _), _ = digits_splits(frame=32)
-    online = OnlineSettings(grid=(4,), capacity=4, calibration_frames=600)
+    online = OnlineSettings.of(grid=(4,), capacity=4, calibration_frames=600)
     settings = Settings.from_options({}, costs="analytic", progress=False, accuracy_budget=0.005,
                                      calibration=(xc, None), end=Device("end", 10), online=online)
     gm, inputs, dag = prepare(model, (xc[:1],), settings)
@@ -122,10 +122,10 @@ def test_a_cache_looking_up_early_uses_that_nodes_own_calibration():
     probed = 0
     for a in ["stem_1", "stem_2", "stem_3", "add", "relu"]:        # early cuts first
         info = cal.info(cuts[a])
-        if info.lookup_split is not None:
+        if info.cache.lookup_split is not None:
             probed += 1
-            alone = calibration().info(cuts[info.cache.at], split=False).cache
-            assert dataclasses.replace(info.cache, bits_by_similarity=[], at=None) == \
+            alone = calibration().info(cuts[info.cache.setup.at], split=False).cache.setup
+            assert dataclasses.replace(info.cache.setup, bits_by_similarity=[], at=None) == \
                 dataclasses.replace(alone, bits_by_similarity=[])
-            assert info.cache.hit_rate >= online.early_lookup_hits * info.own_cache.hit_rate
+            assert info.cache.setup.hit_rate >= online.early_lookup_hits * info.cache.own.hit_rate
     assert probed >= 2

@@ -126,7 +126,7 @@ def tv_dags():
     out = {}
     for name in MODELS:
         model, shape = load_model(name)
-        s = Settings(costs="analytic", progress=False, end=Device("end", 8))
+        s = Settings.of(costs="analytic", progress=False, end=Device("end", 8))
         out[name] = prepare(model, (torch.randn(1, *shape),), s)[2]
     return out
 
