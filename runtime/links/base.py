@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from typing import Protocol
 
@@ -84,16 +85,21 @@ class RealClock:
 
 
 class VirtualClock:
-    """Time that only moves when someone waits: deterministic, instant (one thread)."""
+    """Time that only moves when someone waits: instant, and exact for what one thread does
+    (a link's wire times follow its trace to the byte). Several threads may share it (the
+    two directions of a link, the workers of a stream): it never runs backwards, and what
+    they do in parallel is ordered by their turns, not by the time they would take."""
 
     def __init__(self, start: float = 0.0) -> None:
         self.t = start
+        self._lock = threading.Lock()
 
     def now(self) -> float:
         return self.t
 
     def sleep_until(self, t: float) -> None:
-        self.t = max(self.t, t)
+        with self._lock:
+            self.t = max(self.t, t)
 
 
 def as_trace(rate: Trace | float | None) -> Trace | None:

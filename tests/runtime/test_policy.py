@@ -10,7 +10,7 @@ from coach_fx.runtime.codec import entries_to_payload, quantized_entry
 from coach_fx.runtime.cloud import CloudWorker
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, StreamConfig
 from coach_fx.runtime.end import EndWorker
-from coach_fx.runtime.links import InProcessLink
+from coach_fx.runtime.links import InProcessLink, VirtualClock
 from coach_fx.runtime.plans import CacheSetup, CrossingBits, CutProfile, EndHalf, EndTimes, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.runtime.wire import FLAG_CACHE_HIT, QUANT, WireError, decode
@@ -173,7 +173,7 @@ def test_pipeline_switches_plans_and_the_cloud_runs_the_matching_half(tiny_split
     v0.bits = dataclasses.replace(v0.bits, pinned=(8,))
     policy = online_policy([v0, v1], edges_mbps=[1.0], band_plans=[1, 0], start=0, hold=3,
                           cache=False)
-    link = InProcessLink(0.2, None)
+    link = InProcessLink(0.2, None, clock=VirtualClock())   # wire times exact, nothing sleeps
     cloud = CloudWorker({0: (c0, b0), 1: (c1, b1)}, link.cloud, adaptive=True).start()
     frames = [torch.randn(1, 1, 8, 8) for _ in range(30)]
     end = EndWorker(link.end, tree_flatten(model(x))[1], policy, StreamConfig(queue_size=1, max_inflight=1))
@@ -193,7 +193,7 @@ def test_pipeline_answers_hits_and_audits_without_losing_requests(tiny_split):
     model, gm, dag, x = tiny_split
     v, c, b = variant(gm, dag, upto(dag, "relu"), 0, min_bits=8, cache=cache_setup())
     policy = online_policy([v], audit_rate=0.5, seed=3)
-    link = InProcessLink(50.0, None)
+    link = InProcessLink(50.0, None, clock=VirtualClock())
     cloud = CloudWorker({0: (c, b)}, link.cloud, adaptive=True).start()
     frames = [x] * 40
     end = EndWorker(link.end, tree_flatten(model(x))[1], policy, StreamConfig(queue_size=1, max_inflight=1))

@@ -6,7 +6,7 @@ import torch
 from coach_fx.zoo.digits import digits_splits, load_digits_model
 from coach_fx.online import MODES, band_rates, compile_online
 from coach_fx.zoo.streams import locality_stream
-from coach_fx.runtime.links import InProcessLink
+from coach_fx.runtime.links import InProcessLink, VirtualClock
 from coach_fx.settings import Device, Network
 from coach_fx.traces import Trace
 
@@ -60,7 +60,7 @@ def test_modes_on_a_stream_with_locality(online):
     for mode in ("fixed", "full"):
         # a slow link: the cache pays (with a fast one the policy skips lookups while the end
         # device is the bottleneck)
-        outs, stats, policy = om.stream(frames, mode=mode, link=InProcessLink(0.2, None))
+        outs, stats, policy = om.stream(frames, mode=mode, link=InProcessLink(0.2, None, clock=VirtualClock()))
         pred = torch.cat([o.reshape(1, -1) for o in outs]).argmax(1)
         results[mode] = (pred, stats, policy)
         assert stats.n == 150 and len(outs) == 150
