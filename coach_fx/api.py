@@ -1,6 +1,6 @@
 """The public entry points: ``coach_fx.compile`` (a model split between an end device and the
-cloud) and ``coach_fx.serve`` (a saved plan's cloud half served to many ends). The end
-side's ``connect`` is to come here too (DESIGN.md §3).
+cloud), ``coach_fx.serve`` (a saved plan's cloud half served to many ends) and
+``coach_fx.connect`` (the end side: the user's own inputs through a served plan).
 
 Example::
 
@@ -9,6 +9,7 @@ Example::
     >>> y = cm(x); print(cm.report())                                             # doctest: +SKIP
     >>> cm.save("plan_dir", key=token)                                            # doctest: +SKIP
     >>> server = coach_fx.serve("plan_dir", host="0.0.0.0", token=token)          # doctest: +SKIP
+    >>> rm = coach_fx.connect("plan_dir", "cloud:29517", token=token)             # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from coach_fx.settings import DEFAULT_BITS, Settings
 if TYPE_CHECKING:
     from coach_fx.runtime.config import ServerConfig, StreamConfig
     from coach_fx.runtime.links.tls import TlsConfig
+    from coach_fx.runtime.client import RemoteModel
     from coach_fx.runtime.server import CloudServer
 
 #: How a server batches by default: up to this many requests, the first held at most this long.
@@ -101,4 +103,79 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     return server.start()
 
 
-__all__ = ["compile", "serve"]
+def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int]", *,
+            token: bytes | str | None = None, tls: "TlsConfig | None" = None,
+            fallback: str | None = None, config: "StreamConfig | None" = None) -> "RemoteModel":
+    """The end side of a served plan: ``target`` is the :class:`CompiledModel` whose plan the
+    cloud serves, or that plan's saved directory (verified with ``token``, default
+    ``$COACH_TOKEN``); ``address`` is ``"host:port"`` or ``(host, port)`` of a ``coach serve``.
+
+    Returns a :class:`~coach_fx.runtime.client.RemoteModel`: ``rm(x)``, ``rm.submit(x)`` (a
+    future), ``rm.stream(frames)`` (results in order, the stages overlapping), ``rm.stats()``,
+    ``rm.close()``; a context manager. ``fallback``: when the link or the cloud fails,
+    ``None`` raises, ``"local"`` answers on this device with the whole model (a saved plan
+    needs ``cm.save(dir, whole=True)``), ``"error"`` gives those requests a ``RequestFailed``;
+    reconnects go on in the background. ``config``: the stream's queues and timeouts
+    (``StreamConfig``; its ``fallback`` is this one's).
+
+    Example::
+
+        >>> with coach_fx.connect("plan_dir", "cloud:29517", fallback="local") as rm:  # doctest: +SKIP
+        ...     for out in rm.stream(frames):
+        ...         print(out.argmax(1))
+    """
+    import dataclasses
+
+    from coach_fx.runtime.client import RemoteModel
+    from coach_fx.runtime.config import StreamConfig
+    from coach_fx.runtime.links.credentials import shared_token
+    from coach_fx.runtime.links.tcp import connect as dial_tcp
+    from coach_fx.runtime.policy import StaticPolicy
+
+    host, port = parse_address(address)
+    config = dataclasses.replace(config or StreamConfig(), fallback=fallback)
+    secret = shared_token(token)
+    if isinstance(target, CompiledModel):
+        if target.boundary.end_only:
+            raise ValueError("this plan runs the whole model on the end device: nothing to send to a cloud")
+        end, boundary, out_spec, whole = target.end_module, target.boundary, target.out_spec, target.gm
+    elif isinstance(target, (str, Path)):
+        from coach_fx.artifact import load_half
+        half = load_half(target, "end", key=secret)
+        if half.boundary.end_only:
+            raise ValueError(f"{target} holds an end-only plan: nothing to send to a cloud")
+        end, boundary, out_spec = half.module, half.boundary, half.out_spec
+        whole = None
+        if fallback == "local":
+            if not (Path(target) / "model.graph.json").exists():
+                raise ValueError(f"fallback='local' needs the whole model in {target}: save the plan "
+                                 "with cm.save(dir, whole=True)")
+            whole = load_half(target, "model", key=secret).module
+    else:
+        raise TypeError(f"connect() takes a CompiledModel or a saved plan directory, got "
+                        f"{type(target).__name__} (an OnlineModel does not deploy yet)")
+
+    def dial() -> Any:
+        return dial_tcp(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
+    return RemoteModel(StaticPolicy(end, boundary), out_spec, dial, config, whole_model=whole)
+
+
+def parse_address(address: "str | tuple[str, int]") -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` as (host, port)."""
+    if isinstance(address, tuple) and len(address) == 2:
+        host, port = address
+    elif isinstance(address, str) and ":" in address:
+        host, _, port = address.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    else:
+        raise ValueError(f"address must be 'host:port' or (host, port), got {address!r}")
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        raise ValueError(f"the port of {address!r} is not a number") from None
+    if not host or not 0 < port < 65536:
+        raise ValueError(f"address must name a host and a port in 1..65535, got {address!r}")
+    return str(host), port
+
+
+__all__ = ["compile", "connect", "parse_address", "serve"]

@@ -45,28 +45,34 @@ class EndWorker:
     ``config.retry_s`` and the stream goes back to the cloud once it succeeds. Every request
     gets exactly one result, in order: a late reply for a request already settled is dropped,
     not delivered twice. At most ``config.max_inflight`` requests wait for the cloud at once,
-    so memory stays bounded however long the stream.
+    so memory stays bounded however long the stream. ``deliver(i, result)``, where given, is
+    called with each result as it is settled (under the session's lock: it must not block).
     """
 
     def __init__(self, endpoint: Endpoint | None, out_spec: Any, policy: Policy,
                  config: StreamConfig = StreamConfig(), *,
                  whole_model: Callable[..., Any] | None = None,
-                 reconnect: Callable[[], Endpoint] | None = None) -> None:
+                 reconnect: Callable[[], Endpoint] | None = None,
+                 deliver: Callable[[int, Any], None] | None = None) -> None:
         if config.fallback == "local" and whole_model is None:
             raise ValueError("fallback='local' needs whole_model (the whole model on the end device)")
         self.endpoint, self.out_spec, self.config = endpoint, out_spec, config
-        self.whole_model, self.reconnect = whole_model, reconnect
+        self.whole_model, self.reconnect, self.deliver = whole_model, reconnect, deliver
         self.events: list[str] = []
         #: per frame, what to send (``prepare``) and what to learn from results (``on_result``):
         #: ``StaticPolicy`` for one compiled plan, ``OnlinePolicy`` for the bandwidth
         #: controller, plan switching and the semantic cache
         self.policy = policy
         self.receiver_thread: threading.Thread | None = None
+        self.session: StreamSession | None = None   # the stream under way (or the last one)
+        self._t_begin = 0.0
+        self._predicted: dict = {}
 
     # ------------------------------------------------------------------ the stream
     def run(self, inputs: Iterable[Sequence[Any]], pipelined: bool = True,
             predicted: dict | None = None) -> tuple[list[Any], Stats]:
-        st = StreamSession(self)
+        st = self.session = StreamSession(self)
+        self._predicted = predicted or {}
         it = iter(inputs)
         first = next(it, None)
         if first is None:
@@ -75,7 +81,7 @@ class EndWorker:
         self.policy.warm_up(first, self.config.end_slowdown)
         if self.endpoint is not None:
             st.start_link(self.endpoint)
-        t_begin = time.perf_counter()
+        self._t_begin = time.perf_counter()
 
         def frames() -> Iterable[tuple]:
             yield first
@@ -99,15 +105,23 @@ class EndWorker:
                 st.finish()
         finally:
             st.stop_link()
-        wall = (max(st.done) - t_begin) if st.done else 0.0
-        lat = [d - s for d, s in zip(st.done, st.started)]
+        return st.results, self.stats()
+
+    def stats(self) -> Stats:
+        """The figures of the stream under way (its settled requests) or of the last one."""
+        st = self.session
+        if st is None:
+            return Stats(0, [], 0.0, 0.0, StageBusy(), 0, dict(self._predicted))
+        with st.cv:
+            pairs = [(d, s) for d, s, r in zip(st.done, st.started, st.results) if r is not PENDING]
+        done = [d for d, _ in pairs]
+        wall = (max(done) - self._t_begin) if done else 0.0
         # a socket's send returns once the kernel has the bytes: the uplink's busy time is the
         # wire time the cloud saw, when that is longer (in-process both are the emulated time)
         link_busy = max(st.busy.link, st.busy.wire)
-        stats = Stats(len(st.results), lat, wall, steady_throughput(st.done, wall),
-                      StageBusy(st.busy.end, link_busy, st.busy.cloud), st.busy.sent_bytes,
-                      predicted or {}, st.outcomes)
-        return st.results, stats
+        return Stats(len(pairs), [d - s for d, s in pairs], wall, steady_throughput(done, wall),
+                     StageBusy(st.busy.end, link_busy, st.busy.cloud), st.busy.sent_bytes,
+                     dict(self._predicted), st.outcomes)
 
     def close(self, timeout: float = 5.0) -> None:
         """Tell the cloud worker to stop serving and wait for its acknowledgement."""

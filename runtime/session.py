@@ -41,6 +41,10 @@ class _Pending:
 
 PENDING = _Pending()
 
+#: How often the receiver looks whether the cloud has stalled (no result for
+#: ``StreamConfig.timeout_s`` with requests in flight): a caller waits at most that long more.
+STALL_POLL_S = 0.05
+
 
 @dataclass
 class Busy:
@@ -82,18 +86,22 @@ class StreamSession:
         self.last_progress = time.perf_counter()
         self.audits: set[int] = set()   # answered on the end, a copy sent to check the answer
         self.last_try = 0.0
+        self.dialing = False    # a reconnect is under way (``try_reconnect``)
+        self.closed = False     # the stream is over: a late dial is dropped
         self.stopped_epoch = -1
         self.threads: list[threading.Thread] = []
         self.send_q: queue.Queue = queue.Queue(w.config.queue_size)
 
     # -------------------------------------------------------------- link lifecycle
     def start_link(self, endpoint: Endpoint) -> None:
-        self.w.endpoint = endpoint
-        with self.cv:
+        send_q: queue.Queue = queue.Queue(self.w.config.queue_size)
+        with self.cv:   # the new queue with the new epoch: a request never lands in an old one
+            self.w.endpoint = endpoint
+            self.send_q = send_q
             self.epoch += 1
             self.up = True
             epoch = self.epoch
-        self.send_q = queue.Queue(self.w.config.queue_size)
+            self.cv.notify_all()
         self.threads = [threading.Thread(target=self._sender, args=(epoch, endpoint, self.send_q),
                                          daemon=True, name="coach-send"),
                         threading.Thread(target=self._receiver, args=(epoch, endpoint),
@@ -104,6 +112,7 @@ class StreamSession:
 
     def stop_link(self) -> None:
         with self.cv:
+            self.closed = True
             self.stopped_epoch = self.epoch if self.up else -1
             self.up = False
             self.epoch += 1
@@ -132,20 +141,40 @@ class StreamSession:
                 pass
 
     def try_reconnect(self) -> None:
+        """Dial the cloud again, at most every ``retry_s``, on a thread of its own: the stream
+        goes on meanwhile (its requests settled by the fallback), however long a dial takes."""
         if self.error is not None:
             raise self.error
         if self.w.reconnect is None or time.perf_counter() - self.last_try < self.w.config.retry_s:
             return
+        with self.cv:
+            if self.dialing or self.closed:
+                return
+            self.dialing = True
         self.last_try = time.perf_counter()
+        threading.Thread(target=self._dial, daemon=True, name="coach-dial").start()
+
+    def _dial(self) -> None:
         try:
             endpoint = self.w.reconnect()
         except Exception as e:  # noqa: BLE001 - still down; try again later
             self.w.events.append(f"reconnect failed: {e}")
-            return
-        if self.epoch > 0:   # not the first connection of a stream that began without one
-            self.outcomes.reconnects += 1
-        self.w.events.append("reconnected" if self.epoch > 0 else "connected")
-        self.start_link(endpoint)
+            endpoint = None
+        with self.cv:
+            self.dialing = False
+            self.last_try = time.perf_counter()
+            if endpoint is None or self.closed or self.up:
+                stale = endpoint
+                endpoint = None
+            else:
+                stale = None
+                if self.epoch > 0:   # not the first connection of a stream that began without one
+                    self.outcomes.reconnects += 1
+                self.w.events.append("reconnected" if self.epoch > 0 else "connected")
+        if stale is not None:
+            stale.close()
+        if endpoint is not None:
+            self.start_link(endpoint)
 
     # -------------------------------------------------------------- per request
     def send(self, i: int, x: tuple) -> bool:
@@ -163,8 +192,7 @@ class StreamSession:
         self.busy.end += emulate(t0, w.config.end_slowdown, prep.end_host_s)
         if prep.answered:
             with self.cv:
-                self.results[i] = prep.answer
-                self.done[i] = time.perf_counter()
+                self._set_result(i, prep.answer)
                 self.outcomes.answered_on_end += 1
                 if prep.msg is not None:
                     self.audits.add(i)
@@ -221,8 +249,7 @@ class StreamSession:
             if audit:
                 self.audits.discard(i)
             else:
-                self.results[i] = prep.answer
-                self.done[i] = time.perf_counter()
+                self._set_result(i, prep.answer)
                 self.outcomes.finished_on_end += 1
             self.cv.notify_all()
         return True
@@ -244,9 +271,17 @@ class StreamSession:
             self.outcomes.failed += 1
         with self.cv:
             if self.results[i] is PENDING:
-                self.results[i] = out
-                self.done[i] = time.perf_counter()
+                self._set_result(i, out)
             self.cv.notify_all()
+
+    def _set_result(self, i: int, out: Any) -> None:
+        """Request ``i``'s one result (under ``cv``); handed on at once where the worker
+        delivers results as they come (``EndWorker(deliver=...)``)."""
+        self.results[i] = out
+        self.done[i] = time.perf_counter()
+        self.cv.notify_all()
+        if self.w.deliver is not None:
+            self.w.deliver(i, out)
 
     def settle_failed(self) -> None:
         with self.cv:
@@ -304,7 +339,7 @@ class StreamSession:
             # runs past the stream's end, until the cloud acknowledges close or the link fails
             while epoch == self.epoch or self.stopped_epoch == epoch:
                 try:
-                    msg = endpoint.recv(min(0.25, w.config.timeout_s))
+                    msg = endpoint.recv(min(STALL_POLL_S, w.config.timeout_s))
                 except LinkTimeout:
                     with self.cv:
                         busy = bool(self.inflight)
@@ -320,7 +355,13 @@ class StreamSession:
                     return      # the cloud acknowledged close
                 if flags & FLAG_ERROR:
                     text = bytes(entries[0].value().tolist()).decode(errors="replace")
-                    raise RemoteError(f"the cloud failed on request {req}: {text}")
+                    if w.config.fallback is None:
+                        raise RemoteError(f"the cloud failed on request {req}: {text}")
+                    with self.cv:   # a fallback settles that request alone; the stream goes on
+                        if req in self.inflight and self.results[req] is PENDING:
+                            self.to_settle.append((req, f"the cloud failed on it: {text}"))
+                            self.cv.notify_all()
+                    continue
                 out = entries_to_output(entries, w.out_spec)
                 st = stats_of(entries)
                 with self.cv:
@@ -335,9 +376,7 @@ class StreamSession:
                         del self.inflight[req]
                         self.busy.cloud += st[0] if st else 0.0
                         self.busy.wire += st[2] if len(st) > 2 else 0.0
-                        self.results[req] = out
-                        self.done[req] = time.perf_counter()
-                        self.cv.notify_all()
+                        self._set_result(req, out)
                 w.policy.on_result(req, out, st, audit)
         except RemoteError as e:
             with self.cv:
