@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from coach_fx.runtime.links.tls import TlsConfig
     from coach_fx.runtime.client import RemoteModel
     from coach_fx.runtime.server import CloudServer
+    from coach_fx.traces import Trace
 
 #: How a server batches by default: up to this many requests, the first held at most this long.
 SERVE_MAX_BATCH = 32
@@ -105,7 +106,8 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
 
 def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int]", *,
             token: bytes | str | None = None, tls: "TlsConfig | None" = None,
-            fallback: str | None = None, config: "StreamConfig | None" = None) -> "RemoteModel":
+            fallback: str | None = None, config: "StreamConfig | None" = None,
+            shape: "Trace | None" = None) -> "RemoteModel":
     """The end side of a served plan: ``target`` is the :class:`CompiledModel` whose plan the
     cloud serves, or that plan's saved directory (verified with ``token``, default
     ``$COACH_TOKEN``); ``address`` is ``"host:port"`` or ``(host, port)`` of a ``coach serve``.
@@ -116,7 +118,8 @@ def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int
     ``None`` raises, ``"local"`` answers on this device with the whole model (a saved plan
     needs ``cm.save(dir, whole=True)``), ``"error"`` gives those requests a ``RequestFailed``;
     reconnects go on in the background. ``config``: the stream's queues and timeouts
-    (``StreamConfig``; its ``fallback`` is this one's).
+    (``StreamConfig``; its ``fallback`` is this one's). ``shape``: pace the uplink to this
+    bandwidth trace (to try a plan on a slower link than the one at hand).
 
     Example::
 
@@ -156,7 +159,7 @@ def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int
                         f"{type(target).__name__} (an OnlineModel does not deploy yet)")
 
     def dial() -> Any:
-        return dial_tcp(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
+        return dial_tcp(host, port, token=secret, timeout_s=config.timeout_s, shape=shape, tls=tls)
     return RemoteModel(StaticPolicy(end, boundary), out_spec, dial, config, whole_model=whole)
 
 

@@ -6,7 +6,7 @@
     coach demo
     coach serve plan_dir --port 29517            # until SIGTERM/Ctrl-C; --sessions N: N ends
     coach serve plan_dir --host 0.0.0.0 --tls-cert cloud.pem --tls-key cloud.key
-    coach run plan_dir --host cloud.example --tls-ca cloud.pem --frames 100
+    coach run plan_dir --host cloud.example --tls-ca cloud.pem --synthetic 100
 
 The shared token comes from ``--token-file`` or ``$COACH_TOKEN``, never the command line.
 """

@@ -7,12 +7,16 @@ whole command line.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import threading
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
 from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
+from coach_fx.progress import Progress
 from coach_fx.runtime.links.tls import TlsConfig
 
 
@@ -113,13 +117,8 @@ def _serve_tcp(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    import numpy as np
-
     from coach_fx.artifact import load_half, make_frames
     from coach_fx.runtime.config import StreamConfig
-    from coach_fx.runtime.end import EndWorker
-    from coach_fx.runtime.links.gloo import GlooEndpoint
-    from coach_fx.runtime.policy import StaticPolicy
     from coach_fx.traces import Trace
 
     if a.threads:
@@ -131,54 +130,107 @@ def cmd_run(a: argparse.Namespace) -> int:
     shape = Trace.load(a.trace, scale=a.trace_scale) if a.trace else (
         Trace.constant(a.uplink_mbps) if a.uplink_mbps else None)
     slowdown = a.slowdown if a.slowdown is not None else half.meta["end"]["slowdown"]
-    frames = make_frames(half.input_specs, a.frames, a.seed)
-    local = load_half(a.dir, "model", key=token).module if a.fallback == "local" else None
-    if a.link == "tcp":
-        from coach_fx.runtime.links.tcp import connect
-
-        def dial(retry_for: float = 0.0) -> object:
-            return connect(a.host, a.port, token=token, timeout_s=a.timeout, shape=shape,
-                           retry_for=retry_for, tls=tls_of(a))
-        # wait for the cloud to come up (it listens once its half is loaded), so that the
-        # end half is timed for the emulation while the host is quiet
-        try:
-            ep = dial(retry_for=a.timeout)
-        except Exception:  # noqa: BLE001
-            if not a.fallback:
-                raise
-            ep = None
-        reconnect = dial
+    if a.input is not None:
+        from coach_fx.inputs import read_inputs
+        source = read_inputs(a.input, half.input_specs)
+        named, total = iter(source), source.count
     else:
-        ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
-        reconnect = None
-    policy = StaticPolicy(half.module, half.boundary)
-    worker = EndWorker(ep, half.out_spec, policy,
-                       StreamConfig(end_slowdown=slowdown, timeout_s=a.timeout, fallback=a.fallback),
-                       whole_model=local, reconnect=reconnect)
-    try:
-        outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
-        try:
-            worker.close()
-        except Exception:  # noqa: BLE001 - the cloud may be gone (a fallback handled it)
-            pass
-    finally:
-        if worker.endpoint is not None:
-            worker.endpoint.close()
+        named = ((f"synthetic[{k}]", x) for k, x in enumerate(make_frames(half.input_specs, a.synthetic, a.seed)))
+        total = a.synthetic
+    config = StreamConfig(end_slowdown=slowdown, timeout_s=a.timeout, fallback=a.fallback)
+    names: list[str] = []
+
+    def frames() -> Iterator[tuple]:
+        for name, x in named:
+            names.append(name)
+            yield x
+    writer = OutputWriter(a.output)
+    bar = Progress("coach run", enabled=not a.quiet)
+    if a.link == "tcp":
+        import coach_fx
+        with coach_fx.connect(a.dir, (a.host, a.port), token=token, tls=tls_of(a), fallback=a.fallback,
+                              config=config, shape=shape) as rm:
+            for k, out in enumerate(rm.stream(frames())):
+                writer.add(names[k], out)
+                hits = rm.stats().outcomes.answered_on_end if k % 20 == 0 else None
+                bar.update(k + 1, total or k + 1, f"coach run {k + 1} frames" + (f", {hits} hits" if hits else ""))
+            stats = rm.stats()
+    else:
+        stats = _run_gloo(a, half, shape, config, frames(), names, writer)
+    bar.close()
+    writer.close()
     rate = f"trace {a.trace} x{a.trace_scale}" if a.trace else (
         f"{a.uplink_mbps} Mbit/s" if a.uplink_mbps else "unshaped")
-    ref = f"; end half {policy.end_host_s * 1e3:.2f} ms on this host" if policy.end_host_s else ""
-    print(f"coach run: {a.frames} frames, end slowdown {slowdown}, uplink {rate}{ref}")
+    print(f"coach run: {stats.n} frames from {a.input or 'synthetic frames'}, end slowdown {slowdown}, "
+          f"uplink {rate}" + (f"; results in {a.output}" if a.output else ""))
     print(stats.table())
     if a.fallback:
         o = stats.outcomes
         print(f"faults: {o.fell_back} run locally, {o.failed} failed, {o.dropped} late "
               f"replies dropped, {o.reconnects} reconnects")
-    if a.save_outputs:
-        from coach_fx._compat import tree_flatten
-        arrays = {f"o{i}_{j}": t.numpy() for i, o in enumerate(outs) if not isinstance(o, Exception)
-                  for j, t in enumerate(tree_flatten(o)[0]) if isinstance(t, torch.Tensor)}
-        np.savez(a.save_outputs, **arrays)
     return 0
+
+
+def _run_gloo(a: argparse.Namespace, half: Any, shape: Any, config: Any, frames: Iterator[tuple],
+              names: list[str], writer: "OutputWriter") -> Any:
+    """The end side over torch.distributed (trusted networks): one stream, no reconnects."""
+    from coach_fx.artifact import load_half
+    from coach_fx.runtime.end import EndWorker
+    from coach_fx.runtime.links.gloo import GlooEndpoint
+    from coach_fx.runtime.policy import StaticPolicy
+
+    whole = load_half(a.dir, "model", key=token_of(a)).module if a.fallback == "local" else None
+    ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
+    worker = EndWorker(ep, half.out_spec, StaticPolicy(half.module, half.boundary), config, whole_model=whole)
+    try:
+        outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
+        worker.close()
+    finally:
+        ep.close()
+    for k, out in enumerate(outs):
+        writer.add(names[k], out)
+    return stats
+
+
+class OutputWriter:
+    """``--output``: ``.jsonl`` (one line per frame as it comes: its name and, for a classifier's
+    (N, classes) output, the top-1 class of each sample) or ``.npz`` (every output tensor)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.kind = None if path is None else Path(path).suffix.lower()
+        if self.kind not in (None, ".jsonl", ".npz"):
+            raise ValueError(f"--output {path}: write .jsonl or .npz")
+        self.file = open(path, "w") if self.kind == ".jsonl" else None
+        self.arrays: dict[str, Any] = {}
+        self.n = 0
+
+    def add(self, name: str, out: Any) -> None:
+        from coach_fx._compat import tree_flatten
+        k, self.n = self.n, self.n + 1
+        if self.kind is None:
+            return
+        if isinstance(out, Exception):
+            row: dict[str, Any] = {"frame": k, "source": name, "error": str(out)}
+        else:
+            tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if self.kind == ".npz":
+                self.arrays.update({f"o{k}_{j}": t.numpy() for j, t in enumerate(tensors)})
+                return
+            row = {"frame": k, "source": name}
+            if len(tensors) == 1 and tensors[0].dim() == 2:
+                row["top1"] = tensors[0].argmax(1).tolist()
+            else:
+                row["shapes"] = [list(t.shape) for t in tensors]
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        elif self.kind == ".npz":
+            import numpy as np
+            np.savez(self.path, **self.arrays)
 
 
 def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
@@ -224,9 +276,16 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--trace", default=None, help="shape the uplink to this bandwidth trace")
             p.add_argument("--trace-scale", type=float, default=1.0)
             p.add_argument("--uplink-mbps", type=float, default=None, help="shape to a constant rate")
-            p.add_argument("--frames", type=int, default=50)
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--save-outputs", default=None, metavar="FILE.npz")
+            src = p.add_mutually_exclusive_group()
+            src.add_argument("--input", default=None, metavar="PATH",
+                             help="your frames: a folder of PNG/JPEG images (resized to the plan's "
+                                  "input, floats in [0, 1]), .npy files, or a video torchvision decodes")
+            src.add_argument("--synthetic", type=int, default=50, metavar="N",
+                             help="N random frames of the plan's input shape (default, 50)")
+            p.add_argument("--seed", type=int, default=0, help="of the synthetic frames")
+            p.add_argument("--output", default=None, metavar="FILE",
+                           help="results: .jsonl (top-1 class per frame for classifiers) or .npz")
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
             p.add_argument("--fallback", choices=["local", "error"], default=None,
                            help="when the cloud fails: run requests locally (needs a plan saved "
                                 "with --save-whole) or fail them; reconnects meanwhile")

@@ -4,6 +4,7 @@ fallback. Outcomes only (counts, equality, order); the longest wait between two 
 printed, not asserted."""
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,17 @@ from coach_fx.runtime.links.base import LinkError
 from coach_fx.runtime.session import RequestFailed
 
 TOKEN = b"a shared secret for the test"
+COACH = str(Path(sys.executable).with_name("coach"))
+ENV = {**os.environ, "COACH_TOKEN": TOKEN.decode()}   # never the token on a command line
+
+
+def coach_serve(plan_dir, port):
+    """``coach serve`` as a subprocess, once it listens."""
+    proc = subprocess.Popen([COACH, "serve", str(plan_dir), "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV)
+    line = proc.stdout.readline()
+    assert "coach serve: cloud half" in line, line + proc.stdout.read()
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +133,8 @@ def test_a_frozen_cloud_blocks_no_caller_longer_than_the_timeout(plan, free_port
     every request is answered once, in order, by the cloud or the device; after SIGCONT the
     end reconnects in the background. The longest wait between two results is printed."""
     cm, m, d = plan
-    coach = str(Path(sys.executable).with_name("coach"))
-    proc = subprocess.Popen([coach, "serve", str(d), "--port", str(free_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COACH_TOKEN": TOKEN.decode()})
+    proc = coach_serve(d, free_port)
     try:
-        assert "coach serve: cloud half" in proc.stdout.readline()
         frames, events = [], {}
 
         def camera():
@@ -172,3 +180,35 @@ def test_a_frozen_cloud_blocks_no_caller_longer_than_the_timeout(plan, free_port
     assert all(close_to(m, f, r) for f, r in zip(frames, got))
     assert o.fell_back >= 1 and o.reconnects >= 1, link_events
     assert len(got) - o.fell_back > 60       # the cloud answered before and after the freeze
+
+
+def test_coach_run_input_folder_writes_each_image_s_top1(plan, free_port, tmp_path):
+    """``coach run --input`` a folder of images, ``--output`` JSONL: one line per image, in name
+    order, with the model's top-1 class on that image as the plan's input."""
+    from PIL import Image
+
+    from coach_fx.inputs import read_inputs
+    cm, m, d = plan
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for k in range(12):
+        img = torch.randint(0, 256, (20, 24, 3), dtype=torch.uint8).numpy()
+        Image.fromarray(img).save(pics / f"img{k:02d}.{'png' if k % 2 else 'jpg'}")
+    out = tmp_path / "out.jsonl"
+    proc = coach_serve(d, free_port)
+    try:
+        run = subprocess.run([COACH, "run", str(d), "--port", str(free_port), "--input", str(pics),
+                              "--output", str(out), "--quiet"], capture_output=True, text=True,
+                             timeout=120, env=ENV)
+    finally:
+        proc.kill()
+        proc.wait(60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "12 frames from" in run.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = [(name, int(cm(x).argmax(1))) for name, (x,) in read_inputs(pics, [{"shape": [1, 3, 8, 8],
+                                                                               "dtype": "torch.float32"}])]
+    assert [(r["source"], r["top1"][0]) for r in rows] == want
+    bad = subprocess.run([COACH, "run", str(d), "--port", str(free_port), "--input", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert bad.returncode != 0 and "no such file" in bad.stdout + bad.stderr

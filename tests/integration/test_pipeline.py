@@ -119,8 +119,8 @@ def test_two_processes_over_gloo_match_in_process(saved, tmp_path, free_port):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = tmp_path / "out.npz"
-        run = subprocess.run(_coach("run", d, "--port", port, "--frames", 6, "--seed", 3,
-                                    "--save-outputs", out, "--timeout", 30, "--link", "gloo"),
+        run = subprocess.run(_coach("run", d, "--port", port, "--synthetic", 6, "--seed", 3,
+                                    "--output", out, "--timeout", 30, "--link", "gloo"),
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stdout + run.stderr
         assert "throughput" in run.stdout
@@ -140,7 +140,7 @@ def test_killed_cloud_gives_clear_error_within_timeout(saved, free_port):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         serve.stdout.readline()     # the cloud has loaded its half and waits for the end
-        run = subprocess.Popen(_coach("run", d, "--port", port, "--frames", 2000, "--timeout", 15, "--link", "gloo"),
+        run = subprocess.Popen(_coach("run", d, "--port", port, "--synthetic", 2000, "--timeout", 15, "--link", "gloo"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         serve.stdout.readline()     # the end side is connected
         time.sleep(1)           # streaming by now (2000 frames at slowdown 50 last long)

@@ -450,7 +450,7 @@ def test_tampered_plan_directories_are_refused_before_any_code_runs(plan, tmp_pa
     shutil.copytree(d, t)
     _flip_byte(t / "model.tensors")
     r = subprocess.run([COACH, "run", str(t), "--port", str(free_port), "--fallback", "local",
-                        "--frames", "2", "--timeout", "5"],
+                        "--synthetic", "2", "--timeout", "5"],
                        capture_output=True, text=True, env={**os.environ, "COACH_TOKEN": TOKEN}, timeout=120)
     print(f"coach run, model.tensors flipped: rc {r.returncode}: {r.stderr.strip()[:160]}")
     assert r.returncode == 2, (r.stdout, r.stderr)
