@@ -1,10 +1,9 @@
 """A real link: two network namespaces joined by a veth pair, the end's egress shaped with
-``tc qdisc ... tbf`` whose rate follows a schedule, and our gloo link across it. Skips where
-not root or where ip/tc/tbf are unavailable."""
+``tc qdisc ... tbf`` whose rate follows a schedule replayed by ``runtime.links.kernel``, and
+our gloo link across it. Skips where not root or where ip/tc/tbf are unavailable."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,58 +11,40 @@ from pathlib import Path
 
 import pytest
 
+from coach_fx.runtime.links.kernel import ShapedLink, kernel_link_unavailable
+from coach_fx.traces import Trace
+
 SCHEDULE = [(20, 3.0), (5, 3.0), (10, 3.0)]   # (Mbit/s, seconds)
-NS_E, NS_C = f"coach_e{os.getpid()}", f"coach_c{os.getpid()}"
-VE, VC = f"ve{os.getpid() % 100000}", f"vc{os.getpid() % 100000}"
-IP_E, IP_C = "10.211.77.1", "10.211.77.2"
-
-
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 @pytest.fixture
-def netns():
-    if os.geteuid() != 0:
-        pytest.skip("needs root for network namespaces and tc")
-    if not shutil.which("ip") or not shutil.which("tc"):
-        pytest.skip("needs iproute2 (ip, tc)")
+def link():
+    """The library's shaped veth link (``runtime.links.kernel``), the schedule as its trace."""
+    why = kernel_link_unavailable()
+    if why:
+        pytest.skip(why)
+    times = tuple(sum(d for _, d in SCHEDULE[:k]) for k in range(len(SCHEDULE)))
+    trace = Trace(times, tuple(float(r) for r, _ in SCHEDULE), sum(d for _, d in SCHEDULE) + 60)
     try:
-        sh("ip", "netns", "add", NS_E)
-        sh("ip", "netns", "add", NS_C)
-        sh("ip", "link", "add", VE, "type", "veth", "peer", "name", VC)
-        sh("ip", "link", "set", VE, "netns", NS_E)
-        sh("ip", "link", "set", VC, "netns", NS_C)
-        for ns, dev, ip in ((NS_E, VE, IP_E), (NS_C, VC, IP_C)):
-            sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ip}/30", "dev", dev)
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
-            sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        rate = SCHEDULE[0][0]
-        sh("ip", "netns", "exec", NS_E, "tc", "qdisc", "add", "dev", VE, "root", "tbf",
-           "rate", f"{rate}mbit", "burst", "32kbit", "latency", "50ms")
-    except subprocess.CalledProcessError as e:
-        _cleanup()
-        pytest.skip(f"cannot build a shaped veth link here: {e.stderr.strip() or e}")
-    yield
-    _cleanup()
+        with ShapedLink(trace, tag=str(os.getpid() % 100000)) as shaped:
+            yield shaped
+    except RuntimeError as e:
+        pytest.skip(str(e))
 
 
-def _cleanup() -> None:
-    for ns in (NS_E, NS_C):
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def test_goodput_follows_tbf_schedule(netns, tmp_path):
+def test_goodput_follows_tbf_schedule(link, tmp_path):
     peer = str(Path(__file__).with_name("netns_peer.py"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     total = sum(d for _, d in SCHEDULE)
     log = tmp_path / "recv.jsonl"
     port = "29711"
-    cloud = subprocess.Popen(["ip", "netns", "exec", NS_C, sys.executable, peer, "cloud", IP_C, port,
-                              str(total), str(log)], env={**env, "GLOO_SOCKET_IFNAME": VC},
+    cloud = subprocess.Popen(link.run_in("cloud", [sys.executable, peer, "cloud", link.cloud_ip, port,
+                                                    str(total), str(log)]),
+                             env={**env, "GLOO_SOCKET_IFNAME": link.dev["cloud"]},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    end = subprocess.Popen(["ip", "netns", "exec", NS_E, sys.executable, peer, "end", IP_C, port,
-                            str(total + 6), "-"], env={**env, "GLOO_SOCKET_IFNAME": VE},
+    end = subprocess.Popen(link.run_in("end", [sys.executable, peer, "end", link.cloud_ip, port,
+                                                str(total + 6), "-"]),
+                           env={**env, "GLOO_SOCKET_IFNAME": link.dev["end"]},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # wait for the first message to arrive: the link is up, the schedule starts now
@@ -71,13 +52,7 @@ def test_goodput_follows_tbf_schedule(netns, tmp_path):
         while (not log.exists() or log.stat().st_size == 0) and time.monotonic() < deadline:
             assert cloud.poll() is None and end.poll() is None, (cloud.stdout.read(), end.stdout.read())
             time.sleep(0.05)
-        changes = []
-        for i, (rate, dur) in enumerate(SCHEDULE):
-            if i:
-                sh("ip", "netns", "exec", NS_E, "tc", "qdisc", "change", "dev", VE, "root", "tbf",
-                   "rate", f"{rate}mbit", "burst", "32kbit", "latency", "50ms")
-            changes.append((time.monotonic(), rate, dur))
-            time.sleep(dur)
+        link.replay()          # the library follows the schedule from now, a rate per sample
         out_e, _ = end.communicate(timeout=60)
         out_c, _ = cloud.communicate(timeout=60)
         assert end.returncode == 0 and cloud.returncode == 0, out_e + out_c
@@ -87,7 +62,9 @@ def test_goodput_follows_tbf_schedule(netns, tmp_path):
                 p.kill()
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     report = []
-    for t0, rate, dur in changes:
+    applied = link.changes[1:1 + len(SCHEDULE)]     # the first entry is the initial rate
+    assert [r for _, r in applied] == [float(r) for r, _ in SCHEDULE], link.changes
+    for (t0, rate), (_, dur) in zip(applied, SCHEDULE):
         a, b = t0 + 0.5, t0 + dur      # leave the queue half a second to drain after a change
         inside = [(t, n) for t, n in rows if a <= t < b]
         assert len(inside) >= 10, (rate, len(inside))
