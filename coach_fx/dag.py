@@ -176,12 +176,25 @@ class LayerDAG:
     def nbytes(self, name: str) -> int:
         return self.info[name].bytes
 
+    def resolve(self, names: Iterable[str]) -> frozenset[str]:
+        """DAG nodes named by ``names``: a DAG node's own name, or the name of an fx node it
+        folds in (a ``chunk``'s ``getitem``: its group). An unknown name is a ``ValueError``."""
+        group = {m: g for g, ms in self.members.items() for m in ms}
+        unknown = [n for n in names if n not in self.info and n not in group]
+        if unknown:
+            raise ValueError(f"unknown node(s) {unknown[:5]}: name DAG nodes (cm.dag.nodes, e.g. "
+                             f"{list(self.nodes)[:4]}) or fx nodes they fold in")
+        return frozenset(n if n in self.info else group[n] for n in names)
+
     def quant_cost(self, bits: int) -> tuple[float, float]:
         """(end, cloud) seconds per element to send a float tensor with ``bits`` bits."""
         if bits >= 32:
             return (0.0, 0.0)
         q = self.quant_s_per_elem
         if isinstance(q, Mapping):
+            if not q:
+                raise ValueError(f"no quantize cost measured for {bits} bits: this DAG was built "
+                                 "for float crossings only (bits=(32,))")
             return q.get(bits) or q[min(q, key=lambda b: abs(b - bits))]
         return q
 

@@ -156,7 +156,9 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
                host: dict[str, float] | None) -> LayerDAG:
     host = host if host is not None else host_times(gm, example_inputs, settings)
     quant = {}
-    for b in settings.bits:
+    # every width a plan may price: the search's and the model input's (it crosses at
+    # ``input_bits`` whatever ``bits`` holds)
+    for b in sorted(set(settings.bits) | {settings.input_bits}):
         if b >= 32:
             continue
         qe, qc = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM) if settings.costs == "analytic" \

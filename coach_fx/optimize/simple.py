@@ -12,7 +12,7 @@ def manual(p: Problem, end_nodes: Sequence[str] | None, bits: int | Mapping[str,
     """The caller's end set and bits (an int for every crossing tensor, or name -> bits)."""
     if end_nodes is None:
         raise ValueError("strategy='manual' needs end_nodes=[...] (names from cm.dag.nodes)")
-    s = frozenset(end_nodes)
+    s = p.dag.resolve(end_nodes)
     cut = p.dag.crossing(s) if p.dag.is_closed(s) else ()
     b = plan_bits(p.dag, cut, bits) if not isinstance(bits, Mapping) else dict(bits)
     return evaluate(p.dag, s, b, p.network, strategy="manual", objective=p.objective)

@@ -185,3 +185,34 @@ def test_a_varying_trace_is_planned_across_its_rates(objective):
         assert cost(planned) < cost(flat) and "rate quantiles" in planned.extra["for_trace"]
         # the expectation over arrival times: on a constant trace it is the plan's latency
         assert expected_latency(flat, Network(tr.mean_mbps)) == flat.latency
+
+
+class _TwoBranch(nn.Module):
+    """conv -> chunk -> (conv | as is) -> cat: ``chunk``'s getitems fold into one DAG node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        p, q = self.a(x).chunk(2, 1)
+        return torch.cat([self.b(p), q], 1)
+
+
+def test_float_only_bits_price_the_input_at_input_bits_without_crashing():
+    """bits=(32,): the model input still crosses at ``input_bits`` (8), whose quantize cost is
+    measured too (it used to be missing: ``min() arg is an empty sequence``)."""
+    m, x = _TwoBranch().eval(), torch.randn(1, 4, 4, 4)
+    cm = coach_fx.compile(m, (x,), bits=(32,), costs="analytic", progress=False)
+    assert all(b == 32 for c, b in cm.plan.bits.items() if c not in cm.dag.inputs)
+    assert torch.allclose(cm(x), m(x), atol=0.1)
+
+
+def test_manual_end_nodes_may_name_folded_fx_nodes_and_unknown_ones_are_named():
+    m, x = _TwoBranch().eval(), torch.randn(1, 4, 4, 4)
+    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["a", "getitem"], bits=8,
+                          costs="analytic", progress=False)
+    assert set(cm.plan.end_nodes) == {"a", "chunk"}
+    with pytest.raises(ValueError, match=r"unknown node\(s\) \['nope'\]"):
+        coach_fx.compile(m, (x,), strategy="manual", end_nodes=["a", "nope"], costs="analytic",
+                         progress=False)
