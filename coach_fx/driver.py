@@ -16,7 +16,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from coach_fx.plan import AccuracyCheck
 from coach_fx.accuracy import AccuracyOracle
 from coach_fx.compiled import InputError, example_tuple
 from coach_fx.profile import build_dag
@@ -27,7 +26,7 @@ from coach_fx.optimize.simple import manual
 from coach_fx.optimize.trace import plan_for_trace, varies
 from coach_fx.passes.annotate import annotate, keeps_effect
 from coach_fx.passes.capture import capture
-from coach_fx.plan import Plan
+from coach_fx.plan import AccuracyCheck, Plan
 from coach_fx.settings import Settings
 
 
@@ -56,11 +55,11 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
                strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
     """Plan an already prepared model with ``strategy`` (default: the settings')."""
     strategy = strategy or settings.strategy
-    if strategy == "manual":
-        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
-        return manual(problem, settings.end_nodes, settings.manual_bits), oracle
     if oracle is None and strategy not in ("end-only",):
         oracle = AccuracyOracle(gm, dag, settings, inputs)
+    if strategy == "manual":   # the caller's plan as asked; its accuracy is reported, not enforced
+        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
+        return checked(manual(problem, settings.end_nodes, settings.manual_bits), oracle), oracle
     # baselines are what their papers do: only coach's own searches code crossings
     coding = settings.tensor_codecs if strategy in CODING_STRATEGIES else ()
     problem = Problem(dag, settings.network, settings.objective, settings.bits,
@@ -71,16 +70,22 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
         plan = plan_for_trace(problem, plan, settings.input_bits)
     if strategy in CODING_STRATEGIES and settings.per_tensor_bits:
         plan = per_tensor_bits(problem, plan)
-    if oracle is not None:
-        metric = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
-        what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
-                "l2": "output relative L2"}[oracle.mode]
-        note = f"{what} {metric:.4f}; check: {oracle.describe()}"
-        if oracle.bounded:
-            note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
-        plan = dataclasses.replace(plan, check=AccuracyCheck(
-            metric, oracle.ok(plan.end_nodes, plan.bits, plan.codecs), note))
-    return plan, oracle
+    return checked(plan, oracle), oracle
 
 
-__all__ = ["plan_model", "prepare"]
+def checked(plan: Plan, oracle: AccuracyOracle | None) -> Plan:
+    """``plan`` with the oracle's verdict (``Plan.check``): the measured metric, whether it
+    is within the budget, and a note saying what was measured how."""
+    if oracle is None:
+        return plan
+    metric = oracle.metric(plan.end_nodes, plan.bits, plan.codecs)
+    what = {"labels": "top-1 drop", "agreement": "top-1 disagreement",
+            "l2": "output relative L2"}[oracle.mode]
+    note = f"{what} {metric:.4f}; check: {oracle.describe()}"
+    if oracle.bounded:
+        note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
+    return dataclasses.replace(plan, check=AccuracyCheck(
+        metric, oracle.ok(plan.end_nodes, plan.bits, plan.codecs), note))
+
+
+__all__ = ["checked", "plan_model", "prepare"]

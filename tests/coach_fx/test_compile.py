@@ -216,3 +216,11 @@ def test_manual_end_nodes_may_name_folded_fx_nodes_and_unknown_ones_are_named():
     with pytest.raises(ValueError, match=r"unknown node\(s\) \['nope'\]"):
         coach_fx.compile(m, (x,), strategy="manual", end_nodes=["a", "nope"], costs="analytic",
                          progress=False)
+
+
+def test_a_manual_plan_reports_its_accuracy():
+    m, x = _TwoBranch().eval(), torch.randn(1, 4, 4, 4)
+    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["a"], bits=2, costs="analytic",
+                          progress=False)
+    assert cm.plan.accuracy is not None and cm.plan.accuracy > 0 and "relative L2" in cm.plan.note
+    assert "accuracy:" in cm.report()
