@@ -55,11 +55,17 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
                strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
     """Plan an already prepared model with ``strategy`` (default: the settings')."""
     strategy = strategy or settings.strategy
-    if oracle is None and strategy not in ("end-only",):
-        oracle = AccuracyOracle(gm, dag, settings, inputs)
     if strategy == "manual":   # the caller's plan as asked; its accuracy is reported, not enforced
         problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
-        return checked(manual(problem, settings.end_nodes, settings.manual_bits), oracle), oracle
+        plan = manual(problem, settings.end_nodes, settings.manual_bits)
+        try:
+            oracle = oracle or AccuracyOracle(gm, dag, settings, inputs)
+            return checked(plan, oracle), oracle
+        except Exception as e:  # noqa: BLE001 - a model the oracle cannot run: say so, plan as asked
+            note = f"accuracy not measured: the oracle cannot run this model ({type(e).__name__}: {e})"
+            return dataclasses.replace(plan, check=AccuracyCheck(note=note)), None
+    if oracle is None and strategy not in ("end-only",):
+        oracle = AccuracyOracle(gm, dag, settings, inputs)
     # baselines are what their papers do: only coach's own searches code crossings
     coding = settings.tensor_codecs if strategy in CODING_STRATEGIES else ()
     problem = Problem(dag, settings.network, settings.objective, settings.bits,
