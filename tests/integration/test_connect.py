@@ -23,6 +23,9 @@ from coach_fx.runtime.session import RequestFailed
 
 TOKEN = b"a shared secret for the test"
 COACH = str(Path(sys.executable).with_name("coach"))
+#: How long the frozen-cloud test stops the cloud (issue #16 asks about 20 s: set it so to see
+#: that case; the suite keeps it shorter, the behaviour is the same after the first timeout)
+FREEZE_S = float(os.environ.get("COACH_TEST_FREEZE_S", "12"))
 ENV = {**os.environ, "COACH_TOKEN": TOKEN.decode()}   # never the token on a command line
 
 
@@ -129,7 +132,7 @@ def test_bad_targets_and_addresses_are_named():
 
 
 def test_a_frozen_cloud_blocks_no_caller_longer_than_the_timeout(plan, free_port):
-    """``coach serve`` stopped (SIGSTOP) for 20 s mid-stream, 2 s timeout, fallback="local":
+    """``coach serve`` stopped (SIGSTOP) for FREEZE_S mid-stream, 2 s timeout, fallback="local":
     every request is answered once, in order, by the cloud or the device; after SIGCONT the
     end reconnects in the background. The longest wait between two results is printed."""
     cm, m, d = plan
@@ -139,7 +142,7 @@ def test_a_frozen_cloud_blocks_no_caller_longer_than_the_timeout(plan, free_port
 
         def camera():
             """Frames until 60 after the end is back on the cloud (or 120 s after the thaw): the
-            cloud is stopped at frame 50 for 20 s."""
+            cloud is stopped at frame 50 for FREEZE_S."""
             k = 0
             while "back" not in events or k < events["back"] + 60:
                 if "thawed" in events and "back" not in events and (
@@ -149,7 +152,7 @@ def test_a_frozen_cloud_blocks_no_caller_longer_than_the_timeout(plan, free_port
                     proc.send_signal(signal.SIGSTOP)
                     events["stopped"] = time.monotonic()
                 if "stopped" in events and "thawed" not in events \
-                        and time.monotonic() - events["stopped"] > 20:
+                        and time.monotonic() - events["stopped"] > FREEZE_S:
                     proc.send_signal(signal.SIGCONT)
                     events["thawed"] = k
                 f = torch.randn(1, 3, 8, 8)

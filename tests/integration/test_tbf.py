@@ -14,7 +14,7 @@ import pytest
 from coach_fx.runtime.links.kernel import ShapedLink, kernel_link_unavailable
 from coach_fx.traces import Trace
 
-SCHEDULE = [(20, 3.0), (5, 3.0), (10, 3.0)]   # (Mbit/s, seconds)
+SCHEDULE = [(20, 2.0), (5, 2.0), (10, 2.0)]   # (Mbit/s, seconds)
 
 
 @pytest.fixture

@@ -135,7 +135,9 @@ def tv_dags():
 def test_torchvision_coach_and_baselines_exact(tv_dags, name):
     dag = tv_dags[name]
     rng = random.Random(name)
-    for mbps in (2, 20, 200):
+    # googlenet has 8838 closed sets: brute force there is most of this test's time, so it is
+    # checked at one rate (benchmarks/planner.py checks it again)
+    for mbps in (20,) if name == "googlenet" else (2, 20, 200):
         oracle = SetOracle(dag, rng)
         for objective in ("throughput", "latency"):
             p = Problem(dag, Network(mbps), objective, BITS, 8, oracle)
