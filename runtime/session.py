@@ -96,6 +96,9 @@ class StreamSession:
     def start_link(self, endpoint: Endpoint) -> None:
         send_q: queue.Queue = queue.Queue(self.w.config.queue_size)
         with self.cv:   # the new queue with the new epoch: a request never lands in an old one
+            if self.closed:          # a dial that finished after the stream did
+                endpoint.close()
+                return
             self.w.endpoint = endpoint
             self.send_q = send_q
             self.epoch += 1
