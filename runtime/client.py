@@ -161,9 +161,6 @@ class RemoteModel:
                 w.endpoint.close()
 
     def _deliver(self, i: int, out: Any) -> None:
-        st = self._worker.session
-        if st is not None:
-            st.results[i] = None     # handed on: the stream keeps no results (bounded memory)
         with self._lock:
             fut = self._futures.pop(i, None)
         if fut is None:

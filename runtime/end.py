@@ -46,7 +46,8 @@ class EndWorker:
     gets exactly one result, in order: a late reply for a request already settled is dropped,
     not delivered twice. At most ``config.max_inflight`` requests wait for the cloud at once,
     so memory stays bounded however long the stream. ``deliver(i, result)``, where given, is
-    called with each result as it is settled (under the session's lock: it must not block).
+    called with each result as it is settled (under the session's lock: it must not block); the
+    stream then keeps no outputs (``run`` returns None in their places).
     """
 
     def __init__(self, endpoint: Endpoint | None, out_spec: Any, policy: Policy,

@@ -280,7 +280,8 @@ class StreamSession:
     def _set_result(self, i: int, out: Any) -> None:
         """Request ``i``'s one result (under ``cv``); handed on at once where the worker
         delivers results as they come (``EndWorker(deliver=...)``)."""
-        self.results[i] = out
+        # a result handed on is not kept: a long stream holds no outputs
+        self.results[i] = out if self.w.deliver is None else None
         self.done[i] = time.perf_counter()
         self.cv.notify_all()
         if self.w.deliver is not None:
