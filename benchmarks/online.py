@@ -59,24 +59,6 @@ TRACES = {"norway-hsdpa": "norway-hsdpa/norway_bus_20", "mahimahi-lte": "mahimah
 SLOWDOWN = 10.0
 
 
-def link_bound_share(trace: Trace, rate: float) -> float:
-    """Share of the trace's time whose rate is below ``rate``."""
-    ends = trace.times[1:] + (trace.duration,)
-    return sum(e - s for r, s, e in zip(trace.mbps, trace.times, ends) if r < rate) / trace.duration
-
-
-def scale_for_half(trace: Trace, rate: float) -> float:
-    """The factor that puts the trace's time-weighted median at ``rate``."""
-    ends = trace.times[1:] + (trace.duration,)
-    pts = sorted((r, e - s) for r, s, e in zip(trace.mbps, trace.times, ends))
-    acc = 0.0
-    for r, w in pts:
-        acc += w
-        if acc >= trace.duration / 2:
-            return rate / max(r, 1e-6)
-    return 1.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=0,
@@ -103,13 +85,6 @@ def main() -> None:
     (_, _), (xc, yc), (xt, yt) = digits_splits(frame=32)
     print(f"model: CameraDigitsNet (digits as 32x32 frames), trained/loaded in {time.perf_counter() - t0:.1f} s")
 
-    def breakeven(om) -> float:   # noqa: ANN001
-        """The rate below which the fixed plan's link is its bottleneck: its message bits over
-        its compute bottleneck (the end's work measured alone x the slowdown, the cloud half)."""
-        v, p = om.variants[om.offline], om.plans[om.offline]
-        compute = max(v.times.host_s * SLOWDOWN, p.t_cloud)
-        return v.message_bytes() * 8 / compute / 1e6
-
     rows, summary = [], {}
     for k, (tname, rel) in enumerate(TRACES.items()):
         if a.trace and tname not in a.trace:
@@ -126,13 +101,13 @@ def main() -> None:
             om = compile_online(model, (xc[:1],), network=Network(trace.mean_mbps, trace=trace),
                                 end=Device("end", SLOWDOWN), calibration=(xc, yc),
                                 accuracy_budget=a.budget, capacity=a.capacity, threads=1)
-            share = link_bound_share(trace, breakeven(om))
+            share = trace.share_below(om.breakeven_mbps())
             print(f"  {tname}: scale x{scale:.3f} -> fixed plan {om.plans[om.offline].cut}, link-bound "
                   f"{share:.0%} of the time", flush=True)
             tried.append((abs(share - 0.5), attempt, scale, trace, om, share))
             if 0.4 <= share <= 0.6:
                 break
-            scale *= scale_for_half(trace, breakeven(om))
+            scale *= trace.scale_for_median(om.breakeven_mbps())
         _, attempt, scale, trace, om, share = min(tried, key=lambda t: (t[0], t[1]))
         print(f"\n== {tname}: {rel}, rate x{scale:.3f} (mean {trace.mean_mbps:.2f} Mbit/s, "
               f"{raw.duration:.0f} s played at x{a.speed:g} speed); the fixed plan's link is the "

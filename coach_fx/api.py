@@ -24,6 +24,7 @@ from coach_fx.driver import plan_model, prepare
 from coach_fx.settings import DEFAULT_BITS, Settings
 
 if TYPE_CHECKING:
+    from coach_fx.online import OnlineModel
     from coach_fx.runtime.config import ServerConfig, StreamConfig
     from coach_fx.runtime.links.tls import TlsConfig
     from coach_fx.runtime.client import RemoteModel
@@ -66,9 +67,11 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
           token: bytes | str | None = None, tls: "TlsConfig | None" = None,
           config: "StreamConfig | None" = None, limits: "ServerConfig | None" = None,
           sessions: int | None = None) -> "CloudServer":
-    """Serve the cloud half of a saved plan to every end that holds ``token`` (default
-    ``$COACH_TOKEN``), many at once; returns the running server (``.wait()``, ``.drain()``,
-    ``.stop()``, ``.snapshot()``; a context manager). The same as ``coach serve``.
+    """Serve the cloud half of a saved plan (``cm.save``), or every plan's cloud half of a
+    saved online model (``om.save``: each request names its plan and carries its own bits),
+    to every end that holds ``token`` (default ``$COACH_TOKEN``), many at once; returns the
+    running server (``.wait()``, ``.drain()``, ``.stop()``, ``.snapshot()``; a context
+    manager). The same as ``coach serve``.
 
     The plan directory must be signed with the token (``cm.save(dir, key=token)``): it is
     verified before anything in it is read. ``config``: the cloud's slowdown and batching
@@ -82,35 +85,45 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
         >>> with coach_fx.serve("plan_dir", port=0, token=token) as server:   # doctest: +SKIP
         ...     print(server.address); server.wait()
     """
-    from coach_fx.artifact import load_half
+    from coach_fx.artifact import load_half, plan_meta
     from coach_fx.runtime.cloud import CloudHalf
     from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import TcpServer
     from coach_fx.runtime.server import CloudServer
+    from coach_fx.saved_online import load_online
 
     secret = shared_token(token)
-    half = load_half(plan_dir, "cloud", key=secret)
+    meta = plan_meta(plan_dir, key=secret)
+    online = meta.get("kind") == "online"
+    if online:   # every plan's cloud half; requests carry their plan id and bits
+        halves = load_online(plan_dir, "cloud", key=secret).cloud
+        if not halves:
+            raise ValueError(f"{plan_dir}: every plan of this online model runs on the end: nothing to serve")
+    else:
+        half = load_half(plan_dir, "cloud", key=secret)
+        halves = {0: CloudHalf(half.module, half.boundary, half.batched)}
     if config is None:
-        config = StreamConfig(cloud_slowdown=half.meta["cloud"]["slowdown"],
+        config = StreamConfig(cloud_slowdown=meta["cloud"]["slowdown"],
                               batching=Batching(SERVE_MAX_BATCH, SERVE_MAX_WAIT_S))
     listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
     try:
-        server = CloudServer({0: CloudHalf(half.module, half.boundary, half.batched)}, listener, config,
-                             limits or ServerConfig(), sessions=sessions)
+        server = CloudServer(halves, listener, config, limits or ServerConfig(), adaptive=online,
+                             sessions=sessions)
     except BaseException:
         listener.close()
         raise
     return server.start()
 
 
-def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int]", *,
+def connect(target: "CompiledModel | OnlineModel | str | Path", address: "str | tuple[str, int]", *,
             token: bytes | str | None = None, tls: "TlsConfig | None" = None,
             fallback: str | None = None, config: "StreamConfig | None" = None,
-            shape: "Trace | None" = None) -> "RemoteModel":
+            shape: "Trace | None" = None, mode: str | None = None) -> "RemoteModel":
     """The end side of a served plan: ``target`` is the :class:`CompiledModel` whose plan the
-    cloud serves, or that plan's saved directory (verified with ``token``, default
-    ``$COACH_TOKEN``); ``address`` is ``"host:port"`` or ``(host, port)`` of a ``coach serve``.
+    cloud serves, the :class:`~coach_fx.online.OnlineModel` whose plans it serves, or either's
+    saved directory (verified with ``token``, default ``$COACH_TOKEN``); ``address`` is
+    ``"host:port"`` or ``(host, port)`` of a ``coach serve``.
 
     Returns a :class:`~coach_fx.runtime.client.RemoteModel`: ``rm(x)``, ``rm.submit(x)`` (a
     future), ``rm.stream(frames)`` (results in order, the stages overlapping), ``rm.stats()``,
@@ -119,7 +132,11 @@ def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int
     needs ``cm.save(dir, whole=True)``), ``"error"`` gives those requests a ``RequestFailed``;
     reconnects go on in the background. ``config``: the stream's queues and timeouts
     (``StreamConfig``; its ``fallback`` is this one's). ``shape``: pace the uplink to this
-    bandwidth trace (to try a plan on a slower link than the one at hand).
+    bandwidth trace (to try a plan on a slower link than the one at hand). ``mode``: how an
+    online model runs (``"full"``, the default: bits per request from the bandwidth the
+    cloud's replies report, plan switching by band, cache hits answered here, finishing here
+    when the link stalls; ``"fixed"``, ``"adaptive"``, ``"cache"``: see ``MODES``), the same
+    policy as ``OnlineModel.stream``; ``rm.policy.summary()`` tells what it decided.
 
     Example::
 
@@ -133,34 +150,48 @@ def connect(target: "CompiledModel | str | Path", address: "str | tuple[str, int
     from coach_fx.runtime.config import StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import connect as dial_tcp
-    from coach_fx.runtime.policy import StaticPolicy
 
     host, port = parse_address(address)
     config = dataclasses.replace(config or StreamConfig(), fallback=fallback)
     secret = shared_token(token)
-    if isinstance(target, CompiledModel):
-        if target.boundary.end_only:
-            raise ValueError("this plan runs the whole model on the end device: nothing to send to a cloud")
-        end, boundary, out_spec, whole = target.end_module, target.boundary, target.out_spec, target.gm
-    elif isinstance(target, (str, Path)):
-        from coach_fx.artifact import load_half
-        half = load_half(target, "end", key=secret)
-        if half.boundary.end_only:
-            raise ValueError(f"{target} holds an end-only plan: nothing to send to a cloud")
-        end, boundary, out_spec = half.module, half.boundary, half.out_spec
-        whole = None
-        if fallback == "local":
-            if not (Path(target) / "model.graph.json").exists():
-                raise ValueError(f"fallback='local' needs the whole model in {target}: save the plan "
-                                 "with cm.save(dir, whole=True)")
-            whole = load_half(target, "model", key=secret).module
-    else:
-        raise TypeError(f"connect() takes a CompiledModel or a saved plan directory, got "
-                        f"{type(target).__name__} (an OnlineModel does not deploy yet)")
+    policy, out_spec, whole = _end_side(target, secret, fallback == "local", mode)
 
     def dial() -> Any:
         return dial_tcp(host, port, token=secret, timeout_s=config.timeout_s, shape=shape, tls=tls)
-    return RemoteModel(StaticPolicy(end, boundary), out_spec, dial, config, whole_model=whole)
+    return RemoteModel(policy, out_spec, dial, config, whole_model=whole)
+
+
+def _end_side(target: Any, secret: bytes, whole: bool, mode: str | None) -> tuple[Any, Any, Any]:
+    """(the policy, the output structure, the whole model where ``whole``) of a connect target."""
+    from coach_fx.online import OnlineModel
+    from coach_fx.runtime.policy import OnlinePolicy, StaticPolicy
+
+    if isinstance(target, OnlineModel):
+        return OnlinePolicy.of(target.online_plans, mode or "full"), target.out_spec, target.gm
+    if isinstance(target, CompiledModel):
+        if mode is not None:
+            raise ValueError("mode= is for an online model (compile_online); this is one compiled plan")
+        if target.boundary.end_only:
+            raise ValueError("this plan runs the whole model on the end device: nothing to send to a cloud")
+        return StaticPolicy(target.end_module, target.boundary), target.out_spec, target.gm
+    if not isinstance(target, (str, Path)):
+        raise TypeError(f"connect() takes a CompiledModel, an OnlineModel or a saved plan directory, "
+                        f"got {type(target).__name__}")
+    from coach_fx.artifact import load_half, plan_meta
+    if plan_meta(target, key=secret).get("kind") == "online":
+        from coach_fx.saved_online import load_online
+        saved = load_online(target, "end", key=secret, whole=whole)
+        return OnlinePolicy.of(saved.plans, mode or "full"), saved.out_spec, saved.whole
+    if mode is not None:
+        raise ValueError(f"mode= is for an online model; {target} holds one compiled plan")
+    half = load_half(target, "end", key=secret)
+    if half.boundary.end_only:
+        raise ValueError(f"{target} holds an end-only plan: nothing to send to a cloud")
+    if whole and not (Path(target) / "model.graph.json").exists():
+        raise ValueError(f"fallback='local' needs the whole model in {target}: save the plan "
+                         "with cm.save(dir, whole=True)")
+    return (StaticPolicy(half.module, half.boundary), half.out_spec,
+            load_half(target, "model", key=secret).module if whole else None)
 
 
 def parse_address(address: "str | tuple[str, int]") -> tuple[str, int]:

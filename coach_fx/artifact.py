@@ -39,6 +39,8 @@ from coach_fx.passes.boundary import Boundary, Crossing
 FORMAT = 2
 #: Every plan directory lists its files' SHA-256 here; nothing is read before they match.
 MANIFEST = "manifest.json"
+#: What an online model's plan directory holds instead of plan.json (``coach_fx.saved_online``).
+ONLINE_FILE = "online.json"
 
 
 def _manifest_mac(key: bytes, listed: dict) -> str:
@@ -70,13 +72,10 @@ def boundary_from_json(d: dict) -> Boundary:
     return Boundary(cs, bool(d["end_only"]))
 
 
-@dataclass
-class SavedHalf:
-    module: Any
-    boundary: Boundary
+class SavedMeta:
+    """What any saved plan's metadata (``meta``: plan.json or online.json) tells of its model."""
+
     meta: dict
-    #: the cloud half on dequantized inputs, batch dimension free (``runtime.cloud.CloudHalf``)
-    batched: Any = None
 
     @property
     def out_spec(self) -> Any:
@@ -85,6 +84,15 @@ class SavedHalf:
     @property
     def input_specs(self) -> list[dict]:
         return self.meta["inputs"]
+
+
+@dataclass
+class SavedHalf(SavedMeta):
+    module: Any
+    boundary: Boundary
+    meta: dict
+    #: the cloud half on dequantized inputs, batch dimension free (``runtime.cloud.CloudHalf``)
+    batched: Any = None
 
 
 def _payload_dims(boundary: Boundary) -> tuple | None:
@@ -106,7 +114,7 @@ def _payload_dims(boundary: Boundary) -> tuple | None:
 MAX_BATCH = 1024
 
 
-def _export_batched(batched: torch.nn.Module, boundary: Boundary, payload: Sequence[Any]) -> Any:
+def export_batched(batched: torch.nn.Module, boundary: Boundary, payload: Sequence[Any]) -> Any:
     """``batched`` (the cloud half on floats) exported with a free batch dimension, or None
     where that does not hold (an input without a batch dimension, a graph that fixes it)."""
     from coach_fx.runtime.codec import payload_to_floats
@@ -143,7 +151,7 @@ def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.M
             payload = end_module(*example_inputs)
             files += save_exported(torch.export.export(cloud_module, tuple(payload),
                                                        dynamic_shapes=_payload_dims(boundary)), d / "cloud")
-            ep = _export_batched(batched, boundary, payload) if batched is not None else None
+            ep = export_batched(batched, boundary, payload) if batched is not None else None
             if ep is not None:
                 files += save_exported(ep, d / "cloud_batched")
             meta = {**meta, "batched": ep is not None}
@@ -152,12 +160,18 @@ def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.M
            "out_spec": treespec_dumps(out_spec)}
     (d / "plan.json").write_text(json.dumps(doc, indent=1))
     files.append(d / "plan.json")
+    write_manifest(d, files, secret)
+    return d
+
+
+def write_manifest(d: Path, files: Sequence[Path], secret: bytes | None) -> None:
+    """List ``files`` (of directory ``d``) with their SHA-256 in its manifest, authenticated
+    with ``secret`` (HMAC-SHA256) where one is given."""
     listed = {f.name: _sha256(f) for f in files}
     manifest: dict[str, Any] = {"format": FORMAT, "sha256": listed}
     if secret is not None:
         manifest["hmac_sha256"] = _manifest_mac(secret, listed)
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return d
 
 
 def _sha256(path: Path) -> str:
@@ -203,16 +217,22 @@ class ArtifactError(ValueError):
 
 
 def plan_meta(path: str | Path, key: bytes | str | None = None) -> dict:
-    """A saved plan's ``plan.json`` (verified against the manifest like any file of it; with a
-    token, ``key`` or ``$COACH_TOKEN``, the manifest must be signed with it), no half loaded."""
+    """A saved plan's ``plan.json``, or an online model's ``online.json`` (its ``kind`` is
+    ``"online"``), verified against the manifest like any file of it (with a token, ``key`` or
+    ``$COACH_TOKEN``, the manifest must be signed with it); no half loaded."""
     from coach_fx.runtime.links.credentials import shared_token
     d = Path(path)
-    if not (d / "plan.json").is_file():
-        raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save()")
-    verify(d, ["plan.json"], shared_token(key, required=False))
-    meta = json.loads((d / "plan.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{d / 'plan.json'}: format {meta.get('format')}, this version reads {FORMAT}")
+    name = ONLINE_FILE if (d / ONLINE_FILE).is_file() else "plan.json"
+    if not (d / name).is_file():
+        raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save() or om.save()")
+    verify(d, [name], shared_token(key, required=False))
+    try:
+        meta = json.loads((d / name).read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{d / name} is not JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{d / name}: format {meta.get('format') if isinstance(meta, dict) else '?'}, "
+                            f"this version reads {FORMAT}")
     return meta
 
 
@@ -226,6 +246,9 @@ def load_half(path: str | Path, side: str, key: bytes | str | None = None) -> Sa
     if side not in ("end", "cloud", "model"):
         raise ValueError(f"side must be 'end', 'cloud' or 'model', got {side!r}")
     meta = plan_meta(d, secret)
+    if meta.get("kind") == "online":
+        raise ArtifactError(f"{d} holds an online model (om.save): serve and run it over TCP (coach serve / "
+                            "coach run without --link gloo, or coach_fx.serve / coach_fx.connect)")
     boundary = boundary_from_json(meta["boundary"])
     if side == "cloud" and boundary.end_only:
         raise ValueError(f"{d} holds an end-only plan: there is no cloud half to serve")

@@ -90,7 +90,9 @@ def _serve_tcp(a: argparse.Namespace) -> int:
         server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
                        limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None)
         host, port = server.address
-        print(f"coach serve: cloud half of {a.dir} on {host}:{port} ({'TLS, ' if tls else ''}token "
+        what = (f"cloud half of each of the {len(server.engine.plans)} plans of the online model {a.dir}"
+                if len(server.engine.plans) > 1 else f"cloud half of {a.dir}")
+        print(f"coach serve: {what} on {host}:{port} ({'TLS, ' if tls else ''}token "
               f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, "
               + (f"batches of up to {a.max_batch}" if server.batching else
                  "one request at a time: this plan's cloud half does not batch") + "); " + (f"serving {a.sessions} session(s)" if a.sessions
@@ -117,25 +119,29 @@ def _serve_tcp(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from coach_fx.artifact import load_half, make_frames
+    from coach_fx.artifact import make_frames, plan_meta
     from coach_fx.runtime.config import StreamConfig
     from coach_fx.traces import Trace
 
     if a.threads:
         torch.set_num_threads(a.threads)
     token = token_of(a)
-    half = load_half(a.dir, "end", key=token)
-    if half.boundary.end_only:
-        raise ValueError(f"{a.dir} holds an end-only plan: nothing to send to a cloud")
+    meta = plan_meta(a.dir, token)   # the halves are loaded (and verified) by what runs them
+    online = meta.get("kind") == "online"
+    if online and a.link != "tcp":
+        raise ValueError(f"{a.dir} holds an online model: it runs over --link tcp (its requests "
+                         "carry their plan and bits, which the gloo link's cloud does not read)")
+    if a.mode is not None and not online:
+        raise ValueError(f"--mode is for an online model (om.save); {a.dir} holds one compiled plan")
     shape = Trace.load(a.trace, scale=a.trace_scale) if a.trace else (
         Trace.constant(a.uplink_mbps) if a.uplink_mbps else None)
-    slowdown = a.slowdown if a.slowdown is not None else half.meta["end"]["slowdown"]
+    slowdown = a.slowdown if a.slowdown is not None else meta["end"]["slowdown"]
     if a.input is not None:
         from coach_fx.inputs import read_inputs
-        source = read_inputs(a.input, half.input_specs)
+        source = read_inputs(a.input, meta["inputs"])
         named, total = iter(source), source.count
     else:
-        named = ((f"synthetic[{k}]", x) for k, x in enumerate(make_frames(half.input_specs, a.synthetic, a.seed)))
+        named = ((f"synthetic[{k}]", x) for k, x in enumerate(make_frames(meta["inputs"], a.synthetic, a.seed)))
         total = a.synthetic
     config = StreamConfig(end_slowdown=slowdown, timeout_s=a.timeout, fallback=a.fallback)
     names: list[str] = []
@@ -149,14 +155,15 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.link == "tcp":
         import coach_fx
         with coach_fx.connect(a.dir, (a.host, a.port), token=token, tls=tls_of(a), fallback=a.fallback,
-                              config=config, shape=shape) as rm:
+                              config=config, shape=shape, mode=a.mode) as rm:
             for k, out in enumerate(rm.stream(frames())):
                 writer.add(names[k], out)
-                hits = rm.stats().outcomes.answered_on_end if k % 20 == 0 else None
+                hits = rm.outcomes.answered_on_end
                 bar.update(k + 1, total or k + 1, f"coach run {k + 1} frames" + (f", {hits} hits" if hits else ""))
             stats = rm.stats()
+            summary = rm.policy.summary() if online else None
     else:
-        stats = _run_gloo(a, half, shape, config, frames(), names, writer)
+        stats, summary = _run_gloo(a, shape, config, frames(), names, writer), None
     bar.close()
     writer.close()
     rate = f"trace {a.trace} x{a.trace_scale}" if a.trace else (
@@ -164,6 +171,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(f"coach run: {stats.n} frames from {a.input or 'synthetic frames'}, end slowdown {slowdown}, "
           f"uplink {rate}" + (f"; results in {a.output}" if a.output else ""))
     print(stats.table())
+    if summary is not None:
+        print(f"online ({a.mode or 'full'}): {summary['hits']} cache hits ({summary['audits']} audited), "
+              f"{summary['finished_on_end']} finished on the end, {summary['switches']} plan switches, "
+              f"bits used {summary['bits']}, plans used {summary['plans']}")
     if a.fallback:
         o = stats.outcomes
         print(f"faults: {o.fell_back} run locally, {o.failed} failed, {o.dropped} late "
@@ -171,10 +182,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _run_gloo(a: argparse.Namespace, half: Any, shape: Any, config: Any, frames: Iterator[tuple],
+def _run_gloo(a: argparse.Namespace, shape: Any, config: Any, frames: Iterator[tuple],
               names: list[str], writer: "OutputWriter") -> Any:
     """The end side over torch.distributed (trusted networks): one stream, no reconnects."""
     from coach_fx.artifact import load_half
+    half = load_half(a.dir, "end", key=token_of(a))
+    if half.boundary.end_only:
+        raise ValueError(f"{a.dir} holds an end-only plan: nothing to send to a cloud")
     from coach_fx.runtime.end import EndWorker
     from coach_fx.runtime.links.gloo import GlooEndpoint
     from coach_fx.runtime.policy import StaticPolicy
@@ -286,6 +300,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--output", default=None, metavar="FILE",
                            help="results: .jsonl (top-1 class per frame for classifiers) or .npz")
             p.add_argument("--quiet", action="store_true", help="no progress bar")
+            p.add_argument("--mode", choices=["fixed", "adaptive", "cache", "full"], default=None,
+                           help="how an online model (om.save) runs (default full: bits per request, "
+                                "plan switching, cache hits answered here)")
             p.add_argument("--fallback", choices=["local", "error"], default=None,
                            help="when the cloud fails: run requests locally (needs a plan saved "
                                 "with --save-whole) or fail them; reconnects meanwhile")

@@ -11,6 +11,11 @@ code when it is loaded: a plan directory written that way is code. Here a half i
     <stem>.tensors      its parameters, buffers and constants: an 8-byte header length, a JSON
                         header (name -> dtype, shape, offset), then the raw bytes
 
+or, for several halves of one model that share weights (an online model's plans), each
+graph alone and their tensors once in a shared store (``save_exported(..., store=)``, keyed
+by content: a weight that several halves hold is written once, and read back as one tensor
+that every half shares, as they do in memory)
+
 and read back by building an ``fx.Graph`` from those records: nothing in the files can name a
 Python object outside the allow-list, and no loader that executes code is ever called.
 
@@ -23,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
@@ -60,8 +66,11 @@ class GraphFileError(ValueError):
 
 
 # ------------------------------------------------------------------------------ writing
-def save_exported(ep: torch.export.ExportedProgram, stem: Path) -> list[Path]:
-    """Write ``ep`` as ``<stem>.graph.json`` and ``<stem>.tensors``; returns the two paths."""
+def save_exported(ep: torch.export.ExportedProgram, stem: Path,
+                  store: dict[str, torch.Tensor] | None = None) -> list[Path]:
+    """Write ``ep`` as ``<stem>.graph.json`` and ``<stem>.tensors``; returns the paths written.
+    With ``store`` (a shared tensor store, written once with :func:`write_store`), its tensors
+    go there instead, keyed by content, and only the graph is written."""
     sig = ep.graph_signature
     tensors = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
     lifted: dict[str, str] = {}
@@ -95,9 +104,39 @@ def save_exported(ep: torch.export.ExportedProgram, stem: Path) -> list[Path]:
     doc = {"format": FORMAT, "nodes": nodes, "out_spec": treespec_dumps(ep.call_spec.out_spec),
            "inputs": len(sig.user_inputs)}
     graph_path, tensor_path = stem.with_suffix(".graph.json"), stem.with_suffix(".tensors")
+    own = {k: tensors[k] for k in dict.fromkeys(lifted.values())}
+    if store is not None:   # the graph names each tensor by its content's key in the store
+        keys = {name: _content_key(t) for name, t in own.items()}
+        store.update({keys[name]: t for name, t in own.items()})
+        for rec in nodes:
+            if "tensor" in rec:
+                rec["tensor"] = keys[rec["tensor"]]
+        doc["store"] = True
+        graph_path.write_text(json.dumps(doc))
+        return [graph_path]
     graph_path.write_text(json.dumps(doc))
-    _write_tensors(tensor_path, {k: tensors[k] for k in dict.fromkeys(lifted.values())})
+    _write_tensors(tensor_path, own)
     return [graph_path, tensor_path]
+
+
+def _content_key(t: torch.Tensor) -> str:
+    """A tensor's key in a shared store: the SHA-256 of its dtype, shape and bytes."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def write_store(store: dict[str, torch.Tensor], path: Path) -> Path:
+    """Write a shared tensor store (filled by ``save_exported(..., store=)``) as one file."""
+    _write_tensors(path, store)
+    return path
+
+
+def read_store(path: Path) -> dict[str, torch.Tensor]:
+    """Read a shared tensor store (check its hash first: see ``coach_fx.artifact``)."""
+    return _read_tensors(path)
 
 
 def _target_name(target: Any) -> str:
@@ -171,9 +210,10 @@ class LoadedHalf(torch.nn.Module):
         return tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], self.out_spec)
 
 
-def load_exported(stem: Path) -> LoadedHalf:
+def load_exported(stem: Path, store: dict[str, torch.Tensor] | None = None) -> LoadedHalf:
     """Read a half written by :func:`save_exported` (check the files' hashes first: see
-    ``coach_fx.artifact``)."""
+    ``coach_fx.artifact``); ``store``: the shared tensor store it was written with, if any
+    (:func:`read_store`: halves read with one store share its tensors)."""
     import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach.*
     import coach_fx.runtime.imagecodec  # noqa: F401 - registers torch.ops.coach.image_*
     graph_path, tensor_path = stem.with_suffix(".graph.json"), stem.with_suffix(".tensors")
@@ -184,7 +224,7 @@ def load_exported(stem: Path) -> LoadedHalf:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise GraphFileError(f"{graph_path}: format {doc.get('format') if isinstance(doc, dict) else '?'}, "
                              f"this version reads {FORMAT}")
-    tensors = _read_tensors(tensor_path)
+    tensors = _tensors_of(doc, graph_path, tensor_path, store)
     params = {r.get("tensor") for r in doc.get("nodes", ()) if isinstance(r, dict) and r.get("parameter")}
     root = torch.nn.Module()
     attrs: dict[str, str] = {}
@@ -246,6 +286,20 @@ def load_exported(stem: Path) -> LoadedHalf:
     return LoadedHalf(fx.GraphModule(root, g), out_spec, n_inputs)
 
 
+def _tensors_of(doc: dict, graph_path: Path, tensor_path: Path,
+                store: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A saved graph's tensors: its own file's, or those it names in the shared ``store``."""
+    if not doc.get("store"):
+        return _read_tensors(tensor_path)
+    if store is None:
+        raise GraphFileError(f"{graph_path}: its tensors are in a shared store, and none was given")
+    wanted = [r["tensor"] for r in doc.get("nodes", ()) if isinstance(r, dict) and "tensor" in r]
+    missing = [k for k in wanted if k not in store]
+    if missing:
+        raise GraphFileError(f"{graph_path}: tensor {missing[0]!r} is not in the shared store")
+    return {k: store[k] for k in dict.fromkeys(wanted)}
+
+
 def _resolve(name: str) -> Any:
     parts = str(name).split(".")
     if len(parts) == 2 and parts[0] == "operator" and parts[1] in OPERATORS:
@@ -290,4 +344,4 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["GraphFileError", "LoadedHalf", "load_exported", "save_exported"]
+__all__ = ["GraphFileError", "LoadedHalf", "load_exported", "read_store", "save_exported", "write_store"]

@@ -133,6 +133,18 @@ class Trace:
                 out.append(pts[-1][0])
         return out
 
+    def share_below(self, mbps: float) -> float:
+        """Share of the trace's time whose rate is below ``mbps``."""
+        if not math.isfinite(self.duration):
+            return float(self.mbps[0] < mbps)
+        ends = self.times[1:] + (self.duration,)
+        return sum(e - s for r, s, e in zip(self.mbps, self.times, ends) if r < mbps) / self.duration
+
+    def scale_for_median(self, mbps: float) -> float:
+        """The rate scale that puts the trace's time-weighted median at ``mbps`` (so that a
+        plan whose link is its bottleneck below ``mbps`` is link-bound half of the time)."""
+        return mbps / max(self.quantiles([0.5])[0], 1e-6)
+
     @property
     def mean_mbps(self) -> float:
         """Time-weighted mean rate."""

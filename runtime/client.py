@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from concurrent.futures import Future
@@ -31,7 +32,7 @@ from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links.base import Endpoint, LinkError
 from coach_fx.runtime.policy import Policy
 from coach_fx.runtime.session import RequestFailed
-from coach_fx.runtime.stats import Stats
+from coach_fx.runtime.stats import Outcomes, Stats
 
 _CLOSE = object()
 #: how often an idle stream looks for requests the link or the cloud failed
@@ -106,6 +107,19 @@ class RemoteModel:
     def stats(self) -> Stats:
         """The measured figures so far (``Stats.table()`` prints them)."""
         return self._worker.stats()
+
+    @property
+    def outcomes(self) -> Outcomes:
+        """The stream's counts so far (cache hits, fallbacks, reconnects...): a copy, cheap to
+        ask for at every result, unlike ``stats()``."""
+        st = self._worker.session
+        return dataclasses.replace(st.outcomes) if st is not None else Outcomes()
+
+    @property
+    def policy(self) -> Policy:
+        """What decides per request (an online model's ``OnlinePolicy``: ``summary()`` tells its
+        hits, bits and switches)."""
+        return self._worker.policy
 
     @property
     def events(self) -> list[str]:

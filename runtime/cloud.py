@@ -45,6 +45,19 @@ class CloudHalf:
     batched: Callable[..., Any] | None = None
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """How a request arrived, as the cloud's endpoint saw it (``Endpoint.last_wire_s`` and
+    ``last_arrival_s``); each reply reports both, the end's bandwidth samples."""
+
+    wire_s: float = 0.0
+    at_s: float = 0.0
+
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> "Arrival":
+        return cls(endpoint.last_wire_s, endpoint.last_arrival_s)
+
+
 #: What a worker or server is given per plan: a :class:`CloudHalf`, or (module, boundary).
 CloudPlan = Union[CloudHalf, tuple[Callable[..., Any], Boundary]]
 
@@ -74,11 +87,11 @@ class CloudWorker:
         self.rejected = 0   # frames that did not decode (each answered with its error)
         self._thread: threading.Thread | None = None
 
-    def handle(self, msg: bytes, t_recv: float | None = None) -> bytes | None:
-        """One request message -> its result message (None for a close request); ``t_recv``:
-        its time on the wire (default: the endpoint's last)."""
-        if t_recv is None:
-            t_recv = self.endpoint.last_wire_s if self.endpoint is not None else 0.0
+    def handle(self, msg: bytes, arrival: Arrival | None = None) -> bytes | None:
+        """One request message -> its result message (None for a close request); ``arrival``:
+        how it arrived (default: as the endpoint's last message did)."""
+        if arrival is None:
+            arrival = Arrival.of(self.endpoint) if self.endpoint is not None else Arrival()
         try:
             req, plan_id, flags, entries = decode(msg)
         except WireError as e:   # a bad frame fails only itself (its error reply); the worker goes on
@@ -106,8 +119,7 @@ class CloudWorker:
         took = emulate(t0, self.slowdown)
         self.busy_s += took
         self.served += 1
-        stats = Entry.stats([took, float(len(msg)), float(t_recv)])
-        return encode(req, [*out_entries, stats], FLAG_RESULT, plan_id)
+        return encode(req, [*out_entries, reply_stats(took, msg, arrival)], FLAG_RESULT, plan_id)
 
     def warm_up(self) -> None:
         """Run every plan's halves once on a zero request (the first call of a loaded graph
@@ -142,8 +154,8 @@ class CloudWorker:
         with fast_handoff():
             self._serve()
 
-    def handle_batch(self, msgs: Sequence[tuple[bytes, float]]) -> list[bytes | None]:
-        """Several request messages (each with its time on the wire) -> their replies, in
+    def handle_batch(self, msgs: Sequence[tuple[bytes, Arrival]]) -> list[bytes | None]:
+        """Several request messages (each with how it arrived) -> their replies, in
         order. Requests for one plan run through its cloud half as one batch (one call's
         overhead for all: a server that falls behind catches up); anything else (a close, mixed
         plans, a value that does not batch, an output without the batch dimension, an error)
@@ -188,20 +200,19 @@ class CloudWorker:
         self.busy_s += took
         self.served += n
         replies = []
-        for k, ((msg, t_recv), d) in enumerate(zip(msgs, decoded)):
+        for k, ((msg, arrival), d) in enumerate(zip(msgs, decoded)):
             out_entries, _ = output_to_entries(tree_unflatten([v[k:k + 1] for v in leaves], spec))
-            stats = Entry.stats([took / n, float(len(msg)), float(t_recv)])
-            replies.append(encode(d[0], [*out_entries, stats], FLAG_RESULT, d[1]))
+            replies.append(encode(d[0], [*out_entries, reply_stats(took / n, msg, arrival)], FLAG_RESULT, d[1]))
         return replies
 
     def _serve(self) -> None:
         ep = self.endpoint
         while True:
-            msgs = [(ep.recv(None), ep.last_wire_s)]
+            msgs = [(ep.recv(None), Arrival.of(ep))]
             # what has arrived meanwhile goes in one batch (only what is already there: no
             # request waits for another)
             while len(msgs) < self.max_batch and ep.ready():
-                msgs.append((ep.recv(None), ep.last_wire_s))
+                msgs.append((ep.recv(None), Arrival.of(ep)))
             for reply in self.handle_batch(msgs):
                 if reply is None:   # close: acknowledge, so the end's receiver stops cleanly
                     self.endpoint.send(encode(CLOSE_ID, [], FLAG_CONTROL))
@@ -223,6 +234,12 @@ class CloudWorker:
     def join(self, timeout: float | None = None) -> None:
         if self._thread:
             self._thread.join(timeout)
+
+
+def reply_stats(took: float, msg: bytes, arrival: Arrival) -> Entry:
+    """A reply's figures for the end: [cloud compute s, request bytes, wire s, arrival time s
+    on the cloud's clock]."""
+    return Entry.stats([took, float(len(msg)), float(arrival.wire_s), float(arrival.at_s)])
 
 
 def zero_payload(boundary: Boundary) -> tuple | None:
@@ -254,4 +271,4 @@ def error_reply(req: int, plan_id: int, e: BaseException) -> bytes:
                   FLAG_RESULT | FLAG_ERROR, plan_id)
 
 
-__all__ = ["CloudHalf", "CloudPlan", "CloudWorker", "all_finite", "cloud_half", "error_reply"]
+__all__ = ["Arrival", "CloudHalf", "CloudPlan", "CloudWorker", "all_finite", "cloud_half", "error_reply"]

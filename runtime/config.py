@@ -155,4 +155,35 @@ class PolicyConfig:
     end_slowdown: float = 1.0
 
 
-__all__ = ["Bands", "Batching", "CacheConfig", "ControlConfig", "PolicyConfig", "ServerConfig", "StreamConfig"]
+@dataclass(frozen=True)
+class Mode:
+    """What an online mode turns on: per-request bits, band switching, the cache, near-miss
+    bits, finishing a request on the end device when the link is backlogged or stalled."""
+
+    adaptive: bool
+    switching: bool
+    cache: bool
+    similarity_bits: bool
+    finish_on_end: bool
+
+
+#: The four ways an online model runs, for comparison (issue #5's variants): ``fixed`` the
+#: offline plan with its bits; ``adaptive`` + bits per request, band switching and finishing on
+#: the end; ``cache`` the fixed plan + the semantic cache; ``full`` all of it.
+MODES = {
+    "fixed": Mode(adaptive=False, switching=False, cache=False, similarity_bits=False, finish_on_end=False),
+    "adaptive": Mode(adaptive=True, switching=True, cache=False, similarity_bits=False, finish_on_end=True),
+    "cache": Mode(adaptive=False, switching=False, cache=True, similarity_bits=False, finish_on_end=False),
+    "full": Mode(adaptive=True, switching=True, cache=True, similarity_bits=True, finish_on_end=True),
+}
+
+
+def mode_of(name: str) -> Mode:
+    """The :class:`Mode` called ``name`` (a clear error for any other)."""
+    if name not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {name!r}")
+    return MODES[name]
+
+
+__all__ = ["Bands", "Batching", "CacheConfig", "ControlConfig", "MODES", "Mode", "PolicyConfig",
+           "ServerConfig", "StreamConfig", "mode_of"]

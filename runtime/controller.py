@@ -39,6 +39,63 @@ from coach_fx.runtime.wire import ALL_BITS
 SIZE_SMOOTHING = 0.2
 
 
+#: on a real link that did not queue (``on_result(lower_bound=True)``), the estimate rises by
+#: this factor per result (about 1.28 over the estimator's window of 5, BBR's probing gain), so
+#: that the bits (and plans) climb until the link queues and shows its rate; a queued result
+#: then brings it down at once (1.25 per result made a shaped link oscillate: 72 switches)
+PROBE_GAIN = 1.05
+
+
+#: a request counts as having waited behind the one before when the gap between their
+#: arrivals exceeds the gap between their sends by this much (clock and scheduling noise)
+QUEUED_MARGIN_S = 0.0005
+
+
+class ArrivalSampler:
+    """Bandwidth samples from a real link's replies (one per link epoch: the end session's).
+
+    Each reply reports when its request's last byte arrived at the cloud. Arrival minus send
+    is the one-way delay plus the clocks' offset; above its least value so far, it is the time
+    the request spent in the link. When the previous request was still in the link as this one
+    was sent, the link was busy between their arrivals: that gap is this request's time on the
+    wire, whatever its size (a one-segment message on a real link shows no other). Otherwise
+    the link had drained the previous request before this one was sent: its rate was at least
+    that request's bytes over the time between the two sends, a lower bound (the controller
+    probes above it: an idle link tells no more). The in-process link's wire time is exact and
+    its arrival unknown (0): such a reply stays as it is.
+    """
+
+    def __init__(self) -> None:
+        self.sent_at: dict[int, float] = {}    # requests in flight: when their send began
+        #: the previous request's (sent, arrived, delay, bytes)
+        self._prev: tuple[float, float, float, float] | None = None
+        self._min_delay: float | None = None
+
+    def sent(self, req: int, t: float) -> None:
+        self.sent_at[req] = t
+
+    def forget(self, req: int) -> None:
+        """Request ``req`` will bring no figures (an error reply)."""
+        self.sent_at.pop(req, None)
+
+    def sample(self, req: int, st: list[float]) -> list[float]:
+        """A reply's figures ``[cloud s, bytes, wire s, arrival]`` with the wire time made the
+        bandwidth sample, and a fifth where the arrival told anything: 1 if only a lower bound."""
+        sent = self.sent_at.pop(req, None)
+        if sent is None or len(st) < 4 or st[3] <= 0:
+            return st
+        delay = st[3] - sent
+        self._min_delay = delay if self._min_delay is None else min(self._min_delay, delay)
+        prev, self._prev = self._prev, (sent, st[3], delay, st[1])
+        if prev is None or st[3] <= prev[1]:
+            return [*st[:2], 0.0, st[3]]
+        between = sent - prev[0]
+        if prev[2] - self._min_delay > between + QUEUED_MARGIN_S:
+            return [*st[:2], st[3] - prev[1], st[3], 0.0]
+        # the bound is the previous request's rate; sized as this one, it takes this long
+        return [*st[:2], st[1] * (between + QUEUED_MARGIN_S) / prev[3], st[3], 1.0]
+
+
 class BandwidthEstimator:
     """Harmonic mean of the last ``window`` throughput samples, in Mbit/s."""
 
@@ -246,12 +303,19 @@ class OnlineController:
         """Link time of a request on ``plan`` with ``bits`` at ``mbps`` (sizes as sent so far)."""
         return self.bit_controllers[plan].link_seconds(bits, mbps)
 
-    def on_result(self, plan: int | None, nbytes: float, wire_s: float, cloud_s: float | None) -> None:
+    def on_result(self, plan: int | None, nbytes: float, wire_s: float, cloud_s: float | None,
+                  lower_bound: bool = False) -> None:
         """A result came back: a bandwidth sample (its message's bytes over its time on the
-        wire) and the cloud's compute time; may switch the plan."""
+        wire; ``lower_bound``: the rate is at least that, which raises the estimate, never
+        lowers it) and the cloud's compute time; may switch the plan."""
         if plan is not None and cloud_s is not None:
             prev = self.cloud_s.get(plan)
             self.cloud_s[plan] = cloud_s if prev is None else 0.8 * prev + 0.2 * cloud_s
+        est = self.estimator.mbps
+        if lower_bound and nbytes > 0 and wire_s > 0 and est is not None:
+            # the link did not queue: it has room, so the estimate rises by the probing gain
+            # (at least to the bound) until a queued request shows the rate itself
+            wire_s = min(wire_s, nbytes * 8 / (est * PROBE_GAIN * 1e6))
         if nbytes > 0 and wire_s > 0:
             self.estimator.add(nbytes, wire_s)
             if self.switcher is not None:

@@ -29,7 +29,7 @@ from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint, LinkError
 from coach_fx.runtime.policy import Policy
-from coach_fx.runtime.session import PENDING, RemoteError, RequestFailed, StreamSession
+from coach_fx.runtime.session import RemoteError, RequestFailed, StreamSession
 from coach_fx.runtime.stats import StageBusy, Stats, steady_throughput
 from coach_fx.runtime.wire import CLOSE_ID, FLAG_CONTROL, encode
 
@@ -47,7 +47,8 @@ class EndWorker:
     not delivered twice. At most ``config.max_inflight`` requests wait for the cloud at once,
     so memory stays bounded however long the stream. ``deliver(i, result)``, where given, is
     called with each result as it is settled (under the session's lock: it must not block); the
-    stream then keeps no outputs (``run`` returns None in their places).
+    stream then keeps no outputs and only the latest records (``runtime.stats.Ledger``: ``run``
+    returns None in the places it holds), so that a stream of any length runs in bounded memory.
     """
 
     def __init__(self, endpoint: Endpoint | None, out_spec: Any, policy: Policy,
@@ -93,20 +94,18 @@ class EndWorker:
             with torch.no_grad(), fast_handoff():
                 for i, x in enumerate(frames()):
                     st.settle_failed()
-                    st.started.append(time.perf_counter())
-                    st.done.append(0.0)
-                    st.results.append(PENDING)
+                    st.ledger.add(time.perf_counter())
                     if not st.up:
                         st.try_reconnect()
                     if st.up and st.send(i, x):
                         if not pipelined:
-                            st.wait_until(lambda: st.results[i] is not PENDING or not st.up)
+                            st.wait_until(lambda: not st.ledger.pending(i) or not st.up)
                     else:
                         st.settle(i, x, "the cloud is unavailable")
                 st.finish()
         finally:
             st.stop_link()
-        return st.results, self.stats()
+        return st.ledger.results, self.stats()
 
     def stats(self) -> Stats:
         """The figures of the stream under way (its settled requests) or of the last one."""
@@ -114,13 +113,13 @@ class EndWorker:
         if st is None:
             return Stats(0, [], 0.0, 0.0, StageBusy(), 0, dict(self._predicted))
         with st.cv:
-            pairs = [(d, s) for d, s, r in zip(st.done, st.started, st.results) if r is not PENDING]
+            pairs, folded = st.ledger.settled(), st.ledger.folded
         done = [d for d, _ in pairs]
         wall = (max(done) - self._t_begin) if done else 0.0
         # a socket's send returns once the kernel has the bytes: the uplink's busy time is the
         # wire time the cloud saw, when that is longer (in-process both are the emulated time)
         link_busy = max(st.busy.link, st.busy.wire)
-        return Stats(len(pairs), [d - s for d, s in pairs], wall, steady_throughput(done, wall),
+        return Stats(folded + len(pairs), [d - s for d, s in pairs], wall, steady_throughput(done, wall),
                      StageBusy(st.busy.end, link_busy, st.busy.cloud), st.busy.sent_bytes,
                      dict(self._predicted), st.outcomes)
 

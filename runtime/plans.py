@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from coach_fx.passes.boundary import Boundary
 from coach_fx.runtime.codec import crossing_bytes
+from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, mode_of
 from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
 
 
@@ -204,4 +205,29 @@ class Variant:
         return message_bytes(sizes)
 
 
-__all__ = ["CacheSetup", "CrossingBits", "CutProfile", "EndHalf", "EndTimes", "FinishOnEnd", "Sizes", "Variant"]
+@dataclass(frozen=True)
+class OnlinePlans:
+    """Every plan of an online model as its end side runs them: the variants by plan id, the
+    bands (``bands[with_cache]``: which plan serves which rate, without and with the semantic
+    cache), and the settings of its controller and cache (``OnlineSettings``'s ``hold``,
+    ``capacity``, ``audit_rate``; the end device's slowdown the bits are sized against).
+    ``OnlineModel`` holds one, a saved online plan reads back as one, and both run it through
+    ``OnlinePolicy.of``: one policy, in process and over a real link."""
+
+    variants: dict[int, Variant]
+    bands: dict[bool, Bands]
+    hold: int = 5
+    capacity: int = 16
+    audit_rate: float = 0.1
+    end_slowdown: float = 1.0
+
+    def config(self, mode: str = "full", seed: int = 0) -> tuple[Bands, PolicyConfig]:
+        """The bands and the policy settings of ``mode`` (``runtime.config.MODES``)."""
+        m = mode_of(mode)
+        return self.bands[m.cache], PolicyConfig(
+            ControlConfig(adaptive=m.adaptive, switching=m.switching, hold=self.hold),
+            CacheConfig(m.cache, m.similarity_bits, self.capacity, self.audit_rate, seed),
+            finish_on_end=m.finish_on_end, end_slowdown=self.end_slowdown)
+
+
+__all__ = ["CacheSetup", "OnlinePlans", "CrossingBits", "CutProfile", "EndHalf", "EndTimes", "FinishOnEnd", "Sizes", "Variant"]

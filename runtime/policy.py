@@ -47,7 +47,7 @@ from coach_fx.runtime.codec import payload_to_entries, quantized_entry
 from coach_fx.runtime.config import Bands, PolicyConfig
 from coach_fx.runtime.controller import OnlineController
 from coach_fx.runtime.features import lookup_features
-from coach_fx.runtime.plans import Variant
+from coach_fx.runtime.plans import OnlinePlans, Variant
 from coach_fx.runtime.wire import FLAG_CACHE_HIT, Entry, encode
 
 
@@ -183,6 +183,12 @@ class OnlinePolicy:
         self._looked: Counter = Counter()
         self._answered: Counter = Counter()
 
+    @classmethod
+    def of(cls, plans: OnlinePlans, mode: str = "full", seed: int = 0) -> "OnlinePolicy":
+        """A fresh policy running ``plans`` in ``mode`` (``runtime.config.MODES``)."""
+        bands, config = plans.config(mode, seed)
+        return cls(list(plans.variants.values()), bands, config)
+
     #: it answers on the end (cache hits, requests finished there)
     answers_on_end = True
 
@@ -265,7 +271,8 @@ class OnlinePolicy:
         with self._lock:
             ctx = self._ctx.pop(i, None)
             if len(stats) >= 3:
-                self.control.on_result(ctx[0] if ctx else None, stats[1], stats[2], stats[0])
+                self.control.on_result(ctx[0] if ctx else None, stats[1], stats[2], stats[0],
+                                       lower_bound=len(stats) > 4 and stats[4] > 0)
             try:
                 y = self.label(out)
             except ValueError:

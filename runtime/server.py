@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Union
 
-from coach_fx.runtime.cloud import CloudPlan, CloudWorker
+from coach_fx.runtime.cloud import Arrival, CloudPlan, CloudWorker
 from coach_fx.runtime.codec import max_request_bytes
 from coach_fx.runtime.config import ServerConfig, StreamConfig
 from coach_fx.runtime.emulation import fast_handoff
@@ -105,7 +105,7 @@ class CloudServer:
         self._handshakes = 0
         self._per_peer: Counter[str] = Counter()
         self._sessions: set[_Session] = set()
-        self._requests: queue.Queue[tuple[_Session, bytes | _Eof, float]] = queue.Queue()
+        self._requests: queue.Queue[tuple[_Session, bytes | _Eof, Arrival]] = queue.Queue()
         self._stop = threading.Event()       # no new ends
         self._draining = threading.Event()   # no new requests either
         self._done = threading.Event()
@@ -241,12 +241,12 @@ class CloudServer:
                 while not s.room.acquire(timeout=POLL_S):   # backpressure: the end waits
                     if s.closed.is_set():
                         return
-                self._requests.put((s, msg, s.ep.last_wire_s))
+                self._requests.put((s, msg, Arrival.of(s.ep)))
                 if _is_close(msg):
                     return   # the close travels the queue behind its requests; nothing follows
         except LinkError as e:
             log.warning("coach cloud: the end at %s went away (%s)", s.peer, e)
-        self._requests.put((s, _EOF, 0.0))
+        self._requests.put((s, _EOF, Arrival()))
 
     def _write(self, s: _Session, host: str) -> None:
         """A session's replies to its end, in order; the session ends after its close or EOF."""
@@ -297,7 +297,7 @@ class CloudServer:
                         break
                 self._run(batch)
 
-    def _run(self, batch: list[tuple[_Session, bytes | _Eof, float]]) -> None:
+    def _run(self, batch: list[tuple[_Session, bytes | _Eof, Arrival]]) -> None:
         """Run one batch: requests grouped by plan (in arrival order), every other item alone;
         each reply goes to its session's writer in the order its requests came."""
         groups: dict[object, list[int]] = {}

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from coach_fx.runtime.codec import entries_to_output, stats_of
+from coach_fx.runtime.controller import ArrivalSampler
 from coach_fx.runtime.emulation import emulate
 from coach_fx.runtime.links.base import Endpoint, LinkError, LinkTimeout
 from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, decode
-from coach_fx.runtime.stats import Outcomes
+from coach_fx.runtime.stats import PENDING, Ledger, Outcomes
 
 if TYPE_CHECKING:
     from coach_fx.runtime.end import EndWorker
@@ -34,12 +35,6 @@ class RequestFailed(RuntimeError):
         self.reason = reason
 
 
-class _Pending:
-    def __repr__(self) -> str:
-        return "<pending>"
-
-
-PENDING = _Pending()
 
 #: How often the receiver looks whether the cloud has stalled (no result for
 #: ``StreamConfig.timeout_s`` with requests in flight): a caller waits at most that long more.
@@ -70,9 +65,8 @@ class StreamSession:
 
     def __init__(self, w: "EndWorker") -> None:
         self.w = w
-        self.results: list[Any] = []
-        self.started: list[float] = []
-        self.done: list[float] = []
+        #: each request's result and times (no outputs kept where they are handed on)
+        self.ledger = Ledger(keep=w.deliver is None)
         self.inflight: dict[int, tuple] = {}
         self.to_settle: list[tuple[int, str]] = []
         self.cv = threading.Condition()
@@ -91,6 +85,8 @@ class StreamSession:
         self.stopped_epoch = -1
         self.threads: list[threading.Thread] = []
         self.send_q: queue.Queue = queue.Queue(w.config.queue_size)
+        #: the bandwidth samples of the replies, from their sends and arrivals (per link epoch)
+        self.sampler = ArrivalSampler()
 
     # -------------------------------------------------------------- link lifecycle
     def start_link(self, endpoint: Endpoint) -> None:
@@ -101,6 +97,7 @@ class StreamSession:
                 return
             self.w.endpoint = endpoint
             self.send_q = send_q
+            self.sampler = ArrivalSampler()
             self.epoch += 1
             self.up = True
             epoch = self.epoch
@@ -216,7 +213,7 @@ class StreamSession:
             epoch, q = self.epoch, self.send_q
         while True:
             try:
-                q.put((epoch, msg), timeout=0.05)
+                q.put((epoch, msg, i), timeout=0.05)
                 return True
             except queue.Full:
                 if epoch != self.epoch or not self.up:
@@ -273,16 +270,14 @@ class StreamSession:
             out = RequestFailed(i, reason)
             self.outcomes.failed += 1
         with self.cv:
-            if self.results[i] is PENDING:
+            if self.ledger.pending(i):
                 self._set_result(i, out)
             self.cv.notify_all()
 
     def _set_result(self, i: int, out: Any) -> None:
         """Request ``i``'s one result (under ``cv``); handed on at once where the worker
         delivers results as they come (``EndWorker(deliver=...)``)."""
-        # a result handed on is not kept: a long stream holds no outputs
-        self.results[i] = out if self.w.deliver is None else None
-        self.done[i] = time.perf_counter()
+        self.ledger.settle(i, out, time.perf_counter())
         self.cv.notify_all()
         if self.w.deliver is not None:
             self.w.deliver(i, out)
@@ -294,7 +289,7 @@ class StreamSession:
         if self.error is not None:
             raise self.error
         for i, reason in todo:
-            if self.results[i] is PENDING:
+            if self.ledger.pending(i):
                 self.settle(i, frames[i], reason)
 
     def wait_until(self, cond: Callable[[], bool]) -> None:
@@ -312,7 +307,7 @@ class StreamSession:
         while True:
             self.settle_failed()
             with self.cv:
-                pending = [i for i, r in enumerate(self.results) if r is PENDING]
+                pending = self.ledger.pending_ids()
                 if not pending:
                     return
                 if self.up:
@@ -331,6 +326,7 @@ class StreamSession:
                 if q.maxsize and q.qsize() == q.maxsize - 1:
                     with self.cv:      # room in the queue: an end waiting for it may go on
                         self.cv.notify_all()
+                self.sampler.sent(item[2], time.perf_counter())
                 self.busy.link += endpoint.send(item[1])
                 self.busy.sent_bytes += len(item[1])
         except BaseException as e:  # noqa: BLE001
@@ -342,12 +338,13 @@ class StreamSession:
         try:
             # runs past the stream's end, until the cloud acknowledges close or the link fails
             while epoch == self.epoch or self.stopped_epoch == epoch:
-                try:
-                    msg = endpoint.recv(min(STALL_POLL_S, w.config.timeout_s))
+                try:   # wake at the stall's deadline, not a poll after it
+                    left = w.config.timeout_s - (time.perf_counter() - last)
+                    msg = endpoint.recv(max(0.001, min(STALL_POLL_S, left)))
                 except LinkTimeout:
                     with self.cv:
                         busy = bool(self.inflight)
-                    if busy and time.perf_counter() - last > w.config.timeout_s:
+                    if busy and time.perf_counter() - last >= w.config.timeout_s:
                         raise LinkError(f"no result from the cloud for {w.config.timeout_s} s with "
                                         f"{len(self.inflight)} request(s) in flight: it stalled") from None
                     if not busy:
@@ -358,22 +355,23 @@ class StreamSession:
                 if flags & FLAG_CONTROL:
                     return      # the cloud acknowledged close
                 if flags & FLAG_ERROR:
+                    self.sampler.forget(req)
                     text = bytes(entries[0].value().tolist()).decode(errors="replace")
                     if w.config.fallback is None:
                         raise RemoteError(f"the cloud failed on request {req}: {text}")
                     with self.cv:   # a fallback settles that request alone; the stream goes on
-                        if req in self.inflight and self.results[req] is PENDING:
+                        if req in self.inflight and self.ledger.pending(req):
                             self.to_settle.append((req, f"the cloud failed on it: {text}"))
                             self.cv.notify_all()
                     continue
                 out = entries_to_output(entries, w.out_spec)
-                st = stats_of(entries)
+                st = self.sampler.sample(req, stats_of(entries))
                 with self.cv:
                     audit = req in self.audits
                     if audit:
                         self.audits.discard(req)
                         self.busy.cloud += st[0] if st else 0.0
-                    elif req not in self.inflight or self.results[req] is not PENDING:
+                    elif req not in self.inflight or not self.ledger.pending(req):
                         self.outcomes.dropped += 1     # late or repeated: already settled
                         continue
                     else:

@@ -108,3 +108,66 @@ def steady_throughput(done: Sequence[float], wall: float) -> float:
     if len(ts) > 1 and ts[-1] > ts[0]:
         return (len(ts) - 1) / (ts[-1] - ts[0])
     return len(done) / wall if wall > 0 else 0.0
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+#: A request not yet settled (its place in ``Ledger.results``).
+PENDING = _Pending()
+#: A stream that hands its results on keeps the records of at least this many settled
+#: requests for its stats; older ones are only counted (``Ledger``).
+LEDGER_WINDOW = 50_000
+
+
+class Ledger:
+    """Per-request records of one stream, by request index: its result (``PENDING`` until
+    settled), when it started and when it was settled.
+
+    With ``keep=False`` (each result handed on as it settles: ``EndWorker(deliver=...)``) it
+    keeps no outputs, and once it holds twice ``LEDGER_WINDOW`` records it drops the settled
+    ones before the oldest pending request, all but the latest ``LEDGER_WINDOW``, counting
+    them in ``folded``: a camera stream of any length holds memory for a bounded number of
+    requests. Stats then cover the records held (``n`` counts all)."""
+
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
+        self.base = 0          # the request index of the first record held
+        self.folded = 0        # settled requests whose records were dropped
+        self.results: list[Any] = []
+        self.started: list[float] = []
+        self.done: list[float] = []
+
+    def __len__(self) -> int:
+        return self.base + len(self.results)
+
+    def add(self, t: float) -> int:
+        """A new request started at ``t``: its index."""
+        self.results.append(PENDING)
+        self.started.append(t)
+        self.done.append(0.0)
+        return len(self) - 1
+
+    def pending(self, i: int) -> bool:
+        return i >= self.base and self.results[i - self.base] is PENDING
+
+    def settle(self, i: int, out: Any, t: float) -> None:
+        k = i - self.base
+        self.results[k] = out if self.keep else None
+        self.done[k] = t
+        if not self.keep and len(self.results) >= 2 * LEDGER_WINDOW and k % 1024 == 0:
+            first = next((j for j, r in enumerate(self.results) if r is PENDING), len(self.results))
+            drop = min(first, len(self.results) - LEDGER_WINDOW)
+            if drop > 0:
+                del self.results[:drop], self.started[:drop], self.done[:drop]
+                self.base += drop
+                self.folded += drop
+
+    def pending_ids(self) -> list[int]:
+        return [self.base + k for k, r in enumerate(self.results) if r is PENDING]
+
+    def settled(self) -> list[tuple[float, float]]:
+        """(settled, started) of each settled request held."""
+        return [(d, s) for d, s, r in zip(self.done, self.started, self.results) if r is not PENDING]

@@ -63,6 +63,24 @@ class StemHead(nn.Module):
         return self.head(torch.relu(self.stem(x)).mean((2, 3)))
 
 
+@pytest.fixture(scope="session")
+def online_digits():
+    """(model, OnlineModel, test inputs, test labels): the digits camera network compiled for
+    online control on analytic costs (plans for 0.2, 1 and 50 Mbit/s, the end 10x slower),
+    shared by the online unit tests and the deploy integration test (it takes ~30 s)."""
+    from coach_fx.online import compile_online
+    from coach_fx.settings import Device, Network
+    from coach_fx.zoo.digits import digits_splits, load_digits_model
+
+    torch.manual_seed(0)
+    model = load_digits_model(32)
+    (_, _), (xc, yc), (xt, yt) = digits_splits(frame=32)
+    om = compile_online(model, (xc[:1],), network=Network(1.0), end=Device("end", 10),
+                        calibration=(xc, yc), accuracy_budget=0.005, bands_mbps=[0.2, 1.0, 50.0],
+                        costs="analytic", progress=False, grid=(4,), calibration_frames=600)
+    return model, om, xt, yt
+
+
 @pytest.fixture(scope="module")
 def stem_head_split():
     """(compiled, eager) ``StemHead`` for 1x3x8x8 inputs, its 8-bit relu output crossing."""

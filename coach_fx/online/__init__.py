@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -45,35 +46,12 @@ from coach_fx.online.bands import band_edges, band_rates, choose_plans
 from coach_fx.online.deploy import Deployment, deploy
 from coach_fx.online.report import report
 from coach_fx.runtime.cloud import CloudWorker
-from coach_fx.runtime.config import (Bands, Batching, CacheConfig, ControlConfig, PolicyConfig,
-                                     StreamConfig)
+from coach_fx.runtime.config import MODES, Bands, Batching, Mode, StreamConfig
 from coach_fx.runtime.end import EndWorker, run_session
 from coach_fx.runtime.links.inprocess import InProcessLink
+from coach_fx.runtime.plans import OnlinePlans
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.settings import Network, OnlineSettings, Settings
-
-#: The four ways ``OnlineModel.stream`` runs, for comparison (issue #5's variants). ``local``
-#: (with adaptive control): a request that finds the link backlogged or stalled is finished on
-#: the end device instead of waiting (per request, the end-only plan for the rest of the model).
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    """What a mode turns on: per-request bits, band switching, the cache, near-miss bits,
-    finishing a request on the end device when the link is backlogged or stalled."""
-
-    adaptive: bool
-    switching: bool
-    cache: bool
-    similarity_bits: bool
-    finish_on_end: bool
-
-
-MODES = {
-    "fixed": Mode(adaptive=False, switching=False, cache=False, similarity_bits=False, finish_on_end=False),
-    "adaptive": Mode(adaptive=True, switching=True, cache=False, similarity_bits=False, finish_on_end=True),
-    "cache": Mode(adaptive=False, switching=False, cache=True, similarity_bits=False, finish_on_end=False),
-    "full": Mode(adaptive=True, switching=True, cache=True, similarity_bits=True, finish_on_end=True),
-}
-
 
 class OnlineModel:
     """Plans for bandwidth bands and everything the online runtime needs to run them.
@@ -111,17 +89,32 @@ class OnlineModel:
         """The id of the offline plan (for the network as given), where every mode starts."""
         return self.bands[False].start
 
+    @property
+    def online_plans(self) -> OnlinePlans:
+        """Every plan as the end side runs it, with the bands and the controller's settings
+        (what ``save`` writes and a saved online plan reads back as)."""
+        online = self.settings.online
+        return OnlinePlans(self.variants, self.bands, online.hold, online.capacity,
+                           online.audit_rate, self.settings.end.slowdown)
+
     def policy(self, mode: str = "full", seed: int = 0) -> OnlinePolicy:
         """A fresh :class:`coach_fx.runtime.policy.OnlinePolicy` for ``mode`` (see ``MODES``)."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        m, online = MODES[mode], self.settings.online
-        config = PolicyConfig(ControlConfig(adaptive=m.adaptive, switching=m.switching,
-                                            hold=online.hold),
-                              CacheConfig(m.cache, m.similarity_bits, online.capacity,
-                                          online.audit_rate, seed),
-                              finish_on_end=m.finish_on_end, end_slowdown=self.settings.end.slowdown)
-        return OnlinePolicy(list(self.variants.values()), self.bands[m.cache], config)
+        return OnlinePolicy.of(self.online_plans, mode, seed)
+
+    def save(self, path: str | Path, *, key: bytes | str | None = None, whole: bool = False) -> str:
+        """Write every plan (its halves sharing the weights on disk as in memory), the bits,
+        the cache setups and the bands to a plan directory: ``coach serve DIR`` hosts every
+        plan's cloud half, ``coach_fx.connect(DIR, ...)`` / ``coach run DIR`` run the online
+        policy on the end. ``key``: the token that signs the manifest (default
+        ``$COACH_TOKEN``); ``whole=True`` also writes the whole model, for ``fallback="local"``.
+
+        Example::
+
+            >>> om.save("online_dir", key=token)                                 # doctest: +SKIP
+            >>> rm = coach_fx.connect("online_dir", "cloud:29517", token=token)  # doctest: +SKIP
+        """
+        from coach_fx.saved_online import save_online
+        return str(save_online(self, path, key=key, whole=whole))
 
     def stream(self, frames: Iterable[Any], *, mode: str = "full", link: Any = None,
                timeout_s: float = 30.0, queue_size: int = 2, seed: int = 0,
@@ -159,6 +152,16 @@ class OnlineModel:
             end = EndWorker(link.end, self.out_spec, policy, config)
             outs, stats = run_session(end, cloud, xs)
         return outs, stats, policy
+
+    def breakeven_mbps(self) -> float:
+        """The rate below which the offline plan's link is its bottleneck: its message's bits
+        over its compute bottleneck (the end's work measured alone x the end's slowdown, the
+        cloud half's time). The online benchmark and the deploy test scale a trace so that
+        its median sits here: the fixed plan is then link-bound half of the time."""
+        v, p = self.variants[self.offline], self.plans[self.offline]
+        compute = max((v.times.host_s or p.t_end / self.settings.end.slowdown) * self.settings.end.slowdown,
+                      p.t_cloud)
+        return v.message_bytes() * 8 / compute / 1e6
 
     def report(self) -> str:
         """The bands, their plans and each plan's calibration as tables."""

@@ -62,6 +62,13 @@ class Endpoint(Protocol):
     def last_wire_s(self) -> float:
         """The wire time of the last message received (first to last byte), 0 if unknown."""
 
+    @property
+    def last_arrival_s(self) -> float:
+        """When the last message's last byte arrived, on this side's ``time.monotonic`` (0 if
+        unknown): from two arrivals and their sends the end tells whether the link was busy
+        between them, and then the gap is the second's time on the wire, whatever its size
+        (``StreamSession.wire_sample``)."""
+
 
 class Clock(Protocol):
     """Where links and device emulation read and spend time: :class:`RealClock` or

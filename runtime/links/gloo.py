@@ -131,6 +131,10 @@ class GlooEndpoint:
         """Not measured by gloo (the end uses its own send time)."""
         return 0.0
 
+    @property
+    def last_arrival_s(self) -> float:
+        return 0.0
+
     def abort(self) -> None:
         """After a fault: leave the process group alone (tearing it down from a worker thread
         with a receive posted would abort the process)."""

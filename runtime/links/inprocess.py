@@ -107,6 +107,11 @@ class _InProcessEnd:
     def last_wire_s(self) -> float:
         return self.inp.last_wire_s
 
+    @property
+    def last_arrival_s(self) -> float:
+        """Not needed: the emulated wire time is exact, the sender waits it out itself."""
+        return 0.0
+
 
 class InProcessLink:
     """Uplink and downlink channels between two threads; ``.end`` and ``.cloud`` endpoints."""

@@ -91,8 +91,13 @@ RECV_CHUNK = 1 << 20
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     """``n`` bytes; with a ``deadline`` (``time.monotonic``) all of them by then, however
     slowly they trickle in (``socket.timeout`` otherwise)."""
+    return _recv_counted(sock, n, deadline)[0]
+
+
+def _recv_counted(sock: socket.socket, n: int, deadline: float | None = None) -> tuple[bytes, int]:
+    """``_recv_exact``, and how many reads it took (1: the bytes were all there at once)."""
     buf = bytearray(min(n, RECV_CHUNK))
-    got = 0
+    got = reads = 0
     while got < n:
         if got == len(buf):   # the peer has sent all reserved so far: reserve the next chunk
             buf.extend(bytes(min(RECV_CHUNK, n - got)))
@@ -105,7 +110,8 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> b
         if k == 0:
             raise PeerGone("connection closed by the peer")
         got += k
-    return bytes(buf)
+        reads += 1
+    return bytes(buf), reads
 
 
 class TcpEndpoint:
@@ -123,6 +129,8 @@ class TcpEndpoint:
         self.busy_s = 0.0
         self.bytes = 0
         self.last_wire_s = 0.0
+        #: when the last message's last byte arrived (``time.monotonic``); see ``Endpoint``
+        self.last_arrival_s = 0.0
         #: the longest message this side accepts; a longer length prefix is refused before
         #: anything is reserved (a server sets it from its plans' largest legal request)
         self.max_message = MAX_MESSAGE
@@ -163,10 +171,13 @@ class TcpEndpoint:
                                 f"{n} bytes; the limit is {self.max_message}")
             self.sock.settimeout(self.timeout_s)
             t0 = time.monotonic()
-            msg = _recv_exact(self.sock, n)
+            msg, reads = _recv_counted(self.sock, n)
+            done = time.monotonic()
             # from the first byte after the length to the last: the message's time on the
-            # wire as this side saw it (the online controller's bandwidth sample)
-            self.last_wire_s = time.monotonic() - t0
+            # wire as this side saw it (the online controller's bandwidth sample); a message
+            # that was all there at once (one segment, or queued here) tells nothing: 0
+            self.last_wire_s = done - t0 if reads > 1 else 0.0
+            self.last_arrival_s = done
             if self.keys is not None:
                 tag = _recv_exact(self.sock, TAG_BYTES)
                 if not hmac.compare_digest(tag, self._tag(self.keys[1], self._received, msg)):

@@ -143,3 +143,28 @@ def test_the_batched_cloud_half_is_saved_and_batches(saved, signed):
         got = half.batched(*floats if isinstance(floats, tuple) else (floats,))
         want = m(xs)
     assert torch.allclose(got["logits"], want["logits"], atol=5e-2)
+
+
+def test_halves_saved_with_a_shared_store_write_each_weight_once_and_share_it(tmp_path):
+    from coach_fx.graphfile import load_exported, read_store, save_exported, write_store
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(1, 3, 8, 8)
+    store = {}
+    with torch.no_grad():
+        save_exported(torch.export.export(m, (x,)), tmp_path / "a", store)
+        whole = dict(store)
+        save_exported(torch.export.export(m.stem, (x,)), tmp_path / "b", store)
+    assert not (tmp_path / "a.tensors").exists()
+    assert store == whole         # the stem's tensors are the whole model's: each stored once
+    write_store(store, tmp_path / "w.tensors")
+    tensors = read_store(tmp_path / "w.tensors")
+    a, b = load_exported(tmp_path / "a", tensors), load_exported(tmp_path / "b", tensors)
+    with torch.no_grad():
+        assert torch.equal(a(x)["logits"], m(x)["logits"]) and torch.equal(b(x), m.stem(x))
+    shared = {p.data_ptr() for p in a.parameters()} & {p.data_ptr() for p in b.parameters()}
+    assert len(shared) == sum(1 for _ in m.stem.parameters())      # the same tensors, not copies
+    with pytest.raises(GraphFileError, match="shared store"):
+        load_exported(tmp_path / "a")
+    with pytest.raises(GraphFileError, match="not in the shared store"):
+        load_exported(tmp_path / "a", {})

@@ -127,7 +127,7 @@ def test_bad_targets_and_addresses_are_named():
     for bad in ("nohost", "h:x", "h:0", ":80"):
         with pytest.raises(ValueError, match="address|port"):
             parse_address(bad)
-    with pytest.raises(TypeError, match="CompiledModel or a saved plan directory"):
+    with pytest.raises(TypeError, match="CompiledModel, an OnlineModel or a saved plan directory"):
         coach_fx.connect(object(), "h:1", token=TOKEN)
 
 

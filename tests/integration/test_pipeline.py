@@ -13,7 +13,7 @@ from torch import nn
 import coach_fx
 from coach_fx.artifact import load_half, make_frames
 from coach_fx.runtime.links import InProcessLink
-from coach_fx.runtime.cloud import CloudWorker
+from coach_fx.runtime.cloud import Arrival, CloudWorker
 from coach_fx.runtime.config import Batching, StreamConfig
 from coach_fx.runtime.end import EndWorker, RemoteError
 from coach_fx.runtime.policy import StaticPolicy
@@ -175,7 +175,7 @@ def test_cloud_batches_what_arrived_together_with_the_same_replies():
     link = InProcessLink(None, None)
     cloud = CloudWorker({0: (cm.cloud_module, cm.boundary)}, link.cloud, StreamConfig(batching=Batching(8)))
     frames = [torch.randn(1, 3, 12, 12) for _ in range(5)]
-    msgs = [(encode(i, payload_to_entries(cm.boundary, cm.end_module(f)), 0, 0), 0.001 * i)
+    msgs = [(encode(i, payload_to_entries(cm.boundary, cm.end_module(f)), 0, 0), Arrival(0.001 * i, 0.002 * i))
             for i, f in enumerate(frames)]
     served = cloud.served
     batched = cloud.handle_batch(msgs)
@@ -186,11 +186,11 @@ def test_cloud_batches_what_arrived_together_with_the_same_replies():
         req, _, flags, entries = decode(reply)
         assert req == i and not flags & FLAG_ERROR
         assert torch.allclose(entries_to_output(entries, spec), m(f), atol=1e-5)
-        assert stats_of(entries)[1:] == [float(len(msgs[i][0])), 0.001 * i]
+        assert stats_of(entries)[1:] == [float(len(msgs[i][0])), 0.001 * i, 0.002 * i]
     # a close among them: message by message, the close answered with None
-    close = (encode((1 << 64) - 1, [], FLAG_CONTROL), 0.0)
+    close = (encode((1 << 64) - 1, [], FLAG_CONTROL), Arrival())
     assert cloud.handle_batch([msgs[0], close])[1] is None
     # an unknown plan gets its own error, the others their results
-    bad = (encode(9, payload_to_entries(cm.boundary, cm.end_module(frames[0])), 0, 7), 0.0)
+    bad = (encode(9, payload_to_entries(cm.boundary, cm.end_module(frames[0])), 0, 7), Arrival())
     replies = cloud.handle_batch([msgs[0], bad])
     assert not decode(replies[0])[2] & FLAG_ERROR and decode(replies[1])[2] & FLAG_ERROR

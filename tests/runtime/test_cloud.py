@@ -6,7 +6,7 @@ import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.passes.partition import partition
-from coach_fx.runtime.cloud import CloudWorker
+from coach_fx.runtime.cloud import Arrival, CloudWorker
 from coach_fx.runtime.codec import entries_to_output, payload_to_entries
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, VERSION, decode,
@@ -42,14 +42,14 @@ def test_a_bad_frame_gets_its_error_and_the_next_request_its_answer(tiny_split, 
     worker = CloudWorker({0: (cloud, boundary)}, None)
     good = request(end, boundary, x, 5)
     bad, check = mutations(good)[name]
-    req, _, flags, entries = decode(worker.handle(bad, 0.0))
+    req, _, flags, entries = decode(worker.handle(bad, Arrival()))
     assert flags & FLAG_ERROR and flags & FLAG_RESULT
     text = bytes(entries[0].value().tolist()).decode()
     assert text.startswith("WireError") and any(w in text for w in check.split("|")), text
     if name in ("flipped bit", "truncated", "extended"):
         assert req == 5                    # the header still names the request
     assert worker.rejected == 1
-    req, _, flags, entries = decode(worker.handle(good, 0.0))
+    req, _, flags, entries = decode(worker.handle(good, Arrival()))
     assert req == 5 and not flags & FLAG_ERROR
     with torch.no_grad():
         want = model(x)

@@ -1,7 +1,8 @@
 import pytest
 
 from coach_fx.runtime.config import Bands, ControlConfig
-from coach_fx.runtime.controller import BandwidthEstimator, BitController, OnlineController, PlanSwitcher
+from coach_fx.runtime.controller import (QUEUED_MARGIN_S, ArrivalSampler, BandwidthEstimator, BitController,
+                                         OnlineController, PlanSwitcher)
 from coach_fx.runtime.plans import CutProfile, Sizes
 
 
@@ -95,3 +96,56 @@ def test_coded_sizes_raise_the_bits_that_fit_and_the_estimate_follows_them():
         ctl.observe(3, plain.message_bytes(3))
     assert ctl.size_factor[6] == pytest.approx(2.5, rel=0.02)
     assert ctl.choose(16.0) == 3                     # back to what fits uncoded
+
+
+def test_a_link_that_did_not_queue_raises_the_estimate_by_the_probing_gain_never_lowers_it():
+    from coach_fx.runtime.controller import PROBE_GAIN
+    split = CutProfile(Sizes((10_000,)), 4, 0.01, 0.0)
+    ctl = OnlineController({1: split}, Bands(start=1), ControlConfig(switching=False))
+    ctl.on_result(1, 125_000, 0.1, 0.005)                 # exact: 10 Mbit/s
+    assert ctl.estimator.mbps == pytest.approx(10.0)
+    ctl.on_result(1, 125_000, 1.0, 0.005, lower_bound=True)   # "at least 1 Mbit/s": no news
+    assert ctl.estimator.samples[-1] == pytest.approx(10.0 * PROBE_GAIN)
+    for _ in range(20):                                   # idle link: the estimate climbs
+        ctl.on_result(1, 125_000, 1.0, 0.005, lower_bound=True)
+    assert ctl.estimator.mbps > 12.0
+    ctl.on_result(1, 125_000, 0.5, 0.005)                 # a queued request: 2 Mbit/s, at once
+    assert ctl.bits(1) == ctl.bit_controllers[1].choose(2.0, None, ctl.compute_s(1), ctl.headroom)
+
+
+# ---- ArrivalSampler: a real link's replies as bandwidth samples (exact when the link was
+# busy, a lower bound otherwise)
+def sampler():
+    return ArrivalSampler()
+
+
+def reply(st, req, nbytes, arrived):
+    return st.sample(req, [0.001, float(nbytes), 0.0, arrived])
+
+
+def test_a_request_sent_while_the_one_before_was_in_the_link_measures_the_rate():
+    st = sampler()
+    # a 1 Mbit/s link, 1 ms away, clocks 100 s apart: a small request alone (its delay is the
+    # least: the baseline), then two 1250-byte requests sent together
+    st.sent_at.update({5: 9.0, 0: 10.0, 1: 10.0001})
+    assert reply(st, 5, 12, 109.0011)[2] == 0.0           # nothing to compare with yet
+    reply(st, 0, 1250, 110.011)                           # 1 ms + 10 ms on the wire
+    second = reply(st, 1, 1250, 110.021)                  # waited behind it: 10 ms more
+    assert second[2] == pytest.approx(0.010) and second[4] == 0.0
+
+
+def test_a_request_after_an_idle_link_is_only_a_lower_bound():
+    st = sampler()
+    st.sent_at.update({0: 10.0, 1: 10.5})
+    reply(st, 0, 1250, 110.002)
+    second = reply(st, 1, 1250, 110.502)                  # sent after the first had arrived
+    # the link moved 1250 bytes within the half second between the sends (and the margin)
+    assert second[4] == 1.0
+    assert second[2] == pytest.approx(0.5 + QUEUED_MARGIN_S)
+
+
+def test_an_in_process_reply_keeps_its_exact_wire_time():
+    st = sampler()
+    st.sent_at[0] = 1.0
+    assert st.sample(0, [0.001, 100.0, 0.02, 0.0]) == [0.001, 100.0, 0.02, 0.0]
+    assert st.sample(7, [0.001, 100.0, 0.02, 5.0]) == [0.001, 100.0, 0.02, 5.0]   # never sent here

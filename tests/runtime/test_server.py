@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import coach_fx
-from coach_fx.runtime.cloud import CloudHalf
+from coach_fx.runtime.cloud import Arrival, CloudHalf
 from coach_fx.runtime.codec import entries_to_output, max_request_bytes, payload_to_entries
 from coach_fx.runtime.config import Batching, StreamConfig
 from coach_fx.runtime.links.tcp import TcpServer
@@ -56,7 +56,7 @@ def test_requests_of_several_ends_run_as_one_batch_and_each_end_gets_its_own(spl
         ends = [_Session(None, f"end{k}", 4) for k in range(3)]
         xs = [torch.randn(1, 3, 8, 8) for _ in range(6)]
         # two requests from each end, interleaved as they would arrive
-        server._run([(ends[k % 3], request(cm, x, 100 + k), 0.0) for k, x in enumerate(xs)])
+        server._run([(ends[k % 3], request(cm, x, 100 + k), Arrival()) for k, x in enumerate(xs)])
         assert batched.batches == [6] and server.snapshot().batches == 1
         with torch.no_grad():
             for k, x in enumerate(xs):
@@ -76,8 +76,8 @@ def test_a_bad_request_in_a_batch_fails_only_itself_and_a_close_ends_only_its_en
         x = torch.randn(1, 3, 8, 8)
         bad = bytearray(request(cm, x, 7))
         bad[-1] ^= 1                                          # fails its checksum
-        server._run([(a, request(cm, x, 1), 0.0), (b, bytes(bad), 0.0),
-                     (b, encode(CLOSE_ID, [], FLAG_CONTROL), 0.0), (a, request(cm, x, 2), 0.0)])
+        server._run([(a, request(cm, x, 1), Arrival()), (b, bytes(bad), Arrival()),
+                     (b, encode(CLOSE_ID, [], FLAG_CONTROL), Arrival()), (a, request(cm, x, 2), Arrival())])
         assert [answer(cm, a.replies.get_nowait())[0] for _ in range(2)] == [1, 2]
         req, _, flags, _ = decode(b.replies.get_nowait())
         assert (req, bool(flags & FLAG_ERROR)) == (7, True)
@@ -93,7 +93,7 @@ def test_a_half_without_a_batched_form_still_answers_every_request(split):
     try:
         s = _Session(None, "a", 4)
         xs = [torch.randn(1, 3, 8, 8) for _ in range(3)]
-        server._run([(s, request(cm, x, k), 0.0) for k, x in enumerate(xs)])
+        server._run([(s, request(cm, x, k), Arrival()) for k, x in enumerate(xs)])
         assert server.snapshot().batches == 3
         for k, x in enumerate(xs):
             assert torch.allclose(answer(cm, s.replies.get_nowait())[1], cm(x), atol=1e-5)

@@ -12,13 +12,8 @@ from coach_fx.traces import Trace
 
 
 @pytest.fixture(scope="module")
-def online():
-    model = load_digits_model(32)
-    (_, _), (xc, yc), (xt, yt) = digits_splits(frame=32)
-    om = compile_online(model, (xc[:1],), network=Network(1.0), end=Device("end", 10),
-                        calibration=(xc, yc), accuracy_budget=0.01, bands_mbps=[0.2, 1.0, 50.0],
-                        costs="analytic", progress=False, grid=(4,), calibration_frames=600)
-    return model, om, xt, yt
+def online(online_digits):
+    return online_digits
 
 
 def test_plans_per_band_share_the_model_weights(online):
