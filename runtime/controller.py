@@ -40,12 +40,18 @@ SIZE_SMOOTHING = 0.2
 
 
 #: on a real link that did not queue (``on_result(lower_bound=True)``), the estimate rises by
-#: this factor per result (about 1.28 over the estimator's window of 5, BBR's probing gain), so
-#: that the bits (and plans) climb until the link queues and shows its rate; a queued result
-#: then brings it down at once (1.25 per result made a shaped link oscillate: 72 switches)
-PROBE_GAIN = 1.05
+#: this factor per result, so that the bits (and plans) climb until the link queues and shows
+#: its rate; a queued result then brings it down at once. Per result, so it climbs faster the
+#: more requests go: 1.25 (BBR's probing gain) and 1.05 overshot a shaped link (42-72 plan
+#: switches where the in-process stream made 14-25, bits up to 32 where it used 3-5)
+PROBE_GAIN = 1.01
 
 
+#: an idle link's lower bound (the previous request's bytes over the time between two sends)
+#: is taken only from sends at most this far apart
+BOUND_MAX_GAP_S = 0.05
+#: frames sent with the next band's plan per probe of an end-only plan's link (a pair)
+PROBE_FRAMES = 2
 #: a request counts as having waited behind the one before when the gap between their
 #: arrivals exceeds the gap between their sends by this much (clock and scheduling noise)
 QUEUED_MARGIN_S = 0.0005
@@ -92,6 +98,8 @@ class ArrivalSampler:
         between = sent - prev[0]
         if prev[2] - self._min_delay > between + QUEUED_MARGIN_S:
             return [*st[:2], st[3] - prev[1], st[3], 0.0]
+        if between > BOUND_MAX_GAP_S:     # sends this far apart bound the rate too low to tell
+            return [*st[:2], 0.0, st[3]]
         # the bound is the previous request's rate; sized as this one, it takes this long
         return [*st[:2], st[1] * (between + QUEUED_MARGIN_S) / prev[3], st[3], 1.0]
 
@@ -256,21 +264,26 @@ class OnlineController:
         #: see the link recover
         self.probe_s = control.probe_s
         self._last_probe: float | None = None
+        self._probe_left = 0
         self.probes = 0
 
     def next_plan(self, now: float) -> int:
-        """The plan for the next frame at time ``now`` (a probe now and then, see above)."""
+        """The plan for the next frame at time ``now`` (a probe now and then, see above: two
+        frames back to back, so that a real link, which tells nothing of its rate by one small
+        message, shows it by the second's arrival behind the first)."""
         if not self.profiles[self.current].end_only or self.switcher is None:
             return self.current
         if self._last_probe is None:
             self._last_probe = now
-        if now - self._last_probe < self.probe_s:
+        if self._probe_left == 0 and now - self._last_probe < self.probe_s:
             return self.current
-        self._last_probe = now
         plans = self.switcher.plans
         above = [p for p in plans[self.switcher.band + 1:] if not self.profiles[p].end_only]
         if not above:
             return self.current
+        if self._probe_left == 0:
+            self._last_probe, self._probe_left = now, PROBE_FRAMES
+        self._probe_left -= 1
         self.probes += 1
         return above[0]
 

@@ -20,7 +20,7 @@ import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.online.cache_calibration import tune_thresholds, similarity_bits
+from coach_fx.online.cache_calibration import safe_floor, similarity_bits, tune_thresholds
 from coach_fx.zoo.streams import locality_stream
 from coach_fx.online.deploy import cut_sizes, end_paths, end_paths_of, variant
 from coach_fx.passes.ops import fake_quantize_per_sample
@@ -119,9 +119,9 @@ class CutAnalysis:
                 samples.vals = [x if isinstance(x, tuple) else (x,)
                                 for x in _batched(end32, self.oracle.inputs, self.oracle.batch)]
                 samples.agrees = self._agreement(cloud32, samples.vals, pinned, caps)
-                # the fewest bits that pass, as the planner's binary search finds them
-                min_bits = next((b for b in QUANT_BITS
-                                 if 1 - samples.agrees[b].float().mean().item() <= self.bits_budget), 32)
+                # the fewest bits that pass with a width of room (``safe_floor``)
+                min_bits = safe_floor({b: 1 - samples.agrees[b].float().mean().item() for b in QUANT_BITS},
+                                      self.bits_budget) or 32
             sizes = cut_sizes(self.dag, boundary, pinned, next(iter(self.settings.tensor_codecs), None),
                               self.settings.bits)
             info = CutInfo(end32, cloud32, boundary, CrossingBits(pinned, min_bits, caps), sizes, samples)

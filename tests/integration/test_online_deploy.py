@@ -120,8 +120,8 @@ def test_a_saved_online_model_serves_every_plan_and_connect_runs_its_policy(onli
     model, om, xt, yt = online_digits
     plan = tmp_path / "online"
     om.save(plan, key=TOKEN, whole=True)
-    # long enough for the probing to lift the estimate past the top band's edge (x1.05 a result)
-    idx = locality_stream(yt, 1500, 10.0, seed=3)
+    # long enough for the probing to lift the estimate past the top band's edge (x1.01 a result)
+    idx = locality_stream(yt, 3000, 10.0, seed=3)
     frames = [xt[i:i + 1] for i in idx]
     with torch.no_grad():
         unquantized = model(xt[idx]).argmax(1)

@@ -55,7 +55,8 @@ def test_an_end_only_band_still_probes_the_link():
     ctl = OnlineController({0: local, 1: split}, Bands((1.0,), (0, 1), start=0),
                            ControlConfig(hold=2, probe_s=0.5))
     assert ctl.next_plan(0.0) == 0 and ctl.next_plan(0.4) == 0
-    assert ctl.next_plan(0.6) == 1 and ctl.probes == 1      # one frame measures the link
+    assert ctl.next_plan(0.6) == 1 and ctl.probes == 1      # a pair of frames measures the link
+    assert ctl.next_plan(0.6) == 1 and ctl.probes == 2
     assert ctl.next_plan(0.7) == 0
     for _ in range(2):                                        # the probes find it fast again
         ctl.on_result(1, 125_000, 0.01, 0.005)
@@ -106,7 +107,7 @@ def test_a_link_that_did_not_queue_raises_the_estimate_by_the_probing_gain_never
     assert ctl.estimator.mbps == pytest.approx(10.0)
     ctl.on_result(1, 125_000, 1.0, 0.005, lower_bound=True)   # "at least 1 Mbit/s": no news
     assert ctl.estimator.samples[-1] == pytest.approx(10.0 * PROBE_GAIN)
-    for _ in range(20):                                   # idle link: the estimate climbs
+    for _ in range(200):                                  # idle link: the estimate climbs
         ctl.on_result(1, 125_000, 1.0, 0.005, lower_bound=True)
     assert ctl.estimator.mbps > 12.0
     ctl.on_result(1, 125_000, 0.5, 0.005)                 # a queued request: 2 Mbit/s, at once
@@ -136,12 +137,13 @@ def test_a_request_sent_while_the_one_before_was_in_the_link_measures_the_rate()
 
 def test_a_request_after_an_idle_link_is_only_a_lower_bound():
     st = sampler()
-    st.sent_at.update({0: 10.0, 1: 10.5})
+    st.sent_at.update({0: 10.0, 1: 10.02, 2: 10.5})
     reply(st, 0, 1250, 110.002)
-    second = reply(st, 1, 1250, 110.502)                  # sent after the first had arrived
-    # the link moved 1250 bytes within the half second between the sends (and the margin)
+    second = reply(st, 1, 1250, 110.022)                  # sent after the first had arrived
+    # the link moved 1250 bytes within the 20 ms between the sends (and the margin)
     assert second[4] == 1.0
-    assert second[2] == pytest.approx(0.5 + QUEUED_MARGIN_S)
+    assert second[2] == pytest.approx(0.02 + QUEUED_MARGIN_S)
+    assert reply(st, 2, 1250, 110.502)[2] == 0.0          # half a second apart: no news
 
 
 def test_an_in_process_reply_keeps_its_exact_wire_time():
