@@ -159,6 +159,9 @@ class OnlineModel:
         cloud half's time). The online benchmark and the deploy test scale a trace so that
         its median sits here: the fixed plan is then link-bound half of the time."""
         v, p = self.variants[self.offline], self.plans[self.offline]
+        if v.end_only:
+            raise ValueError("the offline plan runs the whole model on the end device: it sends nothing, "
+                             "so no rate makes its link the bottleneck")
         compute = max((v.times.host_s or p.t_end / self.settings.end.slowdown) * self.settings.end.slowdown,
                       p.t_cloud)
         return v.message_bytes() * 8 / compute / 1e6
