@@ -35,9 +35,8 @@ class RequestFailed(RuntimeError):
         self.reason = reason
 
 
-
 #: How often the receiver looks whether the cloud has stalled (no result for
-#: ``StreamConfig.timeout_s`` with requests in flight): a caller waits at most that long more.
+#: ``StreamConfig.timeout_s`` with requests in flight); it also wakes at the stall's deadline.
 STALL_POLL_S = 0.05
 
 
