@@ -23,7 +23,7 @@ from typing import Container, Iterable, Iterator, Mapping, Sequence
 
 import torch.fx as fx
 
-from coach_fx.passes.annotate import NodeMeta, meta
+from coach_fx.passes.annotate import NodeMeta, constant_nodes, keeps_effect, meta
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ class LayerDAG:
         for g, ms in members.items():
             ns = [by_name[m] for m in ms]
             tensors = [m for m in ns if meta(m).is_tensor]
-            head = ns[0]
+            head = by_name[g]     # the node the group is named for (members may run before it)
             if meta(head).is_tensor or not tensors:
                 sent = [head]
             else:
@@ -316,10 +316,18 @@ def _classify_read(a: fx.Node, groups: Mapping[str, str], me: str | None,
 def dag_groups(gm: fx.GraphModule) -> dict[str, str]:
     """fx node name -> DAG node name, for the fx nodes that belong to a DAG node."""
     groups: dict[str, str] = {}
+    free = constant_nodes(gm) | {n.name for n in gm.graph.nodes if n.op == "get_attr"}
+    # an update of a buffer that reads no activation (train mode's num_batches_tracked += 1)
+    # depends on nothing and feeds nothing: it runs with the node that follows it, instead of
+    # floating free and leaving the DAG without articulation nodes
+    pending: list[str] = []
     for n in gm.graph.nodes:
         if n.op not in ("call_function", "call_method", "call_module"):
             continue
-        if meta(n).kind == "value":
+        if meta(n).kind == "value" or n.name in free:
+            continue
+        if keeps_effect(n) and all(a.name in free for a in n.all_input_nodes):
+            pending.append(n.name)
             continue
         src = n.args[0] if n.args else None
         if (n.op == "call_function" and n.target is operator.getitem and isinstance(src, fx.Node)
@@ -327,6 +335,11 @@ def dag_groups(gm: fx.GraphModule) -> dict[str, str]:
             groups[n.name] = groups[src.name]   # picks a tensor out of a tuple-valued node
         else:
             groups[n.name] = n.name
+            groups.update((p, n.name) for p in pending)
+            pending.clear()
+    if pending and groups:
+        last = next(reversed(groups.values()))
+        groups.update((p, last) for p in pending)
     return groups
 
 

@@ -170,6 +170,38 @@ def mean_bytes(dag: LayerDAG, plan: Plan) -> int:
     return plan.bytes_sent - sum(c.priced(plan.objective) - c.average for c in costs)
 
 
+@dataclass(frozen=True)
+class CrossingPrice:
+    """What one crossing tensor adds to a plan: bytes on the wire (its header included), end
+    and cloud seconds (quantize/dequantize, coding), and the codec it travels with, if any."""
+
+    nbytes: int
+    t_end: float
+    t_cloud: float
+    codec: str | None = None
+
+
+def crossing_price(dag: LayerDAG, x: str, bits: int, objective: str,
+                   tensor_codec: str | None = None, image_codec: str | None = None) -> CrossingPrice:
+    """The price of sending ``x`` at ``bits``: as an image coded by ``image_codec`` (a model
+    input), else raw, or with the lossless ``tensor_codec`` where its coded size is shorter."""
+    if image_codec is not None:
+        cost = dag.input_codecs[x][image_codec]
+        return CrossingPrice(cost.priced(objective) + TENSOR_HEADER_BYTES, cost.t_end, cost.t_cloud,
+                             image_codec)
+    d = dag.info[x]
+    nbytes, t_end, t_cloud, codec = tensor_bytes(d.numel, d.bytes, d.quantizable, bits), 0.0, 0.0, None
+    lossless = dag.coded_cost(x, tensor_codec, bits) if d.quantizable and bits < 32 else None
+    if lossless is not None and lossless.priced(objective) + TENSOR_HEADER_BYTES < nbytes:
+        nbytes, t_end, t_cloud = lossless.priced(objective) + TENSOR_HEADER_BYTES, lossless.t_end, lossless.t_cloud
+        codec = lossless.codec
+    if d.quantizable and bits < 32:
+        q_end, q_cloud = dag.quant_cost(bits)
+        t_end += q_end * d.numel
+        t_cloud += q_cloud * d.numel
+    return CrossingPrice(nbytes, t_end, t_cloud, codec)
+
+
 def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, int],
              network: Network, *, strategy: str = "manual", objective: str = "throughput",
              input_bits: int | None = None, codecs: str | Mapping[str, str] | None = None,
@@ -193,27 +225,16 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
     nbytes = 0
     tensor_coded: dict[str, str] = {}
     for x in cut:
-        d = dag.info[x]
         if x in coded:
-            cost = dag.input_codecs[x][coded[x]]
             b[x] = 8
-            nbytes += cost.priced(objective) + TENSOR_HEADER_BYTES
-            t_end += cost.t_end
-            t_cloud += cost.t_cloud
-            continue
-        plain = tensor_bytes(d.numel, d.bytes, d.quantizable, b[x])
-        lossless = dag.coded_cost(x, tensor_codec, b[x]) if d.quantizable and b[x] < 32 else None
-        if lossless is not None and lossless.priced(objective) + TENSOR_HEADER_BYTES < plain:
-            tensor_coded[x] = lossless.codec
-            nbytes += lossless.priced(objective) + TENSOR_HEADER_BYTES
-            t_end += lossless.t_end
-            t_cloud += lossless.t_cloud
+            c = crossing_price(dag, x, 8, objective, image_codec=coded[x])
         else:
-            nbytes += plain
-        if d.quantizable and b[x] < 32:
-            q_end, q_cloud = dag.quant_cost(b[x])
-            t_end += q_end * d.numel
-            t_cloud += q_cloud * d.numel
+            c = crossing_price(dag, x, b[x], objective, tensor_codec)
+            if c.codec is not None:
+                tensor_coded[x] = c.codec
+        nbytes += c.nbytes
+        t_end += c.t_end
+        t_cloud += c.t_cloud
     t_link = 0.0
     if len(s) < len(dag.nodes):
         nbytes += MESSAGE_HEADER_BYTES

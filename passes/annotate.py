@@ -145,6 +145,21 @@ def keeps_effect(n: fx.Node) -> bool:
     return n.is_impure() or mutated_input(n) is not None
 
 
+def constant_nodes(gm: fx.GraphModule) -> frozenset[str]:
+    """Computing nodes whose value depends on no model input and that change nothing: a
+    parameter reshaped (convnext's layer scale), an attention-bias table indexed (levit), a
+    ``torch.arange``. Like parameters, they are not DAG nodes: each half that reads one
+    computes it itself, so a constant never crosses and never splits the DAG's blocks."""
+    const: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            const.add(n.name)
+        elif (n.op in ("call_function", "call_method", "call_module") and not keeps_effect(n)
+              and all(a.name in const for a in n.all_input_nodes)):
+            const.add(n.name)
+    return frozenset(const - {n.name for n in gm.graph.nodes if n.op == "get_attr"})
+
+
 class _Annotator(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from coach_fx.optimize.candidates import candidate_sets
+from coach_fx.optimize.candidates import divide
 from coach_fx.optimize.mincut import min_cut_end_set
 from coach_fx.optimize.problem import Problem, better
 from coach_fx.plan import Plan
@@ -43,8 +43,11 @@ DSH_WEIGHTS = tuple(sorted({(e / m, l / m, c / m) for e in (1, 2, 4, 8) for l in
 def neurosurgeon(p: Problem, bits: int = 32, name: str = "neurosurgeon") -> Plan:
     lp = _latency_problem(p)
     best: Plan | None = None
-    for s in candidate_sets(p.dag, (bits,), exact_sets=True):
-        plan = lp.price(s, bits, name)
+    # a single crossing tensor is an articulation node (every path runs through it), so a
+    # block too wide to list has no such cut inside it: its two ends are all there is
+    names = p.dag.nodes
+    for m in divide(p.dag, (bits,), exact_sets=True).masks:
+        plan = lp.price([names[i] for i in range(len(names)) if m >> i & 1], bits, name)
         if len(plan.cut) <= 1:
             best = better(best, plan)
     assert best is not None  # end-only always qualifies

@@ -148,17 +148,16 @@ def _conquer(sp: _Space, nodes: list[int], exact_sets: bool, limit: int, depth: 
     subsets = _closed_subsets(sp, nodes, limit)
     if subsets is not None or depth > 50:
         if subsets is None:
-            raise ValueError("coach: a block is too wide to enumerate or divide")
+            raise TooWide(len(nodes), limit)
         return subsets
     comps = _components(sp, nodes)
     if len(comps) == 1:
         # one branch: divide it at its own articulation nodes (sum over its sub-blocks)
         arts = articulations(sp.pred, nodes)
         if not arts:
-            subsets = _closed_subsets(sp, nodes, limit * 64)
+            subsets = _closed_subsets(sp, nodes, limit * 4)
             if subsets is None:
-                raise ValueError(f"coach: a block of {len(nodes)} nodes has more than "
-                                 f"{limit * 64:,} closed subsets and no articulation node")
+                raise TooWide(len(nodes), limit * 4)
             return subsets
         out: list[int] = []
         prefix = 0
@@ -188,6 +187,52 @@ def _conquer(sp: _Space, nodes: list[int], exact_sets: bool, limit: int, depth: 
     return [c.mask for c in frontier]
 
 
+class TooWide(Exception):
+    """A block (or one of its branches) with more closed subsets than the divide step lists
+    and no articulation node to divide it at."""
+
+    def __init__(self, nodes: int, limit: int) -> None:
+        super().__init__(f"a block of {nodes} nodes has more than {limit:,} closed subsets "
+                         "and no articulation node")
+
+
+@dataclass(frozen=True)
+class Division:
+    """The divide step's answer: ``masks``, the end sets worth pricing of every block it could
+    conquer (and, for each wide block, its two ends: the block all in the cloud or all on the
+    end), and ``wide``, the blocks left to the exact program (``optimize.milp``) as
+    (prefix mask, node positions)."""
+
+    masks: tuple[int, ...]
+    wide: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+def divide(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
+           block_limit: int = 4096, program_limit: int | None = None) -> Division:
+    """Divide at articulation nodes and conquer each block (see the module docstring); a
+    block that cannot be conquered, or whose list would be longer than ``program_limit``, is
+    left to the program."""
+    sp = _Space(dag, bits)
+    arts = [dag.index[a] for a in dag.articulation_nodes()]
+    bounds = [-1] + arts + [sp.n]
+    seen: dict[int, None] = {}
+    wide = []
+    for j in range(len(bounds) - 1):
+        prefix = (1 << (bounds[j] + 1)) - 1
+        block = list(range(bounds[j] + 1, bounds[j + 1]))
+        try:
+            masks = _conquer(sp, block, exact_sets, block_limit) if block else [0]
+            if program_limit is not None and block and len(masks) > program_limit:
+                raise TooWide(len(block), program_limit)
+        except TooWide:
+            wide.append((prefix, tuple(block)))
+            masks = [0, sum(1 << i for i in block)]
+        for t in masks:
+            seen.setdefault(prefix | t)
+    seen.setdefault((1 << sp.n) - 1)
+    return Division(tuple(seen), tuple(wide))
+
+
 def candidate_sets(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
                    block_limit: int = 4096) -> Iterator[frozenset[str]]:
     """End sets worth pricing: every closed set, less those a Pareto argument rules out."""
@@ -197,20 +242,11 @@ def candidate_sets(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
 
 def candidate_masks(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
                     block_limit: int = 4096) -> Iterator[int]:
-    """``candidate_sets`` as bitmasks over ``dag.index`` positions."""
-    sp = _Space(dag, bits)
-    arts = [dag.index[a] for a in dag.articulation_nodes()]
-    bounds = [-1] + arts + [sp.n]
-    seen: set[int] = set()
-    for j in range(len(bounds) - 1):
-        prefix = (1 << (bounds[j] + 1)) - 1
-        block = list(range(bounds[j] + 1, bounds[j + 1]))
-        masks = _conquer(sp, block, exact_sets, block_limit) if block else [0]
-        for t in masks:
-            s = prefix | t
-            if s not in seen:
-                seen.add(s)
-                yield s
-    full = (1 << sp.n) - 1
-    if full not in seen:
-        yield full
+    """``candidate_sets`` as bitmasks over ``dag.index`` positions; raises where a block is
+    too wide to list (``divide`` then hands it to the exact program)."""
+    d = divide(dag, bits, exact_sets, block_limit)
+    if d.wide:
+        prefix, block = d.wide[0]
+        raise ValueError(f"coach: {TooWide(len(block), block_limit)}; list its plans with "
+                         "divide() and solve it with optimize.milp.WideBlock")
+    yield from d.masks
