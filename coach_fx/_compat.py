@@ -22,7 +22,19 @@ def treespec_dumps(spec: Any) -> str:
 
 
 def treespec_loads(text: str) -> Any:
-    return pytree.treespec_loads(text)
+    """A saved output structure; a class this process has not registered (transformers'
+    ModelOutput where transformers is not imported) reads back as the dict it subclasses."""
+    import json
+    doc = json.loads(text)
+
+    def plain(node: dict) -> None:
+        if node.get("type") is not None and node["type"] not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            node["type"] = "builtins.dict"
+        for child in node.get("children_spec", []):
+            plain(child)
+    if isinstance(doc, list) and len(doc) == 2 and isinstance(doc[1], dict):
+        plain(doc[1])
+    return pytree.treespec_loads(json.dumps(doc))
 
 
 def dynamo_export(model: Any, inputs: tuple) -> Any:

@@ -20,10 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import linecache
 import os
 import traceback
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -48,8 +50,9 @@ class CoachTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch: where the user's code hit the problem."""
+def _user_frame(exc: BaseException, model: nn.Module | None = None) -> str:
+    """The innermost traceback frame outside torch: where the user's code hit the problem
+    (else the model's ``forward``, when torch raised it from its own code)."""
     import coach_fx
 
     ours = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
@@ -58,7 +61,14 @@ def _user_frame(exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
               if not os.path.abspath(f.filename).startswith(ours)]
     if not frames:
-        return "unknown location"
+        forward = getattr(type(model), "forward", None)
+        try:
+            lines, first = inspect.getsourcelines(forward)
+            where = f"{inspect.getsourcefile(forward)}:{first}"
+        except (TypeError, OSError):
+            return "a place inside torch (no frame of the model's code on the stack)"
+        return (f"{where} in {type(model).__name__}.forward (raised inside torch while it ran "
+                f"this forward: `{lines[0].strip()}`)")
     f = frames[-1]
     line = (f.line or linecache.getline(f.filename, f.lineno)).strip()
     return f"{f.filename}:{f.lineno} in {f.name}: `{line}`"
@@ -83,6 +93,48 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Seque
     if isinstance(model, fx.GraphModule) and not leaf_modules:
         model.meta.setdefault("coach_capture", "graph_module")
         return model
+    with _one_forward_pass(model) as note, _no_leaked_proxies(model):
+        gm = _capture(model, example_inputs, leaf_modules, allow_export)
+    if note:
+        gm.meta["coach_note"] = note
+    return gm
+
+
+@contextmanager
+def _no_leaked_proxies(model: nn.Module) -> Iterator[None]:
+    """A model that caches what its forward computes (timm's LeViT keeps its attention biases
+    in a dict in eval mode) would keep the tracer's proxies, and the next trace of the same
+    model would read them ("does not belong to this Graph"): such caches are put back."""
+    saved = [(v, dict(v)) for m in model.modules() for k, v in vars(m).items()
+             if isinstance(v, dict) and not k.startswith("_")]   # _parameters etc.: nn's own
+    try:
+        yield
+    finally:
+        for cache, before in saved:
+            if any(isinstance(x, fx.Proxy) for x in cache.values()):
+                cache.clear()
+                cache.update(before)
+
+
+@contextmanager
+def _one_forward_pass(model: nn.Module) -> Iterator[str | None]:
+    """A transformers decoder returns its KV cache (``DynamicCache``), which no graph can
+    carry: capture one forward pass without it (``config.use_cache=False``, restored after).
+    A generation loop then calls the compiled model on the whole sequence at each step."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "use_cache", False):
+        yield None
+        return
+    cfg.use_cache = False
+    try:
+        yield ("planned for one forward pass without the KV cache (use_cache=False): a generation "
+               "loop calls the compiled model on the whole sequence at each step")
+    finally:
+        cfg.use_cache = True
+
+
+def _capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Sequence[Any],
+             allow_export: bool) -> fx.GraphModule:
     name = type(model).__name__
     try:
         tracer = CoachTracer(leaf_modules)
@@ -91,7 +143,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Seque
         gm.meta["coach_capture"] = "symbolic_trace"
         return gm
     except Exception as trace_exc:  # noqa: BLE001 - any tracing failure moves on to export
-        first = f"symbolic_trace failed at {_user_frame(trace_exc)}: {_construct(trace_exc)}"
+        first = f"symbolic_trace failed at {_user_frame(trace_exc, model)}: {_construct(trace_exc)}"
         if not allow_export:
             raise CaptureError(f"cannot capture {name}: {first}") from trace_exc
     try:
@@ -103,7 +155,7 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Seque
         gm.meta["coach_capture"] = "torch.export"
         return gm
     except Exception as export_exc:  # noqa: BLE001
-        second = f"torch.export failed at {_user_frame(export_exc)}: {_construct(export_exc)}"
+        second = f"torch.export failed at {_user_frame(export_exc, model)}: {_construct(export_exc)}"
     try:
         from coach_fx._compat import dynamo_export
         gm = dynamo_export(model, tuple(example_inputs))
@@ -111,7 +163,10 @@ def capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Seque
         gm.meta["coach_capture"] = "dynamo"
         return gm
     except Exception as dynamo_exc:  # noqa: BLE001
-        third = f"the dynamo graph failed at {_user_frame(dynamo_exc)}: {_construct(dynamo_exc)}"
+        third = f"the dynamo graph failed at {_user_frame(dynamo_exc, model)}: {_construct(dynamo_exc)}"
+        if "Cache" in first + second + third:
+            third += ("\n  The model returns a KV cache object (a transformers decoder): capture it "
+                      "with use_cache=False (model.config.use_cache = False)")
         raise CaptureError(
             f"cannot capture {name}:\n  {first}\n  {second}\n  {third}\n"
             "Rewrite the construct with tensor ops (torch.where, torch.cond), mark the submodule "
@@ -140,4 +195,8 @@ def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     out = fx.GraphModule(gm, graph, type(gm).__name__)
+    if spec is not None and spec.type not in (tuple, list, dict, type(None)):
+        # fx writes a dict subclass (transformers' ModelOutput) as a plain dict: keep the
+        # structure, so that the compiled model answers with the model's own output class
+        out.meta["coach_out_spec"] = spec
     return out

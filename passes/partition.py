@@ -33,8 +33,9 @@ In ``mode="train"`` it is ``coach::image_roundtrip`` (gradient straight through)
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -43,19 +44,21 @@ import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
 from coach_fx.runtime.wire import ALL_BITS, TENSOR_CODECS
 import coach_fx.runtime.imagecodec as imagecodec  # registers torch.ops.coach.image_*
 from coach_fx.dag import dag_groups
-from coach_fx.passes.annotate import meta, mutated_input
+from coach_fx.passes.annotate import constant_nodes, meta, mutated_input
 from coach_fx.passes.boundary import Boundary, Crossing
 
 _ops = torch.ops.coach
 
 
 def _sides(gm: fx.GraphModule, groups: Mapping[str, str], end: set[str]) -> dict[str, str | None]:
-    """'end' or 'cloud' per fx node; None for get_attr (copied into whichever half reads it)."""
+    """'end' or 'cloud' per fx node; None for get_attr and constants (``constant_nodes``):
+    copied into whichever half reads them."""
     side: dict[str, str | None] = {}
+    constant = constant_nodes(gm)
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             side[n.name] = "end"
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" or n.name in constant:
             side[n.name] = None
         elif n.name in groups:
             side[n.name] = "end" if groups[n.name] in end else "cloud"
@@ -84,10 +87,11 @@ def _emit(eg: fx.Graph, v: fx.Node, c: "Crossing", mode: str, copy: bool = False
     return [v]
 
 
-def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node]) -> fx.Node:
+def _copy_into(graph: fx.Graph, node: fx.Node, env: dict[fx.Node, fx.Node],
+               side: Mapping[str, str | None]) -> fx.Node:
     def arg(a: fx.Node) -> fx.Node:
-        if a not in env and a.op == "get_attr":
-            env[a] = graph.node_copy(a)
+        if a not in env and side[a.name] is None:   # a parameter or constant: computed here
+            _copy_into(graph, a, env, side)
         return env[a]
     env[node] = graph.node_copy(node, arg)
     return env[node]
@@ -108,9 +112,12 @@ def _check_codecs(gm: fx.GraphModule, codecs: Mapping[str, str]) -> None:
 
 
 def _crossing(n: fx.Node, groups: Mapping[str, str], bits: Mapping[str, int],
-              codecs: Mapping[str, str], tensor_codecs: Mapping[str, str]) -> Crossing:
+              codecs: Mapping[str, str], tensor_codecs: Mapping[str, str],
+              shapes: Mapping[str, Sequence[int]]) -> Crossing:
     """How the value of end node ``n`` crosses: as an image, raw, or quantized with its bits."""
     info = meta(n)
+    if n.name in shapes:    # the same graph run on inputs of another batch size
+        info = dataclasses.replace(info, shape=tuple(shapes[n.name]))
     owner = groups.get(n.name, n.name)
     b = int(bits.get(owner, 32))
     if info.kind == "tensors":
@@ -173,7 +180,8 @@ def _cloud_inputs(cg: fx.Graph, crossing_nodes: list[fx.Node], crossings: list[C
 
 def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, int],
               mode: str = "deploy", codecs: Mapping[str, str] | None = None,
-              tensor_codecs: Mapping[str, str] | None = None
+              tensor_codecs: Mapping[str, str] | None = None,
+              shapes: Mapping[str, Sequence[int]] | None = None
               ) -> tuple[fx.GraphModule, fx.GraphModule, Boundary]:
     """Split annotated ``gm`` into (end module, cloud module, boundary) for ``end_nodes``.
 
@@ -182,7 +190,9 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
     image codec (``runtime.imagecodec``: "jpeg<q>", "png"): such an input, where it crosses,
     travels as images (``Crossing.kind == "image"``; its bits do not apply). ``tensor_codecs``
     maps DAG node names to a lossless codec for their packed codes (``runtime.wire``'s
-    ``TENSOR_CODECS``: "deflate"), applied on the wire; the halves do not change.
+    ``TENSOR_CODECS``: "deflate"), applied on the wire; the halves do not change. ``shapes``
+    (crossing fx node -> shape) replaces the annotated shapes where the same graph runs on
+    another batch size.
     """
     if mode not in ("deploy", "train"):
         raise ValueError(f"mode must be 'deploy' or 'train', got {mode!r}")
@@ -203,7 +213,7 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
 
     crossing_nodes = [n for n in gm.graph.nodes if side.get(n.name) == "end" and n.op != "output"
                       and any(side[u.name] == "cloud" for u in n.users)]
-    crossings = [_crossing(n, groups, bits, codecs, tensor_codecs) for n in crossing_nodes]
+    crossings = [_crossing(n, groups, bits, codecs, tensor_codecs, shapes or {}) for n in crossing_nodes]
     capture_before = _captures(gm, side, crossing_nodes, crossings)
 
     eg, cg = fx.Graph(), fx.Graph()
@@ -215,14 +225,14 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
             if n in capture_before:
                 v, c = by_name[capture_before[n]]
                 sent[c.name] = _emit(eg, eenv[v], c, mode, copy=True)
-            _copy_into(eg, n, eenv)
+            _copy_into(eg, n, eenv, side)
     payload: list[fx.Node] = []
     for n, c in zip(crossing_nodes, crossings):
         payload += sent.get(c.name) or _emit(eg, eenv[n], c, mode)
 
     boundary = Boundary(tuple(crossings), end_only)
     if end_only:
-        eg.output(fx.map_arg(output.args[0], lambda a: eenv[a]))
+        eg.output(fx.map_arg(output.args[0], lambda a: eenv[a] if a in eenv else _copy_into(eg, a, eenv, side)))
         result = cg.placeholder("result")
         cg.output(result)
     else:
@@ -230,8 +240,8 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
         cenv = _cloud_inputs(cg, crossing_nodes, crossings, mode)
         for n in gm.graph.nodes:
             if side[n.name] == "cloud" and n.op != "output":
-                _copy_into(cg, n, cenv)
-        cg.output(fx.map_arg(output.args[0], lambda a: cenv[a] if a in cenv else _copy_into(cg, a, cenv)))
+                _copy_into(cg, n, cenv, side)
+        cg.output(fx.map_arg(output.args[0], lambda a: cenv[a] if a in cenv else _copy_into(cg, a, cenv, side)))
 
     end_gm = fx.GraphModule(gm, eg, "EndModule")
     cloud_gm = fx.GraphModule(gm, cg, "CloudModule")
