@@ -43,7 +43,9 @@ from coach_fx.dag import LayerDAG
 from coach_fx.passes.annotate import _tensors
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.plan import plan_bits
-from coach_fx.settings import Settings, calibration_parts
+from coach_fx.batch_halves import batch_size as common_batch
+from coach_fx.inputs import calibration_parts
+from coach_fx.settings import Settings
 
 
 #: A sample counts against a plan when the split leaves less than this share of the
@@ -118,9 +120,19 @@ class AccuracyOracle:
         else:
             inputs, labels = calibration_parts(calib)
             self.mode = "labels" if labels is not None else "agreement"
+        #: the inputs share no batch dimension (a sequence-first input beside a batch-first
+        #: mask): the example is checked whole, one request, as it is sent
+        self.whole = common_batch(tuple(example_inputs)) is None
+        if self.whole:
+            if calib is not None:
+                raise ValueError("calibration data is sliced into samples along the inputs' first "
+                                 "dimension, but this model's inputs share none (e.g. a "
+                                 "sequence-first input beside a batch-first mask); compile "
+                                 "without calibration (the output's relative L2 is checked)")
+            inputs = tuple(example_inputs)
         self.inputs = inputs
         self.labels = labels
-        if self.mode == "l2":
+        if self.mode == "l2" and not self.whole:
             try:   # the variants need a batch dimension; a model without one checks the example alone
                 with torch.no_grad():
                     gm(*inputs)
@@ -128,6 +140,8 @@ class AccuracyOracle:
                 self.inputs = inputs = tuple(example_inputs)
         n = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         ex = example_inputs[0] if example_inputs else None
+        if self.whole:
+            n, ex = 1, None
         static = gm.meta.get("coach_capture") != "symbolic_trace"
         self.batch = (ex.shape[0] if static and isinstance(ex, torch.Tensor) and ex.dim() else batch_size)
         #: samples per request, as the model was compiled for (the example input's batch):
@@ -174,17 +188,25 @@ class AccuracyOracle:
                 f"on {self.n} calibration samples")
 
     def _slice(self, lo: int, hi: int) -> tuple:
+        if self.whole:
+            return self.inputs
         return tuple(x[lo:hi] if isinstance(x, torch.Tensor) and x.dim() else x for x in self.inputs)
+
+    def _flat(self, out: Any) -> torch.Tensor:
+        flat = _flat_output(out)
+        return flat.reshape(1, -1) if self.whole else flat
 
     def _run(self, fn: Any) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([_flat_output(fn(*self._slice(lo, hi))) for lo, hi in self.chunks])
+            return torch.cat([self._flat(fn(*self._slice(lo, hi))) for lo, hi in self.chunks])
 
     def _sent(self, value: Any, kind: str, bits: int, codec: str | None) -> Any:
         """What the cloud half receives for a crossing value, as deployed (per request)."""
         if codec is not None:
             from coach_fx.runtime.imagecodec import roundtrip
             return roundtrip(value, codec)
+        if kind == "quant" and self.whole:   # one request: one scale for the whole tensor
+            return fake_quantize_per_sample(value.unsqueeze(0), bits, 1).squeeze(0)
         if kind == "quant":
             return fake_quantize_per_sample(value, bits, self.request)
         return _fresh(value)
@@ -222,7 +244,7 @@ class AccuracyOracle:
                 vals = self._crossing_values(e32, names, k)
                 payload = [self._sent(v, x.kind, x.bits, codecs.get(x.dag_node))
                            for v, x in zip(vals, boundary.crossings)]
-                out = _flat_output(c(*payload))
+                out = self._flat(c(*payload))
                 outs.append(out)
                 harmful += self._harmful(out, lo, hi, RISK_MARGIN if key[0] else CODEC_RISK_MARGIN)
                 seen = hi

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from torch import nn
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.driver import plan_model, prepare
+from coach_fx.driver import observing, plan_model, prepare
 from coach_fx.settings import DEFAULT_BITS, Settings
 
 if TYPE_CHECKING:
@@ -55,11 +55,17 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
         options["manual_bits"] = bits
         kw["bits"] = DEFAULT_BITS
     settings = Settings.from_options(options, **kw)
-    gm, inputs, dag = prepare(model, example_inputs, settings)
-    plan, oracle = plan_model(gm, inputs, dag, settings)
-    cm = CompiledModel(gm, dag, plan, settings, inputs, oracle)
-    if settings.costs == "measured" and settings.remeasure:
-        cm.remeasure()
+    training = model.training
+    # captured as it is (a train-mode forward may differ), planned in eval mode, and left
+    # as it was: its buffers, flags and the random stream
+    with observing(list(model.parameters()) + list(model.buffers())):
+        gm, inputs, dag = prepare(model, example_inputs, settings)
+        with observing((), [model, gm]):
+            plan, oracle = plan_model(gm, inputs, dag, settings)
+            cm = CompiledModel(gm, dag, plan, settings, inputs, oracle, source=model)
+            if settings.costs == "measured" and settings.remeasure:
+                cm.remeasure()
+    cm.train(training)
     return cm
 
 

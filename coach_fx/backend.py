@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.driver import plan_model, prepare
+from coach_fx.driver import observing, plan_model, prepare
 from coach_fx.settings import Settings
 
 #: Every graph compiled by the backend in this process, newest last (for inspection and tests).
@@ -73,16 +73,25 @@ def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                   options: dict | None = None, **kw: Any) -> Callable[..., Any]:
     """The dynamo backend: plan and split one graph, return a callable that runs it."""
     settings = Settings.from_options(options)
-    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
-        raise TypeError("backend='coach' plans static shapes; compile with dynamic=False "
-                        f"(got inputs {[type(x).__name__ for x in example_inputs]})")
+    odd = [type(x).__name__ for x in example_inputs if not isinstance(x, (torch.Tensor, torch.SymInt, int))]
+    if odd:
+        raise TypeError(f"backend='coach' takes tensor and size inputs; got {odd}")
+    # a dynamic dimension (dynamo marks the batch dynamic once it has seen two) comes in as a
+    # size input: plan for the size seen now; the graph itself follows any size
+    dynamic = any(isinstance(x, torch.SymInt) for x in example_inputs)
+    example_inputs = [x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs]
     n_expected = len(example_inputs)
     lifted, keep = _lift_weights(gm, example_inputs)
+    if dynamic:
+        lifted.meta["coach_capture"] = "dynamo-dynamic"
     inputs = tuple(example_inputs[i] for i in keep)
-    lifted, inputs, dag = prepare(lifted, inputs, settings)
-    plan, oracle = plan_model(lifted, inputs, dag, settings)
-    cm = CompiledModel(lifted, dag, plan, settings, inputs, oracle)
     weights = [example_inputs[i] for i in range(len(example_inputs)) if i not in set(keep)]
+    # a train-mode graph updates its buffers each run: planning runs it many times, so they
+    # are put back after (running statistics, num_batches_tracked)
+    with observing(weights, [lifted]):
+        lifted, inputs, dag = prepare(lifted, inputs, settings)
+        plan, oracle = plan_model(lifted, inputs, dag, settings)
+        cm = CompiledModel(lifted, dag, plan, settings, inputs, oracle)
     trainable = any(getattr(w, "requires_grad", False) for w in weights)
     COMPILED.append(cm)
 

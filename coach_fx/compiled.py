@@ -23,6 +23,7 @@ from tabulate import tabulate
 from torch import nn
 
 from coach_fx.accuracy import AccuracyOracle
+from coach_fx.batch_halves import SHAPE_FREE_CAPTURES, BatchHalves, batch_size
 from coach_fx.profile import torch_threads
 from coach_fx.dag import LayerDAG
 from coach_fx.passes.partition import partition
@@ -49,6 +50,15 @@ def _identity_link(payload: tuple) -> tuple:
     return payload
 
 
+def _shares_weights(gm: fx.GraphModule, source: nn.Module | None) -> bool:
+    """Whether every tensor of ``gm`` is one of ``source``'s (a traced graph reuses the model's
+    modules; an exported one holds copies)."""
+    if source is None:
+        return False
+    own = {id(t) for t in source.parameters()} | {id(t) for t in source.buffers()}
+    return all(id(t) in own for t in gm.parameters()) and all(id(t) in own for t in gm.buffers())
+
+
 class CompiledModel(nn.Module):
     """A model split into an end and a cloud GraphModule joined by quantized boundary ops.
 
@@ -58,8 +68,12 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, gm: fx.GraphModule, dag: LayerDAG, plan: Plan, settings: Settings,
-                 example_inputs: Sequence[Any], oracle: AccuracyOracle | None = None) -> None:
+                 example_inputs: Sequence[Any], oracle: AccuracyOracle | None = None,
+                 source: nn.Module | None = None) -> None:
         super().__init__()
+        # the model compiled, not a submodule (its weights are the graph's): its keys are the
+        # ones a checkpoint speaks (see state_dict)
+        object.__setattr__(self, "_source", source if _shares_weights(gm, source) else None)
         self.gm, self.dag, self.plan, self.settings = gm, dag, plan, settings
         self.oracle = oracle
         self.example_inputs = tuple(example_inputs)
@@ -69,6 +83,12 @@ class CompiledModel(nn.Module):
         self._train_end, self._train_cloud, _ = partition(gm, plan.end_nodes, plan.bits, mode="train",
                                                           codecs=plan.codecs)
         self.link: Callable[[tuple], tuple] = _identity_link
+        #: the size of the inputs' first dimension that may change from call to call (None:
+        #: the shapes are fixed: no common batch dimension, or a static export/dynamo graph)
+        self.batch = batch_size(self.example_inputs) if gm.meta.get("coach_capture") in SHAPE_FREE_CAPTURES \
+            else None
+        self._batches = BatchHalves(gm, plan, self.boundary, self._train_end, self.example_inputs,
+                                    (self.end_module, self.cloud_module))
         self.train(gm.training)
 
     @property
@@ -78,9 +98,24 @@ class CompiledModel(nn.Module):
         requests through this as one batch (``runtime.cloud.CloudHalf``)."""
         return self._train_cloud
 
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The model's own state dict (its keys, as the plain model writes them), so that a
+        checkpoint of the compiled model loads into the plain model and back."""
+        return (self._source or self.gm).state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint of the plain model (or of this one): the halves share its tensors."""
+        if assign:
+            raise ValueError("load_state_dict(assign=True) would detach the halves from the "
+                             "weights; load with assign=False")
+        return (self._source or self.gm).load_state_dict(state_dict, strict=strict)
+
     # -------------------------------------------------------------- running
-    def check_inputs(self, args: Sequence[Any]) -> None:
-        """Raise :class:`InputError` naming the expected shape/dtype before any work is done."""
+    def check_inputs(self, args: Sequence[Any], any_batch: bool = True) -> None:
+        """Raise :class:`InputError` naming the expected shape/dtype before any work is done;
+        ``any_batch``: the batch may differ from the example's (in process; a stream's halves
+        and wire keep the compiled shapes)."""
         if len(args) != len(self.example_inputs):
             raise InputError(f"expected {len(self.example_inputs)} input(s) "
                              f"({', '.join(self.input_names)}), got {len(args)}")
@@ -90,11 +125,18 @@ class CompiledModel(nn.Module):
                 if not isinstance(a, torch.Tensor):
                     raise InputError(f"input {i} ({name!r}) must be a tensor of shape "
                                      f"{tuple(e.shape)}, got {type(a).__name__}")
-                if a.shape != e.shape or a.dtype != e.dtype:
+                free = any_batch and self.batch is not None and a.dim() == e.dim() and a.dim() > 0
+                if (a.shape[1:] if free else a.shape) != (e.shape[1:] if free else e.shape) \
+                        or a.dtype != e.dtype:
+                    want = ("(any batch, " + ", ".join(map(str, e.shape[1:])) + ")") if free \
+                        else str(tuple(e.shape))
                     raise InputError(
                         f"input {i} ({name!r}) has shape {tuple(a.shape)} and dtype {a.dtype}; "
-                        f"expected shape {tuple(e.shape)} and dtype {e.dtype} (the example "
-                        "inputs the model was compiled for; compile again for another shape)")
+                        f"expected shape {want} and dtype {e.dtype} (the example inputs the model "
+                        "was compiled for; compile again for another shape)")
+        if any_batch and self.batch is not None and batch_size(args) is None:
+            raise InputError("the inputs' first dimensions differ: they are one batch and must "
+                             f"agree (got {[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]})")
 
     def _bind(self, args: tuple, kwargs: Mapping[str, Any]) -> tuple:
         if not kwargs:
@@ -115,16 +157,28 @@ class CompiledModel(nn.Module):
         if self.training and torch.is_grad_enabled():
             # fake-quantized boundary whose gradient passes straight through
             payload = self._train_end(*args)
-            return payload if self.boundary.end_only else self._train_cloud(*payload)
-        out = self.end_module(*args)
-        if self.boundary.end_only:
+            return self._structured(payload if self.boundary.end_only else self._train_cloud(*payload))
+        end, cloud = self._batches.get(args) if self.batch is not None else (self.end_module, self.cloud_module)
+        out = end(*args)
+        if not self.boundary.end_only:
+            out = cloud(*self.link(out))
+        return self._structured(out)
+
+    def _structured(self, out: Any) -> Any:
+        """``out`` as the model's own output class (transformers' ModelOutput) where the graph
+        could only write a plain dict."""
+        spec = self.gm.meta.get("coach_out_spec")
+        if spec is None:
             return out
-        return self.cloud_module(*self.link(out))
+        from coach_fx._compat import tree_flatten, tree_unflatten
+        return tree_unflatten(tree_flatten(out)[0], spec)
 
     # -------------------------------------------------------------- streams
     @property
     def out_spec(self) -> Any:
         """The structure of the model's output (leaves travel flat on the wire)."""
+        if getattr(self, "_out_spec", None) is None and "coach_out_spec" in self.gm.meta:
+            self._out_spec = self.gm.meta["coach_out_spec"]
         if getattr(self, "_out_spec", None) is None:
             from coach_fx._compat import tree_flatten
             with torch.no_grad():
@@ -151,7 +205,7 @@ class CompiledModel(nn.Module):
 
         frames = [tuple(x) if isinstance(x, (tuple, list)) else (x,) for x in inputs]
         for f in frames:
-            self.check_inputs(f)
+            self.check_inputs(f, any_batch=False)
         if self.boundary.end_only:
             with torch_threads(self.settings.threads):
                 outs, stats = run_end_only(self.end_module, frames, self.settings.end.slowdown,

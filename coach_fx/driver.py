@@ -10,7 +10,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -30,9 +31,38 @@ from coach_fx.plan import AccuracyCheck, Plan
 from coach_fx.settings import Settings
 
 
+@contextmanager
+def observing(tensors: Iterable[torch.Tensor], modules: Iterable[nn.Module] = ()) -> Iterator[None]:
+    """Planning runs the model many times; compiling must not change it. The ``modules`` run
+    in eval mode meanwhile (dropout off, batch norm on its running statistics: the model as
+    deployed), and the buffers among ``tensors`` (running statistics, ``num_batches_tracked``)
+    and the train/eval flags are restored after, as is the caller's random number stream."""
+    saved = [(t, t.detach().clone()) for t in tensors if not isinstance(t, nn.Parameter)]
+    flags = [(m, m.training) for root in modules for m in root.modules()]
+    for m, _ in flags:
+        m.training = False
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        for m, was in flags:
+            m.training = was
+
+
 def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Settings
             ) -> tuple[fx.GraphModule, tuple, LayerDAG]:
     """Capture, annotate and cost ``model``: the (GraphModule, inputs, LayerDAG) to plan on."""
+    gm, inputs = traced(model, example_inputs, settings)
+    dag = build_dag(gm, inputs, settings)
+    return gm, inputs, dag
+
+
+def traced(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Settings
+           ) -> tuple[fx.GraphModule, tuple]:
+    """Capture and annotate ``model``: its (GraphModule, inputs), not yet costed."""
     inputs = example_tuple(example_inputs)
     gm = capture(model, inputs, settings.leaf_modules)
     gm.graph.eliminate_dead_code(is_impure_node=keeps_effect)
@@ -43,8 +73,7 @@ def prepare(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Se
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
         raise InputError(f"running {type(model).__name__} on the example inputs {shapes} "
                          f"failed: {e}") from e
-    dag = build_dag(gm, inputs, settings)
-    return gm, inputs, dag
+    return gm, inputs
 
 
 #: The strategies whose plans may code their quantized crossings (``Settings.tensor_codecs``).
@@ -94,4 +123,4 @@ def checked(plan: Plan, oracle: AccuracyOracle | None) -> Plan:
         metric, oracle.ok(plan.end_nodes, plan.bits, plan.codecs), note))
 
 
-__all__ = ["checked", "plan_model", "prepare"]
+__all__ = ["checked", "observing", "plan_model", "prepare", "traced"]

@@ -103,11 +103,39 @@ def test_wrong_input_shape_names_expected_before_work():
     cm = coach_fx.compile(m, (x,), strategy="end-only", costs="analytic", progress=False)
     calls = []
     cm.end_module.register_forward_pre_hook(lambda *a: calls.append(1))
-    with pytest.raises(InputError, match=r"expected shape \(1, 3, 16, 16\)"):
+    with pytest.raises(InputError, match=r"expected shape \(any batch, 3, 16, 16\)"):
         cm(torch.randn(1, 3, 32, 32))
     with pytest.raises(InputError, match="expected 1 input"):
         cm(x, x)
     assert not calls
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x, w):
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)) * w)
+
+
+def test_any_batch_size_runs_without_compiling_again():
+    torch.manual_seed(0)
+    m = TwoInputs().eval()
+    x, w = torch.randn(4, 3, 16, 16), torch.randn(4, 8)
+    cm = coach_fx.compile(m, (x, w), strategy="manual", end_nodes=["c"], bits=8, costs="analytic",
+                          progress=False)
+    assert cm.plan.cut == ("c", "w") or set(cm.plan.cut) == {"c", "w"}
+    for b in (4, 3, 1, 9, 3):
+        xb, wb = torch.randn(b, 3, 16, 16), torch.randn(b, 8)
+        with torch.no_grad():
+            got, want = cm(xb, wb), m(xb, wb)
+        assert got.shape == (b, 4)
+        assert ((got - want).norm() / want.norm()).item() < 0.05
+    assert len(cm._batches.kept) == 4                  # 4 (compiled), 3, 1, 9: each made once
+    with pytest.raises(InputError, match="first dimensions differ"):
+        cm(torch.randn(3, 3, 16, 16), torch.randn(2, 8))
 
 
 def test_training_step_reaches_both_halves():
@@ -224,3 +252,33 @@ def test_a_manual_plan_reports_its_accuracy():
                           progress=False)
     assert cm.plan.accuracy is not None and cm.plan.accuracy > 0 and "relative L2" in cm.plan.note
     assert "accuracy:" in cm.report()
+
+
+class SequenceFirst(torch.nn.Module):
+    """nn.TransformerEncoder's default layout: (L, B, E) beside a (B, L) padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0)
+        self.enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, src, mask):
+        return self.head(self.enc(src, src_key_padding_mask=mask).mean(0))
+
+
+def test_inputs_that_are_not_batch_first_are_checked_whole():
+    torch.manual_seed(0)
+    m = SequenceFirst().eval()
+    src, mask = torch.randn(12, 3, 32), torch.zeros(3, 12, dtype=torch.bool)
+    mask[:, -2:] = True
+    for bits in (8, (2, 4, 8, 16, 32)):
+        kw = dict(strategy="manual", end_nodes=["enc"], bits=8) if bits == 8 else {}
+        cm = coach_fx.compile(m, (src, mask), costs="analytic", progress=False, **kw)
+        assert cm.batch is None                       # no shared batch dimension: shapes fixed
+        assert cm.plan.check is not None and cm.plan.check.metric is not None
+        with torch.no_grad():
+            assert ((cm(src, mask) - m(src, mask)).norm() / m(src, mask).norm()).item() < 0.05
+    with pytest.raises(ValueError, match="share none"):
+        coach_fx.compile(m, (src, mask), costs="analytic", progress=False,
+                         calibration=((src, mask), None))
