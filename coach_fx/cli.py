@@ -1,9 +1,12 @@
-"""The ``coach`` command: ``coach plan``, ``coach demo``, and the two sides of a saved plan,
+"""The ``coach`` command: ``coach plan``, ``coach demo``, ``coach profile``, and the two sides of a saved plan,
 ``coach serve`` (the cloud, many ends at once) and ``coach run`` (an end), in ``coach_fx.deploy_cli``.
 
     coach plan --model torchvision:resnet18 --uplink-mbps 10 --slowdown 8
     coach plan --model resnet50 --strategy all
     coach demo
+    coach profile --model resnet18 --out pi.json     # on the device: its own node times
+    coach plan --model mypkg.models:net --weights net.safetensors --input-shape 3,64,64 \
+               --end-profile pi.json
     coach serve plan_dir --port 29517            # until SIGTERM/Ctrl-C; --sessions N: N ends
     coach serve plan_dir --host 0.0.0.0 --tls-cert cloud.pem --tls-key cloud.key
     coach run plan_dir --host cloud.example --tls-ca cloud.pem --synthetic 100
@@ -23,7 +26,9 @@ from tabulate import tabulate
 
 from coach_fx.compiled import CompiledModel
 from coach_fx.deploy_cli import GLOO_HOSTS, add_deploy_commands, cmd_run, cmd_serve, token_of
-from coach_fx.driver import plan_model, prepare
+from coach_fx.device_profile import node_ops, write_profile
+from coach_fx.driver import plan_model, prepare, traced
+from coach_fx.profile import measure_node_times, torch_threads
 from coach_fx.zoo.models import load_model
 from coach_fx.optimize import COMPARED, STRATEGIES
 from coach_fx.settings import Device, Network, Settings
@@ -35,7 +40,9 @@ def _settings(a: argparse.Namespace, strategy: str) -> Settings:
                                  downlink_mbps=a.downlink_mbps)
     else:
         net = Network(a.uplink_mbps, a.downlink_mbps, a.rtt_ms)
-    return Settings.of(network=net, end=Device("end", a.slowdown), cloud=Device("cloud", a.cloud_slowdown),
+    end = Device.from_profile(a.end_profile, "end") if a.end_profile else Device("end", a.slowdown)
+    cloud = Device.from_profile(a.cloud_profile, "cloud") if a.cloud_profile else Device("cloud", a.cloud_slowdown)
+    return Settings.of(network=net, end=end, cloud=cloud,
                     strategy=strategy, objective=a.objective, costs=a.costs,
                     accuracy_budget=a.budget, profile_repeat=a.repeat, threads=a.threads)
 
@@ -62,8 +69,36 @@ def _plans(gm, inputs, dag, settings, strategies):  # noqa: ANN001, ANN202
     return plans, oracle
 
 
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--input-shape {text!r}: expected sizes without the batch, e.g. 3,224,224") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape {text!r}: expected positive sizes, e.g. 3,224,224")
+    return shape
+
+
+def _model(a: argparse.Namespace):  # noqa: ANN202
+    return load_model(a.model, weights=a.weights, input_shape=_shape(a.input_shape))
+
+
+def cmd_profile(a: argparse.Namespace) -> int:
+    """Time every node of the model here (run it on the device) and write a device profile."""
+    model, shape = _model(a)
+    x = torch.randn(a.batch, *shape)
+    gm, inputs = traced(model, (x,), Settings.of(progress=False))
+    with torch_threads(a.threads):
+        times = measure_node_times(gm, inputs, a.repeat)
+    path = write_profile(a.out, a.device, times, node_ops(gm))
+    print(f"wrote {path}: {len(times)} node times, measured {a.repeat} times each at batch {a.batch}")
+    return 0
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
-    model, shape = load_model(a.model)
+    model, shape = _model(a)
     x = torch.randn(a.batch, *shape)
     strategies = list(COMPARED) if a.strategy == "all" else [a.strategy]
     settings = _settings(a, strategies[0])
@@ -96,7 +131,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    model, shape = load_model(a.model)
+    model, shape = _model(a)
     x = torch.randn(a.batch, *shape)
     settings = _settings(a, "coach")
     print(f"coach demo: {a.model}, batch {a.batch}, uplink {a.uplink_mbps} Mbit/s, "
@@ -122,12 +157,32 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="coach", description="end-cloud split inference for PyTorch")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("plan", "demo"):
-        p = sub.add_parser(name)
+    ap = argparse.ArgumentParser(prog="coach", description="end-cloud split inference for PyTorch: "
+                                 "plan where to cut a model, then serve its cloud half and run its end half")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    about = {"plan": "plan the split of a model and compare it with the published strategies",
+             "demo": "plan a model and run its split as a pipeline here, measured",
+             "profile": "time every node of a model on this device: a profile for --end-profile/--cloud-profile"}
+    for name in ("plan", "demo", "profile"):
+        p = sub.add_parser(name, help=about[name], description=about[name])
         p.add_argument("--model", default="torchvision:resnet18",
                        help="torchvision:NAME, digits, or package.module:callable")
+        p.add_argument("--weights", default=None, metavar="FILE.safetensors",
+                       help="the model's trained weights (default: random)")
+        p.add_argument("--input-shape", default=None, metavar="C,H,W",
+                       help="one input's shape without the batch (default: the model's input_shape)")
+        p.add_argument("--batch", type=int, default=1 if name != "demo" else 2)
+        p.add_argument("--repeat", type=int, default=5, help="profiling runs per node")
+        p.add_argument("--threads", type=int, default=None,
+                       help="torch threads for profiling (match what each side will use)")
+        if name == "profile":
+            p.add_argument("--out", required=True, metavar="FILE.json", help="where to write the profile")
+            p.add_argument("--device", default="device", help="the device's name in the profile")
+            continue
+        p.add_argument("--end-profile", default=None, metavar="FILE",
+                       help="the end device's measured times (coach profile); replaces --slowdown")
+        p.add_argument("--cloud-profile", default=None, metavar="FILE",
+                       help="the cloud's measured times (coach profile); replaces --cloud-slowdown")
         p.add_argument("--uplink-mbps", type=float, default=10.0)
         p.add_argument("--downlink-mbps", type=float, default=None)
         p.add_argument("--rtt-ms", type=float, default=0.0)
@@ -138,10 +193,6 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
         p.add_argument("--costs", choices=["measured", "analytic"], default="measured")
         p.add_argument("--budget", type=float, default=0.005, help="accuracy budget")
-        p.add_argument("--batch", type=int, default=1 if name == "plan" else 2)
-        p.add_argument("--repeat", type=int, default=5, help="profiling runs per node")
-        p.add_argument("--threads", type=int, default=None,
-                       help="torch threads for profiling (match what each side will use)")
         if name == "plan":
             p.add_argument("--strategy", default="coach",
                            choices=sorted(STRATEGIES) + ["all"])
@@ -168,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                  "trusted network, or use --link tcp (authenticated, binds only --host)")
     if a.cmd == "serve" and a.link == "gloo" and (a.tls_cert or a.tls_ca):
         ap.error("--link gloo has no TLS; use --link tcp")
-    cmds = {"plan": cmd_plan, "demo": cmd_demo, "serve": cmd_serve, "run": cmd_run}
+    cmds = {"plan": cmd_plan, "demo": cmd_demo, "profile": cmd_profile, "serve": cmd_serve, "run": cmd_run}
     try:
         rc = cmds[a.cmd](a)
         if a.cmd == "serve":

@@ -29,7 +29,9 @@ from coach_fx.dag import CodecCost, LayerDAG
 from coach_fx.passes.annotate import NodeMeta
 from coach_fx.progress import Progress
 from coach_fx.runtime.wire import Entry, packed_nbytes
-from coach_fx.settings import Device, Settings, calibration_parts
+from coach_fx.device_profile import device_times, node_ops
+from coach_fx.inputs import calibration_parts
+from coach_fx.settings import Settings
 from coach_fx.timing import run_times
 
 HOST_FLOPS = 20e9            # FLOP/s of the modelled host in the analytic model
@@ -129,12 +131,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def device_times(host: dict[str, float], device: Device) -> dict[str, float]:
-    """A device's per-node seconds: host × slowdown, overridden by the device's own figures."""
-    own = dict(device.node_costs or {})
-    return {k: own.get(k, v * device.slowdown) for k, v in host.items()}
-
-
 def host_times(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings) -> dict[str, float]:
     if settings.costs == "analytic":
         return analytic_node_times(gm)
@@ -164,8 +160,9 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
         qe, qc = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM) if settings.costs == "analytic" \
             else measure_quant_cost(bits=b)
         quant[b] = (qe * settings.end.slowdown, qc * settings.cloud.slowdown)
-    dag = LayerDAG.from_graph_module(gm, device_times(host, settings.end),
-                                     device_times(host, settings.cloud), quant)
+    ops = node_ops(gm)
+    dag = LayerDAG.from_graph_module(gm, device_times(host, settings.end, ops),
+                                     device_times(host, settings.cloud, ops), quant)
     dag.host_times = host  # kept for the prediction check in `coach plan`
     dag.input_codecs = codec_costs(gm, example_inputs, settings)
     dag.tensor_codecs = tensor_codec_costs(gm, example_inputs, dag, settings)

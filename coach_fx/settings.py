@@ -86,21 +86,20 @@ class Device:
     name: str = "device"
     slowdown: float = 1.0
     node_costs: Mapping[str, float] | None = None
+    #: Seconds per FLOP by op type, measured on the device (``coach profile``): nodes without
+    #: their own figure are priced by their FLOPs at their type's rate.
+    op_rates: Mapping[str, float] | None = None
+
+    @staticmethod
+    def from_profile(path: str, name: str | None = None) -> "Device":
+        """The device a profile file describes (``coach profile`` writes one; the format is in
+        ``coach_fx.device_profile``). ``Device.from_profile("pi.json")``."""
+        from coach_fx.device_profile import read_profile
+        return read_profile(path, name)
 
     def __post_init__(self) -> None:
         if not self.slowdown > 0:
             raise ValueError(f"Device {self.name!r}: slowdown must be > 0, got {self.slowdown}")
-
-
-def calibration_parts(calibration: Any) -> tuple[tuple, Any]:
-    """``Settings.calibration`` as (model inputs as a tuple, labels or None): it may be
-    ``(inputs, labels)``, ``(inputs, None)``, a tensor, or a tuple of the model's inputs."""
-    import torch
-    c = calibration
-    if isinstance(c, (tuple, list)) and len(c) == 2 and (c[1] is None or isinstance(c[1], torch.Tensor)) \
-            and isinstance(c[0], (torch.Tensor, tuple, list)):
-        return (tuple(c[0]) if isinstance(c[0], (tuple, list)) else (c[0],)), c[1]
-    return (tuple(c) if isinstance(c, (tuple, list)) else (c,)), None
 
 
 def replace_grouped(obj: Any, groups: Mapping[str, type], kw: dict[str, Any]) -> Any:

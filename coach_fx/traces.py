@@ -7,6 +7,7 @@
 Example::
 
     >>> t = Trace.load("../shared/traces/norway-hsdpa/norway_bus_1")   # doctest: +SKIP
+    >>> t = Trace.load("norway_bus_1")          # the same trace, shipped with coach_fx
     >>> t.rate_at(3.0), t.mean_mbps                                     # doctest: +SKIP
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 MAHIMAHI_PACKET_BYTES = 1500
+#: Traces that ship with the package (``coach_fx/data/traces``), loadable by name alone.
+SHIPPED_TRACES = Path(__file__).resolve().parent / "data" / "traces"
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,13 @@ class Trace:
     @classmethod
     def load(cls, path: str | Path, scale: float = 1.0, bin_s: float = 0.1) -> "Trace":
         path = Path(path)
+        shipped = SHIPPED_TRACES / path.name
+        if not path.is_file() and path.name == str(path) and shipped.is_file():
+            path = shipped    # a trace that ships with coach_fx, named alone
         if not path.is_file():
-            raise FileNotFoundError(f"bandwidth trace {path} does not exist")
+            names = sorted(p.name for p in SHIPPED_TRACES.iterdir() if p.suffix != ".md")
+            raise FileNotFoundError(f"bandwidth trace {path} does not exist (traces that ship "
+                                    f"with coach_fx, by name: {', '.join(names)})")
         rows = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
         if not rows:
             raise ValueError(f"bandwidth trace {path} is empty")

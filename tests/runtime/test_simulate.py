@@ -67,3 +67,11 @@ def test_the_controller_drives_bits_over_a_step_trace(tmp_path):
     assert st.wall_s < 0.6 * fixed.wall_s           # fewer bits while the link is slow
     assert st.bytes_sent < 0.95 * fixed.bytes_sent
     assert ctl.estimator.mbps == pytest.approx(2.0, rel=0.05)
+
+
+def test_a_trace_that_ships_with_coach_fx_loads_by_name_on_a_fresh_clone():
+    from coach_fx.traces import SHIPPED_TRACES, Trace
+    t = Trace.load("norway_bus_1")                     # no ../shared needed
+    assert (SHIPPED_TRACES / "norway_bus_1").is_file() and 0.5 < t.mean_mbps < 8
+    with pytest.raises(FileNotFoundError, match="norway_bus_1"):
+        Trace.load("no_such_trace")                    # the error names what ships
