@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -100,7 +101,13 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
     problem = Problem(dag, settings.network, settings.objective, settings.bits,
                       settings.input_bits, oracle, settings.input_codecs, coding)
     kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
+    if strategy == "coach":
+        kw = {"time_limit_s": settings.search.max_search_s}
     plan = solve(strategy, problem, **kw)
+    if plan.extra.get("proven") is False:
+        warnings.warn(f"coach: the search stopped after max_search_s={settings.search.max_search_s} s "
+                      f"with its best plan so far, at most {plan.extra['gap']:.1%} from the optimum's "
+                      "bound; raise max_search_s for the proven optimum", stacklevel=3)
     if strategy == "coach" and varies(settings.network):
         plan = plan_for_trace(problem, plan, settings.input_bits)
     if strategy in CODING_STRATEGIES and settings.per_tensor_bits:

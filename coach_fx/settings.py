@@ -86,14 +86,12 @@ class Device:
     name: str = "device"
     slowdown: float = 1.0
     node_costs: Mapping[str, float] | None = None
-    #: Seconds per FLOP by op type, measured on the device (``coach profile``): nodes without
-    #: their own figure are priced by their FLOPs at their type's rate.
+    #: Seconds per FLOP by op type (``coach profile``), for nodes without their own figure.
     op_rates: Mapping[str, float] | None = None
 
     @staticmethod
     def from_profile(path: str, name: str | None = None) -> "Device":
-        """The device a profile file describes (``coach profile`` writes one; the format is in
-        ``coach_fx.device_profile``). ``Device.from_profile("pi.json")``."""
+        """The device a profile file describes (format: ``coach_fx.device_profile``)."""
         from coach_fx.device_profile import read_profile
         return read_profile(path, name)
 
@@ -241,6 +239,9 @@ class SearchSettings:
     manual_bits: int | Mapping[str, int] = 32
     #: Brute force refuses DAGs with more predecessor-closed sets than this.
     max_plans: int = 200_000
+    #: coach's search returns its best plan so far past this many seconds, marked unproven
+    #: (``plan.extra["proven"]``, with the gap left), instead of searching on (None: no limit).
+    max_search_s: float | None = 300.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("throughput", "latency"):
