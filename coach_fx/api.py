@@ -65,7 +65,9 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
             cm = CompiledModel(gm, dag, plan, settings, inputs, oracle, source=model)
             if settings.costs == "measured" and settings.remeasure:
                 cm.remeasure()
-    cm.train(training)
+    # the model's own flags are as they were (observing put back each module's, mixed ones
+    # too, e.g. frozen batch norm in a training model); the compiled model follows the model
+    cm.training = training
     return cm
 
 

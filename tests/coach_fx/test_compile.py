@@ -282,3 +282,17 @@ def test_inputs_that_are_not_batch_first_are_checked_whole():
     with pytest.raises(ValueError, match="share none"):
         coach_fx.compile(m, (src, mask), costs="analytic", progress=False,
                          calibration=((src, mask), None))
+
+
+def test_compiling_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    m = Small().train()
+    m.bn.eval()                                     # a frozen batch norm inside a training model
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(4, 3, 16, 16)
+    rng = torch.random.get_rng_state()
+    cm = coach_fx.compile(m, (x,), costs="analytic", progress=False)
+    assert m.training and not m.bn.training and cm.training
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert list(cm.state_dict()) == list(m.state_dict())      # the plain model's keys
