@@ -41,6 +41,7 @@ from coach_fx.runtime.cloud import CloudHalf
 from coach_fx.runtime.config import Bands
 from coach_fx.runtime.plans import (CacheSetup, CrossingBits, CutProfile, EndHalf, EndTimes, FinishOnEnd,
                                     OnlinePlans, Sizes, Variant)
+from coach_fx.runtime.policy import as_tuple
 from coach_fx.runtime.links.credentials import shared_token
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def save_online(om: "OnlineModel", path: str | Path, *, key: bytes | str | None 
             batched = False
             if not v.end_only:
                 cloud, boundary = om.cloud[pid]
-                payload = _as_tuple(v.end.module(*x))
+                payload = as_tuple(v.end.module(*x))
                 ep = export_batched(cloud, boundary, payload)   # a free batch: the server batches
                 batched = ep is not None
                 ep = ep or torch.export.export(cloud, payload)
@@ -200,10 +201,6 @@ def _bands(d: dict) -> Bands:
 
 def _ints(xs: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in xs)
-
-
-def _as_tuple(vals: Any) -> tuple:
-    return vals if isinstance(vals, tuple) else (vals,)
 
 
 __all__ = ["STORE", "SavedOnline", "load_online", "save_online", "variant_from_json", "variant_to_json"]

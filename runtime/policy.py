@@ -125,7 +125,8 @@ class StaticPolicy:
         raise RuntimeError("StaticPolicy never finishes a request on the end device")
 
 
-def _as_tuple(vals: Any) -> tuple:
+def as_tuple(vals: Any) -> tuple:
+    """An end half's payload as a tuple (a half with one crossing returns it bare)."""
     return vals if isinstance(vals, tuple) else (vals,)
 
 
@@ -220,7 +221,7 @@ class OnlinePolicy:
                 head = v.end.lookup_split[0](*x)
                 feat = lookup_features(list(head), v.cache.grid)
             else:
-                vals = _as_tuple(v.end.module(*x))
+                vals = as_tuple(v.end.module(*x))
                 feat = lookup_features([t for t, b in zip(vals, v.bits.pinned)
                                         if b is None and isinstance(t, torch.Tensor)], v.cache.grid)
             with self._lock:
@@ -240,9 +241,9 @@ class OnlinePolicy:
             elif self.similarity_bits:
                 floor = v.cache.floor(r.similarity)
             if vals is None:
-                vals = _as_tuple(v.end.lookup_split[1](*head))
+                vals = as_tuple(v.end.lookup_split[1](*head))
         else:
-            vals = _as_tuple(v.end.module(*x))
+            vals = as_tuple(v.end.module(*x))
         bits = self.control.bits(v.plan_id, floor, self.end_stage_s(v))
         per = [v.bits.of(k, bits, floor) for k in range(len(vals))]
         adaptive_bits = [b for b, f in zip(per, v.bits.pinned) if f is None]

@@ -19,7 +19,7 @@ Sets are bitmasks over ``dag.index`` positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from coach_fx.dag import LayerDAG, PlanSpaceTooLarge, articulations, closed_masks
 from coach_fx.runtime.wire import tensor_bytes
@@ -231,22 +231,3 @@ def divide(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
             seen.setdefault(prefix | t)
     seen.setdefault((1 << sp.n) - 1)
     return Division(tuple(seen), tuple(wide))
-
-
-def candidate_sets(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
-                   block_limit: int = 4096) -> Iterator[frozenset[str]]:
-    """End sets worth pricing: every closed set, less those a Pareto argument rules out."""
-    for s in candidate_masks(dag, bits, exact_sets, block_limit):
-        yield frozenset(dag.nodes[i] for i in range(len(dag.nodes)) if s >> i & 1)
-
-
-def candidate_masks(dag: LayerDAG, bits: Sequence[int], exact_sets: bool = True,
-                    block_limit: int = 4096) -> Iterator[int]:
-    """``candidate_sets`` as bitmasks over ``dag.index`` positions; raises where a block is
-    too wide to list (``divide`` then hands it to the exact program)."""
-    d = divide(dag, bits, exact_sets, block_limit)
-    if d.wide:
-        prefix, block = d.wide[0]
-        raise ValueError(f"coach: {TooWide(len(block), block_limit)}; list its plans with "
-                         "divide() and solve it with optimize.milp.WideBlock")
-    yield from d.masks
