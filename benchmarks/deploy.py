@@ -7,8 +7,9 @@ Needs root (two network namespaces joined by a veth pair, the end's uplink shape
 tbf``, its rate changed at every sample of the trace: ``runtime.links.kernel.ShapedLink``) and
 the real traces in ``../shared/traces``. The model is the online benchmark's (the digits
 network seen by a camera, the end 10x slower than this host); per trace it is compiled with
-``compile_online`` on analytic costs, first to find the fixed plan's break-even rate, then
-(``--attempts``, at most 3) for the trace scaled so that the fixed plan is link-bound about
+``compile_online`` on analytic costs (once: ``OnlineModel.for_network`` re-plans from its
+analyses), first to find the fixed plan's break-even rate, then (``--attempts``, at most 3)
+for the trace scaled so that the fixed plan is link-bound about
 half of the time, as ``benchmarks/online.py`` scales it; saved with ``om.save``, served by ``coach serve`` in the
 cloud's namespace, and streamed to by ``coach_fx.connect`` in the end's (this script with
 ``--end``), in mode ``fixed`` and ``full``, each over the whole trace played ``--speed`` times
@@ -143,11 +144,16 @@ def main() -> None:
     model = load_digits_model(32)
     (_, _), (xc, yc), (xt, yt) = digits_splits(frame=32)
 
+    compiled = []   # one compile; every later scale and trace re-plans from its analyses
+
     def compile_for(trace: Trace):  # noqa: ANN202
-        return compile_online(model, (xc[:1],), network=Network(trace.mean_mbps, trace=trace),
-                              end=Device("end", SLOWDOWN), calibration=(xc, yc), accuracy_budget=a.budget,
-                              costs="analytic", threads=1, progress=False,
-                              calibration_frames=a.calibration_frames)
+        network = Network(trace.mean_mbps, trace=trace)
+        if compiled:
+            return compiled[0].for_network(network)
+        compiled.append(compile_online(model, (xc[:1],), network=network, end=Device("end", SLOWDOWN),
+                                       calibration=(xc, yc), accuracy_budget=a.budget, costs="analytic",
+                                       threads=1, progress=False, calibration_frames=a.calibration_frames))
+        return compiled[0]
 
     rows, summary = [], {}
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:

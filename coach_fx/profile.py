@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from coach_fx.runtime.wire import Entry, packed_nbytes
 from coach_fx.device_profile import device_times, node_ops
 from coach_fx.inputs import calibration_parts
 from coach_fx.settings import Settings
-from coach_fx.timing import run_times
+from coach_fx.timing import busy_since, clock, run_times
 
 HOST_FLOPS = 20e9            # FLOP/s of the modelled host in the analytic model
 HOST_BYTES_PER_S = 10e9      # memory bandwidth of the modelled host
@@ -65,9 +64,9 @@ class _Timer(fx.Interpreter):
         self.times: dict[str, float] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        t0 = time.perf_counter()
+        t0 = clock()
         out = super().run_node(n)
-        self.times[n.name] = time.perf_counter() - t0
+        self.times[n.name] = busy_since(t0)
         return out
 
 
@@ -276,13 +275,14 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
                 for bits in widths[name]:
                     for codec in settings.tensor_codecs:
                         plain = quantized_entry(value, bits)   # quantizing is priced apart
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         e = Entry.quantized(plain.data, plain.scale, plain.zero_point, bits, plain.shape,
                                             plain.dtype, codec)
-                        t1 = time.perf_counter()
+                        coding = busy_since(t0)
+                        t1 = clock()
                         if timed:
                             e.packed()
-                        t2 = time.perf_counter()
+                        decoding = busy_since(t1)
                         whole_packed = packed_nbytes(whole.numel(), bits)
                         if not e.codec:            # no shorter: it would go packed
                             coded = whole_packed
@@ -292,7 +292,7 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
                             coded = min(whole_packed - 1, round(e.data.numel() * scale))
                         sizes.setdefault((codec, name, bits), []).append(int(coded))
                         times.setdefault((codec, name, bits), []).append(
-                            (scale * (t1 - t0), scale * (t2 - t1) if e.codec else 0.0))
+                            (scale * coding, scale * decoding if e.codec else 0.0))
     out: dict[str, dict[str, dict[int, CodecCost]]] = {}
     for (codec, name, bits), got in sizes.items():
         got = sorted(got)

@@ -19,15 +19,31 @@ import numpy as np
 import torch
 
 
+def clock() -> tuple[float, float]:
+    """(wall, this process's CPU) seconds now; ``busy_since`` turns one into busy seconds."""
+    return time.perf_counter(), time.process_time()
+
+
+def busy_since(start: tuple[float, float]) -> float:
+    """Seconds of compute since ``start`` (``clock()``) as this host alone would take them: the
+    smaller of the wall time and the CPU time this process used. Other processes' load
+    stretches the wall time of our compute, not its CPU time (a loaded host made a plan
+    measured on it flip to cloud-only); an op spread over threads uses more CPU than wall
+    time, so on an idle host the wall time stands. Only for compute: a wait uses no CPU."""
+    wall, cpu = clock()
+    return min(wall - start[0], cpu - start[1])
+
+
 def run_times(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeat`` runs of ``fn`` after ``warmup`` untimed runs."""
+    """Busy seconds (``busy_since``) of each of ``repeat`` runs of ``fn`` after ``warmup``
+    untimed runs."""
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(busy_since(t0))
     return ts
 
 
@@ -36,8 +52,8 @@ def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
     return statistics.median(run_times(fn, repeat, warmup))
 
 
-def quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 20, warmup: int = 10,
-                 rounds: int = 10, pause_s: float = 0.04) -> list[float]:
+def quiet_times(fns: Sequence[Callable[[], Any]], repeat: int = 12, warmup: int = 10,
+                 rounds: int = 10, pause_s: float = 0.01) -> list[float]:
     """The time of each of ``fns`` alone on this host: per function the lowest of ``rounds``
     lower quartiles of ``repeat`` runs each, with the garbage collector held off (as ``timeit``
     does). On a shared machine runs carry other processes' load, sometimes for a whole round;
@@ -88,4 +104,4 @@ def quiet_time(fn: Callable[[], Any], **kw: Any) -> float:
     return quiet_times([fn], **kw)[0]
 
 
-__all__ = ["median_time", "quiet_time", "quiet_times", "host_speed_work", "run_times"]
+__all__ = ["busy_since", "clock", "median_time", "quiet_time", "quiet_times", "host_speed_work", "run_times"]

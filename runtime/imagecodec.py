@@ -36,7 +36,6 @@ import math
 import re
 import statistics
 import struct
-import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from torch import Tensor
 
 from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu
 from coach_fx.runtime.wire import WireError
+from coach_fx.timing import busy_since, clock
 
 #: the codecs the planner offers for an image input (its search space)
 CODECS_DEFAULT = ("jpeg95", "jpeg90", "jpeg75", "jpeg50", "png")
@@ -308,13 +308,12 @@ def measure(x: Tensor, codec: str | ImageCodec, repeat: int = 3) -> CodecMeasure
     for s in x.unbind(0):
         s = s.unsqueeze(0)
         for _ in range(max(1, repeat)):
-            t0 = time.perf_counter()
+            t0 = clock()
             p = encode(s, codec)
-            t1 = time.perf_counter()
+            enc.append(busy_since(t0))
+            t1 = clock()
             decode(p, codec, tuple(s.shape), s.dtype)
-            t2 = time.perf_counter()
-            enc.append(t1 - t0)
-            dec.append(t2 - t1)
+            dec.append(busy_since(t1))
         sizes.append(p.numel())
     return CodecMeasure(tuple(sizes), statistics.median(enc), statistics.median(dec))
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -62,10 +62,27 @@ class OnlineModel:
     runs and where every mode starts.
     """
 
-    def __init__(self, gm: Any, dag: Any, settings: Settings, example_inputs: tuple,
-                 deployment: Deployment, bands: dict[bool, Bands]) -> None:
-        self.gm, self.dag, self.settings = gm, dag, settings
+    def __init__(self, analysis: CutAnalysis, example_inputs: tuple, deployment: Deployment,
+                 bands: dict[bool, Bands]) -> None:
+        self.analysis = analysis
+        self.gm, self.dag, self.settings = analysis.gm, analysis.dag, analysis.settings
         self.example_inputs, self.deployment, self.bands = example_inputs, deployment, bands
+
+    def for_network(self, network: Network, bands_mbps: Sequence[float] | None = None) -> "OnlineModel":
+        """The plans for another network, re-using this compile's analyses (the splits, safe
+        bits, cache calibrations and measured times do not depend on the network): a re-plan
+        in a second or two instead of a compile. ``bands_mbps``: the rates to plan for
+        (default: as compiled, or ``band_rates`` of the new network).
+
+        Example::
+
+            >>> om2 = om.for_network(coach_fx.Network.from_trace(other_trace))   # doctest: +SKIP
+        """
+        cal = self.analysis.on(network)
+        online = self.settings.online
+        rates = sorted(bands_mbps or online.bands_mbps or band_rates(network))
+        with torch_threads(self.settings.threads):
+            return _compile(cal, self.example_inputs, rates)
 
     # the deployment's parts, by plan id (read through: one copy of each)
     @property
@@ -257,7 +274,7 @@ def _compile(cal: CutAnalysis, inputs: tuple, rates: list[float]) -> OnlineModel
     rate_of = {c: next((r for by_rate in chosen.values() for r in rates if by_rate[r] == c), None)
                for c in ids}
     rate_of[offline] = None
-    return OnlineModel(gm, dag, settings, inputs, deploy(cal, inputs, ids, rate_of, offline_plan), bands)
+    return OnlineModel(cal, inputs, deploy(cal, inputs, ids, rate_of, offline_plan), bands)
 
 
 __all__ = ["compile_online", "OnlineModel", "OnlineSettings", "MODES", "Mode", "band_rates"]

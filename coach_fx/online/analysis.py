@@ -12,17 +12,18 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.online.cache_calibration import safe_floor, similarity_bits, tune_thresholds
+from coach_fx.online.cache_calibration import safe_floor, similarity_bits, tune_settings
 from coach_fx.zoo.streams import locality_stream
-from coach_fx.online.deploy import cut_sizes, end_paths, end_paths_of, variant
+from coach_fx.online.deploy import cut_sizes, end_path, end_paths, end_paths_of, variant
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.passes.partition import partition
 from coach_fx.passes.split import SplitError, split_at
@@ -32,7 +33,7 @@ from coach_fx.runtime.plans import CacheSetup, CrossingBits, Sizes
 from coach_fx.runtime.wire import QUANT_BITS
 from coach_fx.runtime.policy import mean_end_s
 from coach_fx.settings import Network, Settings
-from coach_fx.timing import quiet_time
+from coach_fx.timing import quiet_time, quiet_times
 
 
 def _batched(fn: Callable[..., Any], inputs: tuple, batch: int) -> list[Any]:
@@ -105,6 +106,13 @@ class CutAnalysis:
                              for t in oracle.inputs)
         self._info: dict[tuple, CutInfo] = {}
         self._times: dict[tuple, float] = {}
+
+    def on(self, network: Network) -> "CutAnalysis":
+        """This analysis for another network: what it learned (splits, safe bits, cache
+        calibrations, times) holds for any network, so the copy shares it."""
+        other = copy.copy(self)
+        other.settings = dataclasses.replace(self.settings, network=network)
+        return other
 
     def info(self, end_nodes: tuple, with_cache: bool = True, split: bool = True) -> CutInfo:
         """The split, its safe bits and (``with_cache``) its cache calibration, and (``split``)
@@ -204,27 +212,26 @@ class CutAnalysis:
         Returns (the setup, each sample's top-1 similarity to the class centers), or Nones."""
         adaptive = [k for k, b in enumerate(pinned) if b is None]
         labels = self.labels
-        # two streams from disjoint halves of the calibration data: thresholds must pass both
+        # two streams of one length from disjoint halves of the calibration data: thresholds
+        # must pass both
         n = len(labels)
+        length = max(self.frames, 3 * ((n + 1) // 2))
         streams = []
         for h in (0, 1):
             idx = torch.arange(h, n, 2)
-            streams.append([int(idx[i]) for i in locality_stream(labels[idx], max(self.frames, 3 * len(idx)),
-                                                                 self.locality, seed=1 + h)])
-        best = None
-        for grid in self.grids:
-            feats = torch.from_numpy(np.concatenate(
-                [np.atleast_2d(pooled_features([chunk[k] for k in adaptive], grid)) for chunk in vals]
-            )).float()
-            for context in (False, True):
-                st, mg, rate = tune_thresholds(
-                    feats, labels, streams, self.cache_budget, self.capacity, self.audit_rate,
-                    context=context, lag=self.result_lag)
-                if rate > 0 and (best is None or rate > best[2]):
-                    best = (st, mg, rate, grid, feats, context)
-        if best is None:
+            streams.append([int(idx[i]) for i in locality_stream(labels[idx], length, self.locality, seed=1 + h)])
+        features = [torch.from_numpy(np.concatenate(
+            [np.atleast_2d(pooled_features([chunk[k] for k in adaptive], grid)) for chunk in vals])).float()
+            for grid in self.grids]
+        found = [t for t in tune_settings(features, labels, streams, self.cache_budget, self.capacity,
+                                          self.audit_rate, lag=self.result_lag, contexts=(False, True))
+                 if t.rate > 0]
+        if not found:
             return None, None
-        st, mg, rate, grid, feats, context = best
+        # the one that hits most (the first of equals: the coarser grid, no context)
+        best = max(found, key=lambda t: (t.rate, -t.grid, -t.context))
+        st, mg, rate, grid, context = best.sim, best.margin, best.rate, self.grids[best.grid], best.context
+        feats = features[best.grid]
         classes = sorted(set(labels.tolist()))
         centers = torch.stack([torch.nn.functional.normalize(feats[labels == c].mean(0), dim=0)
                                for c in classes])
@@ -288,15 +295,38 @@ class CutAnalysis:
         return mean_end_s(self.end_host_s(end_nodes), self.end_host_s(end_nodes, hit=True),
                           cache.hit_rate * (1 - self.audit_rate))
 
+    def measure(self, cuts: Iterable[tuple]) -> None:
+        """With measured costs, time the end half (no cache) and the cloud half of each of
+        ``cuts`` not timed yet, all in one interleaved run (``quiet_times``: the cuts compared
+        with each other see the same host, and one run costs less than one per cut)."""
+        if self.settings.costs != "measured":
+            return
+        keys, fns = [], []
+        for c in dict.fromkeys(cuts):
+            info = self.info(c, with_cache=False)
+            if ("end", c, False, False) not in self._times:
+                keys.append(("end", c, False, False))
+                fns.append(end_path(variant(0, info, 0.0, 0.0), self.example, self.capacity, False, False))
+            if ("cloud", c) not in self._times:
+                keys.append(("cloud", c))
+                fns.append(self._cloud_call(info))
+        if fns:
+            self._times.update(zip(keys, quiet_times(fns)))
+
+    def _cloud_call(self, info: CutInfo) -> Callable[[], Any]:
+        vals = info.end(*self.example)
+        vals = vals if isinstance(vals, tuple) else (vals,)
+
+        def run() -> Any:
+            with torch.no_grad():
+                return info.cloud(*vals)
+        return run
+
     def cloud_host_s(self, end_nodes: tuple) -> float:
         """The cloud half on one request's crossing values, on this host; memoized."""
         key = ("cloud", end_nodes)
         if key not in self._times:
-            info = self.info(end_nodes, with_cache=False)
-            vals = info.end(*self.example)
-            vals = vals if isinstance(vals, tuple) else (vals,)
-            with torch.no_grad():
-                self._times[key] = quiet_time(lambda: info.cloud(*vals))
+            self._times[key] = quiet_time(self._cloud_call(self.info(end_nodes, with_cache=False)))
         return self._times[key]
 
 

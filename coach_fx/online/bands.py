@@ -50,12 +50,11 @@ def choose_plans(cal: "CutAnalysis", offline: tuple, planned: dict[float, tuple]
     few percent better at the band's rate can lose that back."""
     dag, online = cal.dag, cal.settings.online
     candidates = {offline, *planned.values()}
+    single = [(), *(tuple(v for v in dag.nodes if v in dag.ancestors([a])) for a in dag.articulation_nodes())]
+    cal.measure([*candidates, *(single if online.cache else ())])
     if online.cache:
         slowest = max(cal.expected(planned[r], r, with_cache=False)[0] for r in rates)
-        for c in [(), *(tuple(v for v in dag.nodes if v in dag.ancestors([a]))
-                        for a in dag.articulation_nodes())]:
-            if c not in candidates and cal.end_time(c) < slowest:
-                candidates.add(c)
+        candidates |= {c for c in single if c not in candidates and cal.end_time(c) < slowest}
     chosen: dict[bool, dict[float, tuple]] = {}
     for with_cache in ([False, True] if online.cache else [False]):
         chosen[with_cache] = {}

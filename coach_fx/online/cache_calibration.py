@@ -7,12 +7,14 @@ The calibration streams come from ``coach_fx.zoo.streams.locality_stream``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from coach_fx.online.cache_replay import Replays, Stops, replay_many
 from coach_fx.runtime.cache import SemanticCache
 from coach_fx.runtime.features import vec_rows
 from coach_fx.settings import OnlineSettings
@@ -46,15 +48,32 @@ def replay(cache: SemanticCache, feats: torch.Tensor, labels: torch.Tensor, stre
     return hits, wrong
 
 
-def tune_thresholds(feats: torch.Tensor, labels: torch.Tensor,
-                        streams: Sequence[Sequence[int]], budget: float, capacity: int = 16,
-                        audit_rate: float = 0.1, max_hit_error: float = 0.01,
-                        sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
-                        margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
-                        lag: int = OnlineSettings().result_lag, context: bool = False,
-                        ) -> tuple[float, float, float]:
-    """(sim_threshold, margin, hit rate) that maximize hits on replayed calibration streams
-    while wrong hits stay within ``budget`` of the frames of *every* stream.
+@dataclasses.dataclass(frozen=True)
+class Tuned:
+    """The thresholds found for one feature set (``grid``: its index) and context."""
+
+    sim: float
+    margin: float
+    rate: float      # hits over the frames of every stream (0: no thresholds pass)
+    grid: int
+    context: bool
+
+
+def tune_settings(features: Sequence[torch.Tensor], labels: torch.Tensor,
+                  streams: Sequence[Sequence[int]], budget: float, capacity: int = 16,
+                  audit_rate: float = 0.1, max_hit_error: float = 0.01,
+                  sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
+                  margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
+                  lag: int = OnlineSettings().result_lag, contexts: Sequence[bool] = (False,),
+                  ) -> list[Tuned]:
+    """Per feature set and context (in that order), the (similarity, margin) that maximize hits
+    on replayed calibration streams while wrong hits stay within ``budget`` of the frames of
+    *every* stream; one replay of every candidate at once (``cache_replay.replay_many``). A
+    feature set and context whose hit rate on the streams' first quarter is well below the best
+    one's there is not replayed in full (its result: rate 0).
+
+    Per margin the thresholds are tried strictest first and the search stops at the first that
+    fails (looser ones only add wrong hits): a failing replay stops its looser ones with it.
 
     The replay learns each answer ``lag`` requests late, as the pipeline does: most wrong
     hits fall in the frames after a class change, before the cloud's first answers for the
@@ -71,23 +90,79 @@ def tune_thresholds(feats: torch.Tensor, labels: torch.Tensor,
     ``max_hit_error`` of the hits may be wrong: features that tell classes apart poorly
     should not answer at all. ``labels``: the cloud's answers (the model's predictions).
     """
-    best = (1.0, 1.0, 0.0)
-    total = sum(len(s) for s in streams)
-    feats, labels = vec_rows(feats), labels.tolist()
-    for mg in margins:
-        for st in sorted(sims, reverse=True):   # strictest first
-            hits = wrong = 0
-            fail = False
-            for stream in streams:
-                h, w = replay(SemanticCache(st, mg, capacity, audit_rate, context=context),
-                              feats, labels, stream, lag)
-                hits, wrong = hits + h, wrong + w
-                fail = fail or w + 1 > budget * len(stream)
-            if fail:
-                break       # looser thresholds only add wrong hits
-            if wrong + 1 <= max_hit_error * hits and hits / total > best[2]:
-                best = (st, mg, hits / total)
-    return best
+    search = _Search(budget, capacity, audit_rate, max_hit_error, tuple(sorted(sims, reverse=True)),
+                     tuple(margins), lag)
+    runs = [list(s) for s in streams]     # of one length: the replay runs them side by side
+    cases = [(g, c) for g in range(len(features)) for c in contexts]
+    # Screen the (feature set, context) cases on the streams' first quarter, then replay in
+    # full only those within ``SCREEN_KEEP`` of the best one's hit rate there: the rest cannot
+    # be the one that hits most (a case's hit rate settles within the first few hundred frames;
+    # its wrong hits are what the whole streams are for).
+    prefix = len(runs[0]) // 4
+    if len(cases) > 1 and prefix >= SCREEN_MIN_FRAMES:
+        first = search.run(features, labels, [r[:prefix] for r in runs], cases)
+        top = max(t.rate for t in first)
+        if top > 0:
+            cases = [(t.grid, t.context) for t in first if t.rate >= SCREEN_KEEP * top]
+    found = {(t.grid, t.context): t for t in search.run(features, labels, runs, cases)}
+    return [found.get((g, c), Tuned(1.0, 1.0, 0.0, g, c)) for g in range(len(features)) for c in contexts]
+
+
+#: the screening of ``tune_settings``: its shortest first quarter, and the share of the best
+#: screened hit rate that a case needs to be replayed in full
+SCREEN_MIN_FRAMES = 250
+SCREEN_KEEP = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """``tune_settings``'s threshold search over one set of streams (see there)."""
+
+    budget: float
+    capacity: int
+    audit_rate: float
+    max_hit_error: float
+    strict: tuple[float, ...]       # similarity thresholds, strictest first
+    margins: tuple[float, ...]
+    lag: int
+
+    def run(self, features: Sequence[torch.Tensor], labels: torch.Tensor, runs: list[list[int]],
+            cases: list[tuple[int, bool]]) -> list[Tuned]:
+        rows, limit, group, rank = [], [], [], []
+        for case, (g, c) in enumerate(cases):
+            for m, mg in enumerate(self.margins):
+                for r, st in enumerate(self.strict):
+                    for k, stream in enumerate(runs):
+                        rows.append((k, st, mg, c, g))
+                        limit.append(self.budget * len(stream))
+                        group.append(case * len(self.margins) + m)
+                        rank.append(r)
+        got = replay_many(features, labels, Replays.of(runs, rows, Stops(np.asarray(limit), np.asarray(group),
+                                                                         np.asarray(rank))),
+                          self.capacity, self.audit_rate, self.lag)
+        total = sum(len(s) for s in runs)
+        out, k = [], 0
+        for g, c in cases:
+            best = (1.0, 1.0, 0.0)
+            for mg in self.margins:
+                stopped = False
+                for st in self.strict:
+                    part = slice(k, k + len(runs))
+                    k += len(runs)
+                    stopped = stopped or bool(got.failed[part].any())
+                    hits, wrong = int(got.hits[part].sum()), int(got.wrong[part].sum())
+                    if not stopped and wrong + 1 <= self.max_hit_error * hits and hits / total > best[2]:
+                        best = (st, mg, hits / total)
+            out.append(Tuned(*best, grid=g, context=c))
+        return out
+
+
+def tune_thresholds(feats: torch.Tensor, labels: torch.Tensor, streams: Sequence[Sequence[int]],
+                    budget: float, capacity: int = 16, audit_rate: float = 0.1, *,
+                    context: bool = False, **search: Any) -> tuple[float, float, float]:
+    """(sim_threshold, margin, hit rate) for one feature set (``tune_settings``)."""
+    t = tune_settings([feats], labels, streams, budget, capacity, audit_rate, contexts=(context,), **search)[0]
+    return t.sim, t.margin, t.rate
 
 
 def safe_floor(disagreement: dict[int, float], budget: float, below: int = 33) -> int | None:
@@ -132,4 +207,4 @@ def similarity_bits(similarity: torch.Tensor, agrees: dict[int, torch.Tensor], m
     return out
 
 
-__all__ = ["replay", "safe_floor", "similarity_bits", "tune_thresholds"]
+__all__ = ["Tuned", "replay", "safe_floor", "similarity_bits", "tune_settings", "tune_thresholds"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -169,37 +169,47 @@ def end_paths_of(vs: Sequence[Any], inputs: tuple, capacity: int,
                   cache: bool = True) -> tuple[float, list[tuple[float, float]]]:
     """``end_paths`` of variants of one cut that differ in their cache (where it looks up, its
     thresholds), measured interleaved: (no cache, [(miss, hit) per variant])."""
-    x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+    x = _one(inputs)
+    fns = [end_path(vs[0], x, capacity, False, False)]
+    if cache:
+        fns += [end_path(v, x, capacity, True, h) for v in vs for h in (False, True)]
+    times = quiet_times(fns)
+    return times[0], [(times[1 + 2 * k], times[2 + 2 * k]) for k in range(len(vs))] if cache else []
 
-    def policy(v: Any, use: bool, hit: bool) -> Any:
-        p = OnlinePolicy([v], Bands(start=v.plan_id),
-                         PolicyConfig(ControlConfig(switching=False),
-                                      CacheConfig(enabled=use, capacity=capacity, audit_rate=0.0)))
-        store = p.caches.get(v.plan_id) if use else None
-        if store is not None:
+
+def _one(inputs: tuple) -> tuple:
+    return tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+def end_path(v: Any, x: tuple, capacity: int, use: bool, hit: bool) -> Callable[[], Any]:
+    """One request's end side work as the policy does it (``use``: with the cache, which for
+    ``hit`` answers it, else misses), to be timed (``quiet_times``)."""
+    p = OnlinePolicy([v], Bands(start=v.plan_id),
+                     PolicyConfig(ControlConfig(switching=False),
+                                  CacheConfig(enabled=use, capacity=capacity, audit_rate=0.0)))
+    store = p.caches.get(v.plan_id) if use else None
+    if store is not None:
+        with torch.no_grad():
             if v.end.lookup_split is not None:
                 f = pooled_features(list(v.end.lookup_split[0](*x)), v.cache.grid)
             else:
                 vals = v.end.module(*x)
                 vals = vals if isinstance(vals, tuple) else (vals,)
                 f = pooled_features([t for t, b in zip(vals, v.bits.pinned) if b is None], v.cache.grid)
-            rng = np.random.default_rng(0)
-            # a full cache of centers far from this input, so that it misses; for ``hit`` one
-            # of them is the input's own class instead
-            for k in range(1 if hit else 0, capacity):
-                far = -(f + rng.random(f.shape))
-                store.confirm(far / np.linalg.norm(far), k)
-            if hit:
-                store.confirm(f, 0)
-                p.answers[0] = torch.zeros(1)
-        return p
+        rng = np.random.default_rng(0)
+        # a full cache of centers far from this input, so that it misses; for ``hit`` one
+        # of them is the input's own class instead
+        for k in range(1 if hit else 0, capacity):
+            far = -(f + rng.random(f.shape))
+            store.confirm(far / np.linalg.norm(far), k)
+        if hit:
+            store.confirm(f, 0)
+            p.answers[0] = torch.zeros(1)
 
-    policies = [policy(vs[0], False, False)]
-    if cache:
-        policies += [policy(v, True, h) for v in vs for h in (False, True)]
-    with torch.no_grad():
-        times = quiet_times([lambda p=p: p.prepare(0, x) for p in policies])
-    return times[0], [(times[1 + 2 * k], times[2 + 2 * k]) for k in range(len(vs))] if cache else []
+    def run() -> Any:
+        with torch.no_grad():
+            return p.prepare(0, x)
+    return run
 
 
-__all__ = ["Deployment", "deploy", "end_paths", "end_paths_of", "plan_profile", "variant"]
+__all__ = ["Deployment", "deploy", "end_path", "end_paths", "end_paths_of", "plan_profile", "variant"]

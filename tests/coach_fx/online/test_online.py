@@ -124,3 +124,21 @@ def test_a_cache_looking_up_early_uses_that_nodes_own_calibration():
                 dataclasses.replace(alone, bits_by_similarity=[])
             assert info.cache.setup.hit_rate >= online.early_lookup_hits * info.cache.own.hit_rate
     assert probed >= 2
+
+
+def test_replanning_for_another_network_reuses_the_analyses(online):
+    """``for_network`` plans as a fresh compile for that network does, from this compile's
+    calibrations and times (one memo, shared)."""
+    model, om, _, _ = online
+    (_, _), (xc, yc), _ = digits_splits(frame=32)
+    again = om.for_network(Network(1.0))
+    assert again.bands == om.bands and {p: v.cut for p, v in again.plans.items()} == \
+        {p: v.cut for p, v in om.plans.items()}
+    fast = om.for_network(Network(50.0))
+    fresh = compile_online(model, (xc[:1],), network=Network(50.0), end=Device("end", 10),
+                           calibration=(xc, yc), accuracy_budget=0.005, bands_mbps=[0.2, 1.0, 50.0],
+                           costs="analytic", progress=False, grid=(4,), calibration_frames=600)
+    assert fast.bands == fresh.bands
+    assert {p: v.cut for p, v in fast.plans.items()} == {p: v.cut for p, v in fresh.plans.items()}
+    assert fast.plans[fast.offline].cut != om.plans[om.offline].cut or fast.bands != om.bands
+    assert fast.analysis._info is om.analysis._info and fast.analysis._times is om.analysis._times
