@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from torch import nn
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.driver import observing, plan_model, prepare
+from coach_fx.driver import eval_calls, observing, plan_model, prepare
 from coach_fx.settings import DEFAULT_BITS, Settings
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
     with observing(list(model.parameters()) + list(model.buffers())):
         gm, inputs, dag = prepare(model, example_inputs, settings)
         with observing((), [model, gm]):
-            plan, oracle = plan_model(gm, inputs, dag, settings)
+            with eval_calls(gm):      # a graph with train-mode calls baked in (export, dynamo)
+                plan, oracle = plan_model(gm, inputs, dag, settings)
             cm = CompiledModel(gm, dag, plan, settings, inputs, oracle, source=model)
             if settings.costs == "measured" and settings.remeasure:
                 cm.remeasure()

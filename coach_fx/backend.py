@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.driver import observing, plan_model, prepare
+from coach_fx.driver import eval_calls, observing, plan_model, prepare
 from coach_fx.settings import Settings
 
 #: Every graph compiled by the backend in this process, newest last (for inspection and tests).
@@ -89,8 +89,9 @@ def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     # a train-mode graph updates its buffers each run: planning runs it many times, so they
     # are put back after (running statistics, num_batches_tracked)
     with observing(weights, [lifted]):
-        lifted, inputs, dag = prepare(lifted, inputs, settings)
-        plan, oracle = plan_model(lifted, inputs, dag, settings)
+        with eval_calls(lifted):      # dropout and batch norm as deployed while planning
+            lifted, inputs, dag = prepare(lifted, inputs, settings)
+            plan, oracle = plan_model(lifted, inputs, dag, settings)
         cm = CompiledModel(lifted, dag, plan, settings, inputs, oracle)
     trainable = any(getattr(w, "requires_grad", False) for w in weights)
     COMPILED.append(cm)

@@ -140,3 +140,27 @@ def test_oracle_sees_through_in_place_ops():
     err = ((y - ref).norm() / ref.norm()).item()
     # the oracle checks the example and inputs drawn like it: the worst of them, the example's included
     assert oracle.metric(end, bits) >= err * (1 - 1e-4) > 0
+
+
+def test_a_train_mode_graph_is_checked_as_deployed_and_trains_as_it_was():
+    """dynamo bakes train mode into the graph (``F.dropout(x, p, True, ...)``, batch norm on
+    batch statistics): the accuracy check runs those calls in eval mode (two dropout draws
+    differ more than any quantization, and every cut would fail), and the split halves keep
+    them as captured, so training still drops out."""
+    torch.manual_seed(0)
+    # a narrow middle after the first dropout: the cut worth making, if its check passes
+    model = nn.Sequential(nn.Linear(512, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 512), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4)).train()
+    x = torch.randn(8, 512)
+    opts = dict(OPTS, network=coach_fx.Network(1.0), end=coach_fx.Device("end", 10.0))
+    compiled = torch.compile(model, backend="coach", options=opts)
+    compiled(x)
+    cm = backend.COMPILED[-1]
+    code = cm.gm.code
+    assert "dropout" in code and "True" in code       # the graph as captured, train mode
+    assert cm.plan.cut and min(cm.plan.bits.values()) < 32, cm.plan.cut     # quantized cuts pass
+    assert cm.plan.accuracy is not None and cm.plan.accuracy_ok
+    a, b = compiled(x), compiled(x)
+    assert not torch.equal(a, b)                      # still dropping out while training
+    model.eval()
+    assert torch.allclose(model(x), model(x))
