@@ -101,8 +101,19 @@ def _as_tuple(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _flat_output(out: Any) -> torch.Tensor:
-    ts = [t.detach().float().reshape(t.shape[0] if t.dim() else 1, -1) for t in _tensors(out)]
+def _batch_major(gm: fx.GraphModule, example: tuple) -> bool:
+    """Do the inputs share a first (batch) dimension, and every output tensor with them?"""
+    b = common_batch(example)
+    if b is None:
+        return False
+    with torch.no_grad():
+        outs = list(_tensors(gm(*example)))
+    return all(t.dim() > 0 and t.shape[0] == b for t in outs)
+
+
+def _flat_output(out: Any, whole: bool = False) -> torch.Tensor:
+    """The output's tensors as rows per sample (``whole``: one row)."""
+    ts = [t.detach().float().reshape(1 if whole or not t.dim() else t.shape[0], -1) for t in _tensors(out)]
     return torch.cat(ts, dim=1) if ts else torch.zeros(1, 0)
 
 
@@ -121,14 +132,16 @@ class AccuracyOracle:
             inputs, labels = calibration_parts(calib)
             self.mode = "labels" if labels is not None else "agreement"
         #: the inputs share no batch dimension (a sequence-first input beside a batch-first
-        #: mask): the example is checked whole, one request, as it is sent
-        self.whole = common_batch(tuple(example_inputs)) is None
+        #: mask), or the outputs do not follow it (a detector's anchors beside its per-image
+        #: scores): the example is checked whole, one request, as it is sent
+        self.whole = not _batch_major(gm, tuple(example_inputs))
         if self.whole:
             if calib is not None:
-                raise ValueError("calibration data is sliced into samples along the inputs' first "
-                                 "dimension, but this model's inputs share none (e.g. a "
-                                 "sequence-first input beside a batch-first mask); compile "
-                                 "without calibration (the output's relative L2 is checked)")
+                raise ValueError("calibration data is sliced into samples along the first dimension, "
+                                 "but this model's inputs (or outputs) share none (e.g. a "
+                                 "sequence-first input beside a batch-first mask, or a detector's "
+                                 "anchors beside its scores); compile without calibration (the "
+                                 "output's relative L2 is checked)")
             inputs = tuple(example_inputs)
         self.inputs = inputs
         self.labels = labels
@@ -193,8 +206,7 @@ class AccuracyOracle:
         return tuple(x[lo:hi] if isinstance(x, torch.Tensor) and x.dim() else x for x in self.inputs)
 
     def _flat(self, out: Any) -> torch.Tensor:
-        flat = _flat_output(out)
-        return flat.reshape(1, -1) if self.whole else flat
+        return _flat_output(out, self.whole)
 
     def _run(self, fn: Any) -> torch.Tensor:
         with torch.no_grad():

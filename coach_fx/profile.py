@@ -211,7 +211,7 @@ def _requests(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Setti
     (the example itself where they do not fit)."""
     frames = calibration_parts(settings.calibration)[0] if settings.calibration is not None else ()
     ex = tuple(example_inputs)
-    fits = len(frames) == len(ex) and all(
+    fits = bool(ex) and len(frames) == len(ex) and all(
         isinstance(f, torch.Tensor) and isinstance(e, torch.Tensor) and e.dim() > 0
         and f.shape[1:] == e.shape[1:] and f.dtype == e.dtype for f, e in zip(frames, ex))
     if not fits:

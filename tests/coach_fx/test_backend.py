@@ -164,3 +164,29 @@ def test_a_train_mode_graph_is_checked_as_deployed_and_trains_as_it_was():
     assert not torch.equal(a, b)                      # still dropping out while training
     model.eval()
     assert torch.allclose(model(x), model(x))
+
+
+def test_outputs_that_do_not_follow_the_batch_are_checked_whole():
+    """A detector returns per-image scores beside its anchors (torchvision's ssdlite through
+    torch.compile crashed in the accuracy check): the example is checked as one request."""
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(8, 5)
+            self.register_buffer("anchors", torch.rand(7, 4))
+
+        def forward(self, x):
+            scores = self.head(torch.relu(self.conv(x)).mean((2, 3)))
+            return scores, self.anchors * x.shape[-1]
+
+    torch.manual_seed(0)
+    model = Detector().eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend="coach", options=OPTS)
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-2, rtol=1e-2)
+    assert backend.COMPILED and backend.COMPILED[-1].oracle.whole
