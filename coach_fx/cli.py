@@ -28,7 +28,7 @@ from coach_fx.compiled import CompiledModel
 from coach_fx.deploy_cli import GLOO_HOSTS, add_deploy_commands, cmd_run, cmd_serve, token_of
 from coach_fx.device_profile import node_ops, write_profile
 from coach_fx.driver import plan_model, prepare, traced
-from coach_fx.profile import measure_node_times, torch_threads
+from coach_fx.profile import measure_node_times, measure_quant_cost, torch_threads
 from coach_fx.zoo.models import load_model
 from coach_fx.optimize import COMPARED, STRATEGIES
 from coach_fx.settings import Device, Network, Settings
@@ -89,11 +89,15 @@ def cmd_profile(a: argparse.Namespace) -> int:
     """Time every node of the model here (run it on the device) and write a device profile."""
     model, shape = _model(a)
     x = torch.randn(a.batch, *shape)
-    gm, inputs = traced(model, (x,), Settings.of(progress=False))
+    settings = Settings.of(progress=False)
+    gm, inputs = traced(model, (x,), settings)
     with torch_threads(a.threads):
         times = measure_node_times(gm, inputs, a.repeat)
-    path = write_profile(a.out, a.device, times, node_ops(gm))
-    print(f"wrote {path}: {len(times)} node times, measured {a.repeat} times each at batch {a.batch}")
+        # what a crossing costs this device per element, at every width a plan may use
+        quant = {b: measure_quant_cost(bits=b) for b in sorted(set(settings.bits) | {settings.input_bits}) if b < 32}
+    path = write_profile(a.out, a.device, times, node_ops(gm), quant)
+    print(f"wrote {path}: {len(times)} node times, measured {a.repeat} times each at batch {a.batch}; "
+          f"quantization costs at {len(quant)} widths")
     return 0
 
 

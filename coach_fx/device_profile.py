@@ -5,12 +5,15 @@ A profile is a JSON file (``coach profile`` writes one on the device itself)::
     {"format": "coach-profile/1",
      "device": "pi4",
      "node_times_s": {"conv1": 0.0121, "layer1_0_conv1": 0.0094, ...},
-     "op_rates_s_per_flop": {"Conv2d": 2.1e-10, "Linear": 9.8e-10, "relu": 4.0e-10, ...}}
+     "op_rates_s_per_flop": {"Conv2d": 2.1e-10, "Linear": 9.8e-10, "relu": 4.0e-10, ...},
+     "quant_s_per_elem": {"8": [2.1e-9, 1.4e-9], "4": [2.6e-9, 1.8e-9], ...}}
 
 ``node_times_s`` are seconds per fx node of the model profiled (names as ``coach plan`` prints
 them); ``op_rates_s_per_flop`` are seconds per FLOP by op type (a module's class name, or a
-function's or method's name), so that a profile prices nodes of any model of the same ops.
-Either may be left out. A CSV file with rows ``node,seconds`` (a header line ``node,seconds``
+function's or method's name), so that a profile prices nodes of any model of the same ops;
+``quant_s_per_elem`` are, per width, the seconds per element to quantize and pack (what the
+end pays per crossing value) and to unpack and dequantize (the cloud's). Any may be left
+out (a width without its figure: this host's time × the device's slowdown). A CSV file with rows ``node,seconds`` (a header line ``node,seconds``
 is allowed) gives node times only. A node with neither figure is priced at this host's time
 × the device's slowdown.
 
@@ -67,10 +70,13 @@ def op_rates(times: Mapping[str, float], ops: Mapping[str, tuple[str, float]]) -
 
 
 def write_profile(path: str | Path, device: str, times: Mapping[str, float],
-                  ops: Mapping[str, tuple[str, float]]) -> Path:
-    """Write the profile of one device: its node times and the op rates they imply."""
+                  ops: Mapping[str, tuple[str, float]],
+                  quant: Mapping[int, tuple[float, float]] | None = None) -> Path:
+    """Write the profile of one device: its node times, the op rates they imply and (``quant``)
+    its quantization costs per width."""
     doc = {"format": FORMAT, "device": device, "node_times_s": dict(times),
-           "op_rates_s_per_flop": op_rates(times, ops)}
+           "op_rates_s_per_flop": op_rates(times, ops),
+           "quant_s_per_elem": {str(b): list(c) for b, c in (quant or {}).items()}}
     path = Path(path)
     path.write_text(json.dumps(doc, indent=1, sort_keys=True))
     return path
@@ -113,7 +119,33 @@ def read_profile(path: str | Path, name: str | None = None) -> Device:
             raise ValueError(f"device profile {path}: {key} must be an object")
         sections[key] = {str(k): _number(v, f"{path}: {key}[{k!r}]") for k, v in raw.items()}
     return Device(name or str(doc.get("device") or path.stem), 1.0,
-                  sections["node_times_s"] or None, sections["op_rates_s_per_flop"] or None)
+                  sections["node_times_s"] or None, sections["op_rates_s_per_flop"] or None,
+                  _quant(doc.get("quant_s_per_elem"), f"device profile {path}: quant_s_per_elem"))
+
+
+def _quant(raw: Any, where: str) -> dict[int, tuple[float, float]] | None:
+    """``{"8": [quantize, dequantize], ...}`` -> {8: (quantize, dequantize)}."""
+    if not raw:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object")
+    out = {}
+    for k, v in raw.items():
+        if not (isinstance(k, str) and k.isdigit() and 1 <= int(k) < 32) or not isinstance(v, list) or len(v) != 2:
+            raise ValueError(f"{where}[{k!r}]: expected a width 1-31 -> [quantize, dequantize] seconds per element")
+        out[int(k)] = (_number(v[0], f"{where}[{k!r}]"), _number(v[1], f"{where}[{k!r}]"))
+    return out
+
+
+def quant_costs(device: Device, bits: int, host: tuple[float, float] | None) -> tuple[float, float]:
+    """(quantize, dequantize) seconds per element at ``bits`` on ``device``: its own figure,
+    else the ``host``'s × its slowdown."""
+    own = (device.quant_costs or {}).get(bits)
+    if own is not None:
+        return own
+    if host is None:
+        raise ValueError(f"no quantization cost for {bits} bits on {device.name!r}")
+    return host[0] * device.slowdown, host[1] * device.slowdown
 
 
 def device_times(host: Mapping[str, float], device: Device,
@@ -134,4 +166,5 @@ def device_times(host: Mapping[str, float], device: Device,
     return out
 
 
-__all__ = ["FORMAT", "device_times", "node_ops", "op_rates", "op_type", "read_profile", "write_profile"]
+__all__ = ["FORMAT", "device_times", "node_ops", "op_rates", "op_type", "quant_costs", "read_profile",
+           "write_profile"]

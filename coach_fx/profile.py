@@ -28,7 +28,7 @@ from coach_fx.dag import CodecCost, LayerDAG
 from coach_fx.passes.annotate import NodeMeta
 from coach_fx.progress import Progress
 from coach_fx.runtime.wire import Entry, packed_nbytes
-from coach_fx.device_profile import device_times, node_ops
+from coach_fx.device_profile import device_times, node_ops, quant_costs
 from coach_fx.inputs import calibration_parts
 from coach_fx.settings import Settings
 from coach_fx.timing import busy_since, clock, run_times
@@ -156,9 +156,13 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
     for b in sorted(set(settings.bits) | {settings.input_bits}):
         if b >= 32:
             continue
-        qe, qc = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM) if settings.costs == "analytic" \
-            else measure_quant_cost(bits=b)
-        quant[b] = (qe * settings.end.slowdown, qc * settings.cloud.slowdown)
+        # the end quantizes and packs, the cloud unpacks and dequantizes: each device's own
+        # figure (a profile's), else this host's x its slowdown
+        host_q = None
+        if any(b not in (d.quant_costs or {}) for d in (settings.end, settings.cloud)):
+            host_q = (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM) if settings.costs == "analytic" \
+                else measure_quant_cost(bits=b)
+        quant[b] = (quant_costs(settings.end, b, host_q)[0], quant_costs(settings.cloud, b, host_q)[1])
     ops = node_ops(gm)
     dag = LayerDAG.from_graph_module(gm, device_times(host, settings.end, ops),
                                      device_times(host, settings.cloud, ops), quant)

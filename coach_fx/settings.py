@@ -79,15 +79,16 @@ class Network:
 class Device:
     """A compute device: costs measured (or modelled) on this host, times ``slowdown``.
 
-    ``node_costs`` maps node names to seconds and overrides the host cost of those nodes
-    (the slowdown is not applied to them: they are this device's own figures).
-    """
+    The device's own figures (``coach profile``; the slowdown is not applied to them):
+    ``node_costs`` seconds per node name, ``op_rates`` seconds per FLOP by op type (for nodes
+    without their own figure), ``quant_costs`` per width (quantize+pack, unpack+dequantize)
+    seconds per element."""
 
     name: str = "device"
     slowdown: float = 1.0
     node_costs: Mapping[str, float] | None = None
-    #: Seconds per FLOP by op type (``coach profile``), for nodes without their own figure.
     op_rates: Mapping[str, float] | None = None
+    quant_costs: Mapping[int, tuple[float, float]] | None = None
 
     @staticmethod
     def from_profile(path: str, name: str | None = None) -> "Device":

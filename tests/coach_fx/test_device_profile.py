@@ -56,6 +56,7 @@ def test_coach_profile_writes_a_file_that_plans_read(tmp_path, capsys):
     assert main(["profile", "--model", "digits", "--out", str(out), "--repeat", "1"]) == 0
     dev = read_profile(out)
     assert dev.node_costs and dev.op_rates and all(v >= 0 for v in dev.node_costs.values())
+    assert dev.quant_costs and 8 in dev.quant_costs and all(q > 0 and d > 0 for q, d in dev.quant_costs.values())
     assert main(["plan", "--model", "digits", "--costs", "analytic", "--end-profile", str(out),
                  "--budget", "0.05"]) == 0
     assert "coach" in capsys.readouterr().out
@@ -65,6 +66,8 @@ def test_coach_profile_writes_a_file_that_plans_read(tmp_path, capsys):
     ("{}", "format"),
     (json.dumps({"format": FORMAT, "node_times_s": {"a": -1}}), "non-negative"),
     (json.dumps({"format": FORMAT, "op_rates_s_per_flop": [1]}), "must be an object"),
+    (json.dumps({"format": FORMAT, "quant_s_per_elem": {"40": [1e-9, 1e-9]}}), "width 1-31"),
+    (json.dumps({"format": FORMAT, "quant_s_per_elem": {"8": [1e-9]}}), "quantize, dequantize"),
     ("not json", "not JSON"),
 ])
 def test_a_bad_profile_is_refused_with_the_reason(tmp_path, text, message):
@@ -81,3 +84,18 @@ def test_a_csv_profile_gives_node_times(tmp_path):
     assert dev.name == "pi" and dict(dev.node_costs) == {"conv1": 0.25, "fc": 0.5}
     with pytest.raises(FileNotFoundError):
         Device.from_profile(str(tmp_path / "missing.json"))
+
+
+def test_a_profiles_quantization_costs_price_its_crossings(tmp_path):
+    """The end pays its own quantize+pack per element, the cloud its own unpack+dequantize; a
+    width the profile leaves out costs this host's figure x the slowdown."""
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / "pi.json"
+    path.write_text(json.dumps({"format": FORMAT, "device": "pi", "quant_s_per_elem": {"8": [3e-7, 5e-7]}}))
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"format": FORMAT, "device": "gpu", "quant_s_per_elem": {"8": [7e-9, 2e-9]}}))
+    cm = coach_fx.compile(_net(), (x,), end=Device.from_profile(str(path)), cloud=Device.from_profile(str(gpu)),
+                          network=coach_fx.Network(1.0), costs="analytic", bits=(4, 8, 32), progress=False)
+    assert cm.dag.quant_cost(8) == (3e-7, 2e-9)
+    from coach_fx.profile import ANALYTIC_QUANT_S_PER_ELEM
+    assert cm.dag.quant_cost(4) == (ANALYTIC_QUANT_S_PER_ELEM, ANALYTIC_QUANT_S_PER_ELEM)   # slowdown 1
