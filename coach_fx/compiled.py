@@ -59,6 +59,31 @@ def _shares_weights(gm: fx.GraphModule, source: nn.Module | None) -> bool:
     return all(id(t) in own for t in gm.parameters()) and all(id(t) in own for t in gm.buffers())
 
 
+def _load_plain_keys(cm: "CompiledModel", state_dict: dict, prefix: str, _metadata: Any, _strict: bool,
+                     missing: list[str], unexpected: list[str], _errors: list[str]) -> None:
+    """Pre-hook: the entries under ``prefix`` in the plain model's keys (not one of the
+    compiled model's own parts) load into the weights the halves share, and leave the dict;
+    what the plain model lacks or has left over is reported as the outer load would."""
+    parts = set(cm._modules)
+    plain = {k[len(prefix):]: k for k in list(state_dict) if k.startswith(prefix)
+             and k[len(prefix):].split(".", 1)[0] not in parts}
+    cm._loaded_as = None
+    if plain:
+        got = (cm._source or cm.gm).load_state_dict({k: state_dict.pop(full) for k, full in plain.items()},
+                                                    strict=False)
+        missing += [prefix + k for k in got.missing_keys]
+        unexpected += [prefix + k for k in got.unexpected_keys]
+        cm._loaded_as = prefix
+
+
+def _forget_internal_keys(cm: "CompiledModel", incompatible: Any) -> None:
+    """Post-hook: after a plain-key load, the compiled model's own parts are not missing."""
+    if cm._loaded_as is not None:
+        inside = tuple(f"{cm._loaded_as}{name}." for name in cm._modules)
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(inside)]
+        cm._loaded_as = None
+
+
 class CompiledModel(nn.Module):
     """A model split into an end and a cloud GraphModule joined by quantized boundary ops.
 
@@ -90,6 +115,11 @@ class CompiledModel(nn.Module):
         self._batches = BatchHalves(gm, plan, self.boundary, self._train_end, self.example_inputs,
                                     (self.end_module, self.cloud_module))
         self.train(gm.training)
+        # inside a bigger model, torch loads a checkpoint module by module, not through
+        # ``load_state_dict`` below: these hooks take the plain model's keys there too
+        self.register_load_state_dict_pre_hook(_load_plain_keys)
+        self.register_load_state_dict_post_hook(_forget_internal_keys)
+        self._loaded_as: str | None = None
 
     @property
     def batched_cloud_module(self) -> fx.GraphModule:

@@ -296,3 +296,35 @@ def test_compiling_leaves_the_model_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert torch.equal(rng, torch.random.get_rng_state())
     assert list(cm.state_dict()) == list(m.state_dict())      # the plain model's keys
+
+
+def test_a_compiled_part_of_a_bigger_model_speaks_the_plain_checkpoint():
+    """torch loads a nested module's entries itself (not through its load_state_dict): a model
+    whose backbone was compiled saves and loads the plain model's keys all the same."""
+
+    class Net(nn.Module):
+        def __init__(self, compiled: bool, seed: int):
+            super().__init__()
+            torch.manual_seed(seed)
+            body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.body = coach_fx.compile(body, (torch.randn(2, 4),), costs="analytic", progress=False) \
+                if compiled else body
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    compiled, plain = Net(True, 1), Net(False, 2)
+    x = torch.randn(2, 4)
+    assert set(compiled.state_dict()) == set(plain.state_dict())
+    assert not torch.allclose(compiled(x), plain(x))
+    compiled.load_state_dict(plain.state_dict())
+    assert torch.allclose(compiled(x), plain(x), atol=1e-2)       # the halves share the loaded weights
+    other = Net(False, 3)
+    other.load_state_dict(compiled.state_dict())
+    assert torch.allclose(other(x), plain(x))
+    partial = {k: v for k, v in plain.state_dict().items() if k != "body.2.bias"}
+    result = compiled.load_state_dict({**partial, "extra": torch.zeros(1)}, strict=False)
+    assert result.missing_keys == ["body.2.bias"] and result.unexpected_keys == ["extra"]
+    with pytest.raises(RuntimeError, match="body.2.bias"):
+        compiled.load_state_dict(partial)
