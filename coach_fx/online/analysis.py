@@ -21,7 +21,7 @@ import torch
 
 from coach_fx._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
-from coach_fx.online.cache_calibration import safe_floor, similarity_bits, tune_settings
+from coach_fx.online.cache_calibration import ThresholdSearch, safe_floor, similarity_bits
 from coach_fx.zoo.streams import locality_stream
 from coach_fx.online.deploy import cut_sizes, end_path, end_paths, end_paths_of, variant
 from coach_fx.passes.ops import fake_quantize_per_sample
@@ -223,9 +223,8 @@ class CutAnalysis:
         features = [torch.from_numpy(np.concatenate(
             [np.atleast_2d(pooled_features([chunk[k] for k in adaptive], grid)) for chunk in vals])).float()
             for grid in self.grids]
-        found = [t for t in tune_settings(features, labels, streams, self.cache_budget, self.capacity,
-                                          self.audit_rate, lag=self.result_lag, contexts=(False, True))
-                 if t.rate > 0]
+        search = ThresholdSearch(self.cache_budget, self.capacity, self.audit_rate, lag=self.result_lag)
+        found = [t for t in search.tune(features, labels, streams, contexts=(False, True)) if t.rate > 0]
         if not found:
             return None, None
         # the one that hits most (the first of equals: the coarser grid, no context)

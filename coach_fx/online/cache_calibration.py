@@ -59,18 +59,14 @@ class Tuned:
     context: bool
 
 
-def tune_settings(features: Sequence[torch.Tensor], labels: torch.Tensor,
-                  streams: Sequence[Sequence[int]], budget: float, capacity: int = 16,
-                  audit_rate: float = 0.1, max_hit_error: float = 0.01,
-                  sims: Sequence[float] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99),
-                  margins: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2),
-                  lag: int = OnlineSettings().result_lag, contexts: Sequence[bool] = (False,),
-                  ) -> list[Tuned]:
-    """Per feature set and context (in that order), the (similarity, margin) that maximize hits
-    on replayed calibration streams while wrong hits stay within ``budget`` of the frames of
-    *every* stream; one replay of every candidate at once (``cache_replay.replay_many``). A
-    feature set and context whose hit rate on the streams' first quarter is well below the best
-    one's there is not replayed in full (its result: rate 0).
+@dataclasses.dataclass(frozen=True)
+class ThresholdSearch:
+    """The search for a semantic cache's hit thresholds: per feature set and context, the
+    (similarity, margin) among ``sims`` x ``margins`` that maximize hits on replayed calibration
+    streams while wrong hits stay within ``budget`` of the frames of *every* stream; one replay
+    of every candidate at once (``cache_replay.replay_many``). A feature set and context whose
+    hit rate on the streams' first quarter is well below the best one's there is not replayed
+    in full (its result: rate 0).
 
     Per margin the thresholds are tried strictest first and the search stops at the first that
     fails (looser ones only add wrong hits): a failing replay stops its looser ones with it.
@@ -78,7 +74,7 @@ def tune_settings(features: Sequence[torch.Tensor], labels: torch.Tensor,
     The replay learns each answer ``lag`` requests late, as the pipeline does: most wrong
     hits fall in the frames after a class change, before the cloud's first answers for the
     new class are back (a replay that learns at once saw a third of the wrong hits that
-    the pipeline made with the same thresholds). ``context``: calibrate a cache that answers
+    the pipeline made with the same thresholds). A context: calibrate a cache that answers
     only for the latest known answer's class (see :class:`SemanticCache`).
 
     Replaying streams through a cache of the deployed capacity matters: with few classes
@@ -88,50 +84,47 @@ def tune_settings(features: Sequence[torch.Tensor], labels: torch.Tensor,
     thresholds that pass on each are less fitted to the few samples a stream repeats.
     Besides the budget (one wrong hit more than seen must still fit), at most
     ``max_hit_error`` of the hits may be wrong: features that tell classes apart poorly
-    should not answer at all. ``labels``: the cloud's answers (the model's predictions).
+    should not answer at all.
+
+    Example::
+
+        >>> found = ThresholdSearch(budget=0.005, capacity=8).tune([feats], labels, streams)  # doctest: +SKIP
     """
-    search = _Search(budget, capacity, audit_rate, max_hit_error, tuple(sorted(sims, reverse=True)),
-                     tuple(margins), lag)
-    runs = [list(s) for s in streams]     # of one length: the replay runs them side by side
-    cases = [(g, c) for g in range(len(features)) for c in contexts]
-    # Screen the (feature set, context) cases on the streams' first quarter, then replay in
-    # full only those within ``SCREEN_KEEP`` of the best one's hit rate there: the rest cannot
-    # be the one that hits most (a case's hit rate settles within the first few hundred frames;
-    # its wrong hits are what the whole streams are for).
-    prefix = len(runs[0]) // 4
-    if len(cases) > 1 and prefix >= SCREEN_MIN_FRAMES:
-        first = search.run(features, labels, [r[:prefix] for r in runs], cases)
-        top = max(t.rate for t in first)
-        if top > 0:
-            cases = [(t.grid, t.context) for t in first if t.rate >= SCREEN_KEEP * top]
-    found = {(t.grid, t.context): t for t in search.run(features, labels, runs, cases)}
-    return [found.get((g, c), Tuned(1.0, 1.0, 0.0, g, c)) for g in range(len(features)) for c in contexts]
-
-
-#: the screening of ``tune_settings``: its shortest first quarter, and the share of the best
-#: screened hit rate that a case needs to be replayed in full
-SCREEN_MIN_FRAMES = 250
-SCREEN_KEEP = 0.95
-
-
-@dataclasses.dataclass(frozen=True)
-class _Search:
-    """``tune_settings``'s threshold search over one set of streams (see there)."""
 
     budget: float
-    capacity: int
-    audit_rate: float
-    max_hit_error: float
-    strict: tuple[float, ...]       # similarity thresholds, strictest first
-    margins: tuple[float, ...]
-    lag: int
+    capacity: int = 16
+    audit_rate: float = 0.1
+    max_hit_error: float = 0.01
+    sims: tuple[float, ...] = (0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
+    margins: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2)
+    lag: int = OnlineSettings().result_lag
 
-    def run(self, features: Sequence[torch.Tensor], labels: torch.Tensor, runs: list[list[int]],
-            cases: list[tuple[int, bool]]) -> list[Tuned]:
+    def tune(self, features: Sequence[torch.Tensor], labels: torch.Tensor, streams: Sequence[Sequence[int]],
+             contexts: Sequence[bool] = (False,)) -> list[Tuned]:
+        """Per feature set and context (in that order), what the search found; ``labels``:
+        the cloud's answers, ``streams``: sample indices, of one length."""
+        runs = [list(s) for s in streams]     # of one length: the replay runs them side by side
+        cases = [(g, c) for g in range(len(features)) for c in contexts]
+        # Screen the (feature set, context) cases on the streams' first quarter, then replay in
+        # full only those within ``SCREEN_KEEP`` of the best one's hit rate there: the rest
+        # cannot be the one that hits most (a case's hit rate settles within the first few
+        # hundred frames; its wrong hits are what the whole streams are for).
+        prefix = len(runs[0]) // 4
+        if len(cases) > 1 and prefix >= SCREEN_MIN_FRAMES:
+            first = self._run(features, labels, [r[:prefix] for r in runs], cases)
+            top = max(t.rate for t in first)
+            if top > 0:
+                cases = [(t.grid, t.context) for t in first if t.rate >= SCREEN_KEEP * top]
+        found = {(t.grid, t.context): t for t in self._run(features, labels, runs, cases)}
+        return [found.get((g, c), Tuned(1.0, 1.0, 0.0, g, c)) for g in range(len(features)) for c in contexts]
+
+    def _run(self, features: Sequence[torch.Tensor], labels: torch.Tensor, runs: list[list[int]],
+             cases: list[tuple[int, bool]]) -> list[Tuned]:
+        strict = sorted(self.sims, reverse=True)
         rows, limit, group, rank = [], [], [], []
         for case, (g, c) in enumerate(cases):
             for m, mg in enumerate(self.margins):
-                for r, st in enumerate(self.strict):
+                for r, st in enumerate(strict):
                     for k, stream in enumerate(runs):
                         rows.append((k, st, mg, c, g))
                         limit.append(self.budget * len(stream))
@@ -146,7 +139,7 @@ class _Search:
             best = (1.0, 1.0, 0.0)
             for mg in self.margins:
                 stopped = False
-                for st in self.strict:
+                for st in strict:
                     part = slice(k, k + len(runs))
                     k += len(runs)
                     stopped = stopped or bool(got.failed[part].any())
@@ -157,11 +150,17 @@ class _Search:
         return out
 
 
+#: the screening of ``ThresholdSearch.tune``: its shortest first quarter, and the share of the
+#: best screened hit rate that a case needs to be replayed in full
+SCREEN_MIN_FRAMES = 250
+SCREEN_KEEP = 0.95
+
+
 def tune_thresholds(feats: torch.Tensor, labels: torch.Tensor, streams: Sequence[Sequence[int]],
                     budget: float, capacity: int = 16, audit_rate: float = 0.1, *,
                     context: bool = False, **search: Any) -> tuple[float, float, float]:
-    """(sim_threshold, margin, hit rate) for one feature set (``tune_settings``)."""
-    t = tune_settings([feats], labels, streams, budget, capacity, audit_rate, contexts=(context,), **search)[0]
+    """(sim_threshold, margin, hit rate) for one feature set (``ThresholdSearch``)."""
+    t = ThresholdSearch(budget, capacity, audit_rate, **search).tune([feats], labels, streams, (context,))[0]
     return t.sim, t.margin, t.rate
 
 
@@ -207,4 +206,4 @@ def similarity_bits(similarity: torch.Tensor, agrees: dict[int, torch.Tensor], m
     return out
 
 
-__all__ = ["Tuned", "replay", "safe_floor", "similarity_bits", "tune_settings", "tune_thresholds"]
+__all__ = ["ThresholdSearch", "Tuned", "replay", "safe_floor", "similarity_bits", "tune_thresholds"]
