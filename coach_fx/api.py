@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from torch import nn
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.driver import eval_calls, observing, plan_model, prepare
+from coach_fx.driver import observing, plan_model, prepare
+from coach_fx.passes.eval_calls import eval_calls
 from coach_fx.settings import DEFAULT_BITS, Settings
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ import torch.fx as fx
 from torch import nn
 
 from coach_fx.compiled import CompiledModel
-from coach_fx.driver import eval_calls, observing, plan_model, prepare
+from coach_fx.driver import observing, plan_model, prepare
+from coach_fx.passes.eval_calls import eval_calls
 from coach_fx.settings import Settings
 
 #: Every graph compiled by the backend in this process, newest last (for inspection and tests).
