@@ -217,8 +217,10 @@ class AccuracyOracle:
         if codec is not None:
             from coach_fx.runtime.imagecodec import roundtrip
             return roundtrip(value, codec)
-        if kind == "quant" and self.whole:   # one request: one scale for the whole tensor
-            return fake_quantize_per_sample(value.unsqueeze(0), bits, 1).squeeze(0)
+        if kind == "quant" and self.whole:   # one request: the whole tensor (a scale per token)
+            if value.dim() == 0:
+                return fake_quantize_per_sample(value.unsqueeze(0), bits, 1).squeeze(0)
+            return fake_quantize_per_sample(value, bits, max(value.shape[0], 1))
         if kind == "quant":
             return fake_quantize_per_sample(value, bits, self.request)
         return _fresh(value)

@@ -28,7 +28,7 @@ from coach_fx.profile import torch_threads
 from coach_fx.dag import LayerDAG
 from coach_fx.passes.partition import partition
 from coach_fx.plan import Plan
-from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES
+from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES
 from coach_fx.settings import Settings
 from coach_fx.timing import median_time
 

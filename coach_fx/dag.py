@@ -24,6 +24,7 @@ from typing import Container, Iterable, Iterator, Mapping, Sequence
 import torch.fx as fx
 
 from coach_fx.passes.annotate import NodeMeta, constant_nodes, keeps_effect, meta
+from coach_fx.runtime.wire_sizes import token_rows
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class NodeData:
     t_end: float        # seconds on the end device
     t_cloud: float      # seconds on the cloud device
     flops: float = 0.0
+    #: token rows of its tensors, each sent with its own scale below 16 bits (``token_rows``)
+    rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class LayerDAG:
                     raise ValueError("LayerDAG needs an annotated graph (run passes.annotate first)")
                 info = meta(n)
                 inputs[n.name] = NodeData(n.name, info.numel, info.bytes,
-                                          info.is_tensor and info.float, 0.0, 0.0)
+                                          info.is_tensor and info.float, 0.0, 0.0, rows=token_rows(info.shape))
             elif g is not None:
                 members.setdefault(g, []).append(n.name)
         by_name = {n.name: n for n in gm.graph.nodes}
@@ -250,7 +253,7 @@ class LayerDAG:
                 g, sum(i.numel for i in info), sum(i.bytes for i in info),
                 all(i.is_tensor and i.float for i in info),
                 sum(node_t_end.get(m, 0.0) for m in ms), sum(node_t_cloud.get(m, 0.0) for m in ms),
-                sum(meta(by_name[m]).flops for m in ms))
+                sum(meta(by_name[m]).flops for m in ms), sum(token_rows(i.shape) for i in info))
         data_preds, order_preds = {}, {}
         for g, ms in members.items():
             dp, op = set(), set()

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 from coach_fx.dag import LayerDAG
 # every message and tensor size is the wire format's (one home: ``coach_fx.runtime.wire``)
-from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 from coach_fx.settings import Network
 
 
@@ -190,7 +190,7 @@ def crossing_price(dag: LayerDAG, x: str, bits: int, objective: str,
         return CrossingPrice(cost.priced(objective) + TENSOR_HEADER_BYTES, cost.t_end, cost.t_cloud,
                              image_codec)
     d = dag.info[x]
-    nbytes, t_end, t_cloud, codec = tensor_bytes(d.numel, d.bytes, d.quantizable, bits), 0.0, 0.0, None
+    nbytes, t_end, t_cloud, codec = tensor_bytes(d.numel, d.bytes, d.quantizable, bits, d.rows), 0.0, 0.0, None
     lossless = dag.coded_cost(x, tensor_codec, bits) if d.quantizable and bits < 32 else None
     if lossless is not None and lossless.priced(objective) + TENSOR_HEADER_BYTES < nbytes:
         nbytes, t_end, t_cloud = lossless.priced(objective) + TENSOR_HEADER_BYTES, lossless.t_end, lossless.t_cloud

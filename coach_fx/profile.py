@@ -27,7 +27,8 @@ import torch.fx as fx
 from coach_fx.dag import CodecCost, LayerDAG
 from coach_fx.passes.annotate import NodeMeta
 from coach_fx.progress import Progress
-from coach_fx.runtime.wire import Entry, packed_nbytes
+from coach_fx.runtime.wire import Entry
+from coach_fx.runtime.wire_sizes import packed_nbytes, row_param_bytes
 from coach_fx.device_profile import device_times, node_ops, quant_costs
 from coach_fx.inputs import calibration_parts
 from coach_fx.settings import Settings
@@ -280,7 +281,7 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
                     for codec in settings.tensor_codecs:
                         plain = quantized_entry(value, bits)   # quantizing is priced apart
                         t0 = clock()
-                        e = Entry.quantized(plain.data, plain.scale, plain.zero_point, bits, plain.shape,
+                        e = Entry.quantized(plain.data, *plain.quant_params(), bits, plain.shape,
                                             plain.dtype, codec)
                         coding = busy_since(t0)
                         t1 = clock()
@@ -294,6 +295,8 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
                             coded = e.data.numel()
                         else:                      # the sample's coded share of the whole
                             coded = min(whole_packed - 1, round(e.data.numel() * scale))
+                        # a token tensor's row scales travel beside its codes, uncoded
+                        coded += row_param_bytes(dag.info[name].rows, bits)
                         sizes.setdefault((codec, name, bits), []).append(int(coded))
                         times.setdefault((codec, name, bits), []).append(
                             (scale * coding, scale * decoding if e.codec else 0.0))

@@ -177,7 +177,7 @@ def variant_from_json(pid: int, rec: dict) -> Variant:
     s = p["sizes"]
     sizes = Sizes(_ints(s["quant_numel"]), _ints(s["quant_raw_bytes"]), int(s["raw_bytes"]),
                   s["n_tensors"], s["codec"], tuple((int(w), float(f)) for w, f in s["coded_share"]),
-                  s["own_bytes"])
+                  s["own_bytes"], _ints(s.get("quant_rows", ())))
     stage = tuple((int(w), float(e), float(cl)) for w, e, cl in p["stage_s"]) if p["stage_s"] else None
     profile = CutProfile(sizes, int(p["min_bits"]), float(p["t_end"]), float(p["t_cloud"]), stage,
                          bool(p["end_only"]), float(p["hit_rate"]), p["t_hit"])

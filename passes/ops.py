@@ -2,7 +2,9 @@
 
 They are ``torch.library.custom_op``s with fake implementations, so a graph that holds them
 survives ``split_module``, ``torch.export`` and inductor. Quantization is uniform affine per
-tensor with plain integer tensors (no ``torch.ao``)::
+tensor with plain integer tensors (no ``torch.ao``), or per token for a (batch, tokens,
+features) tensor (``runtime.wire_sizes.token_rows``: scale and zero point of shape
+``(batch, tokens, 1)``, so small tokens keep their precision)::
 
     q  = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)      # uint8 codes
     x' = (q - zero_point) * scale
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 # the bit widths (32 = the tensor as is, no op at all) are the wire format's
-from coach_fx.runtime.wire import QUANT_BITS, packed_nbytes
+from coach_fx.runtime.wire_sizes import QUANT_BITS, packed_nbytes, row_quantized
 
 
 
@@ -43,9 +45,14 @@ def _check_bits(bits: int) -> None:
 
 
 def _qparams(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of ``x`` at ``bits``: 0-d, or per row (shape ``(..., 1)``) for a
+    token tensor (``quant_rows``)."""
     qmax = (1 << bits) - 1
-    lo = torch.clamp(x.min().float(), max=0.0)
-    hi = torch.clamp(x.max().float(), min=0.0)
+    if row_quantized(x.shape, bits):
+        lo, hi = x.amin(-1, keepdim=True).float(), x.amax(-1, keepdim=True).float()
+    else:
+        lo, hi = x.min().float(), x.max().float()
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     # A constant tensor has range 0; any positive scale represents it exactly.
     scale = torch.clamp((hi - lo) / qmax, min=torch.finfo(torch.float32).tiny * 1e6)
     zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
@@ -69,15 +76,16 @@ def quantize_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @torch.library.custom_op("coach::quantize", mutates_args=())
 def quantize(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-tensor quantization; returns (codes, scale, zero_point): uint8 codes for bits <= 8
-    (uniform affine), float16 codes for 16."""
+    """Quantization per tensor (per token for a token tensor); returns (codes, scale,
+    zero_point): uint8 codes for bits <= 8 (uniform affine), float16 codes for 16."""
     return quantize_impl(x, bits)
 
 
 @quantize.register_fake
 def _(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    return (x.new_empty(x.shape, dtype=torch.float16 if bits == 16 else torch.uint8), x.new_empty((), dtype=torch.float32),
-            x.new_empty((), dtype=torch.int32))
+    params = (*x.shape[:-1], 1) if row_quantized(x.shape, bits) else ()
+    return (x.new_empty(x.shape, dtype=torch.float16 if bits == 16 else torch.uint8),
+            x.new_empty(params, dtype=torch.float32), x.new_empty(params, dtype=torch.int32))
 
 
 def dequantize_impl(codes: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
@@ -127,10 +135,11 @@ _TINY_SCALE = np.float32(torch.finfo(torch.float32).tiny * 1e6)
 _SHIFTS64 = {b: np.arange(8, dtype=np.uint64) * np.uint64(b) for b in QUANT_BITS if b < 8}
 
 
-def quantize_pack_cpu(x: Tensor, bits: int) -> tuple[Tensor, float, int]:
-    """``pack_impl(*quantize_impl(x, bits)[:1], bits)`` with its scale and zero point, computed
-    in numpy for a CPU tensor and ``bits`` <= 8: bit-exact with the ops (the same float32
-    arithmetic, round half to even), in a fraction of the time.
+def quantize_pack_cpu(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``pack_impl(*quantize_impl(x, bits)[:1], bits)`` with its scale and zero point (as
+    ``quantize_impl`` gives them: 0-d, or per token), computed in numpy for a CPU tensor and
+    ``bits`` <= 8: bit-exact with the ops (the same float32 arithmetic, round half to even), in
+    a fraction of the time.
 
     The end device quantizes every request; on a small tensor torch's per-op overhead (a dozen
     ops) costs several times the arithmetic, and the emulated device pays it × its slowdown.
@@ -141,16 +150,17 @@ def quantize_pack_cpu(x: Tensor, bits: int) -> tuple[Tensor, float, int]:
     _check_bits(bits)
     if bits > 8 or x.device.type != "cpu":
         codes, scale, zero = quantize_impl(x, bits)
-        return pack_impl(codes, bits), float(scale), int(zero)
-    a = x.detach().float().numpy().reshape(-1)
+        return pack_impl(codes, bits), scale, zero
+    rows = row_quantized(x.shape, bits)
+    a = x.detach().float().numpy().reshape(-1, x.shape[-1] if rows else max(x.numel(), 1))
     qmax = np.float32((1 << bits) - 1)
-    lo = min(a.min(), np.float32(0.0))
-    hi = max(a.max(), np.float32(0.0))
-    scale = max(np.float32(hi - lo) / qmax, _TINY_SCALE)
-    if not np.isfinite(scale):
+    lo = np.minimum(a.min(1, initial=np.inf), np.float32(0.0))
+    hi = np.maximum(a.max(1, initial=-np.inf), np.float32(0.0))
+    scale = np.maximum((hi - lo) / qmax, _TINY_SCALE)
+    if not np.isfinite(scale).all():
         raise ValueError(f"cannot quantize a tensor holding inf or nan to {bits} bits")
     zero = np.clip(np.rint(-lo / scale), 0, qmax)
-    q = np.clip(np.rint(a / scale) + zero, 0, qmax).astype(np.uint8)
+    q = np.clip(np.rint(a / scale[:, None]) + zero[:, None], 0, qmax).astype(np.uint8).reshape(-1)
     if bits < 8:
         # LSB first, as pack_impl lays it out: eight codes fill ``bits`` bytes exactly, so
         # each group of eight goes into one little-endian 64-bit word, whose low bytes are it
@@ -159,7 +169,9 @@ def quantize_pack_cpu(x: Tensor, bits: int) -> tuple[Tensor, float, int]:
             q = np.concatenate([q, np.zeros(8 - n % 8, np.uint8)])
         words = (q.reshape(-1, 8).astype(np.uint64) << _SHIFTS64[bits]).sum(axis=1, dtype=np.uint64)
         q = words.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :bits].reshape(-1)[:(n * bits + 7) // 8]
-    return torch.from_numpy(np.ascontiguousarray(q)), float(scale), int(zero)
+    params = (*x.shape[:-1], 1) if rows else ()
+    return (torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(scale.astype(np.float32)).reshape(params),
+            torch.from_numpy(zero.astype(np.int32)).reshape(params))
 
 
 @torch.library.custom_op("coach::pack", mutates_args=())
@@ -235,18 +247,22 @@ def roundtrip(x: Tensor, bits: int) -> Tensor:
 def fake_quantize_per_sample(x: Tensor, bits: int, group: int = 1) -> Tensor:
     """Each request of a batch quantized on its own, then dequantized: what ``quantize`` ->
     ``dequantize`` give every request of ``group`` samples (dim 0), for a whole calibration
-    batch at once (a scale shared by the batch would be coarser or finer than any request's)."""
+    batch at once (a scale shared by the batch would be coarser or finer than any request's).
+    A token tensor has a scale per token (``row_quantized``), whatever the grouping."""
     if bits >= 32 or not x.is_floating_point() or x.dim() == 0:
         return x
     _check_bits(bits)
     n = x.shape[0]
     if group > n:      # a last, partial request: one group
         group = n
-    if group > 1 and n % group:
+    if row_quantized(x.shape, bits):
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+    elif group > 1 and n % group:
         cut = n - n % group
         return torch.cat([fake_quantize_per_sample(x[:cut], bits, group),
                           fake_quantize_per_sample(x[cut:], bits, n % group)])
-    flat = x.detach().reshape(n // max(group, 1), -1).float()
+    else:
+        flat = x.detach().reshape(n // max(group, 1), -1).float()
     if bits == 16:
         amax = flat.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
         scale = torch.exp2(torch.ceil(torch.log2(amax)) - 14)[:, None]

@@ -41,7 +41,8 @@ import torch
 import torch.fx as fx
 
 import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
-from coach_fx.runtime.wire import ALL_BITS, TENSOR_CODECS
+from coach_fx.runtime.packed_codec import TENSOR_CODECS
+from coach_fx.runtime.wire_sizes import ALL_BITS
 import coach_fx.runtime.imagecodec as imagecodec  # registers torch.ops.coach.image_*
 from coach_fx.dag import dag_groups
 from coach_fx.passes.annotate import constant_nodes, meta, mutated_input

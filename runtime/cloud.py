@@ -28,8 +28,8 @@ from coach_fx.runtime.codec import entries_to_payload, output_to_entries, payloa
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint
-from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError,
-                                   decode, encode, packed_nbytes, peek_header)
+from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError, decode, encode, peek_header)
+from coach_fx.runtime.wire_sizes import packed_nbytes, row_quantized
 
 log = logging.getLogger("coach_fx.runtime")
 
@@ -250,8 +250,9 @@ def zero_payload(boundary: Boundary) -> tuple | None:
         if c.kind == "image" or c.shape is None or c.dtype is None:
             return None
         if c.kind == "quant":
+            params = (*c.shape[:-1], 1) if row_quantized(c.shape, c.bits) else ()
             out += [torch.zeros(packed_nbytes(math.prod(c.shape), c.bits), dtype=torch.uint8),
-                    torch.tensor(1.0), torch.tensor(0, dtype=torch.int32)]
+                    torch.ones(params), torch.zeros(params, dtype=torch.int32)]
         else:
             out.append(torch.zeros(c.shape, dtype=c.dtype))
     return tuple(out)

@@ -21,8 +21,8 @@ from coach_fx._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.boundary import Boundary, Crossing
 from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu, unpack_impl
 from coach_fx.runtime.imagecodec import max_payload_bytes
-from coach_fx.runtime.wire import (MAX_RANK, QUANT, QUANT_BITS, RAW, STATS, TENSOR_HEADER_BYTES, Entry,
-                                   WireError, message_bytes, tensor_bytes)
+from coach_fx.runtime.wire import MAX_RANK, QUANT, RAW, STATS, Entry, WireError
+from coach_fx.runtime.wire_sizes import QUANT_BITS, TENSOR_HEADER_BYTES, message_bytes, tensor_bytes, token_rows
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -65,8 +65,7 @@ def entries_to_payload(boundary: Boundary, entries: Sequence[Entry],
                 raise WireError(f"entry for {c.name}: expected {c.bits}-bit {c.dtype} of shape "
                                 f"{tuple(c.shape)}, got {e.kind_name} {e.bits}-bit {e.dtype} {tuple(e.shape)}")
             # the shape is the plan's: it bounds what a coded entry may inflate to
-            out += [e.packed(), torch.tensor(e.scale, dtype=torch.float32),
-                    torch.tensor(e.zero_point, dtype=torch.int32)]
+            out += [e.packed(), *e.quant_params()]
         elif c.kind == "image":
             out.append(_image_payload(c, e))
         elif e.kind == QUANT:
@@ -115,7 +114,7 @@ def crossing_bytes(c: Crossing, bits: int | None = None) -> int:
     numel = math.prod(c.shape)
     if bits is None:
         bits = c.bits if c.kind == "quant" else 32
-    return tensor_bytes(numel, numel * c.dtype.itemsize, c.dtype.is_floating_point, bits)
+    return tensor_bytes(numel, numel * c.dtype.itemsize, c.dtype.is_floating_point, bits, token_rows(c.shape))
 
 
 def max_request_bytes(boundary: Boundary) -> int:
@@ -144,8 +143,7 @@ def _dequantized(c: Any, e: Entry) -> torch.Tensor:
     if e.bits not in QUANT_BITS or tuple(e.shape) != tuple(c.shape) or e.dtype != c.dtype:
         raise WireError(f"entry for {c.name}: expected a quantized {c.dtype} of shape "
                         f"{tuple(c.shape)}, got {e.bits}-bit {e.dtype} {tuple(e.shape)}")
-    return _dequantize(c, e.bits, e.packed(), torch.tensor(e.scale, dtype=torch.float32),
-                       torch.tensor(e.zero_point, dtype=torch.int32))
+    return _dequantize(c, e.bits, e.packed(), *e.quant_params())
 
 
 def _dequantize(c: Any, bits: int, packed: torch.Tensor, scale: torch.Tensor,

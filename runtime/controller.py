@@ -33,7 +33,7 @@ from typing import Sequence
 
 from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.plans import CutProfile
-from coach_fx.runtime.wire import ALL_BITS
+from coach_fx.runtime.wire_sizes import ALL_BITS
 
 #: Weight of the newest message in a plan's learned size factor (``BitController.observe``).
 SIZE_SMOOTHING = 0.2

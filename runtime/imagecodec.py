@@ -122,12 +122,13 @@ def _encode_sample(s: Tensor, codec: ImageCodec) -> bytes:
     import torchvision.io as tio
 
     # the boundary ops' 8-bit rule (bit-exact with coach::quantize), this sample on its own
-    flat, scale, zero = quantize_pack_cpu(s.detach().cpu(), BITS)
+    # with one scale (as a batch of one: a lone (C, H, W) sample is no token tensor)
+    flat, scale, zero = quantize_pack_cpu(s.detach().cpu().unsqueeze(0), BITS)
     codes = flat.reshape(s.shape)
     with warnings.catch_warnings():   # torchvision 0.29 points at TorchCodec, not installed here
         warnings.simplefilter("ignore", DeprecationWarning)
         data = tio.encode_jpeg(codes, quality=codec.quality) if codec.kind == "jpeg" else tio.encode_png(codes)
-    return SAMPLE_HEADER.pack(data.numel(), scale, zero) + data.numpy().tobytes()
+    return SAMPLE_HEADER.pack(data.numel(), float(scale), int(zero)) + data.numpy().tobytes()
 
 
 def encode(x: Tensor, codec: str | ImageCodec) -> Tensor:

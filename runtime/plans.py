@@ -23,7 +23,7 @@ from typing import Any, Callable
 from coach_fx.passes.boundary import Boundary
 from coach_fx.runtime.codec import crossing_bytes
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, mode_of
-from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
+from coach_fx.runtime.wire_sizes import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class Sizes:
     coded_share: tuple[tuple[int, float], ...] = ()
     #: bytes of one message with the plan's own widths and codecs (``message_bytes(None)``)
     own_bytes: int | None = None
+    #: token rows of each quantized tensor, each with its own scale below 16 bits
+    #: (``wire_sizes.token_rows``); empty: none
+    quant_rows: tuple[int, ...] = ()
 
     def message_bytes(self, bits: int | None) -> int:
         """Expected bytes on the wire of one request with ``bits`` per quantized element (the
@@ -54,8 +57,9 @@ class Sizes:
             return self.own_bytes
         raws = self.quant_raw_bytes or tuple(4 * n for n in self.quant_numel)
         share = dict(self.coded_share).get(bits, 1.0) if bits < 32 else 1.0
-        payload = sum(tensor_bytes(n, r, True, bits) - TENSOR_HEADER_BYTES
-                      for n, r in zip(self.quant_numel, raws))
+        rows = self.quant_rows or (0,) * len(self.quant_numel)
+        payload = sum(tensor_bytes(n, r, True, bits, k) - TENSOR_HEADER_BYTES
+                      for n, r, k in zip(self.quant_numel, raws, rows))
         n = len(self.quant_numel) if self.n_tensors is None else self.n_tensors
         return message_bytes([round(payload * share) + self.raw_bytes, *[TENSOR_HEADER_BYTES] * n])
 

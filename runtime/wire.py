@@ -9,7 +9,9 @@ entries' bytes back to back::
              zero point i32 | byte count u64 | codec u32
 
 Entry kinds: a quantized tensor (``bits`` <= 16: ``ceil(numel*bits/8)`` packed bytes, with the
-dtype it dequantizes to), a raw tensor, or a small Python value (int, float, bool, None, a
+dtype it dequantizes to; a token tensor, :func:`quant_rows`, has a scale and zero point per
+row: its bytes start with the rows' float32 scales and uint8 zero points, and the header's
+scale is 1, its zero point 0), a raw tensor, or a small Python value (int, float, bool, None, a
 size / tuple of ints), so everything that crosses a cut can travel. A quantized tensor's
 packed bytes may travel entropy coded (``codec`` 1, :data:`TENSOR_CODECS`: zlib's deflate),
 then strictly shorter than packed; they are inflated only by :meth:`Entry.packed`, bounded by
@@ -37,35 +39,22 @@ from typing import Any, Sequence
 
 import torch
 
+from coach_fx.runtime.packed_codec import CODEC_NAMES, TENSOR_CODECS, CodecError, deflate, inflate
+from coach_fx.runtime.wire_sizes import (ENTRY_STRUCT, MESSAGE_STRUCT, QUANT_BITS, ROW_PARAM_BYTES,
+                                         packed_nbytes, quant_rows)
+
 
 MAGIC = b"COCH"
-VERSION = 1
+#: 2: token tensors carry a scale and zero point per row (``quant_rows``)
+VERSION = 2
 MAX_RANK = 8
 
-_MSG = struct.Struct("<4sHHQHHI")
-_ENT = struct.Struct("<BBBB8IfiQI")
-#: Bit widths a quantized entry may have (the boundary ops handle them); 32 = as it is.
-QUANT_BITS = (2, 3, 4, 5, 6, 8, 16)
-#: Every bit width a crossing tensor may get.
-ALL_BITS = (*QUANT_BITS, 32)
-
-#: Fixed bytes of one message on the wire (magic, version, request id, count, flags, crc).
-MESSAGE_HEADER_BYTES = _MSG.size
-#: Fixed bytes per tensor on the wire (kind, dtype, bits, rank, shape, scale, zero point, length).
-TENSOR_HEADER_BYTES = _ENT.size
 
 # message flags
 FLAG_RESULT = 1       # cloud -> end: the model's output
 FLAG_ERROR = 2        # cloud -> end: the request failed; one entry holds the message (uint8)
 FLAG_CACHE_HIT = 4    # answered from the semantic cache (audit copy)
 FLAG_CONTROL = 8      # control traffic (handshake, close)
-
-#: Lossless codecs for a quantized tensor's packed bytes, by name -> wire id (0: none).
-TENSOR_CODECS = {"deflate": 1}
-_CODEC_NAMES = {0: None, **{v: k for k, v in TENSOR_CODECS.items()}}
-#: zlib level of the deflate codec: 1 codes features within a few percent of level 6 at about
-#: half the time (measured on trained resnet18 features at 2/4/8 bits)
-DEFLATE_LEVEL = 1
 
 #: The request id of a close message (with ``FLAG_CONTROL``) and of its acknowledgement.
 CLOSE_ID = (1 << 64) - 1
@@ -110,22 +99,36 @@ class Entry:
     zero_point: int = 0
     data: Any = None   # torch.uint8 tensor of the bytes, or the Python value
     codec: int = 0     # a quantized entry's codec (``TENSOR_CODECS``; 0: packed as is)
+    #: a token tensor's per-row scales (float32) and zero points (uint8), ``quant_rows`` each
+    row_scales: torch.Tensor | None = None
+    row_zeros: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- constructors
     @classmethod
     def quantized(cls, packed: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | int,
                   bits: int, shape: Sequence[int], dtype: torch.dtype, codec: str | None = None) -> "Entry":
         """A quantized tensor's entry; ``codec`` ("deflate") codes its packed bytes where that
-        makes them shorter (else they go as they are)."""
+        makes them shorter (else they go as they are). A token tensor (``quant_rows``) takes
+        one scale and zero point per row, as ``coach::quantize`` gives them."""
+        shape = tuple(int(s) for s in shape)
+        rows = quant_rows(shape, bits)
+        row_scales = row_zeros = None
+        if rows:
+            row_scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).contiguous()
+            row_zeros = torch.as_tensor(zero_point).reshape(-1).to(torch.uint8).contiguous()
+            if row_scales.numel() != rows or row_zeros.numel() != rows:
+                raise WireError(f"a {bits}-bit tensor of shape {shape} takes {rows} row scales and "
+                                f"zero points; got {row_scales.numel()} and {row_zeros.numel()}")
+            scale, zero_point = 1.0, 0
         data = packed.reshape(-1).contiguous().view(torch.uint8)
         code = 0
         if codec is not None:
             if codec not in TENSOR_CODECS:
                 raise WireError(f"unknown tensor codec {codec!r} (known: {sorted(TENSOR_CODECS)})")
-            coded = zlib.compress(memoryview(data.numpy()), DEFLATE_LEVEL)
-            if len(coded) < data.numel():
-                data, code = torch.frombuffer(bytearray(coded), dtype=torch.uint8), TENSOR_CODECS[codec]
-        return cls(QUANT, dtype, bits, tuple(int(s) for s in shape), float(scale), int(zero_point), data, code)
+            coded = deflate(data)
+            if coded is not None:
+                data, code = coded, TENSOR_CODECS[codec]
+        return cls(QUANT, dtype, bits, shape, float(scale), int(zero_point), data, code, row_scales, row_zeros)
 
     @classmethod
     def raw(cls, t: torch.Tensor) -> "Entry":
@@ -166,7 +169,7 @@ class Entry:
 
     @property
     def codec_name(self) -> str | None:
-        return _CODEC_NAMES[self.codec]
+        return CODEC_NAMES[self.codec]
 
     def packed(self) -> torch.Tensor:
         """A quantized entry's packed codes (uint8), inflated if coded: never more than the
@@ -176,16 +179,21 @@ class Entry:
             raise WireError(f"a {self.kind_name} entry has no packed codes")
         if not self.codec:
             return self.data
-        want = packed_nbytes(math.prod(self.shape), self.bits)
-        inflater = zlib.decompressobj()
         try:
-            out = inflater.decompress(memoryview(self.data.numpy()), want)
-        except zlib.error as e:
-            raise WireError(f"deflate-coded entry does not inflate: {e}") from None
-        if len(out) != want or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-            raise WireError(f"deflate-coded entry inflates to {'more' if inflater.unconsumed_tail else 'other'} "
-                            f"than the {want} packed bytes of its shape and bits")
-        return torch.frombuffer(bytearray(out), dtype=torch.uint8) if want else torch.empty(0, dtype=torch.uint8)
+            return inflate(self.data, packed_nbytes(math.prod(self.shape), self.bits))
+        except CodecError as e:
+            raise WireError(str(e)) from None
+
+    def quant_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A quantized entry's (scale, zero point) as ``coach::dequantize`` takes them: 0-d for a
+        tensor with one scale, one per row (shape ``shape[:-1] + (1,)``) for a token tensor."""
+        if self.kind != QUANT:
+            raise WireError(f"a {self.kind_name} entry has no quantization parameters")
+        if self.row_scales is None:
+            return (torch.tensor(self.scale, dtype=torch.float32),
+                    torch.tensor(self.zero_point, dtype=torch.int32))
+        rows = (*self.shape[:-1], 1)
+        return self.row_scales.reshape(rows), self.row_zeros.to(torch.int32).reshape(rows)
 
     def value(self) -> Any:
         """The tensor or Python value this entry carries (quantized entries: the packed bytes)."""
@@ -202,25 +210,10 @@ class Entry:
         return self.data
 
 
-# ---------------------------------------------------------------- sizes (the one home of them)
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Payload bytes of ``numel`` values packed at ``bits`` (< 32) bits each."""
-    return math.ceil(numel * bits / 8)
-
-
-def tensor_bytes(numel: int, raw_bytes: int, quantizable: bool, bits: int) -> int:
-    """Bytes on the wire of one crossing tensor with its header: packed at ``bits`` when it is
-    a float tensor (``quantizable``) and ``bits`` < 32, else its ``raw_bytes`` as they are."""
-    body = raw_bytes if not quantizable or bits >= 32 else packed_nbytes(numel, bits)
-    return body + TENSOR_HEADER_BYTES
-
-
-def message_bytes(tensors: Sequence[int]) -> int:
-    """Bytes on the wire of one message holding tensors of these ``tensor_bytes``."""
-    return MESSAGE_HEADER_BYTES + sum(tensors)
-
-
 def _payload_bytes(e: Entry) -> bytes | memoryview:
+    if e.kind == QUANT and e.row_scales is not None:
+        return b"".join([memoryview(e.row_scales.numpy()).cast("B"), memoryview(e.row_zeros.numpy()).cast("B"),
+                         memoryview(e.data.numpy()).cast("B")])
     if e.kind in (QUANT, RAW, STATS):
         return memoryview(e.data.numpy()).cast("B")
     if e.kind == INT:
@@ -238,9 +231,12 @@ def _expected_nbytes(kind: int, dtype: torch.dtype, bits: int, shape: tuple[int,
                      codec: int = 0) -> int:
     numel = math.prod(shape)
     if kind == QUANT:
+        params = quant_rows(shape, bits) * ROW_PARAM_BYTES
         packed = packed_nbytes(numel, bits)
         # coded: any length short of the packed one (a longer code would have gone uncoded)
-        return nbytes if codec and 0 < nbytes < packed else packed if not codec else -1
+        if codec:
+            return nbytes if 0 < nbytes - params < packed else -1
+        return params + packed
     if kind in (RAW, STATS):
         return numel * (1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size())
     if kind in (INT, FLOAT):
@@ -258,30 +254,30 @@ def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: i
         raise WireError(f"{len(entries)} entries; at most {LIMITS.max_entries}")
     bodies = [_payload_bytes(e) for e in entries]
     sizes = [len(b) if not isinstance(b, memoryview) else b.nbytes for b in bodies]
-    buf = bytearray(_MSG.size + _ENT.size * len(entries) + sum(sizes))
-    pos = _MSG.size
+    buf = bytearray(MESSAGE_STRUCT.size + ENTRY_STRUCT.size * len(entries) + sum(sizes))
+    pos = MESSAGE_STRUCT.size
     for e, n in zip(entries, sizes):
         shape = tuple(e.shape) if e.kind in (QUANT, RAW, STATS) else ()
         if len(shape) > MAX_RANK:
             raise WireError(f"tensor of rank {len(shape)}; at most {MAX_RANK}")
         dims = list(shape) + [0] * (MAX_RANK - len(shape))
-        _ENT.pack_into(buf, pos, e.kind, _CODE.get(e.dtype, 0), e.bits, len(shape), *dims,
+        ENTRY_STRUCT.pack_into(buf, pos, e.kind, _CODE.get(e.dtype, 0), e.bits, len(shape), *dims,
                        e.scale, e.zero_point, n, e.codec)
-        pos += _ENT.size
+        pos += ENTRY_STRUCT.size
     view = memoryview(buf)
     for b, n in zip(bodies, sizes):   # one copy of each payload, straight into the message
         view[pos:pos + n] = b
         pos += n
-    crc = zlib.crc32(view[_MSG.size:])
-    _MSG.pack_into(buf, 0, MAGIC, VERSION, flags, request_id, plan_id, len(entries), crc)
+    crc = zlib.crc32(view[MESSAGE_STRUCT.size:])
+    MESSAGE_STRUCT.pack_into(buf, 0, MAGIC, VERSION, flags, request_id, plan_id, len(entries), crc)
     return buf
 
 
 def peek_header(buf: bytes | bytearray | memoryview) -> tuple[int, int, int, int]:
     """(request id, plan id, flags, entry count) of a message, checking magic and version."""
-    if len(buf) < _MSG.size:
-        raise WireError(f"message of {len(buf)} bytes is shorter than its {_MSG.size}-byte header")
-    magic, version, flags, req, plan, count, _ = _MSG.unpack_from(buf, 0)
+    if len(buf) < MESSAGE_STRUCT.size:
+        raise WireError(f"message of {len(buf)} bytes is shorter than its {MESSAGE_STRUCT.size}-byte header")
+    magic, version, flags, req, plan, count, _ = MESSAGE_STRUCT.unpack_from(buf, 0)
     if magic != MAGIC:
         raise WireError(f"bad magic {bytes(magic)!r}: not a coach_fx message")
     if version != VERSION:
@@ -306,19 +302,19 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
     if len(buf) > limits.max_message_bytes:
         raise WireError(f"message of {len(buf)} bytes exceeds the limit of {limits.max_message_bytes}")
     req, plan, flags, count = peek_header(buf)
-    crc = _MSG.unpack_from(buf, 0)[6]
+    crc = MESSAGE_STRUCT.unpack_from(buf, 0)[6]
     view = memoryview(buf)
-    if zlib.crc32(view[_MSG.size:]) != crc:
+    if zlib.crc32(view[MESSAGE_STRUCT.size:]) != crc:
         raise WireError("checksum mismatch: the message was corrupted or truncated")
-    pos = _MSG.size
+    pos = MESSAGE_STRUCT.size
     heads = []
     total = 0
     for i in range(count):
-        if pos + _ENT.size > len(buf):
+        if pos + ENTRY_STRUCT.size > len(buf):
             raise WireError(f"truncated: entry header {i} of {count} is missing")
-        kind, code, bits, rank, *rest = _ENT.unpack_from(buf, pos)
+        kind, code, bits, rank, *rest = ENTRY_STRUCT.unpack_from(buf, pos)
         dims, (scale, zero, nbytes, codec) = rest[:MAX_RANK], rest[MAX_RANK:]
-        pos += _ENT.size
+        pos += ENTRY_STRUCT.size
         if kind not in _KIND_NAMES:
             raise WireError(f"entry {i}: unknown kind {kind}")
         if code >= len(_DTYPES):
@@ -337,15 +333,11 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
                 raise WireError(f"entry {i}: quantized with {bits} bits")
             if dtype not in _FLOATS:
                 raise WireError(f"entry {i}: quantized entry of non-float dtype {dtype}")
-            if not math.isfinite(scale) or scale <= 0:
-                raise WireError(f"entry {i}: bad scale {scale}")
-            # the largest code times the scale must stay finite in the dtype it dequantizes to
-            # (a finite 3e38 would turn every value into inf or NaN)
-            if scale * ((1 << bits) - 1) > torch.finfo(dtype).max:
-                raise WireError(f"entry {i}: scale {scale:g} overflows dtype {dtype} at {bits} bits")
-            if not 0 <= zero < (1 << min(bits, 16)):
-                raise WireError(f"entry {i}: zero point {zero} out of range for {bits} bits")
-        if codec not in _CODEC_NAMES or (codec and kind != QUANT):
+            if quant_rows(shape, bits) and (scale != 1.0 or zero != 0):
+                raise WireError(f"entry {i}: a token tensor's header scale and zero point are 1 and 0 "
+                                f"(its rows carry their own); got {scale} and {zero}")
+            _check_quant_params(i, torch.tensor([scale], dtype=torch.float32), torch.tensor([zero]), bits, dtype)
+        if codec not in CODEC_NAMES or (codec and kind != QUANT):
             raise WireError(f"entry {i}: unknown codec {codec} for a {_KIND_NAMES[kind]} entry")
         if kind in (SIZE, INTS) and nbytes > 8 * MAX_RANK * 64:
             raise WireError(f"entry {i}: tuple of ints too long")
@@ -362,12 +354,15 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
     for kind, dtype, bits, shape, scale, zero, nbytes, codec in heads:
         chunk = view[pos:pos + nbytes]
         pos += nbytes
-        if kind in (QUANT, RAW, STATS):
-            # share a writable buffer's memory; copy out of a read-only one
-            share = not chunk.readonly and (pos - nbytes) % 8 == 0   # aligned for any dtype
-            data = (torch.frombuffer(chunk if share else bytearray(chunk), dtype=torch.uint8)
-                    if nbytes else torch.empty(0, dtype=torch.uint8))
-            entries.append(Entry(kind, dtype, bits, shape, scale, zero, data, codec))
+        if kind == QUANT and quant_rows(shape, bits):
+            rows = quant_rows(shape, bits)
+            row_scales = torch.frombuffer(bytearray(chunk[:4 * rows]), dtype=torch.float32)
+            row_zeros = torch.frombuffer(bytearray(chunk[4 * rows:ROW_PARAM_BYTES * rows]), dtype=torch.uint8)
+            _check_quant_params(len(entries), row_scales, row_zeros, bits, dtype)
+            data = _bytes_tensor(chunk[ROW_PARAM_BYTES * rows:], pos - nbytes + ROW_PARAM_BYTES * rows)
+            entries.append(Entry(kind, dtype, bits, shape, scale, zero, data, codec, row_scales, row_zeros))
+        elif kind in (QUANT, RAW, STATS):
+            entries.append(Entry(kind, dtype, bits, shape, scale, zero, _bytes_tensor(chunk, pos - nbytes), codec))
         elif kind == INT:
             entries.append(Entry(INT, data=struct.unpack("<q", chunk)[0]))
         elif kind == FLOAT:
@@ -379,3 +374,27 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
         else:
             entries.append(Entry(kind, data=struct.unpack(f"<{nbytes // 8}q", chunk)))
     return req, plan, flags, entries
+
+
+def _bytes_tensor(chunk: memoryview, offset: int) -> torch.Tensor:
+    """A payload's bytes as a uint8 tensor: sharing a writable buffer's memory where aligned
+    for any dtype, copied out of a read-only one."""
+    if not len(chunk):
+        return torch.empty(0, dtype=torch.uint8)
+    share = not chunk.readonly and offset % 8 == 0
+    return torch.frombuffer(chunk if share else bytearray(chunk), dtype=torch.uint8)
+
+
+def _check_quant_params(i: int, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> None:
+    """Scales finite and positive, the largest code times each scale finite in the dtype it
+    dequantizes to (a finite 3e38 would turn every value into inf or NaN), zero points codes."""
+    bad = ~torch.isfinite(scales) | (scales <= 0)
+    if bad.any():
+        raise WireError(f"entry {i}: bad scale {scales[bad][0].item()}")
+    top = scales.double().max().item() * ((1 << bits) - 1) if scales.numel() else 0.0
+    if top > torch.finfo(dtype).max:
+        raise WireError(f"entry {i}: scale {scales.max().item():g} overflows dtype {dtype} at {bits} bits")
+    z = zeros.to(torch.int64)
+    if z.numel() and not (0 <= z.min().item() and z.max().item() < (1 << min(bits, 16))):
+        raise WireError(f"entry {i}: zero point {z[(z < 0) | (z >= 1 << min(bits, 16))][0].item()} "
+                        f"out of range for {bits} bits")

@@ -30,7 +30,7 @@ from coach_fx.passes.split import SplitError, split_at
 from coach_fx.plan import evaluate
 from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CacheSetup, CrossingBits, Sizes
-from coach_fx.runtime.wire import QUANT_BITS
+from coach_fx.runtime.wire_sizes import QUANT_BITS
 from coach_fx.runtime.policy import mean_end_s
 from coach_fx.settings import Network, Settings
 from coach_fx.timing import quiet_time, quiet_times

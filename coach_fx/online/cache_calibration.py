@@ -17,7 +17,7 @@ import torch
 from coach_fx.online.cache_replay import Replays, Stops, replay_many
 from coach_fx.runtime.cache import SemanticCache
 from coach_fx.runtime.features import vec_rows
-from coach_fx.settings import OnlineSettings
+from coach_fx.online_settings import OnlineSettings
 
 
 def replay(cache: SemanticCache, feats: torch.Tensor, labels: torch.Tensor, stream: Sequence[int],

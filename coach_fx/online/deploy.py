@@ -26,7 +26,7 @@ from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyCon
 from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CutProfile, EndHalf, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
-from coach_fx.runtime.wire import TENSOR_HEADER_BYTES, packed_nbytes, tensor_bytes
+from coach_fx.runtime.wire_sizes import TENSOR_HEADER_BYTES, packed_nbytes, row_param_bytes, tensor_bytes, token_rows
 from coach_fx.settings import Network
 from coach_fx.timing import quiet_times
 
@@ -89,7 +89,8 @@ def coded_share(dag: Any, quantized: Sequence[tuple[str, int]], codec: str | Non
     for b in (w for w in widths if w < 32):
         coded = packed = 0
         for node, numel in quantized:
-            p = packed_nbytes(numel, b)
+            # a token tensor's row scales travel uncoded; the measured coded sizes hold them
+            p = packed_nbytes(numel, b) + row_param_bytes(dag.info[node].rows, b)
             cost = dag.coded_cost(node, codec, b)
             packed += p
             coded += min(p, cost.average) if cost is not None else p
@@ -104,17 +105,19 @@ def plan_profile(dag: Any, plan: Plan, min_bits: int | None, input_bits: int,
     float crossings are quantized per request (with the plan's lossless codec, at its
     calibrated share), a model input crosses at ``input_bits``, the rest as it is; its own
     widths and codecs send ``mean_bytes`` (``Sizes.own_bytes``)."""
-    quant, quant_raw, raw = [], [], 0
+    quant, quant_raw, rows, raw = [], [], [], 0
     for x in plan.cut:
         d = dag.info[x]
         if d.quantizable and x not in dag.inputs:
             quant.append((x, d.numel))
             quant_raw.append(d.bytes)
+            rows.append(d.rows)
         else:
-            raw += tensor_bytes(d.numel, d.bytes, d.quantizable, input_bits) - TENSOR_HEADER_BYTES
+            raw += tensor_bytes(d.numel, d.bytes, d.quantizable, input_bits, d.rows) - TENSOR_HEADER_BYTES
     codec = plan.tensor_codec
     sizes = Sizes(tuple(n for _, n in quant), tuple(quant_raw), raw, len(plan.cut), codec,
-                  coded_share(dag, quant, codec, [b for b, _, _ in stage_s or ()]), mean_bytes(dag, plan))
+                  coded_share(dag, quant, codec, [b for b, _, _ in stage_s or ()]), mean_bytes(dag, plan),
+                  tuple(rows))
     return CutProfile(sizes, min_bits or 32, plan.t_end, plan.t_cloud, stage_s if quant else None,
                       end_only=len(plan.end_nodes) == len(dag.nodes))
 
@@ -124,19 +127,20 @@ def cut_sizes(dag: Any, boundary: Any, pinned: Sequence[int | None], codec: str 
     """What one request of a float split sends: its adaptive crossings (``pinned`` None)
     quantized per request (with ``codec`` at its coded share per width in ``widths``), the
     rest as they are."""
-    quant_numel, quant_raw, raw_bytes, quantized = [], [], 0, []
+    quant_numel, quant_raw, quant_rows, raw_bytes, quantized = [], [], [], 0, []
     for c, b in zip(boundary.crossings, pinned):
         numel = math.prod(c.shape) if c.shape is not None else 0
         raw = numel * c.dtype.itemsize if c.dtype is not None else 8
         if b is None:
             quant_numel.append(numel)
             quant_raw.append(raw)
+            quant_rows.append(token_rows(c.shape))
             if c.dtype is not None and c.dtype.is_floating_point and c.shape is not None:
                 quantized.append((c.dag_node, numel))
         else:
-            raw_bytes += tensor_bytes(numel, raw, True, b) - TENSOR_HEADER_BYTES
+            raw_bytes += tensor_bytes(numel, raw, True, b, token_rows(c.shape)) - TENSOR_HEADER_BYTES
     return Sizes(tuple(quant_numel), tuple(quant_raw), raw_bytes, len(boundary.crossings),
-                 codec, coded_share(dag, quantized, codec, widths))
+                 codec, coded_share(dag, quantized, codec, widths), quant_rows=tuple(quant_rows))
 
 
 def variant(pid: int, info: "CutInfo", t_end: float, t_cloud: float, plan: Plan | None = None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from coach_fx.dag import LayerDAG, PlanSpaceTooLarge, articulations, closed_masks
-from coach_fx.runtime.wire import tensor_bytes
+from coach_fx.runtime.wire_sizes import tensor_bytes
 
 
 class _Space:
@@ -51,7 +51,7 @@ class _Space:
         self.t_end = [d.t_end for d in info]
         self.t_cloud = [d.t_cloud for d in info]
         self.qnumel = [d.numel if d.quantizable else 0 for d in info]
-        self.wire = [tuple(tensor_bytes(d.numel, d.bytes, d.quantizable, b) for b in self.bits)
+        self.wire = [tuple(tensor_bytes(d.numel, d.bytes, d.quantizable, b, d.rows) for b in self.bits)
                      for d in info]
 
 

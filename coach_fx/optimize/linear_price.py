@@ -20,7 +20,7 @@ import numpy as np
 
 from coach_fx.optimize.problem import Problem
 from coach_fx.plan import crossing_price, usable_codecs
-from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class LinearPrice:
         def wire(name: str, is_input: bool) -> int:
             d = dag.info[name]
             b = p.input_bits if is_input and d.quantizable else b0
-            raw = tensor_bytes(d.numel, d.bytes, d.quantizable, b)
+            raw = tensor_bytes(d.numel, d.bytes, d.quantizable, b, d.rows)
             coded = [min(c.bytes, c.average) + TENSOR_HEADER_BYTES
                      for k, c in dag.input_codecs.get(name, {}).items() if is_input and k in p.codecs]
             if not is_input or d.quantizable and p.input_bits < 32:

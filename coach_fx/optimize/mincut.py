@@ -14,7 +14,7 @@ from typing import Iterable
 import networkx as nx
 
 from coach_fx.optimize.problem import Problem
-from coach_fx.runtime.wire import tensor_bytes
+from coach_fx.runtime.wire_sizes import tensor_bytes
 
 _E, _C = ("__end__",), ("__cloud__",)
 
@@ -23,7 +23,7 @@ def send_seconds(p: Problem, u: str, bits: int) -> float:
     """Uplink time of tensor ``u`` at ``bits`` (inputs at ``input_bits``), quantization included."""
     d = p.dag.info[u]
     b = p.input_bits if u in p.dag.inputs and d.quantizable else (bits if d.quantizable else 32)
-    t = p.network.up_seconds(tensor_bytes(d.numel, d.bytes, d.quantizable, b))
+    t = p.network.up_seconds(tensor_bytes(d.numel, d.bytes, d.quantizable, b, d.rows))
     if d.quantizable and b < 32:
         q_end, q_cloud = p.dag.quant_cost(b)
         t += (q_end + q_cloud) * d.numel

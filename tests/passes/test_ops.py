@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import coach_fx.passes.ops as ops
-from coach_fx.runtime.wire import packed_nbytes
+from coach_fx.runtime.wire_sizes import packed_nbytes
 
 c = torch.ops.coach
 
@@ -35,7 +35,7 @@ def test_numpy_quantize_pack_is_bit_exact_with_the_ops(bits, n, seed, kind, magn
     codes, scale, zero = ops.quantize_impl(x, bits)
     packed, s, z = ops.quantize_pack_cpu(x, bits)
     assert torch.equal(packed, ops.pack_impl(codes, bits))
-    assert s == float(scale) and z == int(zero)
+    assert torch.equal(s, scale) and torch.equal(z, zero)
 
 
 def test_numpy_quantize_rejects_inf():
@@ -94,3 +94,46 @@ def test_ops_export_with_fake_kernels():
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert {"coach.quantize.default", "coach.pack.default", "coach.unpack.default"} <= targets
     assert torch.allclose(ep.module()(x), M()(x))
+
+
+def _tokens() -> torch.Tensor:
+    """(batch, tokens, features) with tokens of very different magnitudes (ViT's class token
+    is ~100x smaller than its patch tokens)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 5, 48, generator=g) * torch.logspace(-3, 1, 5)[None, :, None]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_a_token_tensor_has_a_scale_per_token(bits):
+    x = _tokens()
+    q, s, z = c.quantize(x, bits)
+    assert s.shape == z.shape == (2, 5, 1)
+    y = c.dequantize(c.unpack(c.pack(q, bits), bits, list(x.shape)), s, z, bits, x.dtype)
+    assert ((y - x).abs() <= s / 2 + 1e-6).all()          # every token within its own half step
+    small = (y[:, 0] - x[:, 0]).norm() / x[:, 0].norm()
+    assert small < 0.5 ** (bits - 2)                          # one scale: the small token is all zeros
+    # the numpy path, the oracle's per-request fake quantization (any grouping) and the
+    # training op give the same values
+    packed, s2, z2 = ops.quantize_pack_cpu(x, bits)
+    assert torch.equal(packed, ops.pack_impl(q, bits)) and torch.equal(s2, s) and torch.equal(z2, z)
+    for group in (1, 2, 5):
+        assert torch.equal(ops.fake_quantize_per_sample(x, bits, group), y)
+    assert torch.equal(c.fake_quantize(x, bits), y)
+
+
+@pytest.mark.parametrize("shape,bits", [((2, 5, 8), 4), ((2, 3, 6, 40), 4), ((4, 40), 4), ((2, 5, 48), 16)])
+def test_feature_maps_narrow_tensors_and_half_keep_one_scale(shape, bits):
+    _, s, z = c.quantize(torch.randn(shape), bits)
+    assert s.shape == z.shape == ()
+
+
+def test_token_ops_export_with_per_token_fake_shapes():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            q, s, z = c.quantize(x, 4)
+            return c.dequantize(c.unpack(c.pack(q, 4), 4, [2, 5, 48]), s, z, 4, torch.float32), s
+
+    x = _tokens()
+    ep = torch.export.export(M(), (x,))
+    out, s = ep.module()(x)
+    assert s.shape == (2, 5, 1) and torch.equal(out, M()(x)[0])

@@ -13,12 +13,12 @@ from coach_fx.passes.partition import partition
 from coach_fx.plan import evaluate
 from coach_fx.runtime.codec import payload_to_entries, quantized_entry
 from coach_fx.runtime.plans import CrossingBits, CutProfile, EndHalf, Sizes, Variant
-from coach_fx.runtime.wire import (ALL_BITS, TENSOR_HEADER_BYTES, Entry, encode, message_bytes,
-                                   tensor_bytes)
+from coach_fx.runtime.wire import Entry, encode
+from coach_fx.runtime.wire_sizes import ALL_BITS, TENSOR_HEADER_BYTES, message_bytes, tensor_bytes, token_rows
 from coach_fx.settings import Network, Settings
 
 DTYPES = (torch.float32, torch.float16, torch.int64)
-SHAPES = ((1,), (3, 5), (1, 3, 5, 7), (2, 1, 9), (1, 1000))
+SHAPES = ((1,), (3, 5), (1, 3, 5, 7), (2, 1, 9), (1, 1000), (2, 3, 40))   # the last: a token tensor
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -35,7 +35,7 @@ def test_random_crossings_encode_to_the_predicted_bytes(seed):
         # as the online end side sends them: each float tensor quantized with its bits
         entries = [quantized_entry(t, b) for t, b in tensors]
         predicted = message_bytes([tensor_bytes(t.numel(), t.numel() * t.element_size(),
-                                                t.is_floating_point(), b) for t, b in tensors])
+                                                t.is_floating_point(), b, token_rows(t.shape)) for t, b in tensors])
         assert len(encode(1, entries)) == predicted
 
 
@@ -49,7 +49,7 @@ class Mixed(nn.Module):
         return a.flatten(1).sum(1) + h.float().flatten(1).mean(1) + i.float()
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (1, 1, 4, 4), (1, 2, 11, 3)])
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (1, 1, 4, 4), (1, 2, 11, 3), (2, 6, 40)])
 @pytest.mark.parametrize("bits", ALL_BITS)
 def test_the_cost_model_prices_the_encoded_message(shape, bits):
     x = torch.randn(shape)
@@ -72,8 +72,9 @@ def test_the_cost_model_prices_the_encoded_message(shape, bits):
     sent = encode(0, [quantized_entry(t, bits if f is None else 32)
                       for t, f in zip(float_end(x), fixed)])
     assert v.message_bytes(bits) == len(sent)
-    profile = CutProfile(Sizes(tuple(numels[k] for k in quant), tuple(sizes[k] for k in quant), raw, len(numels)),
-                         2, 0.0, 0.0)
+    rows = tuple(token_rows(float_boundary.crossings[k].shape) for k in quant)
+    profile = CutProfile(Sizes(tuple(numels[k] for k in quant), tuple(sizes[k] for k in quant), raw, len(numels),
+                               quant_rows=rows), 2, 0.0, 0.0)
     assert profile.message_bytes(bits) == len(sent)
 
 

@@ -32,7 +32,7 @@ def test_roundtrip_every_kind():
 
 
 def test_header_sizes_match_cost_model():
-    from coach_fx.runtime.wire import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
+    from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
     msg = encode(1, [Entry.raw(torch.zeros(10))])
     assert len(msg) == MESSAGE_HEADER_BYTES + TENSOR_HEADER_BYTES + 40
 
@@ -96,3 +96,47 @@ def test_importing_the_wire_format_loads_no_optimizer(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _token_message(codec=None):
+    from coach_fx.runtime.codec import quantized_entry
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(1))
+    x[:, 0] *= 0.01
+    return x, encode(1, [quantized_entry(x, 4, codec)])
+
+
+@pytest.mark.parametrize("codec", [None, "deflate"])
+def test_a_token_tensor_travels_with_its_row_scales(codec):
+    import coach_fx.passes.ops as ops
+    from coach_fx.runtime.wire_sizes import message_bytes, tensor_bytes, token_rows
+    x, msg = _token_message(codec)
+    if codec is None:
+        assert len(msg) == message_bytes([tensor_bytes(x.numel(), x.numel() * 4, True, 4, token_rows(x.shape))])
+    e = decode(msg)[3][0]
+    assert (e.scale, e.zero_point, e.row_scales.shape) == (1.0, 0, (10,))
+    s, z = e.quant_params()
+    want_q, want_s, want_z = ops.quantize_impl(x, 4)
+    assert torch.equal(s, want_s) and torch.equal(z, want_z)
+    assert torch.equal(ops.unpack_impl(e.packed(), 4, [2, 5, 48]), want_q)
+
+
+def _patched(msg, offset, fmt, value):
+    import zlib
+    m = bytearray(msg)
+    struct.pack_into(fmt, m, offset, value)
+    struct.pack_into("<I", m, 20, zlib.crc32(m[24:]))
+    return bytes(m)
+
+
+@pytest.mark.parametrize("where,fmt,value,match", [
+    (24 + 56, "<f", float("nan"), "bad scale"),            # the first row's scale
+    (24 + 56 + 4, "<f", 0.0, "bad scale"),
+    (24 + 56, "<f", 3e37, "overflows"),
+    (24 + 56 + 40, "<B", 16, "zero point 16 out of range"),  # a row's zero point at 4 bits
+    (24 + 36, "<f", 2.0, "header scale"),                  # the header's scale must be 1
+])
+def test_bad_row_parameters_are_refused(where, fmt, value, match):
+    _, msg = _token_message()
+    decode(msg)
+    with pytest.raises(WireError, match=match):
+        decode(_patched(msg, where, fmt, value))
