@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -26,7 +27,7 @@ from coach_fx.settings import DEFAULT_BITS, Settings
 
 if TYPE_CHECKING:
     from coach_fx.online import OnlineModel
-    from coach_fx.runtime.config import ServerConfig, StreamConfig
+    from coach_fx.runtime.config import RaySettings, ServerConfig, StreamConfig
     from coach_fx.runtime.links.tls import TlsConfig
     from coach_fx.runtime.client import RemoteModel
     from coach_fx.runtime.server import CloudServer
@@ -76,7 +77,8 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
 def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
           token: bytes | str | None = None, tls: "TlsConfig | None" = None,
           config: "StreamConfig | None" = None, limits: "ServerConfig | None" = None,
-          sessions: int | None = None) -> "CloudServer":
+          sessions: int | None = None, engine: str = "builtin", ray: "RaySettings | None" = None
+          ) -> "CloudServer":
     """Serve the cloud half of a saved plan (``cm.save``), or every plan's cloud half of a
     saved online model (``om.save``: each request names its plan and carries its own bits),
     to every end that holds ``token`` (default ``$COACH_TOKEN``), many at once; returns the
@@ -88,40 +90,48 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     (default: the plan's slowdown, batches of up to ``SERVE_MAX_BATCH`` = 32, the first
     request held at most 2 ms for more); ``limits``: how many
     ends, handshakes and connections per peer (``ServerConfig``); ``sessions``: stop after that
-    many ends have finished.
+    many ends have finished. ``engine``: where the cloud halves run: ``"builtin"`` (this
+    process) or ``"ray"`` (the replicas of a Ray Serve deployment, ``ray``: a
+    :class:`~coach_fx.runtime.config.RaySettings`, default one replica on a local Ray; needs
+    ``pip install 'coach-fx[ray]'``); the ends see the same protocol, token and TLS either way.
 
     Example::
 
         >>> with coach_fx.serve("plan_dir", port=0, token=token) as server:   # doctest: +SKIP
         ...     print(server.address); server.wait()
     """
-    from coach_fx.artifact import load_half, plan_meta
-    from coach_fx.runtime.cloud import CloudHalf
-    from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
+    from coach_fx.runtime.config import ENGINES, Batching, RaySettings, ServerConfig, StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import TcpServer
     from coach_fx.runtime.server import CloudServer
-    from coach_fx.saved_online import load_online
+    from coach_fx.saved_online import cloud_halves
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     secret = shared_token(token)
-    meta = plan_meta(plan_dir, key=secret)
+    halves, meta = cloud_halves(plan_dir, secret)
     online = meta.get("kind") == "online"
-    if online:   # every plan's cloud half; requests carry their plan id and bits
-        halves = load_online(plan_dir, "cloud", key=secret).cloud
-        if not halves:
-            raise ValueError(f"{plan_dir}: every plan of this online model runs on the end: nothing to serve")
-    else:
-        half = load_half(plan_dir, "cloud", key=secret)
-        halves = {0: CloudHalf(half.module, half.boundary, half.batched)}
     if config is None:
         config = StreamConfig(cloud_slowdown=meta["cloud"]["slowdown"],
                               batching=Batching(SERVE_MAX_BATCH, SERVE_MAX_WAIT_S))
-    listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
+    compute = None
+    if engine == "ray":
+        from coach_fx.runtime.ray_compute import RayCompute
+        compute = RayCompute(str(plan_dir), secret, halves, config, ray or RaySettings(), adaptive=online,
+                             name=f"coach-{port or os.getpid()}")
+    try:
+        listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
+    except BaseException:
+        if compute is not None:
+            compute.close()
+        raise
     try:
         server = CloudServer(halves, listener, config, limits or ServerConfig(), adaptive=online,
-                             sessions=sessions)
+                             sessions=sessions, compute=compute)
     except BaseException:
         listener.close()
+        if compute is not None:
+            compute.close()
         raise
     return server.start()
 

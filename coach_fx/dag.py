@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Container, Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping
 
 import torch.fx as fx
 
+from coach_fx.dag_sets import PlanSpaceTooLarge, articulations, closed_masks
 from coach_fx.passes.annotate import NodeMeta, constant_nodes, keeps_effect, meta
 from coach_fx.runtime.wire_sizes import token_rows
 
@@ -283,13 +284,6 @@ class LayerDAG:
                    {g: tuple(ms) for g, ms in members.items()}, quant_s_per_elem)
 
 
-class PlanSpaceTooLarge(ValueError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the model has more than {limit:,} predecessor-closed sets: too many for "
-                         f"brute force (limit max_plans={limit:,}); use strategy='coach'")
-        self.limit = limit
-
-
 def _classify_read(a: fx.Node, groups: Mapping[str, str], me: str | None,
                    data: set[str], order: set[str]) -> None:
     """Record what reading fx node ``a`` means for a DAG node: a data or an order dependency."""
@@ -344,60 +338,3 @@ def dag_groups(gm: fx.GraphModule) -> dict[str, str]:
         last = next(reversed(groups.values()))
         groups.update((p, last) for p in pending)
     return groups
-
-
-# ---------------------------------------------------------------- the two graph algorithms
-# (one copy each: the DAG's own queries and the optimizer's blocks use them on bitmasks)
-def closed_masks(pred: Sequence[int], positions: Sequence[int],
-                 limit: int | None = None) -> Iterator[int]:
-    """The predecessor-closed subsets of the nodes at ``positions`` (topological order; bit i
-    is the node at position i, ``pred[i]`` the bitmask of its predecessors; a predecessor
-    outside ``positions`` counts as present), depth first from the empty set; raises
-    :class:`PlanSpaceTooLarge` past ``limit``."""
-    inside = sum(1 << i for i in positions)
-    local = [pred[i] & inside for i in positions]
-    count = 0
-    stack = [(0, 0)]
-    while stack:
-        k, s = stack.pop()
-        if k == len(positions):
-            count += 1
-            if limit is not None and count > limit:
-                raise PlanSpaceTooLarge(limit)
-            yield s
-            continue
-        stack.append((k + 1, s))
-        if local[k] & ~s == 0:
-            stack.append((k + 1, s | (1 << positions[k])))
-
-
-def articulations(pred: Sequence[int], positions: Sequence[int], fed: Container[int] = (),
-                  feeds: Container[int] = ()) -> list[int]:
-    """The positions every source -> sink path of the sub-DAG at ``positions`` passes through.
-
-    The source feeds the nodes without a predecessor inside and those in ``fed``; the nodes
-    without a successor inside and those in ``feeds`` feed the sink. In a topological order v
-    is on every path exactly when no edge (the virtual ones included) jumps over v's place.
-    """
-    pos = {v: k for k, v in enumerate(positions)}
-    m = len(pos)
-    cover = [0] * (m + 1)   # difference array over places strictly inside an edge
-
-    def jump(a: int, b: int) -> None:
-        if b - a > 1:
-            cover[a + 1] += 1
-            cover[b] -= 1
-    for v in positions:
-        preds = [u for u in positions if pred[v] >> u & 1]
-        if not preds or v in fed:
-            jump(-1, pos[v])
-        for u in preds:
-            jump(pos[u], pos[v])
-        if v in feeds or not any(pred[w] >> v & 1 for w in positions):
-            jump(pos[v], m)
-    out, run = [], 0
-    for k, v in enumerate(positions):
-        run += cover[k]
-        if run == 0:
-            out.append(v)
-    return out

@@ -17,6 +17,7 @@ import torch
 
 from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
 from coach_fx.progress import Progress
+from coach_fx.runtime.config import ENGINES, RaySettings
 from coach_fx.runtime.links.tls import TlsConfig
 
 
@@ -34,6 +35,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     if a.link == "tcp":
         return _serve_tcp(a)
+    if a.engine != "builtin":
+        raise SystemExit("coach serve: --engine ray serves over --link tcp (the gloo link has one end, no front door)")
     half = load_half(a.dir, "cloud", key=token_of(a))
     slowdown = a.slowdown if a.slowdown is not None else half.meta["cloud"]["slowdown"]
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout)
@@ -69,12 +72,24 @@ def tls_of(a: argparse.Namespace) -> TlsConfig | None:
                      server_name=a.tls_server_name)
 
 
+def ray_of(a: argparse.Namespace) -> RaySettings | None:
+    """``--ray-address``, ``--replicas`` and ``--autoscale`` (None: not ``--engine ray``)."""
+    if a.engine != "ray":
+        return None
+    try:
+        scale = RaySettings.parse_autoscale(a.autoscale) if a.autoscale else None
+        return RaySettings(a.ray_address, a.replicas, scale)
+    except ValueError as e:
+        raise SystemExit(f"coach serve: {e}") from None
+
+
 def _serve_tcp(a: argparse.Namespace) -> int:
     """``coach serve`` over TCP: many ends at once (``coach_fx.serve``); SIGTERM drains."""
     from coach_fx.api import serve
     from coach_fx.artifact import plan_meta
     from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 
+    ray = ray_of(a)   # a bad --autoscale fails before anything is read
     token = token_of(a)
     # only plan.json here: coach_fx.serve loads (and verifies) the half itself
     slowdown = a.slowdown if a.slowdown is not None else plan_meta(a.dir, token)["cloud"]["slowdown"]
@@ -83,15 +98,25 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     # the handler only notes the signal (installed before anything can be announced); the
     # main thread drains, so that the summary follows the drain and no thread outlives it
     term = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: term.set())
+
+    def on_term(signum: int, frame: Any) -> None:
+        term.set()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     server = None
     drained: bool | None = None
     try:
         server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
-                       limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None)
+                       limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None,
+                       engine=a.engine, ray=ray)
+        signal.signal(signal.SIGTERM, on_term)   # ray.init installs its own (it aborts the process)
         host, port = server.address
         what = (f"cloud half of each of the {len(server.engine.plans)} plans of the online model {a.dir}"
                 if len(server.engine.plans) > 1 else f"cloud half of {a.dir}")
+        if ray is not None:
+            what += (f" on Ray Serve ({ray.address or 'a local Ray'}, "
+                     + (f"{ray.autoscale[0]}-{ray.autoscale[1]} replicas, autoscaled" if ray.autoscale
+                        else f"{ray.replicas} replica(s)") + ")")
         print(f"coach serve: {what} on {host}:{port} ({'TLS, ' if tls else ''}token "
               f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, "
               + (f"batches of up to {a.max_batch}" if server.batching else
@@ -267,6 +292,15 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
                            help="requests of all ends run through the cloud half together, up to this many")
             p.add_argument("--max-wait-ms", type=float, default=SERVE_MAX_WAIT_S * 1e3,
                            help="how long the first request of a batch waits for more")
+            p.add_argument("--engine", choices=ENGINES, default="builtin",
+                           help="where the cloud halves run: this process (builtin) or the replicas "
+                                "of a Ray Serve deployment (ray; pip install 'coach-fx[ray]')")
+            p.add_argument("--ray-address", default=None, metavar="ADDR",
+                           help="a running Ray cluster (e.g. auto, ray://head:10001); default: start a local Ray")
+            scale = p.add_mutually_exclusive_group()
+            scale.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the cloud halves")
+            scale.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                               help="let Ray Serve scale the replicas between MIN and MAX on the load")
             p.add_argument("--tls-cert", default=None, metavar="PEM", help="the cloud's TLS certificate")
             p.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
             p.add_argument("--tls-ca", default=None, metavar="PEM",

@@ -204,3 +204,18 @@ def _ints(xs: Any) -> tuple[int, ...]:
 
 
 __all__ = ["STORE", "SavedOnline", "load_online", "save_online", "variant_from_json", "variant_to_json"]
+
+
+def cloud_halves(path: str | Path, key: bytes | str | None = None) -> tuple[dict[int, CloudHalf], dict]:
+    """What a server serves from a plan directory, verified with ``key`` (else
+    ``$COACH_TOKEN``): plan id -> cloud half (one for ``cm.save``, one per plan that reaches
+    the cloud for ``om.save``), and the directory's metadata (``plan_meta``)."""
+    from coach_fx.artifact import load_half, plan_meta
+    meta = plan_meta(path, key=key)
+    if meta.get("kind") == "online":   # every plan's cloud half; requests carry their plan id and bits
+        halves = load_online(path, "cloud", key=key).cloud
+        if not halves:
+            raise ValueError(f"{path}: every plan of this online model runs on the end: nothing to serve")
+        return halves, meta
+    half = load_half(path, "cloud", key=key)
+    return {0: CloudHalf(half.module, half.boundary, half.batched)}, meta

@@ -87,6 +87,17 @@ class CloudWorker:
         self.rejected = 0   # frames that did not decode (each answered with its error)
         self._thread: threading.Thread | None = None
 
+    #: batches it runs at once (``runtime.compute.Compute``): one, on the calling thread
+    parallelism = 1
+
+    def submit(self, msgs: Sequence[tuple[bytes, Arrival]]) -> Callable[[], list[bytes | None]]:
+        """``handle_batch`` now, its replies when asked (``runtime.compute.Compute``)."""
+        replies = self.handle_batch(msgs)
+        return lambda: replies
+
+    def close(self) -> None:
+        """Nothing to release: the halves live as long as the worker."""
+
     def handle(self, msg: bytes, arrival: Arrival | None = None) -> bytes | None:
         """One request message -> its result message (None for a close request); ``arrival``:
         how it arrived (default: as the endpoint's last message did)."""
@@ -142,12 +153,8 @@ class CloudWorker:
     def reply_to_bad_frame(msg: bytes, e: Exception) -> bytes:
         """The reply to a frame that does not decode: an error for its request id where its
         header still names one (a corrupted payload), else for request 0."""
-        try:
-            req, plan_id, _, _ = peek_header(msg)
-        except WireError:
-            req, plan_id = 0, 0
         log.warning("coach cloud: refused a malformed frame (%s)", e)
-        return error_reply(req, plan_id, e)
+        return error_reply_to(msg, e)
 
     def serve(self) -> None:
         """Serve until the end side sends close (or the link goes away)."""
@@ -273,3 +280,13 @@ def error_reply(req: int, plan_id: int, e: BaseException) -> bytes:
 
 
 __all__ = ["Arrival", "CloudHalf", "CloudPlan", "CloudWorker", "all_finite", "cloud_half", "error_reply"]
+
+
+def error_reply_to(msg: bytes, e: BaseException) -> bytes:
+    """The error reply to a request message: for its request id where its header still names
+    one (a corrupted payload), else for request 0."""
+    try:
+        req, plan_id, _, _ = peek_header(msg)
+    except WireError:
+        req, plan_id = 0, 0
+    return error_reply(req, plan_id, e)

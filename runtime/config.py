@@ -99,6 +99,47 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+#: Where a server's cloud halves run: ``"builtin"`` in its own process, ``"ray"`` on Ray Serve.
+ENGINES = ("builtin", "ray")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How ``coach serve --engine ray`` runs the cloud halves: replicas of a Ray Serve
+    deployment, on any node of the cluster at ``address`` (None: a local Ray instance is
+    started), ``replicas`` of them or autoscaled between ``autoscale`` = (min, max) on the
+    requests in flight. The front door (TLS, token, sessions, batching per plan) stays coach's
+    own server; at most ``inflight_per_replica`` batches per replica are out at once."""
+
+    address: str | None = None
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None
+    cpus_per_replica: float = 1.0
+    inflight_per_replica: int = 2
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1 or self.inflight_per_replica < 1:
+            raise ValueError(f"replicas and inflight_per_replica must be >= 1, got "
+                             f"{self.replicas}, {self.inflight_per_replica}")
+        if self.autoscale is not None and not 1 <= self.autoscale[0] <= self.autoscale[1]:
+            raise ValueError(f"autoscale must be (min, max) with 1 <= min <= max, got {self.autoscale}")
+        if not self.cpus_per_replica >= 0:
+            raise ValueError(f"cpus_per_replica must be >= 0, got {self.cpus_per_replica}")
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscale[1] if self.autoscale else self.replicas
+
+    @staticmethod
+    def parse_autoscale(text: str) -> tuple[int, int]:
+        """``"MIN:MAX"`` -> (min, max), or a ``ValueError`` that says what is wrong."""
+        try:
+            lo, hi = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise ValueError(f"--autoscale takes MIN:MAX replicas (e.g. 1:4), got {text!r}") from None
+        return lo, hi
+
+
 @dataclass(frozen=True)
 class Bands:
     """Which plan serves which bandwidth: ``edges_mbps`` increasing (n edges), ``plans`` the

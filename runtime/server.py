@@ -12,9 +12,11 @@ one batch.
   ``session_inflight`` unanswered, each no longer than the largest legal request of the
   plans served) and a writer thread (its replies, in order).
 * One compute thread takes the requests of all sessions, up to ``Batching.max_batch`` at
-  a time, holding the first at most ``Batching.max_wait_s`` for more, and runs those for one plan as
-  one batch (``CloudWorker.handle_batch``). A bad frame is that request's error reply; a
-  close request ends that end's session, not the server.
+  a time, holding the first at most ``Batching.max_wait_s`` for more, and submits those for
+  one plan as one batch to its engine (``runtime.compute.Compute``: ``CloudWorker`` in this
+  process, or ``RayCompute``'s replicas), keeping up to the engine's ``parallelism``
+  batches out; a reply thread hands their replies to the sessions in submission order. A bad
+  frame is that request's error reply; a close request ends that end's session, not the server.
 * :meth:`CloudServer.drain` (``coach serve`` on SIGTERM) stops taking ends and requests,
   answers every request already read, then closes the sessions.
 
@@ -35,8 +37,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Union
 
-from coach_fx.runtime.cloud import Arrival, CloudPlan, CloudWorker
+from coach_fx.runtime.cloud import Arrival, CloudPlan, CloudWorker, error_reply_to
 from coach_fx.runtime.codec import max_request_bytes
+from coach_fx.runtime.compute import Compute, Replies
 from coach_fx.runtime.config import ServerConfig, StreamConfig
 from coach_fx.runtime.emulation import fast_handoff
 from coach_fx.runtime.links.base import LinkError, ThrottledLog
@@ -73,6 +76,9 @@ class _Eof:
 
 _EOF = _Eof()
 Reply = Union[bytes, bytearray, None, _Eof]   # None: the session's close request
+#: a batch as submitted: its items, and per group of them their indices and how to get their
+#: replies (None: a session's end, no request)
+Submitted = tuple[list, list[tuple[list[int], Union[Replies, None]]]]
 
 
 class _Session:
@@ -92,12 +98,13 @@ class CloudServer:
 
     def __init__(self, plans: dict[int, CloudPlan], listener: TcpServer,
                  config: StreamConfig = StreamConfig(), server: ServerConfig = ServerConfig(),
-                 *, adaptive: bool = False, sessions: int | None = None) -> None:
+                 *, adaptive: bool = False, sessions: int | None = None, compute: Compute | None = None) -> None:
         if not plans:
             raise ValueError("a server needs at least one plan to serve")
         self.listener, self.config, self.limits = listener, config, server
         self.max_total = sessions
-        self.engine = CloudWorker(plans, None, config, adaptive=adaptive)
+        #: where the batches run (default: a ``CloudWorker`` on this process's compute thread)
+        self.engine: Compute = compute if compute is not None else CloudWorker(plans, None, config, adaptive=adaptive)
         #: the longest request any plan takes: a longer length prefix ends its session unread
         self.max_message = max(max_request_bytes(h.boundary) for h in self.engine.plans.values())
         self.stats = ServerStats()
@@ -106,6 +113,8 @@ class CloudServer:
         self._per_peer: Counter[str] = Counter()
         self._sessions: set[_Session] = set()
         self._requests: queue.Queue[tuple[_Session, bytes | _Eof, Arrival]] = queue.Queue()
+        # submitted batches, in order, for the reply thread (bounded: the engine's parallelism)
+        self._submitted: queue.Queue[Submitted] = queue.Queue(maxsize=max(1, self.engine.parallelism))
         self._stop = threading.Event()       # no new ends
         self._draining = threading.Event()   # no new requests either
         self._done = threading.Event()
@@ -114,7 +123,8 @@ class CloudServer:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "CloudServer":
-        for target, name in ((self._accept_loop, "coach-accept"), (self._compute_loop, "coach-compute")):
+        for target, name in ((self._accept_loop, "coach-accept"), (self._compute_loop, "coach-compute"),
+                             (self._reply_loop, "coach-reply")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -132,6 +142,7 @@ class CloudServer:
         for t in self._threads:
             t.join(5 * POLL_S + 1)
         self.listener.close()
+        self.engine.close()
 
     def drain(self, timeout: float | None = None) -> bool:
         """Stop taking ends and requests, answer every request already read, close the
@@ -295,11 +306,17 @@ class CloudServer:
                                      else self._requests.get_nowait())
                     except queue.Empty:
                         break
-                self._run(batch)
+                submitted = self._submit(batch)
+                while not self._done.is_set():   # backpressure: the engine's parallelism out at most
+                    try:
+                        self._submitted.put(submitted, timeout=POLL_S)
+                        break
+                    except queue.Full:
+                        continue
 
-    def _run(self, batch: list[tuple[_Session, bytes | _Eof, Arrival]]) -> None:
-        """Run one batch: requests grouped by plan (in arrival order), every other item alone;
-        each reply goes to its session's writer in the order its requests came."""
+    def _submit(self, batch: list[tuple[_Session, bytes | _Eof, Arrival]]) -> Submitted:
+        """Submit one batch to the engine: requests grouped by plan (in arrival order), every
+        other item alone."""
         groups: dict[object, list[int]] = {}
         for i, (_, msg, _) in enumerate(batch):
             key: object = i
@@ -311,20 +328,43 @@ class CloudServer:
                 except WireError:
                     pass
             groups.setdefault(key, []).append(i)
-        replies: list[Reply] = [None] * len(batch)
+        submitted: list[tuple[list[int], Replies | None]] = []
         for idx in groups.values():
             if isinstance(batch[idx[0]][1], _Eof):
+                submitted.append((idx, None))
+                continue
+            try:
+                submitted.append((idx, self.engine.submit([(batch[i][1], batch[i][2]) for i in idx])))
+            except Exception as e:  # noqa: BLE001 - never the server's end; the requests get errors
+                submitted.append((idx, _failed([batch[i][1] for i in idx], e)))
+        return batch, submitted
+
+    @staticmethod
+    def _deliver(batch: list[tuple[_Session, bytes | _Eof, Arrival]],
+                 submitted: list[tuple[list[int], Replies | None]]) -> None:
+        """A submitted batch's replies to its sessions' writers, each in its requests' order."""
+        replies: list[Reply] = [None] * len(batch)
+        for idx, get in submitted:
+            if get is None:
                 replies[idx[0]] = _EOF
                 continue
             try:
-                out = self.engine.handle_batch([(batch[i][1], batch[i][2]) for i in idx])
-            except Exception as e:  # noqa: BLE001 - never the server's end; handle_batch answers errors itself
-                log.error("coach cloud: a batch failed outside its requests: %s: %s", type(e).__name__, e)
-                out = [CloudWorker.reply_to_bad_frame(batch[i][1], e) for i in idx]
+                out = get()
+            except Exception as e:  # noqa: BLE001 - engines answer errors themselves; this failed outside them
+                out = _failed([batch[i][1] for i in idx], e)()
             for i, r in zip(idx, out):
                 replies[i] = r
         for (s, _, _), r in zip(batch, replies):
             s.replies.put(r)
+
+    def _reply_loop(self) -> None:
+        """The submitted batches' replies, in submission order (ends get theirs in order
+        whichever replica computed them)."""
+        while not self._done.is_set():
+            try:
+                self._deliver(*self._submitted.get(timeout=POLL_S))
+            except queue.Empty:
+                continue
 
     def snapshot(self) -> ServerStats:
         """The stats now, running sessions' replies included."""
@@ -334,6 +374,13 @@ class CloudServer:
         # counted where they happen (the listener, the compute thread's worker)
         st.refused, st.rejected, st.batches = self.listener.refused, self.engine.rejected, self.engine.calls
         return st
+
+
+def _failed(msgs: list[bytes], e: Exception) -> Replies:
+    """Every request of a batch answered with ``e`` (each end's fallback takes it from there)."""
+    log.error("coach cloud: a batch failed outside its requests: %s: %s", type(e).__name__, e)
+    replies: list[bytes | None] = [error_reply_to(m, e) for m in msgs]
+    return lambda: replies
 
 
 def _is_close(msg: bytes) -> bool:

@@ -95,13 +95,11 @@ class Entry:
     dtype: torch.dtype = torch.float32
     bits: int = 32
     shape: tuple[int, ...] = ()
-    scale: float = 1.0
-    zero_point: int = 0
+    #: a token tensor (``quant_rows``): its rows' scales (float32) and zero points (uint8)
+    scale: float | torch.Tensor = 1.0
+    zero_point: int | torch.Tensor = 0
     data: Any = None   # torch.uint8 tensor of the bytes, or the Python value
     codec: int = 0     # a quantized entry's codec (``TENSOR_CODECS``; 0: packed as is)
-    #: a token tensor's per-row scales (float32) and zero points (uint8), ``quant_rows`` each
-    row_scales: torch.Tensor | None = None
-    row_zeros: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -112,14 +110,14 @@ class Entry:
         one scale and zero point per row, as ``coach::quantize`` gives them."""
         shape = tuple(int(s) for s in shape)
         rows = quant_rows(shape, bits)
-        row_scales = row_zeros = None
         if rows:
-            row_scales = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).contiguous()
-            row_zeros = torch.as_tensor(zero_point).reshape(-1).to(torch.uint8).contiguous()
-            if row_scales.numel() != rows or row_zeros.numel() != rows:
+            scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).contiguous()
+            zero_point = torch.as_tensor(zero_point).reshape(-1).to(torch.uint8).contiguous()
+            if scale.numel() != rows or zero_point.numel() != rows:
                 raise WireError(f"a {bits}-bit tensor of shape {shape} takes {rows} row scales and "
-                                f"zero points; got {row_scales.numel()} and {row_zeros.numel()}")
-            scale, zero_point = 1.0, 0
+                                f"zero points; got {scale.numel()} and {zero_point.numel()}")
+        else:
+            scale, zero_point = float(scale), int(zero_point)
         data = packed.reshape(-1).contiguous().view(torch.uint8)
         code = 0
         if codec is not None:
@@ -128,7 +126,7 @@ class Entry:
             coded = deflate(data)
             if coded is not None:
                 data, code = coded, TENSOR_CODECS[codec]
-        return cls(QUANT, dtype, bits, shape, float(scale), int(zero_point), data, code, row_scales, row_zeros)
+        return cls(QUANT, dtype, bits, shape, scale, zero_point, data, code)
 
     @classmethod
     def raw(cls, t: torch.Tensor) -> "Entry":
@@ -189,11 +187,11 @@ class Entry:
         tensor with one scale, one per row (shape ``shape[:-1] + (1,)``) for a token tensor."""
         if self.kind != QUANT:
             raise WireError(f"a {self.kind_name} entry has no quantization parameters")
-        if self.row_scales is None:
+        if not isinstance(self.scale, torch.Tensor):
             return (torch.tensor(self.scale, dtype=torch.float32),
                     torch.tensor(self.zero_point, dtype=torch.int32))
         rows = (*self.shape[:-1], 1)
-        return self.row_scales.reshape(rows), self.row_zeros.to(torch.int32).reshape(rows)
+        return self.scale.reshape(rows), self.zero_point.to(torch.int32).reshape(rows)
 
     def value(self) -> Any:
         """The tensor or Python value this entry carries (quantized entries: the packed bytes)."""
@@ -211,8 +209,8 @@ class Entry:
 
 
 def _payload_bytes(e: Entry) -> bytes | memoryview:
-    if e.kind == QUANT and e.row_scales is not None:
-        return b"".join([memoryview(e.row_scales.numpy()).cast("B"), memoryview(e.row_zeros.numpy()).cast("B"),
+    if e.kind == QUANT and isinstance(e.scale, torch.Tensor):   # a token tensor's rows lead
+        return b"".join([memoryview(e.scale.numpy()).cast("B"), memoryview(e.zero_point.numpy()).cast("B"),
                          memoryview(e.data.numpy()).cast("B")])
     if e.kind in (QUANT, RAW, STATS):
         return memoryview(e.data.numpy()).cast("B")
@@ -261,8 +259,9 @@ def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: i
         if len(shape) > MAX_RANK:
             raise WireError(f"tensor of rank {len(shape)}; at most {MAX_RANK}")
         dims = list(shape) + [0] * (MAX_RANK - len(shape))
+        rows = isinstance(e.scale, torch.Tensor)   # a token tensor: 1 and 0 in the header
         ENTRY_STRUCT.pack_into(buf, pos, e.kind, _CODE.get(e.dtype, 0), e.bits, len(shape), *dims,
-                       e.scale, e.zero_point, n, e.codec)
+                               1.0 if rows else e.scale, 0 if rows else e.zero_point, n, e.codec)
         pos += ENTRY_STRUCT.size
     view = memoryview(buf)
     for b, n in zip(bodies, sizes):   # one copy of each payload, straight into the message
@@ -360,7 +359,7 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
             row_zeros = torch.frombuffer(bytearray(chunk[4 * rows:ROW_PARAM_BYTES * rows]), dtype=torch.uint8)
             _check_quant_params(len(entries), row_scales, row_zeros, bits, dtype)
             data = _bytes_tensor(chunk[ROW_PARAM_BYTES * rows:], pos - nbytes + ROW_PARAM_BYTES * rows)
-            entries.append(Entry(kind, dtype, bits, shape, scale, zero, data, codec, row_scales, row_zeros))
+            entries.append(Entry(kind, dtype, bits, shape, row_scales, row_zeros, data, codec))
         elif kind in (QUANT, RAW, STATS):
             entries.append(Entry(kind, dtype, bits, shape, scale, zero, _bytes_tensor(chunk, pos - nbytes), codec))
         elif kind == INT:

@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from coach_fx.dag import LayerDAG, PlanSpaceTooLarge, articulations, closed_masks
+from coach_fx.dag import LayerDAG
+from coach_fx.dag_sets import PlanSpaceTooLarge, articulations, closed_masks
 from coach_fx.runtime.wire_sizes import tensor_bytes
 
 

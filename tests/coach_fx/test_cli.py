@@ -55,3 +55,12 @@ def test_plan_save_signs_with_the_token_file(tmp_path, capsys):
     load_half(d, "end", key="a-token-of-at-least-16-bytes")
     with pytest.raises(ArtifactError):
         load_half(d, "end", key="another-token-of-16-bytes")
+
+
+def test_serve_with_ray_names_what_is_wrong(capsys):
+    with pytest.raises(SystemExit, match="gloo"):
+        main(["serve", "plan_dir", "--link", "gloo", "--host", "0.0.0.0", "--engine", "ray"])
+    with pytest.raises(SystemExit, match="MIN:MAX"):
+        main(["serve", "plan_dir", "--engine", "ray", "--autoscale", "4"])
+    with pytest.raises(SystemExit, match="min <= max"):
+        main(["serve", "plan_dir", "--engine", "ray", "--autoscale", "4:2"])

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from coach_fx.driver import prepare
-from coach_fx.dag import LayerDAG, NodeData, PlanSpaceTooLarge
+from coach_fx.dag import LayerDAG, NodeData
+from coach_fx.dag_sets import PlanSpaceTooLarge
 from coach_fx.settings import Settings
 
 S = Settings.of(costs="analytic", progress=False)

@@ -32,7 +32,7 @@ from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links.base import PeerGone
 from coach_fx.runtime.links.tcp import IntegrityError, connect
 from coach_fx.runtime.policy import StaticPolicy
-from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, decode, encode
+from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, VERSION, Entry, decode, encode
 
 # the installed console script: run from the source folder, "python -m coach_fx.cli" would
 # import the source tree, which has no coach_fx.passes (pyproject maps it from passes/)
@@ -223,7 +223,7 @@ def mutations(cm, x) -> list[tuple[str, bytes, str]]:
         ("one bit flipped in the header (checksum)", _flip(good, 21), "error"),
         ("one bit flipped in the payload", _flip(good, _H + 56 + 100), "error"),
         ("bad magic", b"EVIL" + good[4:], "error"),
-        ("wire version 2", _header(good, 4, "<H", 2), "error"),
+        (f"wire version {VERSION + 1}", _header(good, 4, "<H", VERSION + 1), "error"),
         *[(f"bits {b}", _entry(good, _BITS, "<B", b), "error") for b in (0, 1, 7, 33, 255)],
         ("int32 dtype claim", _entry(good, _DTYPE, "<B", 7), "error"),
         ("rank 9", _entry(good, _RANK, "<B", 9), "error"),

@@ -56,7 +56,7 @@ def test_requests_of_several_ends_run_as_one_batch_and_each_end_gets_its_own(spl
         ends = [_Session(None, f"end{k}", 4) for k in range(3)]
         xs = [torch.randn(1, 3, 8, 8) for _ in range(6)]
         # two requests from each end, interleaved as they would arrive
-        server._run([(ends[k % 3], request(cm, x, 100 + k), Arrival()) for k, x in enumerate(xs)])
+        server._deliver(*server._submit([(ends[k % 3], request(cm, x, 100 + k), Arrival()) for k, x in enumerate(xs)]))
         assert batched.batches == [6] and server.snapshot().batches == 1
         with torch.no_grad():
             for k, x in enumerate(xs):
@@ -76,8 +76,8 @@ def test_a_bad_request_in_a_batch_fails_only_itself_and_a_close_ends_only_its_en
         x = torch.randn(1, 3, 8, 8)
         bad = bytearray(request(cm, x, 7))
         bad[-1] ^= 1                                          # fails its checksum
-        server._run([(a, request(cm, x, 1), Arrival()), (b, bytes(bad), Arrival()),
-                     (b, encode(CLOSE_ID, [], FLAG_CONTROL), Arrival()), (a, request(cm, x, 2), Arrival())])
+        server._deliver(*server._submit([(a, request(cm, x, 1), Arrival()), (b, bytes(bad), Arrival()),
+                     (b, encode(CLOSE_ID, [], FLAG_CONTROL), Arrival()), (a, request(cm, x, 2), Arrival())]))
         assert [answer(cm, a.replies.get_nowait())[0] for _ in range(2)] == [1, 2]
         req, _, flags, _ = decode(b.replies.get_nowait())
         assert (req, bool(flags & FLAG_ERROR)) == (7, True)
@@ -93,7 +93,7 @@ def test_a_half_without_a_batched_form_still_answers_every_request(split):
     try:
         s = _Session(None, "a", 4)
         xs = [torch.randn(1, 3, 8, 8) for _ in range(3)]
-        server._run([(s, request(cm, x, k), Arrival()) for k, x in enumerate(xs)])
+        server._deliver(*server._submit([(s, request(cm, x, k), Arrival()) for k, x in enumerate(xs)]))
         assert server.snapshot().batches == 3
         for k, x in enumerate(xs):
             assert torch.allclose(answer(cm, s.replies.get_nowait())[1], cm(x), atol=1e-5)
@@ -110,3 +110,52 @@ def test_the_largest_legal_request_is_what_the_plan_sends_at_most(split):
         wide = coach_fx.compile(m, (torch.randn(1, 3, 8, 8),), strategy="manual",
                                 end_nodes=["stem", "relu"], bits=bits, costs="analytic", progress=False)
         assert len(request(wide, torch.randn(1, 3, 8, 8), 0)) == max_request_bytes(wide.boundary)
+
+
+class Deferred:
+    """A ``Compute`` engine that answers when told to (as replicas finish out of order), or
+    fails a batch outside its requests (a replica that died)."""
+
+    def __init__(self, worker):
+        self.worker, self.plans, self.parallelism = worker, worker.plans, 4
+        self.rejected = self.calls = 0
+        self.pending = []
+
+    def warm_up(self):
+        pass
+
+    def submit(self, msgs):
+        if len(self.pending) == 1:
+            raise RuntimeError("no replica took it")
+        replies = self.worker.handle_batch(msgs)
+        self.pending.append(replies)
+        return lambda: replies
+
+    def close(self):
+        pass
+
+
+def test_a_remote_engine_s_batches_reach_each_end_in_its_order_and_a_failed_one_gets_error_replies(split):
+    from coach_fx.runtime.cloud import CloudWorker
+    cm, m = split
+    plans = {0: CloudHalf(cm.cloud_module, cm.boundary, cm.batched_cloud_module)}
+    engine = Deferred(CloudWorker(plans, None))
+    listener = TcpServer("127.0.0.1", 0, token=TOKEN)
+    server = CloudServer(plans, listener, StreamConfig(batching=Batching(16)), compute=engine)
+    try:
+        assert server.engine is engine and server._submitted.maxsize == 4   # four batches out at once
+        a = _Session(None, "a", 8)
+        xs = [torch.randn(1, 3, 8, 8) for _ in range(4)]
+        first = server._submit([(a, request(cm, xs[0], 1), Arrival()), (a, request(cm, xs[1], 2), Arrival())])
+        second = server._submit([(a, request(cm, xs[2], 3), Arrival()), (a, request(cm, xs[3], 4), Arrival())])
+        server._deliver(*first)     # submission order, whenever each was computed
+        server._deliver(*second)
+        got = [a.replies.get_nowait() for _ in range(4)]
+        assert [answer(cm, r)[0] for r in got[:2]] == [1, 2]
+        assert [decode(r)[0] for r in got[2:]] == [3, 4]      # the failed batch: each request its error
+        assert all(decode(r)[2] & FLAG_ERROR for r in got[2:])
+        assert "no replica took it" in bytes(decode(got[2])[3][0].value().numpy()).decode()
+        with torch.no_grad():
+            assert torch.allclose(answer(cm, got[0])[1], cm(xs[0]), atol=1e-5)
+    finally:
+        listener.close()

@@ -113,7 +113,7 @@ def test_a_token_tensor_travels_with_its_row_scales(codec):
     if codec is None:
         assert len(msg) == message_bytes([tensor_bytes(x.numel(), x.numel() * 4, True, 4, token_rows(x.shape))])
     e = decode(msg)[3][0]
-    assert (e.scale, e.zero_point, e.row_scales.shape) == (1.0, 0, (10,))
+    assert e.scale.shape == e.zero_point.shape == (10,)
     s, z = e.quant_params()
     want_q, want_s, want_z = ops.quantize_impl(x, 4)
     assert torch.equal(s, want_s) and torch.equal(z, want_z)
