@@ -23,7 +23,8 @@ _EXPORTS = {
     "compile_online": "coach_fx.online", "OnlineModel": "coach_fx.online",
     "CaptureError": "coach_fx.passes.capture", "Plan": "coach_fx.plan",
     "evaluate": "coach_fx.plan", "Device": "coach_fx.settings", "Network": "coach_fx.settings",
-    "Settings": "coach_fx.settings", "OnlineSettings": "coach_fx.settings",
+    "Settings": "coach_fx.settings", "OnlineSettings": "coach_fx.online_settings",
+    "RaySettings": "coach_fx.runtime.config", "StreamConfig": "coach_fx.runtime.config",
     "Trace": "coach_fx.traces",
 }
 

@@ -77,8 +77,8 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
 def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
           token: bytes | str | None = None, tls: "TlsConfig | None" = None,
           config: "StreamConfig | None" = None, limits: "ServerConfig | None" = None,
-          sessions: int | None = None, engine: str = "builtin", ray: "RaySettings | None" = None
-          ) -> "CloudServer":
+          sessions: int | None = None, engine: str = "builtin", ray: "RaySettings | None" = None,
+          device: str | None = None) -> "CloudServer":
     """Serve the cloud half of a saved plan (``cm.save``), or every plan's cloud half of a
     saved online model (``om.save``: each request names its plan and carries its own bits),
     to every end that holds ``token`` (default ``$COACH_TOKEN``), many at once; returns the
@@ -90,7 +90,8 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     (default: the plan's slowdown, batches of up to ``SERVE_MAX_BATCH`` = 32, the first
     request held at most 2 ms for more); ``limits``: how many
     ends, handshakes and connections per peer (``ServerConfig``); ``sessions``: stop after that
-    many ends have finished. ``engine``: where the cloud halves run: ``"builtin"`` (this
+    many ends have finished. ``device``: where the cloud halves and their dequantize ops run
+    (default: the plan's ``Device("cloud", device=...)``; "cuda" batches them on the GPU). ``engine``: where the cloud halves run: ``"builtin"`` (this
     process) or ``"ray"`` (the replicas of a Ray Serve deployment, ``ray``: a
     :class:`~coach_fx.runtime.config.RaySettings`, default one replica on a local Ray; needs
     ``pip install 'coach-fx[ray]'``); the ends see the same protocol, token and TLS either way.
@@ -100,6 +101,7 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
         >>> with coach_fx.serve("plan_dir", port=0, token=token) as server:   # doctest: +SKIP
         ...     print(server.address); server.wait()
     """
+    from coach_fx.runtime.cloud import CloudWorker
     from coach_fx.runtime.config import ENGINES, Batching, RaySettings, ServerConfig, StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import TcpServer
@@ -114,24 +116,24 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     if config is None:
         config = StreamConfig(cloud_slowdown=meta["cloud"]["slowdown"],
                               batching=Batching(SERVE_MAX_BATCH, SERVE_MAX_WAIT_S))
-    compute = None
+    device = device or meta["cloud"].get("device", "cpu")
     if engine == "ray":
         from coach_fx.runtime.ray_compute import RayCompute
         compute = RayCompute(str(plan_dir), secret, halves, config, ray or RaySettings(), adaptive=online,
-                             name=f"coach-{port or os.getpid()}")
+                             name=f"coach-{port or os.getpid()}", device=device)
+    else:
+        compute = CloudWorker(halves, None, config, adaptive=online, device=device)
     try:
         listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
     except BaseException:
-        if compute is not None:
-            compute.close()
+        compute.close()
         raise
     try:
         server = CloudServer(halves, listener, config, limits or ServerConfig(), adaptive=online,
                              sessions=sessions, compute=compute)
     except BaseException:
         listener.close()
-        if compute is not None:
-            compute.close()
+        compute.close()
         raise
     return server.start()
 

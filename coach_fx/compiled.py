@@ -279,7 +279,8 @@ class CompiledModel(nn.Module):
                 "network": {"uplink_mbps": net.uplink_mbps, "downlink_mbps": net.down_mbps,
                             "rtt_ms": net.rtt_ms},
                 "end": {"name": self.settings.end.name, "slowdown": self.settings.end.slowdown},
-                "cloud": {"name": self.settings.cloud.name, "slowdown": self.settings.cloud.slowdown},
+                "cloud": {"name": self.settings.cloud.name, "slowdown": self.settings.cloud.slowdown,
+                          "device": self.settings.cloud.device},
                 "predicted": self.predicted()}
         was = self.training
         self.eval()
@@ -338,7 +339,7 @@ class CompiledModel(nn.Module):
         net = self.settings.network
         costs = dataclasses.replace(
             p.costs, t_end=t_end * self.settings.end.slowdown,
-            t_cloud=(t_cloud * self.settings.cloud.slowdown + net.rtt_ms / 2e3
+            t_cloud=(t_cloud * self.settings.cloud.slowdown * self.settings.cloud.load + net.rtt_ms / 2e3
                      + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES)))
         self.plan = dataclasses.replace(
             p, costs=costs,

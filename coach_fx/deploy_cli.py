@@ -92,8 +92,10 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     ray = ray_of(a)   # a bad --autoscale fails before anything is read
     token = token_of(a)
     # only plan.json here: coach_fx.serve loads (and verifies) the half itself
-    slowdown = a.slowdown if a.slowdown is not None else plan_meta(a.dir, token)["cloud"]["slowdown"]
+    cloud = plan_meta(a.dir, token)["cloud"]
+    slowdown = a.slowdown if a.slowdown is not None else cloud["slowdown"]
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, batching=Batching(a.max_batch, a.max_wait_ms / 1e3))
+    device = a.device or cloud.get("device", "cpu")
     tls = tls_of(a)
     # the handler only notes the signal (installed before anything can be announced); the
     # main thread drains, so that the summary follows the drain and no thread outlives it
@@ -108,7 +110,7 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     try:
         server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
                        limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None,
-                       engine=a.engine, ray=ray)
+                       engine=a.engine, ray=ray, device=device)
         signal.signal(signal.SIGTERM, on_term)   # ray.init installs its own (it aborts the process)
         host, port = server.address
         what = (f"cloud half of each of the {len(server.engine.plans)} plans of the online model {a.dir}"
@@ -117,6 +119,8 @@ def _serve_tcp(a: argparse.Namespace) -> int:
             what += (f" on Ray Serve ({ray.address or 'a local Ray'}, "
                      + (f"{ray.autoscale[0]}-{ray.autoscale[1]} replicas, autoscaled" if ray.autoscale
                         else f"{ray.replicas} replica(s)") + ")")
+        if device != "cpu":
+            what += f" on {device}"
         print(f"coach serve: {what} on {host}:{port} ({'TLS, ' if tls else ''}token "
               f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, "
               + (f"batches of up to {a.max_batch}" if server.batching else
@@ -292,6 +296,8 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
                            help="requests of all ends run through the cloud half together, up to this many")
             p.add_argument("--max-wait-ms", type=float, default=SERVE_MAX_WAIT_S * 1e3,
                            help="how long the first request of a batch waits for more")
+            p.add_argument("--device", default=None, metavar="cpu|cuda",
+                           help="where the cloud halves run (default: the plan's cloud device)")
             p.add_argument("--engine", choices=ENGINES, default="builtin",
                            help="where the cloud halves run: this process (builtin) or the replicas "
                                 "of a Ray Serve deployment (ray; pip install 'coach-fx[ray]')")

@@ -139,30 +139,30 @@ def _quant(raw: Any, where: str) -> dict[int, tuple[float, float]] | None:
 
 def quant_costs(device: Device, bits: int, host: tuple[float, float] | None) -> tuple[float, float]:
     """(quantize, dequantize) seconds per element at ``bits`` on ``device``: its own figure,
-    else the ``host``'s × its slowdown."""
+    else the ``host``'s × its slowdown; × its ``load`` where ends share it."""
     own = (device.quant_costs or {}).get(bits)
     if own is not None:
-        return own
+        return own[0] * device.load, own[1] * device.load
     if host is None:
         raise ValueError(f"no quantization cost for {bits} bits on {device.name!r}")
-    return host[0] * device.slowdown, host[1] * device.slowdown
+    return host[0] * device.slowdown * device.load, host[1] * device.slowdown * device.load
 
 
 def device_times(host: Mapping[str, float], device: Device,
                  ops: Mapping[str, tuple[str, float]] | None = None) -> dict[str, float]:
     """A device's seconds per fx node: its own figure for the node, else the node's FLOPs at
-    its op type's rate, else host × slowdown."""
+    its op type's rate, else host × slowdown; × its ``load`` where ends share it."""
     own = dict(device.node_costs or {})
     rates = dict(device.op_rates or {})
     out = {}
     for k, v in host.items():
         kind, flops = (ops or {}).get(k, ("", 0.0))
         if k in own:
-            out[k] = own[k]
+            out[k] = own[k] * device.load
         elif kind in rates and flops > 0:
-            out[k] = rates[kind] * flops
+            out[k] = rates[kind] * flops * device.load
         else:
-            out[k] = v * device.slowdown
+            out[k] = v * device.slowdown * device.load
     return out
 
 

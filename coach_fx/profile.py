@@ -32,7 +32,7 @@ from coach_fx.runtime.wire_sizes import packed_nbytes, row_param_bytes
 from coach_fx.device_profile import device_times, node_ops, quant_costs
 from coach_fx.inputs import calibration_parts
 from coach_fx.settings import Settings
-from coach_fx.timing import busy_since, clock, run_times
+from coach_fx.timing import busy_since, clock, quiet_times, run_times
 
 HOST_FLOPS = 20e9            # FLOP/s of the modelled host in the analytic model
 HOST_BYTES_PER_S = 10e9      # memory bandwidth of the modelled host
@@ -115,6 +115,25 @@ def measure_quant_cost(numel: int = 1 << 18, bits: int = 8, repeat: int = 3) -> 
     def best(f: Callable[[], Any]) -> float:
         return min(run_times(f, repeat, 0)) / numel
     return best(q), best(dq)
+
+
+def measure_batch_efficiency(model: Callable[..., Any], example_inputs: Sequence[Any], batch: int,
+                             repeat: int = 5, rounds: int = 3) -> float:
+    """Seconds per request of ``model`` run on ``batch`` requests at once / seconds of one
+    alone, on this host (busy time, interleaved rounds), within (0, 1]: what a cloud that
+    ``batch`` ends share gains by batching their requests (``Device(batch_efficiency=...)``).
+    The example's tensors are repeated along dim 0 (its batch dimension).
+
+    >>> eff = measure_batch_efficiency(torch.nn.Linear(64, 64), (torch.randn(1, 64),), 16)  # doctest: +SKIP
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    one = tuple(example_inputs)
+    many = tuple(torch.cat([x] * batch) if isinstance(x, torch.Tensor) and x.dim() else x for x in one)
+    with torch.no_grad():
+        t_one, t_many = quiet_times([lambda: model(*one), lambda: model(*many)], repeat=repeat,
+                                    warmup=2, rounds=rounds)
+    return float(min(1.0, max(1e-3, t_many / (batch * t_one))))
 
 
 @contextmanager
@@ -204,8 +223,8 @@ def codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Set
             else:
                 enc, dec = m.encode_s, m.decode_s
             costs[codec] = CodecCost(codec, per_request * m.quantile(CODEC_QUANTILE),
-                                     per_request * enc * settings.end.slowdown,
-                                     per_request * dec * settings.cloud.slowdown,
+                                     per_request * enc * settings.end.slowdown * settings.end.load,
+                                     per_request * dec * settings.cloud.slowdown * settings.cloud.load,
                                      round(per_request * sum(m.sizes) / len(m.sizes)))
         out[name] = costs
     return out
@@ -311,5 +330,6 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
             enc = statistics.median(t[0] for t in times[(codec, name, bits)])
             dec = statistics.median(t[1] for t in times[(codec, name, bits)])
         out.setdefault(codec, {}).setdefault(name, {})[bits] = CodecCost(
-            codec, q, enc * settings.end.slowdown, dec * settings.cloud.slowdown, round(sum(got) / len(got)))
+            codec, q, enc * settings.end.slowdown * settings.end.load,
+            dec * settings.cloud.slowdown * settings.cloud.load, round(sum(got) / len(got)))
     return out

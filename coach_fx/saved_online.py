@@ -103,7 +103,7 @@ def save_online(om: "OnlineModel", path: str | Path, *, key: bytes | str | None 
            "online": {"hold": s.online.hold, "capacity": s.online.capacity,
                       "audit_rate": s.online.audit_rate},
            "end": {"name": s.end.name, "slowdown": s.end.slowdown},
-           "cloud": {"name": s.cloud.name, "slowdown": s.cloud.slowdown},
+           "cloud": {"name": s.cloud.name, "slowdown": s.cloud.slowdown, "device": s.cloud.device},
            "network": {"uplink_mbps": s.network.uplink_mbps, "rtt_ms": s.network.rtt_ms},
            "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype)} for t in x],
            "out_spec": treespec_dumps(om.out_spec), "whole": whole}

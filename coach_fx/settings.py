@@ -84,13 +84,26 @@ class Device:
     The device's own figures (``coach profile``; the slowdown is not applied to them):
     ``node_costs`` seconds per node name, ``op_rates`` seconds per FLOP by op type (for nodes
     without their own figure), ``quant_costs`` per width (quantize+pack, unpack+dequantize)
-    seconds per element."""
+    seconds per element.
+
+    A cloud that ``ends`` ends share (load-aware planning): every end's request waits for the
+    others', so its cloud stage costs ``load`` = ``ends`` × ``batch_efficiency`` times its time
+    alone (``batch_efficiency``: seconds per request in a batch of ``ends`` / alone, e.g.
+    ``profile.measure_batch_efficiency``; 1: batching gains nothing).
+
+        >>> Device("cloud", ends=16, batch_efficiency=0.5).load
+        8.0
+    """
 
     name: str = "device"
     slowdown: float = 1.0
     node_costs: Mapping[str, float] | None = None
     op_rates: Mapping[str, float] | None = None
     quant_costs: Mapping[int, tuple[float, float]] | None = None
+    ends: int = 1
+    batch_efficiency: float = 1.0
+    #: where a served cloud half runs ("cpu", "cuda"; saved with the plan for ``coach serve``)
+    device: str = "cpu"
 
     @staticmethod
     def from_profile(path: str, name: str | None = None) -> "Device":
@@ -101,6 +114,14 @@ class Device:
     def __post_init__(self) -> None:
         if not self.slowdown > 0:
             raise ValueError(f"Device {self.name!r}: slowdown must be > 0, got {self.slowdown}")
+        if self.ends < 1 or not 0 < self.batch_efficiency <= 1:
+            raise ValueError(f"Device {self.name!r}: ends must be >= 1 and batch_efficiency in (0, 1], "
+                             f"got {self.ends} and {self.batch_efficiency}")
+
+    @property
+    def load(self) -> float:
+        """What one request's time on this device is multiplied by: the ``ends`` sharing it."""
+        return self.ends * self.batch_efficiency if self.ends > 1 else 1.0
 
 
 def replace_grouped(obj: Any, groups: Mapping[str, type], kw: dict[str, Any]) -> Any:

@@ -66,13 +66,37 @@ def cloud_half(plan: CloudPlan) -> CloudHalf:
     return plan if isinstance(plan, CloudHalf) else CloudHalf(*plan)
 
 
+def cloud_device(name: str) -> torch.device:
+    """The device a cloud half runs on, checked: "cpu", or "cuda[:N]" where there is one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"a cloud device is 'cpu' or 'cuda[:N]', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"cloud device {name!r}: this machine has no CUDA device")
+    return device
+
+
+def on_device(half: CloudHalf, device: torch.device) -> CloudHalf:
+    """``half`` with its modules' weights on ``device`` (as it is on the CPU)."""
+    if device.type == "cpu":
+        return half
+    move = (lambda m: m.to(device) if isinstance(m, torch.nn.Module) else m)
+    return CloudHalf(move(half.module), half.boundary, move(half.batched) if half.batched is not None else None)
+
+
 class CloudWorker:
     """Receives payloads, runs the cloud half, sends results back (a thread or a process)."""
 
     def __init__(self, plans: dict[int, CloudPlan], endpoint: Endpoint | None,
-                 config: StreamConfig = StreamConfig(), *, adaptive: bool = False) -> None:
+                 config: StreamConfig = StreamConfig(), *, adaptive: bool = False, device: str = "cpu") -> None:
+        #: where the halves run (their dequantize ops too: "cpu", "cuda", "cuda:1"...); replies
+        #: are built on the CPU
+        self.device = cloud_device(device)
         #: plan id -> its cloud half and boundary
-        self.plans = {k: cloud_half(v) for k, v in plans.items()}
+        self.plans = {k: on_device(cloud_half(v), self.device) for k, v in plans.items()}
         #: requests that have arrived together run as one batch, up to ``config.batching.max_batch``
         #: (only on an endpoint whose ``ready()`` tells what has arrived: the in-process link)
         self.max_batch = config.batching.max_batch
@@ -117,10 +141,10 @@ class CloudWorker:
             if plan_id not in self.plans:
                 raise WireError(f"unknown plan id {plan_id}")
             half = self.plans[plan_id]
-            payload = entries_to_payload(half.boundary, entries, self.adaptive)
+            payload = self._here(entries_to_payload(half.boundary, entries, self.adaptive))
             self.calls += 1
             with torch.no_grad():
-                out = half.module(*payload)
+                out = self._back(half.module(*payload))
             if not all_finite(tree_flatten(out)[0]):
                 raise ValueError("the cloud half's result is not finite (NaN or inf): the request's "
                                  "values or scales were out of range")
@@ -132,6 +156,20 @@ class CloudWorker:
         self.served += 1
         return encode(req, [*out_entries, reply_stats(took, msg, arrival)], FLAG_RESULT, plan_id)
 
+    def _here(self, payload: tuple) -> tuple:
+        """A request's payload on the halves' device (the packed codes travel there: the
+        unpack and dequantize run there too)."""
+        if self.device.type == "cpu":
+            return payload
+        return tuple(v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for v in payload)
+
+    def _back(self, out: Any) -> Any:
+        """A result on the CPU, where replies are encoded."""
+        if self.device.type == "cpu":
+            return out
+        leaves, spec = tree_flatten(out)
+        return tree_unflatten([v.cpu() if isinstance(v, torch.Tensor) else v for v in leaves], spec)
+
     def warm_up(self) -> None:
         """Run every plan's halves once on a zero request (the first call of a loaded graph
         costs about a second: the first end's first request should not pay it). Plans whose
@@ -140,6 +178,7 @@ class CloudWorker:
             payload = zero_payload(half.boundary)
             if payload is None:
                 continue
+            payload = self._here(payload)
             try:
                 with torch.no_grad():
                     half.module(*payload)
@@ -184,7 +223,7 @@ class CloudWorker:
         t0 = time.perf_counter()
         try:
             half = self.plans[decoded[0][1]]
-            payloads = [entries_to_payload(half.boundary, d[3], self.adaptive) for d in decoded]
+            payloads = [self._here(entries_to_payload(half.boundary, d[3], self.adaptive)) for d in decoded]
             module = half.module
             if half.batched is not None:   # dequantized here, so that the rest runs as one batch
                 floats = [payload_to_floats(half.boundary, p) for p in payloads]
@@ -194,7 +233,7 @@ class CloudWorker:
                        for p in payloads for v in p):
                 return one_by_one()
             with torch.no_grad():
-                out = module(*(torch.cat(vs) for vs in zip(*payloads)))
+                out = self._back(module(*(torch.cat(vs) for vs in zip(*payloads))))
             leaves, spec = tree_flatten(out)
             n = len(msgs)
             if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves) \

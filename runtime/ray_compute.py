@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
 
 from coach_fx.runtime.cloud import Arrival, CloudHalf, CloudWorker, error_reply_to
 from coach_fx.runtime.compute import Replies
@@ -48,12 +53,17 @@ class RayUnavailable(RuntimeError):
 class CloudReplica:
     """One replica of the deployment: the plan directory's cloud halves in a ``CloudWorker``.
 
-    Its arguments are plain values (a path, the token, a slowdown, a flag)."""
+    Its arguments are plain values (a path, the token, a slowdown, a flag, torch threads, a
+    device name)."""
 
-    def __init__(self, plan_dir: str, key: bytes | None, cloud_slowdown: float, adaptive: bool) -> None:
+    def __init__(self, plan_dir: str, key: bytes | None, cloud_slowdown: float, adaptive: bool,
+                 threads: int, device: str) -> None:
         from coach_fx.saved_online import cloud_halves
+        if threads:   # as many torch threads as the CPUs Ray reserved for it (not every core)
+            torch.set_num_threads(threads)
         halves, _ = cloud_halves(plan_dir, key)
-        self.worker = CloudWorker(halves, None, StreamConfig(cloud_slowdown=cloud_slowdown), adaptive=adaptive)
+        self.worker = CloudWorker(halves, None, StreamConfig(cloud_slowdown=cloud_slowdown),
+                                  adaptive=adaptive, device=device)
         self.worker.warm_up()
 
     def run(self, msgs: list[bytes], arrivals: list[tuple[float, float]]) -> tuple[list[bytes | None], int, int]:
@@ -66,6 +76,16 @@ class CloudReplica:
     def pid(self) -> int:
         """This replica's process id (tests kill it to see a replica restarted)."""
         return os.getpid()
+
+
+@contextmanager
+def _working_dir(path: str) -> Iterator[None]:
+    was = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(was)
 
 
 def _serve_module():  # noqa: ANN202 - ray.serve, imported only here (an optional extra)
@@ -82,7 +102,10 @@ class RayCompute:
     deployment named ``name``; up to ``inflight_per_replica`` × max replicas out at once."""
 
     def __init__(self, plan_dir: str, key: bytes | None, halves: dict[int, CloudHalf],
-                 config: StreamConfig, ray: RaySettings, *, adaptive: bool = False, name: str = "coach") -> None:
+                 config: StreamConfig, ray: RaySettings, *, adaptive: bool = False, name: str = "coach",
+                 device: str = "cpu") -> None:
+        if device.split(":")[0] not in ("cpu", "cuda"):   # checked here: the replicas may have a GPU, not this node
+            raise ValueError(f"a cloud device is 'cpu' or 'cuda[:N]', got {device!r}")
         serve = _serve_module()
         import ray as ray_module
         self.plans = halves
@@ -92,8 +115,12 @@ class RayCompute:
         self._started_ray = not ray_module.is_initialized()
         if self._started_ray:
             try:
-                ray_module.init(address=ray.address, include_dashboard=False, log_to_driver=False,
-                                logging_level=logging.WARNING)
+                # Ray puts the driver's working directory first on its workers' import path: run
+                # from a source checkout, its coach_fx/ folder (without runtime/, which the
+                # install maps into the package) would shadow the installed package there
+                with _working_dir(tempfile.gettempdir()):
+                    ray_module.init(address=ray.address, include_dashboard=False, log_to_driver=False,
+                                    logging_level=logging.WARNING)
             except Exception as e:  # noqa: BLE001 - named for the user: which cluster, why
                 raise RayUnavailable(f"cannot start or reach Ray at {ray.address or 'a local instance'}: "
                                      f"{type(e).__name__}: {e}") from None
@@ -102,10 +129,13 @@ class RayCompute:
                                            "target_ongoing_requests": ray.inflight_per_replica}}
                    if ray.autoscale else {"num_replicas": ray.replicas})
         deployment = serve.deployment(CloudReplica, name=f"{name}-cloud").options(
-            ray_actor_options={"num_cpus": ray.cpus_per_replica},
+            ray_actor_options={"num_cpus": ray.cpus_per_replica,   # a GPU each for a CUDA cloud half
+                               "num_gpus": 1 if device.startswith("cuda") else 0},
             max_ongoing_requests=ray.inflight_per_replica, **scaling)
         serve.start(http_options={"location": "NoServer"})   # the front door is coach's server
-        self.handle = serve.run(deployment.bind(str(plan_dir), key, config.cloud_slowdown, adaptive),
+        threads = max(1, round(ray.cpus_per_replica)) if ray.cpus_per_replica else 0
+        self.handle = serve.run(deployment.bind(str(Path(plan_dir).resolve()), key, config.cloud_slowdown, adaptive, threads,
+                                                device),
                                 name=name, route_prefix=None)
 
     def warm_up(self) -> None:

@@ -258,7 +258,7 @@ class CutAnalysis:
             # the per-node sums miss the per-request work around the halves (quantize, encode,
             # the cache lookup), which decides between close cuts on a slow end device
             t_end = self.end_host_s(end_nodes, False) * self.settings.end.slowdown
-            t_cloud = self.cloud_host_s(end_nodes) * self.settings.cloud.slowdown
+            t_cloud = self.cloud_host_s(end_nodes) * self.settings.cloud.slowdown * self.settings.cloud.load
         plain = (max(t_end, p.t_link, t_cloud), t_end + p.t_link + t_cloud)
         cache = info.cache.setup
         if cache is None or not with_cache:

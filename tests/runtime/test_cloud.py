@@ -73,3 +73,22 @@ def test_the_serving_loop_goes_on_after_bad_frames_in_a_batch(tiny_split):
     assert worker.error is None and worker.rejected == 2
     assert [r[0] for r in replies] == [0, 0, 2, 3, CLOSE_ID]
     assert [bool(r[2] & FLAG_ERROR) for r in replies] == [False, True, True, False, False]
+
+
+def test_a_cloud_device_is_checked_before_anything_runs():
+    with pytest.raises(ValueError, match="a cloud device is"):
+        CloudWorker({}, None, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            CloudWorker({}, None, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cloud_half_on_cuda_answers_as_on_the_cpu(tiny_split):
+    model, end, cloud, boundary, x = split(tiny_split)
+    msgs = [(request(end, boundary, x, k), Arrival()) for k in range(4)]
+    cpu = CloudWorker({0: (cloud, boundary)}, None)
+    gpu = CloudWorker({0: (cloud, boundary)}, None, device="cuda")
+    for a, b in zip(cpu.handle_batch(msgs), gpu.handle_batch(msgs)):
+        ya, yb = decode(a)[3][0].value(), decode(b)[3][0].value()
+        assert torch.allclose(ya, yb, atol=1e-4)
