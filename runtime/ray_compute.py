@@ -132,11 +132,16 @@ class RayCompute:
             ray_actor_options={"num_cpus": ray.cpus_per_replica,   # a GPU each for a CUDA cloud half
                                "num_gpus": 1 if device.startswith("cuda") else 0},
             max_ongoing_requests=ray.inflight_per_replica, **scaling)
-        serve.start(http_options={"location": "NoServer"})   # the front door is coach's server
         threads = max(1, round(ray.cpus_per_replica)) if ray.cpus_per_replica else 0
-        self.handle = serve.run(deployment.bind(str(Path(plan_dir).resolve()), key, config.cloud_slowdown, adaptive, threads,
-                                                device),
-                                name=name, route_prefix=None)
+        try:
+            serve.start(http_options={"location": "NoServer"})   # the front door is coach's server
+            self.handle = serve.run(deployment.bind(str(Path(plan_dir).resolve()), key, config.cloud_slowdown,
+                                                    adaptive, threads, device), name=name, route_prefix=None)
+        except BaseException:
+            if self._started_ray:   # nothing of this engine outlives its failure
+                serve.shutdown()
+                ray_module.shutdown()
+            raise
 
     def warm_up(self) -> None:
         """Nothing here: each replica warms its halves up before it takes requests."""
