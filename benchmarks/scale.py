@@ -5,7 +5,8 @@
 Three tables:
 
 1. **Load-aware plans (simulated).** torchvision resnet18 (random weights, 224x224), the end
-   8x slower than this host, a 20 Mbit/s uplink per end, analytic costs; the cloud's batching
+   8x slower than this host, a 20 Mbit/s uplink per end, costs measured on this host (so that
+   the measured table below runs the plans on the host they were made for); the cloud's batching
    efficiency measured on this host (``profile.measure_batch_efficiency``: the cloud half's
    seconds per request in a batch of K / alone). For K = 1, 4, 16, 64 ends the plan made for
    ``Device("cloud", ends=K)`` against the plan made for one end, both priced for K ends:
@@ -52,7 +53,7 @@ def plans_for(model: torch.nn.Module, x: torch.Tensor, eff: dict[int, float]) ->
     for k in KS:
         out[k] = coach_fx.compile(model, (x,), network=Network(UPLINK_MBPS), end=Device("end", END_SLOWDOWN),
                                   cloud=Device("cloud", 1.0, ends=k, batch_efficiency=eff[k]),
-                                  costs="analytic", progress=False)
+                                  costs="measured", threads=1, progress=False)
     return out
 
 
@@ -63,7 +64,8 @@ def simulated(plans: dict) -> tuple[list[list], dict[int, float]]:
         cm = plans[k]
         # the one-end plan priced for k ends sharing the cloud
         naive = evaluate(cm.dag, single.end_nodes, single.bits, Network(UPLINK_MBPS),
-                         input_bits=cm.settings.input_bits)
+                         input_bits=cm.settings.input_bits, codecs=single.codecs or None,
+                         tensor_codec=single.tensor_codec)
         gains[k] = naive.period / cm.plan.period
         rows.append([k, ",".join(cm.plan.cut) or "-", len(cm.plan.end_nodes), f"{cm.plan.period * 1e3:.0f}",
                      f"{k / cm.plan.period:.1f}", f"{naive.period * 1e3:.0f}", f"{k / naive.period:.1f}",
@@ -119,6 +121,7 @@ def main() -> None:
     a = ap.parse_args()
     import torchvision
     t0 = time.time()
+    torch.set_num_threads(1)   # the planned cloud, the served one and each replica: one core each
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 224, 224)

@@ -137,6 +137,8 @@ def _one_end(address: tuple[str, int], token: bytes | str | None, tls: TlsConfig
             ep.send(with_request_id(messages[k % len(messages)], k))
         reader.join(spec.timeout_s)
         ep.send(encode(CLOSE_ID, [], FLAG_CONTROL))
+        while not decode(ep.recv(spec.timeout_s))[2] & FLAG_CONTROL:   # the close's acknowledgement
+            pass
     finally:
         ep.close()
 
