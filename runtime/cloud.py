@@ -48,14 +48,17 @@ class CloudHalf:
 @dataclass(frozen=True)
 class Arrival:
     """How a request arrived, as the cloud's endpoint saw it (``Endpoint.last_wire_s`` and
-    ``last_arrival_s``); each reply reports both, the end's bandwidth samples."""
+    ``last_arrival_s``), and how many ends shared the cloud then (a server's sessions); each
+    reply reports all three: the end's bandwidth samples, and the load that pushes its
+    controller toward plans with less cloud work."""
 
     wire_s: float = 0.0
     at_s: float = 0.0
+    ends: int = 1
 
     @classmethod
-    def of(cls, endpoint: Endpoint) -> "Arrival":
-        return cls(endpoint.last_wire_s, endpoint.last_arrival_s)
+    def of(cls, endpoint: Endpoint, ends: int = 1) -> "Arrival":
+        return cls(endpoint.last_wire_s, endpoint.last_arrival_s, ends)
 
 
 #: What a worker or server is given per plan: a :class:`CloudHalf`, or (module, boundary).
@@ -284,8 +287,8 @@ class CloudWorker:
 
 def reply_stats(took: float, msg: bytes, arrival: Arrival) -> Entry:
     """A reply's figures for the end: [cloud compute s, request bytes, wire s, arrival time s
-    on the cloud's clock]."""
-    return Entry.stats([took, float(len(msg)), float(arrival.wire_s), float(arrival.at_s)])
+    on the cloud's clock, ends sharing the cloud]."""
+    return Entry.stats([took, float(len(msg)), float(arrival.wire_s), float(arrival.at_s), float(arrival.ends)])
 
 
 def zero_payload(boundary: Boundary) -> tuple | None:

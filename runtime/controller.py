@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Sequence
 
@@ -35,6 +36,9 @@ from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.wire_sizes import ALL_BITS
 
+#: A cloud shared by several ends moves the controller to another plan only when that plan's
+#: period under the load is this much shorter than the band's plan's.
+LOAD_SWITCH_GAIN = 0.9
 #: Weight of the newest message in a plan's learned size factor (``BitController.observe``).
 SIZE_SMOOTHING = 0.2
 
@@ -86,7 +90,15 @@ class ArrivalSampler:
 
     def sample(self, req: int, st: list[float]) -> list[float]:
         """A reply's figures ``[cloud s, bytes, wire s, arrival]`` with the wire time made the
-        bandwidth sample, and a fifth where the arrival told anything: 1 if only a lower bound."""
+        bandwidth sample, and a fifth where the arrival told anything: 1 if only a lower bound.
+        A server's fifth figure, the ends sharing the cloud, comes back sixth (the fifth NaN
+        where the arrival told nothing)."""
+        out = self._sample(req, st[:4])
+        if len(st) > 4:
+            out = [*out[:4], out[4] if len(out) > 4 else math.nan, st[4]]
+        return out
+
+    def _sample(self, req: int, st: list[float]) -> list[float]:
         sent = self.sent_at.pop(req, None)
         if sent is None or len(st) < 4 or st[3] <= 0:
             return st
@@ -258,7 +270,9 @@ class OnlineController:
         self.estimator = BandwidthEstimator(control.window)
         self.bit_controllers = {k: BitController(p) for k, p in profiles.items()}
         self.end_s = dict(end_s or {})
+        #: per plan, its cloud stage as the replies report it (× the ends sharing the cloud)
         self.cloud_s: dict[int, float] = {}
+        self.ends = 1.0
         #: on an end-only plan nothing crosses, so no result measures the link: every
         #: ``probe_s`` one frame goes with the next band's plan, or the controller could never
         #: see the link recover
@@ -317,13 +331,16 @@ class OnlineController:
         return self.bit_controllers[plan].link_seconds(bits, mbps)
 
     def on_result(self, plan: int | None, nbytes: float, wire_s: float, cloud_s: float | None,
-                  lower_bound: bool = False) -> None:
+                  lower_bound: bool = False, ends: float = 1.0) -> None:
         """A result came back: a bandwidth sample (its message's bytes over its time on the
         wire; ``lower_bound``: the rate is at least that, which raises the estimate, never
-        lowers it) and the cloud's compute time; may switch the plan."""
+        lowers it), the cloud's compute time and the ``ends`` that share the cloud (a server's
+        sessions: each end's cloud stage is that many requests' time); may switch the plan."""
+        self.ends = max(1.0, ends)
         if plan is not None and cloud_s is not None:
+            stage = cloud_s * self.ends
             prev = self.cloud_s.get(plan)
-            self.cloud_s[plan] = cloud_s if prev is None else 0.8 * prev + 0.2 * cloud_s
+            self.cloud_s[plan] = stage if prev is None else 0.8 * prev + 0.2 * stage
         est = self.estimator.mbps
         if lower_bound and nbytes > 0 and wire_s > 0 and est is not None:
             # the link did not queue: it has room, so the estimate rises by the probing gain
@@ -332,11 +349,28 @@ class OnlineController:
         if nbytes > 0 and wire_s > 0:
             self.estimator.add(nbytes, wire_s)
             if self.switcher is not None:
-                plan = self.switcher.update(self.estimator.mbps)
+                plan = self._under_load(self.switcher.update(self.estimator.mbps))
                 # from a start plan that serves no band (or one band for all rates), the first
                 # estimate moves to its band's plan
                 self._switches += plan != self.current
                 self.current = plan
+
+    def _under_load(self, plan: int) -> int:
+        """With ends sharing the cloud, the plan whose period is shortest when each request's
+        cloud stage is ``ends`` times its own (as ``Device(ends=K)`` prices plans), where it
+        beats the band's ``plan`` by ``LOAD_SWITCH_GAIN``: a loaded cloud pushes work to the ends."""
+        if self.ends <= 1:
+            return plan
+        est = self.estimator.mbps
+
+        def period(p: int) -> float:
+            prof = self.profiles[p]
+            if prof.end_only:
+                return self.end_s.get(p, prof.t_end)
+            link = self.bit_controllers[p].link_seconds(prof.min_bits, est) if est else 0.0
+            return max(self.end_s.get(p, prof.t_end), prof.t_cloud * self.ends, link)
+        best = min(self.profiles, key=period)
+        return best if period(best) < LOAD_SWITCH_GAIN * period(plan) else plan
 
     @property
     def switches(self) -> int:

@@ -273,7 +273,8 @@ class OnlinePolicy:
             ctx = self._ctx.pop(i, None)
             if len(stats) >= 3:
                 self.control.on_result(ctx[0] if ctx else None, stats[1], stats[2], stats[0],
-                                       lower_bound=len(stats) > 4 and stats[4] > 0)
+                                       lower_bound=len(stats) > 4 and stats[4] > 0,
+                                       ends=stats[5] if len(stats) > 5 else 1.0)
             try:
                 y = self.label(out)
             except ValueError:

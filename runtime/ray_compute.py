@@ -66,10 +66,10 @@ class CloudReplica:
                                   adaptive=adaptive, device=device)
         self.worker.warm_up()
 
-    def run(self, msgs: list[bytes], arrivals: list[tuple[float, float]]) -> tuple[list[bytes | None], int, int]:
+    def run(self, msgs: list[bytes], arrivals: list[tuple[float, float, int]]) -> tuple[list[bytes | None], int, int]:
         """A batch's replies, and the runs of a cloud half and the bad frames it took."""
         calls, rejected = self.worker.calls, self.worker.rejected
-        replies = self.worker.handle_batch([(m, Arrival(w, t)) for m, (w, t) in zip(msgs, arrivals)])
+        replies = self.worker.handle_batch([(m, Arrival(w, t, k)) for m, (w, t, k) in zip(msgs, arrivals)])
         return ([bytes(r) if r is not None else None for r in replies],
                 self.worker.calls - calls, self.worker.rejected - rejected)
 
@@ -148,7 +148,7 @@ class RayCompute:
 
     def submit(self, msgs: Sequence[tuple[bytes, Arrival]]) -> Replies:
         raw = [bytes(m) for m, _ in msgs]
-        arrivals = [(a.wire_s, a.at_s) for _, a in msgs]
+        arrivals = [(a.wire_s, a.at_s, a.ends) for _, a in msgs]
         first = self.handle.run.remote(raw, arrivals)
 
         def replies() -> list[bytes | None]:

@@ -252,7 +252,7 @@ class CloudServer:
                 while not s.room.acquire(timeout=POLL_S):   # backpressure: the end waits
                     if s.closed.is_set():
                         return
-                self._requests.put((s, msg, Arrival.of(s.ep)))
+                self._requests.put((s, msg, Arrival.of(s.ep, max(1, self.stats.active))))
                 if _is_close(msg):
                     return   # the close travels the queue behind its requests; nothing follows
         except LinkError as e:

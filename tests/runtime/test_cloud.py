@@ -92,3 +92,11 @@ def test_the_cloud_half_on_cuda_answers_as_on_the_cpu(tiny_split):
     for a, b in zip(cpu.handle_batch(msgs), gpu.handle_batch(msgs)):
         ya, yb = decode(a)[3][0].value(), decode(b)[3][0].value()
         assert torch.allclose(ya, yb, atol=1e-4)
+
+
+def test_a_reply_reports_how_many_ends_share_the_cloud(tiny_split):
+    model, end, cloud, boundary, x = split(tiny_split)
+    worker = CloudWorker({0: (cloud, boundary)}, None)
+    reply = worker.handle(request(end, boundary, x, 3), Arrival(0.001, 2.0, ends=5))
+    stats = decode(reply)[3][-1].value().tolist()
+    assert stats[1:] == [len(request(end, boundary, x, 3)), 0.001, 2.0, 5.0]

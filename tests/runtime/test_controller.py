@@ -1,3 +1,4 @@
+import math
 import pytest
 
 from coach_fx.runtime.config import Bands, ControlConfig
@@ -151,3 +152,25 @@ def test_an_in_process_reply_keeps_its_exact_wire_time():
     st.sent_at[0] = 1.0
     assert st.sample(0, [0.001, 100.0, 0.02, 0.0]) == [0.001, 100.0, 0.02, 0.0]
     assert st.sample(7, [0.001, 100.0, 0.02, 5.0]) == [0.001, 100.0, 0.02, 5.0]   # never sent here
+
+
+def test_a_server_s_ends_count_comes_back_sixth():
+    st = sampler()
+    st.sent_at[0] = 1.0
+    got = st.sample(0, [0.001, 100.0, 0.02, 0.0, 8.0])      # in-process arrival: nothing to tell
+    assert got[:4] == [0.001, 100.0, 0.02, 0.0] and math.isnan(got[4]) and got[5] == 8.0
+
+
+def test_a_shared_cloud_pushes_the_controller_to_plans_with_less_cloud_work():
+    cloudy = CutProfile(Sizes((1_000,)), 8, t_end=0.002, t_cloud=0.010)     # the band's plan
+    endy = CutProfile(Sizes((1_000,)), 8, t_end=0.030, t_cloud=0.001)
+    ctl = OnlineController({0: cloudy, 1: endy}, Bands((), (0,), start=0))
+    for _ in range(3):
+        ctl.on_result(0, 125_000, 0.01, 0.010)                 # one end: the cloud has room
+    assert ctl.current == 0 and ctl.compute_s(0) == pytest.approx(0.010)
+    for _ in range(3):
+        ctl.on_result(0, 125_000, 0.01, 0.010, ends=8)         # eight share it: 80 ms per round
+    assert ctl.current == 1 and ctl.switches == 1
+    for _ in range(3):
+        ctl.on_result(1, 125_000, 0.01, 0.001, ends=1)         # alone again: back to the band's plan
+    assert ctl.current == 0 and ctl.switches == 2
