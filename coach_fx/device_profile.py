@@ -145,7 +145,7 @@ def quant_costs(device: Device, bits: int, host: tuple[float, float] | None) -> 
         return own[0] * device.load, own[1] * device.load
     if host is None:
         raise ValueError(f"no quantization cost for {bits} bits on {device.name!r}")
-    return host[0] * device.slowdown * device.load, host[1] * device.slowdown * device.load
+    return device.seconds(host[0]), device.seconds(host[1])
 
 
 def device_times(host: Mapping[str, float], device: Device,
@@ -162,7 +162,7 @@ def device_times(host: Mapping[str, float], device: Device,
         elif kind in rates and flops > 0:
             out[k] = rates[kind] * flops * device.load
         else:
-            out[k] = v * device.slowdown * device.load
+            out[k] = device.seconds(v)
     return out
 
 

@@ -223,8 +223,8 @@ def codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Set
             else:
                 enc, dec = m.encode_s, m.decode_s
             costs[codec] = CodecCost(codec, per_request * m.quantile(CODEC_QUANTILE),
-                                     per_request * enc * settings.end.slowdown * settings.end.load,
-                                     per_request * dec * settings.cloud.slowdown * settings.cloud.load,
+                                     settings.end.seconds(per_request * enc),
+                                     settings.cloud.seconds(per_request * dec),
                                      round(per_request * sum(m.sizes) / len(m.sizes)))
         out[name] = costs
     return out
@@ -330,6 +330,5 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
             enc = statistics.median(t[0] for t in times[(codec, name, bits)])
             dec = statistics.median(t[1] for t in times[(codec, name, bits)])
         out.setdefault(codec, {}).setdefault(name, {})[bits] = CodecCost(
-            codec, q, enc * settings.end.slowdown * settings.end.load,
-            dec * settings.cloud.slowdown * settings.cloud.load, round(sum(got) / len(got)))
+            codec, q, settings.end.seconds(enc), settings.cloud.seconds(dec), round(sum(got) / len(got)))
     return out

@@ -123,6 +123,11 @@ class Device:
         """What one request's time on this device is multiplied by: the ``ends`` sharing it."""
         return self.ends * self.batch_efficiency if self.ends > 1 else 1.0
 
+    def seconds(self, host_s: float) -> float:
+        """Seconds of a request on this device for work that takes ``host_s`` on this host:
+        × its slowdown, × its load (the one home of that rule)."""
+        return host_s * self.slowdown * self.load
+
 
 def replace_grouped(obj: Any, groups: Mapping[str, type], kw: dict[str, Any]) -> Any:
     """A copy of the record ``obj`` with ``kw`` changed, where a key is one of its fields or a

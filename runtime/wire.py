@@ -208,21 +208,18 @@ class Entry:
         return self.data
 
 
-def _payload_bytes(e: Entry) -> bytes | memoryview:
+def _payload_parts(e: Entry) -> list[memoryview]:
+    """An entry's payload, in parts copied once each into the message."""
     if e.kind == QUANT and isinstance(e.scale, torch.Tensor):   # a token tensor's rows lead
-        return b"".join([memoryview(e.scale.numpy()).cast("B"), memoryview(e.zero_point.numpy()).cast("B"),
-                         memoryview(e.data.numpy()).cast("B")])
+        return [memoryview(t.numpy()).cast("B") for t in (e.scale, e.zero_point, e.data)]
     if e.kind in (QUANT, RAW, STATS):
-        return memoryview(e.data.numpy()).cast("B")
-    if e.kind == INT:
-        return struct.pack("<q", e.data)
-    if e.kind == FLOAT:
-        return struct.pack("<d", e.data)
-    if e.kind == BOOL:
-        return struct.pack("<?", e.data)
+        return [memoryview(e.data.numpy()).cast("B")]
+    scalar = {INT: "<q", FLOAT: "<d", BOOL: "<?"}.get(e.kind)
+    if scalar is not None:
+        return [memoryview(struct.pack(scalar, e.data))]
     if e.kind in (SIZE, INTS):
-        return struct.pack(f"<{len(e.data)}q", *e.data)
-    return b""
+        return [memoryview(struct.pack(f"<{len(e.data)}q", *e.data))]
+    return []
 
 
 def _expected_nbytes(kind: int, dtype: torch.dtype, bits: int, shape: tuple[int, ...], nbytes: int,
@@ -250,8 +247,8 @@ def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: i
     """One message (a bytearray: the receiver's tensors can share its memory)."""
     if len(entries) > LIMITS.max_entries:
         raise WireError(f"{len(entries)} entries; at most {LIMITS.max_entries}")
-    bodies = [_payload_bytes(e) for e in entries]
-    sizes = [len(b) if not isinstance(b, memoryview) else b.nbytes for b in bodies]
+    bodies = [_payload_parts(e) for e in entries]
+    sizes = [sum(b.nbytes for b in parts) for parts in bodies]
     buf = bytearray(MESSAGE_STRUCT.size + ENTRY_STRUCT.size * len(entries) + sum(sizes))
     pos = MESSAGE_STRUCT.size
     for e, n in zip(entries, sizes):
@@ -264,9 +261,10 @@ def encode(request_id: int, entries: Sequence[Entry], flags: int = 0, plan_id: i
                                1.0 if rows else e.scale, 0 if rows else e.zero_point, n, e.codec)
         pos += ENTRY_STRUCT.size
     view = memoryview(buf)
-    for b, n in zip(bodies, sizes):   # one copy of each payload, straight into the message
-        view[pos:pos + n] = b
-        pos += n
+    for parts in bodies:   # one copy of each payload, straight into the message
+        for b in parts:
+            view[pos:pos + b.nbytes] = b
+            pos += b.nbytes
     crc = zlib.crc32(view[MESSAGE_STRUCT.size:])
     MESSAGE_STRUCT.pack_into(buf, 0, MAGIC, VERSION, flags, request_id, plan_id, len(entries), crc)
     return buf
@@ -335,7 +333,7 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
             if quant_rows(shape, bits) and (scale != 1.0 or zero != 0):
                 raise WireError(f"entry {i}: a token tensor's header scale and zero point are 1 and 0 "
                                 f"(its rows carry their own); got {scale} and {zero}")
-            _check_quant_params(i, torch.tensor([scale], dtype=torch.float32), torch.tensor([zero]), bits, dtype)
+            _check_quant_params(i, scale, scale, zero, zero, bits, dtype)
         if codec not in CODEC_NAMES or (codec and kind != QUANT):
             raise WireError(f"entry {i}: unknown codec {codec} for a {_KIND_NAMES[kind]} entry")
         if kind in (SIZE, INTS) and nbytes > 8 * MAX_RANK * 64:
@@ -357,7 +355,9 @@ def _decode(buf: bytes | bytearray | memoryview, limits: Limits) -> tuple[int, i
             rows = quant_rows(shape, bits)
             row_scales = torch.frombuffer(bytearray(chunk[:4 * rows]), dtype=torch.float32)
             row_zeros = torch.frombuffer(bytearray(chunk[4 * rows:ROW_PARAM_BYTES * rows]), dtype=torch.uint8)
-            _check_quant_params(len(entries), row_scales, row_zeros, bits, dtype)
+            # NaN propagates through min and max: a bad row shows in the bounds
+            _check_quant_params(len(entries), row_scales.min().item(), row_scales.max().item(),
+                                int(row_zeros.min()), int(row_zeros.max()), bits, dtype)
             data = _bytes_tensor(chunk[ROW_PARAM_BYTES * rows:], pos - nbytes + ROW_PARAM_BYTES * rows)
             entries.append(Entry(kind, dtype, bits, shape, row_scales, row_zeros, data, codec))
         elif kind in (QUANT, RAW, STATS):
@@ -384,16 +384,17 @@ def _bytes_tensor(chunk: memoryview, offset: int) -> torch.Tensor:
     return torch.frombuffer(chunk if share else bytearray(chunk), dtype=torch.uint8)
 
 
-def _check_quant_params(i: int, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dtype: torch.dtype) -> None:
-    """Scales finite and positive, the largest code times each scale finite in the dtype it
-    dequantizes to (a finite 3e38 would turn every value into inf or NaN), zero points codes."""
-    bad = ~torch.isfinite(scales) | (scales <= 0)
-    if bad.any():
-        raise WireError(f"entry {i}: bad scale {scales[bad][0].item()}")
-    top = scales.double().max().item() * ((1 << bits) - 1) if scales.numel() else 0.0
-    if top > torch.finfo(dtype).max:
-        raise WireError(f"entry {i}: scale {scales.max().item():g} overflows dtype {dtype} at {bits} bits")
-    z = zeros.to(torch.int64)
-    if z.numel() and not (0 <= z.min().item() and z.max().item() < (1 << min(bits, 16))):
-        raise WireError(f"entry {i}: zero point {z[(z < 0) | (z >= 1 << min(bits, 16))][0].item()} "
-                        f"out of range for {bits} bits")
+def _check_quant_params(i: int, lo: float, hi: float, zero_lo: int, zero_hi: int, bits: int,
+                        dtype: torch.dtype) -> None:
+    """An entry's scales (bounds ``lo``..``hi``) finite and positive, the largest code times the
+    largest scale finite in the dtype it dequantizes to (a finite 3e38 would turn every value
+    into inf or NaN), its zero points (``zero_lo``..``zero_hi``) codes. Plain floats: the cloud
+    checks every request's entries."""
+    for v in (lo, hi):
+        if not math.isfinite(v) or v <= 0:
+            raise WireError(f"entry {i}: bad scale {v}")
+    if hi * ((1 << bits) - 1) > torch.finfo(dtype).max:
+        raise WireError(f"entry {i}: scale {hi:g} overflows dtype {dtype} at {bits} bits")
+    for z in (zero_lo, zero_hi):
+        if not 0 <= z < (1 << min(bits, 16)):
+            raise WireError(f"entry {i}: zero point {z} out of range for {bits} bits")

@@ -241,7 +241,7 @@ class CutAnalysis:
     def end_time(self, end_nodes: tuple) -> float:
         """The end stage without the cache (measured, or the cost model's with analytic costs)."""
         if self.settings.costs == "measured":
-            return self.end_host_s(end_nodes, cache=False) * self.settings.end.slowdown
+            return self.settings.end.seconds(self.end_host_s(end_nodes, cache=False))
         return evaluate(self.dag, end_nodes, 32, Network(1.0)).t_end
 
     def expected(self, end_nodes: tuple, rate: float, with_cache: bool = True) -> tuple[float, float] | None:
@@ -257,8 +257,8 @@ class CutAnalysis:
         if self.settings.costs == "measured" and not info.boundary.end_only:
             # the per-node sums miss the per-request work around the halves (quantize, encode,
             # the cache lookup), which decides between close cuts on a slow end device
-            t_end = self.end_host_s(end_nodes, False) * self.settings.end.slowdown
-            t_cloud = self.cloud_host_s(end_nodes) * self.settings.cloud.slowdown * self.settings.cloud.load
+            t_end = self.settings.end.seconds(self.end_host_s(end_nodes, False))
+            t_cloud = self.settings.cloud.seconds(self.cloud_host_s(end_nodes))
         plain = (max(t_end, p.t_link, t_cloud), t_end + p.t_link + t_cloud)
         cache = info.cache.setup
         if cache is None or not with_cache:
@@ -267,7 +267,7 @@ class CutAnalysis:
         # runtime skips lookups while they do not pay, so never worse than without)
         sent = 1.0 - cache.hit_rate * (1 - self.audit_rate)
         if self.settings.costs == "measured":
-            t_end = self.end_cached_s(end_nodes) * self.settings.end.slowdown
+            t_end = self.settings.end.seconds(self.end_cached_s(end_nodes))
         cached = (max(t_end, p.t_link * sent, t_cloud * sent), t_end + sent * (p.t_link + t_cloud))
         return min(plain, cached)
 
