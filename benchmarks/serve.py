@@ -29,7 +29,7 @@ round, its median over rounds; nobatch_16 = the same for 16 ends with ``max_batc
 Then the handshake under idle connections: a real end's ``connect()`` time (median of
 ``--tries``) on a fresh server (``handshake_s=60``, so that silent connections are held, not
 dropped after 2 s), first alone, then while 200 idle raw TCP connections from 127.0.0.2
-are held open against it (the server holds ``max_per_peer`` of them in their handshake and
+are held open against it (the server holds ``max_handshakes_per_peer`` of them in their handshake and
 turns the rest away).
 
 All processes share this machine's cores: ends and server compete for them, so this
@@ -246,7 +246,7 @@ def handshakes(plan_dir: Path, end: End, tries: int, idle: int) -> dict:
         alone = end.answer()["connect_s"]
         for _ in range(idle):
             socks.append(socket.create_connection((HOST, port), source_address=(IDLE_PEER, 0)))
-        expect = max(0, idle - limits.max_per_peer)
+        expect = max(0, idle - min(limits.max_per_peer, limits.max_handshakes_per_peer))
         deadline = time.monotonic() + 20
         while server.snapshot().turned_away < expect and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -105,7 +105,7 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
     from coach_fx.runtime.config import ENGINES, Batching, RaySettings, ServerConfig, StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import TcpServer
-    from coach_fx.runtime.server import CloudServer
+    from coach_fx.runtime.server import CloudServer, warm_up
     from coach_fx.saved_online import cloud_halves
 
     if engine not in ENGINES:
@@ -123,7 +123,8 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
                              name=f"coach-{port or os.getpid()}", device=device)
     else:
         compute = CloudWorker(halves, None, config, adaptive=online, device=device)
-    try:
+    try:   # warm before the port is bound: an end that dials finds a server that answers
+        warm_up(compute)
         listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)
     except BaseException:
         compute.close()
@@ -135,7 +136,11 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
         listener.close()
         compute.close()
         raise
-    return server.start()
+    try:
+        return server.start()
+    except BaseException:   # a plan that cannot run: nothing is left listening
+        server.stop()
+        raise
 
 
 def connect(target: "CompiledModel | OnlineModel | str | Path", address: "str | tuple[str, int]", *,
@@ -199,21 +204,22 @@ def _end_side(target: Any, secret: bytes, whole: bool, mode: str | None) -> tupl
     if not isinstance(target, (str, Path)):
         raise TypeError(f"connect() takes a CompiledModel, an OnlineModel or a saved plan directory, "
                         f"got {type(target).__name__}")
-    from coach_fx.artifact import load_half, plan_meta
-    if plan_meta(target, key=secret).get("kind") == "online":
+    from coach_fx.artifact import PlanFiles, load_half
+    files = PlanFiles(target, key=secret)
+    if files.online:
         from coach_fx.saved_online import load_online
-        saved = load_online(target, "end", key=secret, whole=whole)
+        saved = load_online(files, "end", whole=whole)
         return OnlinePolicy.of(saved.plans, mode or "full"), saved.out_spec, saved.whole
     if mode is not None:
         raise ValueError(f"mode= is for an online model; {target} holds one compiled plan")
-    half = load_half(target, "end", key=secret)
+    half = load_half(files, "end")
     if half.boundary.end_only:
         raise ValueError(f"{target} holds an end-only plan: nothing to send to a cloud")
-    if whole and not (Path(target) / "model.graph.json").exists():
+    if whole and not files.has("model.graph.json"):
         raise ValueError(f"fallback='local' needs the whole model in {target}: save the plan "
                          "with cm.save(dir, whole=True)")
     return (StaticPolicy(half.module, half.boundary), half.out_spec,
-            load_half(target, "model", key=secret).module if whole else None)
+            load_half(files, "model").module if whole else None)
 
 
 def parse_address(address: "str | tuple[str, int]") -> tuple[str, int]:

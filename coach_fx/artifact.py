@@ -13,11 +13,14 @@
                           token (HMAC-SHA256) when one is given or set in ``$COACH_TOKEN``
 
 No file of a plan directory is code: nothing is written or read with pickle, ``torch.load``
-or ``torch.export.load`` (which unpickles), and a loader checks every file against the
-manifest before it reads any of them, so a changed weight or a planted file is refused. A
-loader that holds a token (``coach serve``/``coach run`` always do) also requires the
-manifest's HMAC under that token: whoever could rewrite the files and their hashes still
-cannot forge it.
+or ``torch.export.load`` (which unpickles), and every file is read through
+:class:`PlanFiles`: the manifest (its size and SHA-256 for each file) is read and, where this
+side holds a token (``coach serve``/``coach run`` always do), its HMAC under that token checked
+first; then each file is opened once, its size checked against the manifest before a byte is
+reserved, read into memory while it is hashed, and parsed from those same bytes only once the
+hash matches. Nothing re-opens a file after checking it, so a file swapped while the loader
+works changes nothing it loads, and a file larger than listed (a 2 GiB sparse one) is refused
+unread. Whoever could rewrite the files and their hashes still cannot forge the HMAC.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,27 +39,41 @@ import torch
 
 import coach_fx.passes.ops  # noqa: F401 - the halves call torch.ops.coach.*
 from coach_fx._compat import treespec_dumps, treespec_loads
-from coach_fx.graphfile import load_exported, save_exported
+from coach_fx.graphfile import DTYPES, LoadedHalf, build_half, parse_graph, parse_tensors, save_exported
 from coach_fx.passes.boundary import Boundary, Crossing
 
-FORMAT = 2
+#: 3: the manifest lists each file's size beside its SHA-256
+FORMAT = 3
 #: Every plan directory lists its files' SHA-256 here; nothing is read before they match.
 MANIFEST = "manifest.json"
 #: What an online model's plan directory holds instead of plan.json (``coach_fx.saved_online``).
 ONLINE_FILE = "online.json"
 
 
-def _manifest_mac(key: bytes, listed: dict) -> str:
-    body = json.dumps({"format": FORMAT, "sha256": listed}, sort_keys=True).encode()
+class ArtifactError(ValueError):
+    """A plan directory that is incomplete, altered or of another version."""
+
+
+#: The largest manifest read, and the largest JSON file of a plan (a graph of a big model is a
+#: few MB): a longer one is refused before it is read.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_JSON_BYTES = 256 << 20
+#: Files are read and hashed this many bytes at a time.
+READ_CHUNK = 1 << 20
+
+
+def _manifest_mac(key: bytes, listed: dict, sizes: dict) -> str:
+    body = json.dumps({"format": FORMAT, "sha256": listed, "bytes": sizes}, sort_keys=True).encode()
     return hmac.new(key, b"coach_fx manifest\0" + body, hashlib.sha256).hexdigest()
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
+    """A dtype named in a plan file, from the same table as tensor files (nothing looked up by name)."""
     if name is None:
         return None
-    dt = getattr(torch, name.replace("torch.", ""), None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"plan.json: unknown dtype {name!r}")
+    dt = DTYPES.get(str(name).removeprefix("torch."))
+    if dt is None:
+        raise ArtifactError(f"plan.json: unknown dtype {name!r}")
     return dt
 
 
@@ -65,11 +85,27 @@ def boundary_to_json(b: Boundary) -> dict:
 
 
 def boundary_from_json(d: dict) -> Boundary:
+    """A saved boundary, every crossing's shape checked against what the wire can carry
+    (``check_shape``) before anything of that shape is allocated."""
     cs = tuple(Crossing(c["name"], c["dag_node"], c["kind"], int(c["bits"]),
-                        tuple(c["shape"]) if c["shape"] is not None else None, _dtype(c["dtype"]),
-                        c.get("codec"))
+                        check_shape(c["shape"], f"crossing {c['name']!r}") if c["shape"] is not None else None,
+                        _dtype(c["dtype"]), c.get("codec"))
                for c in d["crossings"])
     return Boundary(cs, bool(d["end_only"]))
+
+
+def check_shape(shape: Any, what: str) -> tuple[int, ...]:
+    """A shape read from a plan file: at most the wire's rank and elements per tensor
+    (``runtime.wire.LIMITS``: a tensor the wire cannot carry can never be served, and a warm-up
+    or a synthetic frame must not allocate it), or :class:`ArtifactError`."""
+    from coach_fx.runtime.wire import LIMITS, MAX_RANK
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_RANK or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= LIMITS.max_dim for v in shape):
+        raise ArtifactError(f"{what}: shape {shape!r} is not a list of at most {MAX_RANK} sizes")
+    if math.prod(shape) > LIMITS.max_elements:
+        raise ArtifactError(f"{what}: shape {list(shape)} has {math.prod(shape)} elements; the wire carries "
+                            f"at most {LIMITS.max_elements} per tensor")
+    return tuple(shape)
 
 
 class SavedMeta:
@@ -165,99 +201,201 @@ def save(path: str | Path, end_module: torch.nn.Module, cloud_module: torch.nn.M
 
 
 def write_manifest(d: Path, files: Sequence[Path], secret: bytes | None) -> None:
-    """List ``files`` (of directory ``d``) with their SHA-256 in its manifest, authenticated
-    with ``secret`` (HMAC-SHA256) where one is given."""
-    listed = {f.name: _sha256(f) for f in files}
-    manifest: dict[str, Any] = {"format": FORMAT, "sha256": listed}
+    """List ``files`` (of directory ``d``) with their SHA-256 and size in its manifest,
+    authenticated with ``secret`` (HMAC-SHA256) where one is given."""
+    listed, sizes = {}, {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+                h.update(chunk)
+        listed[f.name], sizes[f.name] = h.hexdigest(), f.stat().st_size
+    manifest: dict[str, Any] = {"format": FORMAT, "sha256": listed, "bytes": sizes}
     if secret is not None:
-        manifest["hmac_sha256"] = _manifest_mac(secret, listed)
+        manifest["hmac_sha256"] = _manifest_mac(secret, listed, sizes)
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+class PlanFiles:
+    """A plan directory as its manifest lists it: the one reader of plan files.
+
+    The manifest is read (at most ``MAX_MANIFEST_BYTES``) and, with a token (``key``, else
+    ``$COACH_TOKEN``), its HMAC checked when this is made. Each file is then opened once: its
+    size must be the listed one before anything is reserved, its bytes are hashed as they are
+    read, and only bytes whose SHA-256 matches are parsed. Nothing is re-opened after its
+    check, so swapping a file while the loader works cannot change what is loaded.
+
+    Example::
+
+        >>> files = PlanFiles("plan_dir", key=token)                # doctest: +SKIP
+        >>> files.meta["boundary"]; half = files.half("cloud")      # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, key: bytes | str | None = None) -> None:
+        from coach_fx.runtime.links.credentials import shared_token
+        self.dir = Path(path)
+        self.key = shared_token(key, required=False)
+        m = self.dir / MANIFEST
+        if not m.is_file():
+            raise ArtifactError(f"{self.dir} has no {MANIFEST}: not a plan directory written by this version "
+                                "of cm.save() (save it again)")
+        try:
+            doc = json.loads(_read_bounded(m, MAX_MANIFEST_BYTES))
+            listed, sizes = doc["sha256"], doc["bytes"]
+            if not isinstance(listed, dict) or not isinstance(sizes, dict) or set(listed) != set(sizes):
+                raise TypeError("sha256 and bytes are not mappings of the same files")
+            if not all(isinstance(v, str) for v in listed.values()) or \
+                    not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+                raise TypeError("a hash that is not a string or a size that is not a count")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{m} is not a manifest of this version ({type(e).__name__}: {e}); "
+                                "save the plan again") from None
+        if self.key is not None:
+            mac = doc.get("hmac_sha256")
+            if not isinstance(mac, str):
+                raise ArtifactError(f"{m} is not signed, and this side holds a token: whoever could change "
+                                    "the files could have rewritten their hashes. Save the plan with the "
+                                    "token (cm.save(dir, key=...) or $COACH_TOKEN)")
+            if not hmac.compare_digest(mac, _manifest_mac(self.key, listed, sizes)):
+                raise ArtifactError(f"{m} is not signed with this side's token: rewritten, or saved "
+                                    "with another token")
+        self._listed: dict[str, str] = listed
+        self._sizes: dict[str, int] = sizes
+        self._meta: dict | None = None
+
+    # ------------------------------------------------------------------ what it holds
+    @property
+    def meta(self) -> dict:
+        """``plan.json``, or an online model's ``online.json`` (its ``kind`` is ``"online"``)."""
+        if self._meta is None:
+            name = ONLINE_FILE if ONLINE_FILE in self._listed else "plan.json"
+            if name not in self._listed:
+                raise FileNotFoundError(f"{self.dir} has no plan.json: not a directory written by cm.save() "
+                                        "or om.save()")
+            meta = self.json(name)
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                raise ArtifactError(f"{self.dir / name}: format "
+                                    f"{meta.get('format') if isinstance(meta, dict) else '?'}, this version "
+                                    f"reads {FORMAT} (save the plan again)")
+            self._meta = meta
+        return self._meta
+
+    @property
+    def online(self) -> bool:
+        """Whether this is an online model's directory (``om.save``)."""
+        return self.meta.get("kind") == "online"
+
+    def has(self, name: str) -> bool:
+        return name in self._listed
+
+    # ------------------------------------------------------------------ reading
+    def read(self, name: str, limit: int | None = None) -> bytes:
+        """File ``name``'s bytes, checked (at most ``limit`` bytes: a longer listing is refused
+        unread)."""
+        size = self._size(name, limit)
+        buf = bytearray(size)
+        self._read_into(name, memoryview(buf), size)
+        return bytes(buf)
+
+    def json(self, name: str) -> Any:
+        """File ``name`` (at most ``MAX_JSON_BYTES``), checked, as JSON."""
+        data = self.read(name, MAX_JSON_BYTES)
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ArtifactError(f"{self.dir / name} is not JSON ({e})") from None
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A tensor file's tensors, read once into one buffer while hashed, and parsed from it
+        once the hash matches (tensors at aligned offsets share the buffer)."""
+        size = self._size(name)
+        buf = torch.empty(size, dtype=torch.uint8)
+        if size:
+            self._read_into(name, memoryview(buf.numpy()), size)
+        return parse_tensors(buf, str(self.dir / name))
+
+    def half(self, stem: str, store: dict[str, torch.Tensor] | None = None) -> LoadedHalf:
+        """A saved half: ``<stem>.graph.json`` with its own ``<stem>.tensors``, or with the
+        tensors it names in the shared ``store``."""
+        source = str(self.dir / f"{stem}.graph.json")
+        doc = parse_graph(self.read(f"{stem}.graph.json", MAX_JSON_BYTES), source)
+        own = None if doc.get("store") else self.tensors(f"{stem}.tensors")
+        return build_half(doc, own if own is not None else store, source)
+
+    def _size(self, name: str, limit: int | None = None) -> int:
+        f = self.dir / name
+        if name not in self._listed:
+            raise ArtifactError(f"{f} is not listed in {self.dir / MANIFEST}")
+        size = self._sizes[name]
+        if limit is not None and size > limit:
+            raise ArtifactError(f"{f}: listed at {size} bytes; a plan's {name} is at most {limit}")
+        return size
+
+    def _read_into(self, name: str, view: memoryview, size: int) -> None:
+        """Fill ``view`` with file ``name``, hashing as it reads; the file must be a regular
+        file of exactly ``size`` bytes whose SHA-256 is the listed one."""
+        f = self.dir / name
+        try:   # non-blocking: a FIFO planted in the directory must not hang the loader
+            fd = os.open(f, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ArtifactError(f"{f} is missing") from None
+        except OSError as e:
+            raise ArtifactError(f"{f}: {e.strerror}") from None
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ArtifactError(f"{f} is not a regular file")
+            if st.st_size != size:
+                raise ArtifactError(f"{f} does not match its size and SHA-256 in {self.dir / MANIFEST}: it is "
+                                    f"{st.st_size} bytes, the manifest lists {size} (changed since it was "
+                                    "saved; refused unread)")
+            h = hashlib.sha256()
+            got = 0
+            while got < size:
+                k = fh.readinto(view[got:min(size, got + READ_CHUNK)])
+                if not k:
+                    break
+                h.update(view[got:got + k])
+                got += k
+            if got != size or fh.read(1):
+                raise ArtifactError(f"{f} changed size while it was read")
+        if not hmac.compare_digest(h.hexdigest(), self._listed[name]):
+            raise ArtifactError(f"{f} does not match its SHA-256 in {self.dir / MANIFEST}: changed since "
+                                "it was saved")
 
 
-def verify(d: Path, names: Sequence[str], key: bytes | None = None) -> None:
-    """Check ``names`` (files of plan directory ``d``) against its manifest before anything
-    reads them: a missing, changed or unlisted file is refused; with ``key``, a manifest not
-    authenticated with it too."""
-    m = d / MANIFEST
-    if not m.is_file():
-        raise ArtifactError(f"{d} has no {MANIFEST}: not a plan directory written by this version "
-                            "of cm.save() (save it again)")
-    try:
-        doc = json.loads(m.read_text())
-        listed = doc["sha256"]
-        if not isinstance(listed, dict):
-            raise TypeError("sha256 is not a mapping")
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{m} is not a manifest ({e})") from None
-    if key is not None:
-        mac = doc.get("hmac_sha256")
-        if not isinstance(mac, str):
-            raise ArtifactError(f"{m} is not signed, and this side holds a token: whoever could change "
-                                "the files could have rewritten their hashes. Save the plan with the "
-                                "token (cm.save(dir, key=...) or $COACH_TOKEN)")
-        if not hmac.compare_digest(mac, _manifest_mac(key, listed)):
-            raise ArtifactError(f"{m} is not signed with this side's token: rewritten, or saved "
-                                "with another token")
-    for name in names:
-        f = d / name
-        if name not in listed:
-            raise ArtifactError(f"{f} is not listed in {m}")
-        if not f.is_file():
-            raise ArtifactError(f"{f} is missing")
-        if not hmac.compare_digest(_sha256(f), str(listed[name])):
-            raise ArtifactError(f"{f} does not match its SHA-256 in {m}: changed since it was saved")
-
-
-class ArtifactError(ValueError):
-    """A plan directory that is incomplete, altered or of another version."""
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """A small file (the manifest), refused if longer than ``limit``, read once."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"longer than {limit} bytes")
+    return data
 
 
 def plan_meta(path: str | Path, key: bytes | str | None = None) -> dict:
     """A saved plan's ``plan.json``, or an online model's ``online.json`` (its ``kind`` is
-    ``"online"``), verified against the manifest like any file of it (with a token, ``key`` or
-    ``$COACH_TOKEN``, the manifest must be signed with it); no half loaded."""
-    from coach_fx.runtime.links.credentials import shared_token
-    d = Path(path)
-    name = ONLINE_FILE if (d / ONLINE_FILE).is_file() else "plan.json"
-    if not (d / name).is_file():
-        raise FileNotFoundError(f"{d} has no plan.json: not a directory written by cm.save() or om.save()")
-    verify(d, [name], shared_token(key, required=False))
-    try:
-        meta = json.loads((d / name).read_text())
-    except ValueError as e:
-        raise ArtifactError(f"{d / name} is not JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ArtifactError(f"{d / name}: format {meta.get('format') if isinstance(meta, dict) else '?'}, "
-                            f"this version reads {FORMAT}")
-    return meta
+    ``"online"``), verified against the manifest (with a token, ``key`` or ``$COACH_TOKEN``,
+    the manifest must be signed with it); no half loaded."""
+    return PlanFiles(path, key).meta
 
 
-def load_half(path: str | Path, side: str, key: bytes | str | None = None) -> SavedHalf:
+def load_half(path: "str | Path | PlanFiles", side: str, key: bytes | str | None = None) -> SavedHalf:
     """Load one half (``"end"`` or ``"cloud"``) of a saved plan, or the whole model (``"model"``,
     written with ``cm.save(dir, whole=True)``, for ``fallback="local"``). With a token
     (``key``, else ``$COACH_TOKEN``) the manifest must be signed with it."""
-    from coach_fx.runtime.links.credentials import shared_token
-    secret = shared_token(key, required=False)
-    d = Path(path)
     if side not in ("end", "cloud", "model"):
         raise ValueError(f"side must be 'end', 'cloud' or 'model', got {side!r}")
-    meta = plan_meta(d, secret)
-    if meta.get("kind") == "online":
-        raise ArtifactError(f"{d} holds an online model (om.save): serve and run it over TCP (coach serve / "
-                            "coach run without --link gloo, or coach_fx.serve / coach_fx.connect)")
+    files = path if isinstance(path, PlanFiles) else PlanFiles(path, key)
+    meta = files.meta
+    if files.online:
+        raise ArtifactError(f"{files.dir} holds an online model (om.save): serve and run it over TCP (coach "
+                            "serve / coach run without --link gloo, or coach_fx.serve / coach_fx.connect)")
     boundary = boundary_from_json(meta["boundary"])
     if side == "cloud" and boundary.end_only:
-        raise ValueError(f"{d} holds an end-only plan: there is no cloud half to serve")
-    verify(d, [f"{side}.graph.json", f"{side}.tensors"], secret)
-    module = load_exported(d / side)
-    batched = None
-    if side == "cloud" and meta.get("batched"):
-        verify(d, ["cloud_batched.graph.json", "cloud_batched.tensors"], secret)
-        batched = load_exported(d / "cloud_batched")
+        raise ValueError(f"{files.dir} holds an end-only plan: there is no cloud half to serve")
+    module = files.half(side)
+    batched = files.half("cloud_batched") if side == "cloud" and meta.get("batched") else None
     return SavedHalf(module, boundary, meta, batched)
 
 
@@ -265,6 +403,8 @@ def make_frames(input_specs: list[dict], n: int, seed: int = 0) -> list[tuple[to
     """``n`` random frames matching the saved input specs (the same for the same seed)."""
     g = torch.Generator().manual_seed(seed)
     frames = []
+    for k, spec in enumerate(input_specs):
+        check_shape(spec["shape"], f"input {k}")
     for _ in range(n):
         xs = []
         for spec in input_specs:

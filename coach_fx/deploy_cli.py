@@ -17,7 +17,7 @@ import torch
 
 from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
 from coach_fx.progress import Progress
-from coach_fx.runtime.config import ENGINES, RaySettings
+from coach_fx.runtime.config import ENGINES, Batching, RaySettings
 from coach_fx.runtime.links.tls import TlsConfig
 
 
@@ -94,7 +94,8 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     # only plan.json here: coach_fx.serve loads (and verifies) the half itself
     cloud = plan_meta(a.dir, token)["cloud"]
     slowdown = a.slowdown if a.slowdown is not None else cloud["slowdown"]
-    config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout, batching=Batching(a.max_batch, a.max_wait_ms / 1e3))
+    config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout,
+                          batching=Batching(a.max_batch, a.max_wait_ms / 1e3, a.shared_latency or None))
     device = a.device or cloud.get("device", "cpu")
     tls = tls_of(a)
     # the handler only notes the signal (installed before anything can be announced); the
@@ -123,7 +124,7 @@ def _serve_tcp(a: argparse.Namespace) -> int:
             what += f" on {device}"
         print(f"coach serve: {what} on {host}:{port} ({'TLS, ' if tls else ''}token "
               f"required, slowdown {slowdown}, up to {a.max_ends} ends at once, "
-              + (f"batches of up to {a.max_batch}" if server.batching else
+              + (f"batches of up to {a.max_batch}, {server.shared_batch} while ends share it" if server.batching else
                  "one request at a time: this plan's cloud half does not batch") + "); " + (f"serving {a.sessions} session(s)" if a.sessions
                                      else "serving until SIGTERM or Ctrl-C"), flush=True)
         while not server.wait(0.2):
@@ -131,6 +132,9 @@ def _serve_tcp(a: argparse.Namespace) -> int:
                 print("coach serve: SIGTERM: draining", flush=True)
                 drained = server.drain()
                 break
+        if server.fatal is not None:
+            raise RuntimeError(f"the server stopped: its compute thread failed with "
+                               f"{type(server.fatal).__name__}: {server.fatal}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -296,6 +300,9 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
                            help="requests of all ends run through the cloud half together, up to this many")
             p.add_argument("--max-wait-ms", type=float, default=SERVE_MAX_WAIT_S * 1e3,
                            help="how long the first request of a batch waits for more")
+            p.add_argument("--shared-latency", type=float, default=Batching().shared_latency, metavar="X",
+                           help="while several ends share the server, a batch takes at most X times one "
+                                "request alone (0: no such bound, batches of up to --max-batch)")
             p.add_argument("--device", default=None, metavar="cpu|cuda",
                            help="where the cloud halves run (default: the plan's cloud device)")
             p.add_argument("--engine", choices=ENGINES, default="builtin",

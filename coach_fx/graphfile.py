@@ -3,9 +3,10 @@
 ``torch.export.save`` writes pickles (weights, sample inputs, constants), and a pickle runs
 code when it is loaded: a plan directory written that way is code. Here a half is written as
 
-    <stem>.graph.json   the ``torch.export`` graph: one record per node, every call target an
-                        operator name from an allow-list (``torch.ops.aten`` / ``coach`` /
-                        ``prims``, a few ``operator`` functions for size arithmetic), every
+    <stem>.graph.json   the ``torch.export`` graph: one record per node, every call target the
+                        full name of an operator on an explicit allow-list
+                        (``coach_fx.graph_ops``: ``aten.conv2d.default``, ...; a few
+                        ``operator`` functions for size arithmetic), every
                         argument a node name, a number, a string, a list or a tagged
                         dtype / device / layout / memory format; the output's tree structure
     <stem>.tensors      its parameters, buffers and constants: an 8-byte header length, a JSON
@@ -16,20 +17,25 @@ graph alone and their tensors once in a shared store (``save_exported(..., store
 by content: a weight that several halves hold is written once, and read back as one tensor
 that every half shares, as they do in memory)
 
-and read back by building an ``fx.Graph`` from those records: nothing in the files can name a
-Python object outside the allow-list, and no loader that executes code is ever called.
+and read back by building an ``fx.Graph`` from those records: a name is looked up in the
+allow-list as a whole string (no attribute is walked for it), so nothing in the files can name
+a Python object outside the list, and no loader that executes code is ever called. A half that
+calls an operator outside the list is saved decomposed to the core ATen operators (which the
+list holds), with a warning. Reading is from bytes already checked against a plan's manifest
+(``coach_fx.artifact.PlanFiles``): this module opens no file it parses.
 
 Example::
 
-    >>> ep = torch.export.export(module, example_inputs)               # doctest: +SKIP
-    >>> save_exported(ep, Path("plan/end"))                              # doctest: +SKIP
-    >>> half = load_exported(Path("plan/end")); half(*example_inputs)    # doctest: +SKIP
+    >>> ep = torch.export.export(module, example_inputs)                   # doctest: +SKIP
+    >>> save_exported(ep, Path("plan/end"))                                  # doctest: +SKIP
+    >>> half = PlanFiles("plan").half("end"); half(*example_inputs)          # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import operator
 import struct
@@ -41,16 +47,18 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from coach_fx._compat import tree_unflatten, treespec_dumps, treespec_loads
+from coach_fx.graph_ops import ALLOWED_OPS
+
+log = logging.getLogger("coach_fx")
 
 FORMAT = 1
-#: Operator namespaces a saved graph may call (``torch.ops.<namespace>``).
-NAMESPACES = ("aten", "coach", "prims")
 #: Python functions a saved graph may call: tuple picking and size arithmetic.
 OPERATORS = {f.__name__: f for f in (operator.getitem, operator.add, operator.sub, operator.mul,
                                      operator.floordiv, operator.truediv, operator.mod, operator.neg,
                                      operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
                                      operator.ge, math.ceil, math.floor)}
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
+#: The dtypes a plan file may name, by name (``float32``...): the one table plan files are read with.
+DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,
     torch.int32, torch.int64, torch.bool, torch.complex64)}
 _LAYOUTS = {"strided": torch.strided}
@@ -59,6 +67,9 @@ _FORMATS = {"contiguous_format": torch.contiguous_format, "channels_last": torch
 _HEAD = struct.Struct("<Q")
 #: The largest tensor header accepted (a header is a few hundred bytes per tensor).
 MAX_HEADER_BYTES = 1 << 24
+#: Tensors start at multiples of this in a tensor file, so that read back they can share the
+#: file's buffer (a misaligned one is copied out).
+ALIGN = 64
 
 
 class GraphFileError(ValueError):
@@ -71,6 +82,12 @@ def save_exported(ep: torch.export.ExportedProgram, stem: Path,
     """Write ``ep`` as ``<stem>.graph.json`` and ``<stem>.tensors``; returns the paths written.
     With ``store`` (a shared tensor store, written once with :func:`write_store`), its tensors
     go there instead, keyed by content, and only the graph is written."""
+    outside = sorted({_op_name(n.target) for n in ep.graph.nodes if n.op == "call_function"
+                      and isinstance(n.target, torch._ops.OpOverload)} - ALLOWED_OPS)
+    if outside:   # e.g. a rarely used aten op: its core ATen decomposition is on the list
+        log.warning("coach_fx: this half calls %s, outside the operators a plan file may name "
+                    "(coach_fx.graph_ops); saving it decomposed to core ATen operators", ", ".join(outside))
+        ep = ep.run_decompositions()
     sig = ep.graph_signature
     tensors = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
     lifted: dict[str, str] = {}
@@ -134,17 +151,17 @@ def write_store(store: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def read_store(path: Path) -> dict[str, torch.Tensor]:
-    """Read a shared tensor store (check its hash first: see ``coach_fx.artifact``)."""
-    return _read_tensors(path)
+def _op_name(op: torch._ops.OpOverload) -> str:
+    return f"{op.namespace}.{op._opname}.{op._overloadname}"
 
 
 def _target_name(target: Any) -> str:
     if isinstance(target, torch._ops.OpOverload):
-        ns = target.namespace
-        if ns not in NAMESPACES:
-            raise GraphFileError(f"cannot save a call to {target} (namespace {ns!r} is not allowed)")
-        return f"{ns}.{target._opname}.{target._overloadname}"
+        name = _op_name(target)
+        if name not in ALLOWED_OPS:
+            raise GraphFileError(f"cannot save a call to {name}: not on the operator allow-list "
+                                 "(coach_fx.graph_ops), even decomposed to core ATen")
+        return name
     name = getattr(target, "__name__", None)
     if name in OPERATORS and OPERATORS[name] is target:
         return f"operator.{name}"
@@ -180,13 +197,15 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         t = t.detach().contiguous().cpu()
         dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise GraphFileError(f"cannot save tensor {name} of dtype {t.dtype}")
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         head[name] = {"dtype": dtype, "shape": list(t.shape), "offset": offset, "nbytes": len(raw)}
-        chunks.append(raw)
-        offset += len(raw)
+        pad = -len(raw) % ALIGN
+        chunks.append(raw + bytes(pad))
+        offset += len(raw) + pad
     header = json.dumps(head).encode()
+    header += b" " * (-(_HEAD.size + len(header)) % ALIGN)   # the body starts aligned too
     with open(path, "wb") as f:
         f.write(_HEAD.pack(len(header)))
         f.write(header)
@@ -210,138 +229,145 @@ class LoadedHalf(torch.nn.Module):
         return tree_unflatten(list(out) if isinstance(out, (tuple, list)) else [out], self.out_spec)
 
 
-def load_exported(stem: Path, store: dict[str, torch.Tensor] | None = None) -> LoadedHalf:
-    """Read a half written by :func:`save_exported` (check the files' hashes first: see
-    ``coach_fx.artifact``); ``store``: the shared tensor store it was written with, if any
-    (:func:`read_store`: halves read with one store share its tensors)."""
+def parse_graph(data: bytes, source: str) -> dict:
+    """A saved graph's JSON document, from bytes already checked (``PlanFiles.read``)."""
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise GraphFileError(f"{source}: not a saved graph ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise GraphFileError(f"{source}: format {doc.get('format') if isinstance(doc, dict) else '?'}, "
+                             f"this version reads {FORMAT}")
+    return doc
+
+
+def build_half(doc: dict, tensors: dict[str, torch.Tensor] | None, source: str) -> LoadedHalf:
+    """The half a saved graph document (:func:`parse_graph`) describes, its placeholders bound
+    to ``tensors`` (its own tensor file's, or a shared store: halves built with one store share
+    its tensors)."""
     import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach.*
     import coach_fx.runtime.imagecodec  # noqa: F401 - registers torch.ops.coach.image_*
-    graph_path, tensor_path = stem.with_suffix(".graph.json"), stem.with_suffix(".tensors")
-    try:
-        doc = json.loads(graph_path.read_text())
-    except (OSError, ValueError) as e:
-        raise GraphFileError(f"{graph_path}: not a saved graph ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise GraphFileError(f"{graph_path}: format {doc.get('format') if isinstance(doc, dict) else '?'}, "
-                             f"this version reads {FORMAT}")
-    tensors = _tensors_of(doc, graph_path, tensor_path, store)
-    params = {r.get("tensor") for r in doc.get("nodes", ()) if isinstance(r, dict) and r.get("parameter")}
+    if tensors is None:
+        raise GraphFileError(f"{source}: its tensors are in a shared store, and none was given")
+    nodes = doc.get("nodes")
+    if not isinstance(nodes, list) or not all(isinstance(r, dict) for r in nodes):
+        raise GraphFileError(f"{source}: malformed (its nodes are not a list of records)")
+    wanted = list(dict.fromkeys(r["tensor"] for r in nodes if "tensor" in r))
+    missing = [k for k in wanted if not isinstance(k, str) or k not in tensors]
+    if missing:
+        where = "the shared store" if doc.get("store") else "its tensor file"
+        raise GraphFileError(f"{source}: tensor {missing[0]!r} is not in {where}")
+    params = {r.get("tensor") for r in nodes if r.get("parameter")}
     root = torch.nn.Module()
     attrs: dict[str, str] = {}
-    for k, (name, t) in enumerate(tensors.items()):
+    for k, name in enumerate(wanted):
         attrs[name] = f"t{k}"
         if name in params:   # a weight stays a parameter (``parameters()`` counts it), frozen
-            root.register_parameter(f"t{k}", torch.nn.Parameter(t, requires_grad=False))
+            root.register_parameter(f"t{k}", torch.nn.Parameter(tensors[name], requires_grad=False))
         else:
-            root.register_buffer(f"t{k}", t)
+            root.register_buffer(f"t{k}", tensors[name])
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
 
     def dec(v: Any) -> Any:
         if isinstance(v, list):
-            raise GraphFileError(f"{graph_path}: a bare list in an argument")
+            raise GraphFileError(f"{source}: a bare list in an argument")
         if not isinstance(v, dict):
             return v
+        if len(v) != 1:
+            raise GraphFileError(f"{source}: unknown argument {v!r}")
         (tag, x), = v.items()
         if tag == "node":
-            if x not in env:
-                raise GraphFileError(f"{graph_path}: argument names unknown node {x!r}")
+            if not isinstance(x, str) or x not in env:
+                raise GraphFileError(f"{source}: argument names unknown node {x!r}")
             return env[x]
-        if tag in ("list", "tuple"):
+        if tag in ("list", "tuple") and isinstance(x, list):
             items = [dec(i) for i in x]
             return items if tag == "list" else tuple(items)
-        if tag == "dict":
+        if tag == "dict" and isinstance(x, dict):
             return {str(k): dec(i) for k, i in x.items()}
         if tag == "float" and x in ("inf", "-inf", "nan"):
             return float(x)
-        table = {"dtype": _DTYPES, "layout": _LAYOUTS, "memory_format": _FORMATS}.get(tag)
-        if table is not None and x in table:
+        table = {"dtype": DTYPES, "layout": _LAYOUTS, "memory_format": _FORMATS}.get(tag)
+        if table is not None and isinstance(x, str) and x in table:
             return table[x]
-        if tag == "device" and x in ("cpu", "cuda") or tag == "device" and str(x).startswith("cuda:"):
+        if tag == "device" and isinstance(x, str) and (x in ("cpu", "cuda") or
+                                                       x.startswith("cuda:") and x[5:].isdigit()):
             return torch.device(x)
-        raise GraphFileError(f"{graph_path}: unknown argument {v!r}")
+        raise GraphFileError(f"{source}: unknown argument {v!r}")
 
     try:
-        for rec in doc["nodes"]:
+        for rec in nodes:
             op, name = rec["op"], rec["name"]
+            if not isinstance(name, str):
+                raise GraphFileError(f"{source}: a node named {name!r}")
             if op == "placeholder":
-                if "tensor" in rec:
-                    if rec["tensor"] not in attrs:
-                        raise GraphFileError(f"{graph_path}: tensor {rec['tensor']!r} is not in {tensor_path}")
-                    env[name] = g.get_attr(attrs[rec["tensor"]])
-                else:
-                    env[name] = g.placeholder(name)
+                env[name] = g.get_attr(attrs[rec["tensor"]]) if "tensor" in rec else g.placeholder(name)
             elif op == "call_function":
-                env[name] = g.call_function(_resolve(rec["target"]), dec(rec["args"]), dec(rec["kwargs"]))
+                env[name] = g.call_function(resolve_target(rec["target"]), dec(rec["args"]), dec(rec["kwargs"]))
             elif op == "output":
                 g.output(dec(rec["args"])[0])
             else:
-                raise GraphFileError(f"{graph_path}: node of kind {op!r}")
+                raise GraphFileError(f"{source}: node of kind {op!r}")
         out_spec = treespec_loads(doc["out_spec"])
         n_inputs = int(doc["inputs"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         if isinstance(e, GraphFileError):
             raise
-        raise GraphFileError(f"{graph_path}: malformed ({type(e).__name__}: {e})") from None
+        raise GraphFileError(f"{source}: malformed ({type(e).__name__}: {e})") from None
     return LoadedHalf(fx.GraphModule(root, g), out_spec, n_inputs)
 
 
-def _tensors_of(doc: dict, graph_path: Path, tensor_path: Path,
-                store: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """A saved graph's tensors: its own file's, or those it names in the shared ``store``."""
-    if not doc.get("store"):
-        return _read_tensors(tensor_path)
-    if store is None:
-        raise GraphFileError(f"{graph_path}: its tensors are in a shared store, and none was given")
-    wanted = [r["tensor"] for r in doc.get("nodes", ()) if isinstance(r, dict) and "tensor" in r]
-    missing = [k for k in wanted if k not in store]
-    if missing:
-        raise GraphFileError(f"{graph_path}: tensor {missing[0]!r} is not in the shared store")
-    return {k: store[k] for k in dict.fromkeys(wanted)}
-
-
-def _resolve(name: str) -> Any:
-    parts = str(name).split(".")
-    if len(parts) == 2 and parts[0] == "operator" and parts[1] in OPERATORS:
-        return OPERATORS[parts[1]]
-    if len(parts) == 3 and parts[0] in NAMESPACES:
-        ns = getattr(torch.ops, parts[0])
-        try:
-            return getattr(getattr(ns, parts[1]), parts[2])
-        except AttributeError:
-            pass
+def resolve_target(name: Any) -> Any:
+    """The operator a saved graph names: an allow-listed full name (``aten.conv2d.default``,
+    ``coach_fx.graph_ops``) or one of :data:`OPERATORS` (``operator.getitem``). The whole string
+    is looked up in the list before anything is resolved, so no part of it can walk to another
+    attribute (``aten.__class__...`` is simply not on it)."""
+    if isinstance(name, str):
+        if name.startswith("operator.") and name[len("operator."):] in OPERATORS:
+            return OPERATORS[name[len("operator."):]]
+        if name in ALLOWED_OPS:   # a listed name: its three parts are an operator's own
+            ns, op, overload = name.split(".")
+            return getattr(getattr(getattr(torch.ops, ns), op), overload)
     raise GraphFileError(f"call to {name!r}: not an allowed operator")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise GraphFileError(f"{path}: {e.strerror}") from None
-    if len(data) < _HEAD.size:
-        raise GraphFileError(f"{path}: too short for a tensor file")
+def parse_tensors(buf: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
+    """A tensor file's tensors from its bytes (a uint8 tensor, already checked: ``PlanFiles``);
+    tensors at aligned offsets are views of ``buf``, others are copied out."""
+    size = buf.numel()
+    if size < _HEAD.size:
+        raise GraphFileError(f"{source}: too short for a tensor file")
+    data = memoryview(buf.numpy())
     (n,) = _HEAD.unpack_from(data)
-    if n > MAX_HEADER_BYTES or _HEAD.size + n > len(data):
-        raise GraphFileError(f"{path}: header of {n} bytes does not fit the file")
+    if n > MAX_HEADER_BYTES or _HEAD.size + n > size:
+        raise GraphFileError(f"{source}: header of {n} bytes does not fit the file")
     try:
-        head = json.loads(data[_HEAD.size:_HEAD.size + n])
+        head = json.loads(bytes(data[_HEAD.size:_HEAD.size + n]))
+        if not isinstance(head, dict):
+            raise ValueError("not an object")
     except ValueError as e:
-        raise GraphFileError(f"{path}: header is not JSON ({e})") from None
-    body = memoryview(data)[_HEAD.size + n:]
+        raise GraphFileError(f"{source}: header is not JSON ({e})") from None
+    start = _HEAD.size + n
     out = {}
     for name, h in head.items():
-        dtype = _DTYPES.get(h.get("dtype"))
-        shape = h.get("shape")
-        if dtype is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise GraphFileError(f"{path}: tensor {name!r} has a bad dtype or shape")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        dtype = DTYPES.get(h.get("dtype")) if isinstance(h, dict) else None
+        shape = h.get("shape") if isinstance(h, dict) else None
+        if dtype is None or not isinstance(shape, list) or \
+                not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise GraphFileError(f"{source}: tensor {name!r} has a bad dtype or shape")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * itemsize
         off = h.get("offset")
-        if h.get("nbytes") != nbytes or not isinstance(off, int) or off < 0 or off + nbytes > len(body):
-            raise GraphFileError(f"{path}: tensor {name!r} does not fit the file")
-        raw = bytearray(body[off:off + nbytes])
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-        out[name] = flat.view(dtype).reshape(shape)
+        if h.get("nbytes") != nbytes or not isinstance(off, int) or off < 0 or start + off + nbytes > size:
+            raise GraphFileError(f"{source}: tensor {name!r} does not fit the file")
+        at = start + off
+        raw = buf[at:at + nbytes]
+        if at % ALIGN:   # misaligned for its dtype's kernels: a copy of its own
+            raw = raw.clone()
+        out[name] = raw.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
     return out
 
 
-__all__ = ["GraphFileError", "LoadedHalf", "load_exported", "read_store", "save_exported", "write_store"]
+__all__ = ["DTYPES", "GraphFileError", "LoadedHalf", "build_half", "parse_graph", "parse_tensors",
+           "resolve_target", "save_exported", "write_store"]

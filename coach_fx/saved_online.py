@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from coach_fx._compat import treespec_dumps
-from coach_fx.artifact import (FORMAT, ONLINE_FILE, ArtifactError, SavedMeta, boundary_from_json,
-                               boundary_to_json, export_batched, plan_meta, verify, write_manifest)
-from coach_fx.graphfile import load_exported, read_store, save_exported, write_store
+from coach_fx.artifact import (FORMAT, ONLINE_FILE, ArtifactError, PlanFiles, SavedMeta, boundary_from_json,
+                               boundary_to_json, export_batched, write_manifest)
+from coach_fx.graphfile import save_exported, write_store
 from coach_fx.runtime.cloud import CloudHalf
 from coach_fx.runtime.config import Bands
 from coach_fx.runtime.plans import (CacheSetup, CrossingBits, CutProfile, EndHalf, EndTimes, FinishOnEnd,
@@ -113,26 +113,23 @@ def save_online(om: "OnlineModel", path: str | Path, *, key: bytes | str | None 
     return d
 
 
-def load_online(path: str | Path, side: str, key: bytes | str | None = None,
+def load_online(path: "str | Path | PlanFiles", side: str, key: bytes | str | None = None,
                 whole: bool = False) -> SavedOnline:
     """Read one side (``"end"`` or ``"cloud"``) of a saved online model, every file checked
-    against the manifest first (with a token, ``key`` or ``$COACH_TOKEN``, it must be signed
-    with it); ``whole``: also the whole model (the end side's ``fallback="local"``)."""
+    against the manifest as it is read (with a token, ``key`` or ``$COACH_TOKEN``, it must be
+    signed with it); ``whole``: also the whole model (the end side's ``fallback="local"``)."""
     if side not in ("end", "cloud"):
         raise ValueError(f"side must be 'end' or 'cloud', got {side!r}")
-    secret = shared_token(key, required=False)
-    d = Path(path)
-    meta = plan_meta(d, secret)
-    if meta.get("kind") != "online":
+    files = path if isinstance(path, PlanFiles) else PlanFiles(path, key)
+    d, meta = files.dir, files.meta
+    if not files.online:
         raise ArtifactError(f"{d} holds one compiled plan, not an online model (load it with load_half)")
     if whole and not meta.get("whole"):
         raise ValueError(f"fallback='local' needs the whole model in {d}: save it with om.save(dir, whole=True)")
-    verify(d, [STORE], secret)
-    store = read_store(d / STORE)
+    store = files.tensors(STORE)
 
     def load(stem: str) -> Any:
-        verify(d, [f"{stem}.graph.json"], secret)
-        return load_exported(d / stem, store)
+        return files.half(stem, store)
 
     out = SavedOnline(meta, whole=load("model") if whole else None)
     variants = {}
@@ -206,16 +203,17 @@ def _ints(xs: Any) -> tuple[int, ...]:
 __all__ = ["STORE", "SavedOnline", "load_online", "save_online", "variant_from_json", "variant_to_json"]
 
 
-def cloud_halves(path: str | Path, key: bytes | str | None = None) -> tuple[dict[int, CloudHalf], dict]:
+def cloud_halves(path: "str | Path | PlanFiles",
+                 key: bytes | str | None = None) -> tuple[dict[int, CloudHalf], dict]:
     """What a server serves from a plan directory, verified with ``key`` (else
     ``$COACH_TOKEN``): plan id -> cloud half (one for ``cm.save``, one per plan that reaches
-    the cloud for ``om.save``), and the directory's metadata (``plan_meta``)."""
-    from coach_fx.artifact import load_half, plan_meta
-    meta = plan_meta(path, key=key)
-    if meta.get("kind") == "online":   # every plan's cloud half; requests carry their plan id and bits
-        halves = load_online(path, "cloud", key=key).cloud
+    the cloud for ``om.save``), and the directory's metadata (``PlanFiles.meta``)."""
+    from coach_fx.artifact import load_half
+    files = path if isinstance(path, PlanFiles) else PlanFiles(path, key)
+    if files.online:   # every plan's cloud half; requests carry their plan id and bits
+        halves = load_online(files, "cloud").cloud
         if not halves:
-            raise ValueError(f"{path}: every plan of this online model runs on the end: nothing to serve")
-        return halves, meta
-    half = load_half(path, "cloud", key=key)
-    return {0: CloudHalf(half.module, half.boundary, half.batched)}, meta
+            raise ValueError(f"{files.dir}: every plan of this online model runs on the end: nothing to serve")
+        return halves, files.meta
+    half = load_half(files, "cloud")
+    return {0: CloudHalf(half.module, half.boundary, half.batched)}, files.meta

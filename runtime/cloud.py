@@ -103,6 +103,10 @@ class CloudWorker:
         #: requests that have arrived together run as one batch, up to ``config.batching.max_batch``
         #: (only on an endpoint whose ``ready()`` tells what has arrived: the in-process link)
         self.max_batch = config.batching.max_batch
+        self.batching = config.batching
+        #: plan id -> (a batch's fixed seconds, seconds per request), measured at warm-up
+        self._costs: dict[int, tuple[float, float]] = {}
+        self._warm = False
         #: accept float crossings quantized with bits chosen per request (online control)
         self.adaptive = adaptive
         self.endpoint = endpoint
@@ -149,8 +153,7 @@ class CloudWorker:
             with torch.no_grad():
                 out = self._back(half.module(*payload))
             if not all_finite(tree_flatten(out)[0]):
-                raise ValueError("the cloud half's result is not finite (NaN or inf): the request's "
-                                 "values or scales were out of range")
+                raise ValueError(NOT_FINITE)
             out_entries, _ = output_to_entries(out)
         except Exception as e:  # noqa: BLE001 - reported to the end side, the worker goes on
             return error_reply(req, plan_id, e)
@@ -176,8 +179,12 @@ class CloudWorker:
     def warm_up(self) -> None:
         """Run every plan's halves once on a zero request (the first call of a loaded graph
         costs about a second: the first end's first request should not pay it). Plans whose
-        requests cannot be made up here (images, non-tensor values) are skipped."""
-        for half in self.plans.values():
+        requests cannot be made up here (images, non-tensor values) are skipped. A half that
+        cannot run raises here (a server must not take ends it cannot answer). Once warm, a
+        second call does nothing."""
+        if self._warm:
+            return
+        for pid, half in self.plans.items():
             payload = zero_payload(half.boundary)
             if payload is None:
                 continue
@@ -188,8 +195,17 @@ class CloudWorker:
                     floats = payload_to_floats(half.boundary, payload)
                     if half.batched is not None and floats is not None:
                         half.batched(*(torch.cat([v, v]) for v in floats))
-            except Exception as e:  # noqa: BLE001 - a warm-up never stops a server; requests will say
-                log.warning("coach cloud: warming up a cloud half failed: %s: %s", type(e).__name__, e)
+                        if self.max_batch > 1:
+                            self._costs[pid] = _batch_costs(half.batched, floats, self.max_batch)
+            except Exception as e:
+                raise RuntimeError(f"plan {pid}'s cloud half fails on a request of zeros: "
+                                   f"{type(e).__name__}: {e}") from e
+        self._warm = True
+
+    def shared_batch(self) -> int:
+        """The largest batch while several ends share this worker: within
+        ``Batching.shared_latency`` of one request alone for every plan it measured."""
+        return min([self.batching.shared_batch(*c) for c in self._costs.values()] or [self.max_batch])
 
     @staticmethod
     def reply_to_bad_frame(msg: bytes, e: Exception) -> bytes:
@@ -204,54 +220,72 @@ class CloudWorker:
             self._serve()
 
     def handle_batch(self, msgs: Sequence[tuple[bytes, Arrival]]) -> list[bytes | None]:
-        """Several request messages (each with how it arrived) -> their replies, in
-        order. Requests for one plan run through its cloud half as one batch (one call's
-        overhead for all: a server that falls behind catches up); anything else (a close, mixed
-        plans, a value that does not batch, an output without the batch dimension, an error)
-        is handled message by message, with the same replies as ``handle``."""
+        """Several request messages (each with how it arrived) -> their replies, in order.
+        Requests for one plan run through its cloud half as one batch (one call's overhead for
+        all: a server that falls behind catches up). What does not batch goes alone with the
+        same reply as ``handle``: a close, a frame that does not decode or does not fit its
+        plan (its error), a plan whose values do not batch. In a batch, a request whose result
+        is not finite gets its error and the others their answers from the same run; a run
+        that raises is split in halves until only the failing requests are left, each with
+        its error: one hostile request costs its neighbours a rerun or two, not one each."""
         if len(msgs) == 1:
             return [self.handle(*msgs[0])]
+        replies: list[bytes | None] = [None] * len(msgs)
+        groups: dict[int, list[tuple[int, int, tuple]]] = {}
+        for k, (msg, arrival) in enumerate(msgs):
+            try:
+                req, plan_id, flags, entries = decode(msg)
+                if flags & FLAG_CONTROL or plan_id not in self.plans:
+                    raise WireError("not a request of a plan served here")
+                half = self.plans[plan_id]
+                payload = self._here(entries_to_payload(half.boundary, entries, self.adaptive))
+            except Exception:  # noqa: BLE001 - alone, ``handle`` gives it the reply it gets alone
+                replies[k] = self.handle(msg, arrival)
+                continue
+            groups.setdefault(plan_id, []).append((k, req, payload))
+        for plan_id, items in groups.items():
+            for k, reply in self._run_batch(plan_id, items, msgs):
+                replies[k] = reply
+        return replies
 
-        def one_by_one() -> list[bytes | None]:
-            return [self.handle(m, t) for m, t in msgs]
-
-        try:
-            decoded = [decode(m) for m, _ in msgs]
-        except WireError:   # each frame gets its own reply, the bad one its error
-            return one_by_one()
-        plan_ids = {d[1] for d in decoded}
-        if len(plan_ids) != 1 or any(d[2] & FLAG_CONTROL for d in decoded) or \
-                next(iter(plan_ids)) not in self.plans:
-            return one_by_one()
+    def _run_batch(self, plan_id: int, items: list[tuple[int, int, tuple]],
+                   msgs: Sequence[tuple[bytes, Arrival]]) -> list[tuple[int, bytes | None]]:
+        """(index, reply) of checked requests for one plan (index into ``msgs``, request id,
+        payload), run as one batch where their values batch."""
+        if len(items) == 1:
+            return [(items[0][0], self.handle(*msgs[items[0][0]]))]
+        half = self.plans[plan_id]
+        payloads, module = [p for _, _, p in items], half.module
+        if half.batched is not None:   # dequantized here, so that the rest runs as one batch
+            floats = [payload_to_floats(half.boundary, p) for p in payloads]
+            if all(f is not None for f in floats):
+                payloads, module = floats, half.batched
+        if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1 for p in payloads for v in p):
+            return [(k, self.handle(*msgs[k])) for k, _, _ in items]
+        n = len(items)
         t0 = time.perf_counter()
         try:
-            half = self.plans[decoded[0][1]]
-            payloads = [self._here(entries_to_payload(half.boundary, d[3], self.adaptive)) for d in decoded]
-            module = half.module
-            if half.batched is not None:   # dequantized here, so that the rest runs as one batch
-                floats = [payload_to_floats(half.boundary, p) for p in payloads]
-                if all(f is not None for f in floats):
-                    payloads, module = floats, half.batched
-            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1
-                       for p in payloads for v in p):
-                return one_by_one()
             with torch.no_grad():
                 out = self._back(module(*(torch.cat(vs) for vs in zip(*payloads))))
             leaves, spec = tree_flatten(out)
-            n = len(msgs)
-            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves) \
-                    or not all_finite(leaves):   # the one-by-one path names the bad requests
-                return one_by_one()
-        except Exception:  # noqa: BLE001 - each request gets its own reply (or error) below
-            return one_by_one()
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n for v in leaves):
+                return [(k, self.handle(*msgs[k])) for k, _, _ in items]   # the output does not follow the batch
+        except Exception:  # noqa: BLE001 - split: the failing requests are found, the rest answered
+            mid = n // 2
+            return self._run_batch(plan_id, items[:mid], msgs) + self._run_batch(plan_id, items[mid:], msgs)
         self.calls += 1
         took = emulate(t0, self.slowdown)
         self.busy_s += took
-        self.served += n
+        finite = finite_rows(leaves, n)
         replies = []
-        for k, ((msg, arrival), d) in enumerate(zip(msgs, decoded)):
-            out_entries, _ = output_to_entries(tree_unflatten([v[k:k + 1] for v in leaves], spec))
-            replies.append(encode(d[0], [*out_entries, reply_stats(took / n, msg, arrival)], FLAG_RESULT, d[1]))
+        for row, (k, req, _) in enumerate(items):
+            msg, arrival = msgs[k]
+            if not finite[row]:
+                replies.append((k, error_reply(req, plan_id, ValueError(NOT_FINITE))))
+                continue
+            self.served += 1
+            out_entries, _ = output_to_entries(tree_unflatten([v[row:row + 1] for v in leaves], spec))
+            replies.append((k, encode(req, [*out_entries, reply_stats(took / n, msg, arrival)], FLAG_RESULT, plan_id)))
         return replies
 
     def _serve(self) -> None:
@@ -285,6 +319,25 @@ class CloudWorker:
             self._thread.join(timeout)
 
 
+def _batch_costs(batched: Callable[..., Any], floats: tuple, most: int, repeat: int = 5) -> tuple[float, float]:
+    """(fixed seconds, seconds per request) of a batched half: the medians of ``repeat`` runs at
+    batch 1 and batch ``most`` on ``floats``, fitted to a line."""
+    import statistics
+
+    def median_s(n: int) -> float:
+        xs = [torch.cat([v] * n) for v in floats]
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            batched(*xs)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    one, many = median_s(1), median_s(most)
+    per = max(0.0, (many - one) / (most - 1))
+    return max(0.0, one - per), per
+
+
 def reply_stats(took: float, msg: bytes, arrival: Arrival) -> Entry:
     """A reply's figures for the end: [cloud compute s, request bytes, wire s, arrival time s
     on the cloud's clock, ends sharing the cloud]."""
@@ -305,6 +358,20 @@ def zero_payload(boundary: Boundary) -> tuple | None:
         else:
             out.append(torch.zeros(c.shape, dtype=c.dtype))
     return tuple(out)
+
+
+#: The error of a request whose result is not finite.
+NOT_FINITE = ("the cloud half's result is not finite (NaN or inf): the request's values or scales "
+              "were out of range")
+
+
+def finite_rows(leaves: Sequence[Any], n: int) -> list[bool]:
+    """Per row of a batch of ``n``: whether every floating-point leaf is finite in that row."""
+    ok = torch.ones(n, dtype=torch.bool)
+    for v in leaves:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            ok &= torch.isfinite(v).reshape(n, -1).all(1)
+    return ok.tolist()
 
 
 def all_finite(leaves: Sequence[Any]) -> bool:

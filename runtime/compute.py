@@ -32,6 +32,10 @@ class Compute(Protocol):
     def warm_up(self) -> None:
         """Make the first request as fast as the rest (load, compile, first call)."""
 
+    def shared_batch(self) -> int:
+        """The largest batch while several ends share the engine (``Batching.shared_batch``
+        on its halves' measured costs; ``max_batch`` where it measured none)."""
+
     def submit(self, msgs: Sequence[tuple[bytes, Arrival]]) -> Replies:
         """Start a batch of requests (each with how it arrived); returns how to get their replies."""
 

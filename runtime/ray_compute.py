@@ -109,6 +109,7 @@ class RayCompute:
         serve = _serve_module()
         import ray as ray_module
         self.plans = halves
+        self.max_batch = config.batching.max_batch
         self.parallelism = ray.inflight_per_replica * ray.max_replicas
         self.rejected = self.calls = 0
         self.name = name
@@ -145,6 +146,10 @@ class RayCompute:
 
     def warm_up(self) -> None:
         """Nothing here: each replica warms its halves up before it takes requests."""
+
+    def shared_batch(self) -> int:
+        """``max_batch``: the replicas' costs are not measured here (several run at once)."""
+        return self.max_batch
 
     def submit(self, msgs: Sequence[tuple[bytes, Arrival]]) -> Replies:
         raw = [bytes(m) for m, _ in msgs]

@@ -9,6 +9,13 @@ server that has proved nothing:
     end   -> cloud: 32-byte nonce_e
     cloud -> end:   HMAC-SHA256(token, b"cloud" | nonce_c | nonce_e)
     end   -> cloud: HMAC-SHA256(token, b"end" | nonce_c | nonce_e)
+    cloud -> end:   b"COCHOKAY" (a session), or b"COCHBUSY" (the server filled meanwhile)
+
+A server that cannot take a connection at all sends ``b"COCHBUSY"`` instead of the hello and
+closes. With TLS the cloud first sends ``b"COCHTLS3"`` in the clear, or ``b"COCHBUSY"``, and only
+then starts TLS: every refusal, before or after authentication, with TLS or without, is eight
+bytes the end reads where it expects them and reports as :class:`ServerBusy`, never a length
+prefix or a TLS record.
 
 Each direction then keys its tags with HMAC-SHA256(token, direction | nonce_c | nonce_e):
 a tag is the first 16 bytes of HMAC-SHA256(key, sequence number | message), so a message
@@ -44,6 +51,7 @@ import ssl
 import struct
 import threading
 import time
+from typing import Callable
 
 from coach_fx.runtime.links.base import (MAX_MESSAGE, LinkError, LinkTimeout, PeerGone, RealClock,
                                          ThrottledLog, TokenBucket)
@@ -54,9 +62,15 @@ from coach_fx.traces import Trace
 log = logging.getLogger("coach_fx.runtime")
 
 HELLO = b"COCHAUTH"
-#: What a server that serves its maximum of ends sends instead of ``HELLO`` before closing.
+#: What a server that takes no more ends sends, in place of ``HELLO`` / ``STARTTLS`` before
+#: authentication or of ``ADMITTED`` after it, before closing.
 BUSY = b"COCHBUSY"
-AUTH_VERSION = 2
+#: A TLS listener's first bytes, in the clear: TLS follows.
+STARTTLS = b"COCHTLS3"
+#: The last bytes of a handshake: the end has a session.
+ADMITTED = b"COCHOKAY"
+#: 3: the cloud's verdict after the proofs, and the clear preamble before TLS
+AUTH_VERSION = 3
 _LEN = struct.Struct("<Q")
 _SEQ = struct.Struct("<Q")
 #: Bytes of the integrity tag after each message.
@@ -252,8 +266,11 @@ class TcpServer:
             raise LinkTimeout(f"no end connected to {self.host}:{self.port} within {timeout} s") from None
         return conn, f"{addr[0]}:{addr[1]}"
 
-    def handshake(self, conn: socket.socket, peer: str, within_s: float = 10.0) -> TcpEndpoint:
-        """Authenticate ``conn`` both ways within ``within_s`` in all; a peer that cannot is
+    def handshake(self, conn: socket.socket, peer: str, within_s: float = 10.0,
+                  admit: "Callable[[], bool]" = lambda: True) -> TcpEndpoint:
+        """Authenticate ``conn`` both ways within ``within_s`` in all, then ask ``admit()``
+        whether the end gets a session: it is told ``ADMITTED``, or ``BUSY`` (then
+        :class:`ServerBusy` here too, the socket closed). A peer that cannot authenticate is
         refused (:class:`AuthError`; the socket closed, the refusal counted and logged)."""
         deadline = time.monotonic() + within_s
         # the whole handshake, TLS included, ends at the deadline: a watchdog shuts the socket
@@ -262,6 +279,7 @@ class TcpServer:
         try:
             conn.settimeout(within_s)
             if self.tls is not None:
+                conn.sendall(STARTTLS)
                 conn = self.tls.wrap_socket(conn, server_side=True)
             nonce_c = os.urandom(32)
             conn.sendall(HELLO + struct.pack("<H", AUTH_VERSION) + nonce_c)
@@ -270,6 +288,8 @@ class TcpServer:
             proof = _recv_exact(conn, 32, deadline)
             if not hmac.compare_digest(proof, _mac(self.token, b"end", nonce_c, nonce_e)):
                 raise AuthError("bad token")
+            admitted = admit()
+            conn.sendall(ADMITTED if admitted else BUSY)
         except (AuthError, OSError, PeerGone) as e:
             self.refused += 1
             late = isinstance(e, socket.timeout) or time.monotonic() >= deadline
@@ -279,6 +299,9 @@ class TcpServer:
             conn.close()
             raise AuthError(f"refused peer {peer}: {why}") from None
         watchdog.cancel()
+        if not admitted:
+            _close(conn)
+            raise ServerBusy(f"turned away {peer} after its handshake: the server filled meanwhile")
         return TcpEndpoint(conn, "end", peer, self.timeout_s,
                            keys=_session_keys(self.token, nonce_c, nonce_e, "cloud"))
 
@@ -294,17 +317,29 @@ class TcpServer:
                 if deadline is not None and time.monotonic() > deadline:
                     raise LinkTimeout(f"no authenticated end within {timeout} s") from None
 
-    def turn_away(self, conn: socket.socket) -> None:
-        """Tell a connection the server is busy (:class:`ServerBusy` at its end) and close it."""
+    @staticmethod
+    def turn_away(conn: socket.socket) -> None:
+        """Tell a connection that has not started its handshake that the server is busy
+        (:class:`ServerBusy` at its end, TLS or not: this comes before TLS) and close it."""
         try:
             conn.settimeout(0.5)
             conn.sendall(BUSY)
         except OSError:
             pass
-        conn.close()
+        _close(conn)
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _close(conn: socket.socket) -> None:
+    """Close after what was sent has gone: shut down the sending side first, so that the peer
+    reads the last bytes (a close with unread input would reset the connection instead)."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    conn.close()
 
 
 class _Watchdog:
@@ -336,26 +371,36 @@ class _Watchdog:
 
 def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: float = 30.0,
             shape: Trace | None = None, retry_for: float = 0.0,
-            tls: TlsConfig | None = None) -> TcpEndpoint:
+            tls: TlsConfig | None = None, source: str | None = None) -> TcpEndpoint:
     """Dial the cloud and authenticate both ways; retry refused connections for ``retry_for``
-    s. With ``tls`` the cloud's certificate is checked first (``ssl.SSLError`` if it fails)."""
+    s. With ``tls`` the cloud's certificate is checked first (``ssl.SSLError`` if it fails).
+    ``source``: the local address to dial from (a host with several)."""
     key = shared_token(token)
     ctx = tls.client_context() if tls is not None else None
     deadline = time.monotonic() + retry_for
     while True:
         try:
-            sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0))
+            sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0),
+                                            source_address=(source, 0) if source else None)
             break
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise PeerGone(f"cannot reach the cloud at {host}:{port}: {e}") from None
             time.sleep(0.1)
+    busy = f"the cloud at {host}:{port} serves as many ends as it takes; try later"
     try:
-        if ctx is not None:
+        if ctx is not None:   # the clear preamble first: a busy server says so before TLS
+            first = _recv_exact(sock, len(STARTTLS))
+            if first == BUSY:
+                raise ServerBusy(busy)
+            if first != STARTTLS:
+                raise AuthError(f"{host}:{port} does not speak TLS (or is not a coach cloud of this version)")
             sock = ctx.wrap_socket(sock, server_hostname=tls.server_name or host)
         hello = _recv_exact(sock, len(HELLO))
         if hello == BUSY:
-            raise ServerBusy(f"the cloud at {host}:{port} serves as many ends as it takes; try later")
+            raise ServerBusy(busy)
+        if hello == STARTTLS:
+            raise AuthError(f"the cloud at {host}:{port} requires TLS (give this end tls=TlsConfig(...))")
         hello += _recv_exact(sock, 2 + 32)
         if hello[:len(HELLO)] != HELLO:
             raise AuthError(f"{host}:{port} is not a coach cloud")
@@ -370,6 +415,11 @@ def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: f
             # this end proves nothing to a server that could not prove itself
             raise AuthError(f"the cloud at {host}:{port} does not hold this end's token")
         sock.sendall(_mac(key, b"end", nonce_c, nonce_e))
+        verdict = _recv_exact(sock, len(ADMITTED))
+        if verdict == BUSY:
+            raise ServerBusy(busy)
+        if verdict != ADMITTED:
+            raise AuthError(f"the cloud at {host}:{port} ended its handshake with {verdict!r}")
     except PeerGone:
         sock.close()
         raise AuthError(f"the cloud at {host}:{port} refused this end (wrong token?)") from None

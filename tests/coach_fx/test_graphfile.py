@@ -8,7 +8,7 @@ from torch import nn
 
 import coach_fx
 from coach_fx.artifact import ArtifactError, load_half
-from coach_fx.graphfile import GraphFileError, _resolve
+from coach_fx.graphfile import GraphFileError, resolve_target
 
 
 class Net(nn.Module):
@@ -70,11 +70,46 @@ def test_a_changed_file_is_refused_before_it_is_read(saved, tmp_path, victim):
         load_half(copy, "cloud")
 
 
-def test_a_graph_may_call_only_allowed_operators(saved, tmp_path):
-    for name in ("builtins.eval", "os.system", "operator.attrgetter", "torch.load", "aten"):
-        with pytest.raises(GraphFileError, match="not an allowed operator"):
-            _resolve(name)
-    assert _resolve("aten.conv2d.default") is torch.ops.aten.conv2d.default
+WALKS = ["aten.__class__.__class__", "aten.__class__.__getstate__", "aten.__class__.__str__",
+         "aten.conv2d.__class__", "aten.conv2d.default.__call__", "coach.__dict__.get",
+         "prims.__loader__.load_module", "aten.__getattr__.default", "operator.__builtins__",
+         "operator.attrgetter", "builtins.eval", "os.system", "torch.load", "aten", "aten.conv2d",
+         "aten.conv2d.default.extra", " aten.conv2d.default", "aten.nonexistent_op.default", 7, None]
+
+
+@pytest.mark.parametrize("name", WALKS)
+def test_a_graph_may_call_only_allow_listed_full_names(name):
+    with pytest.raises(GraphFileError, match="not an allowed operator"):
+        resolve_target(name)
+
+
+def test_every_allow_listed_name_is_a_real_operator():
+    from coach_fx.graph_ops import ALLOWED_OPS
+    assert resolve_target("aten.conv2d.default") is torch.ops.aten.conv2d.default
+    assert resolve_target("operator.getitem") is __import__("operator").getitem
+    for name in ALLOWED_OPS:
+        assert isinstance(resolve_target(name), torch._ops.OpOverload), name
+        assert "__" not in name and name.count(".") == 2, name
+
+
+def test_a_half_calling_an_unlisted_operator_is_saved_decomposed(tmp_path, caplog):
+    """aten.logit is not on the list; its core ATen decomposition is, and computes the same."""
+    from coach_fx.graph_ops import ALLOWED_OPS
+    from coach_fx.graphfile import build_half, parse_graph, parse_tensors, save_exported
+    assert "aten.logit.default" not in ALLOWED_OPS
+
+    class Logit(nn.Module):
+        def forward(self, x):
+            return torch.logit(x, eps=1e-3) * 2
+
+    x = torch.rand(3, 4)
+    save_exported(torch.export.export(Logit(), (x,)), tmp_path / "h")
+    assert "outside the operators" in caplog.text and "aten.logit.default" in caplog.text
+    doc = parse_graph((tmp_path / "h.graph.json").read_bytes(), "h")
+    assert "aten.logit.default" not in {r.get("target") for r in doc["nodes"]}
+    raw = (tmp_path / "h.tensors").read_bytes()
+    half = build_half(doc, parse_tensors(torch.frombuffer(bytearray(raw), dtype=torch.uint8), "h"), "h")
+    assert torch.allclose(half(x), Logit()(x), atol=1e-6)
 
 
 def test_a_directory_without_manifest_is_refused(saved, tmp_path):
@@ -145,8 +180,18 @@ def test_the_batched_cloud_half_is_saved_and_batches(saved, signed):
     assert torch.allclose(got["logits"], want["logits"], atol=5e-2)
 
 
+def _tensor_file(path):
+    from coach_fx.graphfile import parse_tensors
+    return parse_tensors(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), str(path))
+
+
+def _graph(path, tensors):
+    from coach_fx.graphfile import build_half, parse_graph
+    return build_half(parse_graph(path.read_bytes(), str(path)), tensors, str(path))
+
+
 def test_halves_saved_with_a_shared_store_write_each_weight_once_and_share_it(tmp_path):
-    from coach_fx.graphfile import load_exported, read_store, save_exported, write_store
+    from coach_fx.graphfile import save_exported, write_store
     torch.manual_seed(0)
     m = Net().eval()
     x = torch.randn(1, 3, 8, 8)
@@ -158,13 +203,37 @@ def test_halves_saved_with_a_shared_store_write_each_weight_once_and_share_it(tm
     assert not (tmp_path / "a.tensors").exists()
     assert store == whole         # the stem's tensors are the whole model's: each stored once
     write_store(store, tmp_path / "w.tensors")
-    tensors = read_store(tmp_path / "w.tensors")
-    a, b = load_exported(tmp_path / "a", tensors), load_exported(tmp_path / "b", tensors)
+    tensors = _tensor_file(tmp_path / "w.tensors")
+    a, b = _graph(tmp_path / "a.graph.json", tensors), _graph(tmp_path / "b.graph.json", tensors)
     with torch.no_grad():
         assert torch.equal(a(x)["logits"], m(x)["logits"]) and torch.equal(b(x), m.stem(x))
     shared = {p.data_ptr() for p in a.parameters()} & {p.data_ptr() for p in b.parameters()}
     assert len(shared) == sum(1 for _ in m.stem.parameters())      # the same tensors, not copies
     with pytest.raises(GraphFileError, match="shared store"):
-        load_exported(tmp_path / "a")
+        _graph(tmp_path / "a.graph.json", None)
     with pytest.raises(GraphFileError, match="not in the shared store"):
-        load_exported(tmp_path / "a", {})
+        _graph(tmp_path / "a.graph.json", {})
+
+
+def test_tensors_are_aligned_in_their_file_and_share_its_buffer(tmp_path):
+    from coach_fx.graphfile import ALIGN, parse_tensors, write_store
+    ts = {"a": torch.randn(3), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 7).half(),
+          "empty": torch.empty(0, 4)}
+    write_store(ts, tmp_path / "t.tensors")
+    buf = torch.frombuffer(bytearray((tmp_path / "t.tensors").read_bytes()), dtype=torch.uint8)
+    got = parse_tensors(buf, "t")
+    assert set(got) == set(ts) and all(torch.equal(got[k], ts[k]) for k in ts)
+    for k in ("a", "b", "c"):   # views of the file's one buffer, not copies
+        assert got[k].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        assert (got[k].data_ptr() - buf.data_ptr()) % ALIGN == 0
+
+
+@pytest.mark.parametrize("header", [b"[]", b"{", b'{"a": 5}', b'{"a": {"dtype": "float32", "shape": [-1], '
+                                    b'"offset": 0, "nbytes": 0}}', b'{"a": {"dtype": "object", "shape": [1], '
+                                    b'"offset": 0, "nbytes": 8}}', b'{"a": {"dtype": "float32", "shape": [4], '
+                                    b'"offset": 0, "nbytes": 16}}'])
+def test_a_bad_tensor_file_is_a_clear_error(header):
+    from coach_fx.graphfile import parse_tensors
+    raw = len(header).to_bytes(8, "little") + header + bytes(8)
+    with pytest.raises(GraphFileError, match="tensor|header"):
+        parse_tensors(torch.frombuffer(bytearray(raw), dtype=torch.uint8), "t")

@@ -389,9 +389,11 @@ def _resign(d: Path, key: str | None) -> None:
     directory would; signed with ``key`` (not the server's token), or unsigned when None."""
     doc = json.loads((d / "manifest.json").read_text())
     doc["sha256"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in doc["sha256"]}
+    doc["bytes"] = {n: (d / n).stat().st_size for n in doc["sha256"]}
     doc.pop("hmac_sha256", None)
     if key is not None:
-        body = json.dumps({"format": doc["format"], "sha256": doc["sha256"]}, sort_keys=True).encode()
+        body = json.dumps({"format": doc["format"], "sha256": doc["sha256"], "bytes": doc["bytes"]},
+                          sort_keys=True).encode()
         doc["hmac_sha256"] = hmac.new(key.encode(), b"coach_fx manifest\0" + body, hashlib.sha256).hexdigest()
     (d / "manifest.json").write_text(json.dumps(doc, indent=1))
 
@@ -469,8 +471,30 @@ def test_tampered_plan_directories_are_refused_before_any_code_runs(plan, tmp_pa
     assert not canary.exists()
 
 
+def test_a_signed_plan_that_cannot_run_ends_coach_serve_with_its_error(plan, tmp_path, free_port):
+    """Signed with the token (as any end could): a crossing 1.5 GB large is refused before
+    anything of that size is allocated; one the cloud half cannot take fails its warm-up. Either
+    way ``coach serve`` exits 2 naming why, instead of listening and answering nothing."""
+    cm, m, x, d = plan
+    cases = {"a 1.5 GB crossing": ([1, 8, 7000, 7000], r"the wire carries at most"),
+             "a crossing the half cannot take": ([1, 8, 9, 9], r"warming them up failed")}
+    for name, (shape, names) in cases.items():
+        t = tmp_path / re.sub(r"\W+", "_", name)
+        shutil.copytree(d, t)
+        meta = json.loads((t / "plan.json").read_text())
+        meta["boundary"]["crossings"][0]["shape"] = shape
+        (t / "plan.json").write_text(json.dumps(meta))
+        _resign(t, TOKEN)
+        r = subprocess.run([COACH, "serve", str(t), "--port", str(free_port)], capture_output=True, text=True,
+                           env={**os.environ, "COACH_TOKEN": TOKEN}, timeout=120)
+        print(f"{name}: rc {r.returncode}: {r.stderr.strip()[:200]}")
+        assert r.returncode == 2, (name, r.stdout, r.stderr)
+        assert re.search(names, r.stderr), (name, r.stderr)
+        assert "cloud half of" not in r.stdout, (name, r.stdout)   # it never listened
+
+
 # ------------------------------------------------------------------ 4. a man in the middle
-HANDSHAKE_DOWN = 8 + 2 + 32 + 32   # cloud -> end: hello, version, nonce; then its proof
+HANDSHAKE_DOWN = 8 + 2 + 32 + 32 + 8   # cloud -> end: hello, version, nonce; its proof; its verdict
 HANDSHAKE_UP = 32 + 32             # end -> cloud: its nonce, then its proof
 FRAME_LEN = 8                      # each frame: length, message, 16-byte tag
 

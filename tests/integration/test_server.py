@@ -26,8 +26,8 @@ def split(stem_head_split):
     return stem_head_split
 
 
-def serve(cm, limits=ServerConfig(), sessions=None, config=StreamConfig(timeout_s=10)):
-    listener = TcpServer("127.0.0.1", 0, token=TOKEN, timeout_s=10)
+def serve(cm, limits=ServerConfig(), sessions=None, config=StreamConfig(timeout_s=10), listener=None):
+    listener = listener or TcpServer("127.0.0.1", 0, token=TOKEN, timeout_s=10)
     server = CloudServer({0: (cm.cloud_module, cm.boundary)}, listener, config,
                          limits, sessions=sessions).start()
     return server, listener
@@ -98,15 +98,46 @@ def test_silent_and_idle_connections_do_not_lock_out_a_real_end(split):
     silent = dial_from("127.0.0.3", listener.port)
     idle = [dial_from("127.0.0.2", listener.port) for _ in range(200)]
     try:
-        # one peer holds at most 32 connections: the other 168 are turned away at once
-        assert until(lambda: server.snapshot().turned_away == 168)
+        # one peer holds at most 8 handshakes: the other 192 are turned away at once
+        assert until(lambda: server.snapshot().turned_away == 192)
         frames = [torch.randn(1, 3, 8, 8) for _ in range(30)]
         expect(m, frames, stream(cm, listener.port, frames))
         st = server.snapshot()
-        # 33 connections still wait for their handshake deadline while the real end was served
-        assert st.sessions == 1 and st.served == 30 and st.refused == 0 and st.turned_away == 168
+        # 9 connections still wait for their handshake deadline while the real end was served
+        assert st.sessions == 1 and st.served == 30 and st.refused == 0 and st.turned_away == 192
+        assert server._handshaking == {"127.0.0.2": 8, "127.0.0.3": 1}
     finally:
         shut(server, listener, silent, *idle)
+
+
+def test_sixteen_addresses_of_idle_sockets_leave_handshake_places_for_a_real_end(split):
+    """512 idle sockets from 16 addresses: each address holds at most 8 handshakes (128 of the
+    256 places); the rest are turned away, and a real end from a 17th address is served."""
+    cm, m = split
+    server, listener = serve(cm, ServerConfig(handshake_s=60))
+    idle = [dial_from(f"127.0.1.{a}", listener.port) for a in range(1, 17) for _ in range(32)]
+    try:
+        assert until(lambda: server.snapshot().turned_away == 512 - 16 * 8, tries=400)
+        frames = [torch.randn(1, 3, 8, 8) for _ in range(10)]
+        expect(m, frames, stream(cm, listener.port, frames))
+        assert server.snapshot().sessions == 1 and server._handshakes == 16 * 8
+    finally:
+        shut(server, listener, *idle)
+
+
+def test_counters_by_address_keep_only_addresses_with_a_connection(split):
+    cm, m = split
+    server, listener = serve(cm)
+    try:
+        for a in range(1, 21):     # 20 addresses come, are served and go
+            s = socket.create_connection(("127.0.0.1", listener.port), source_address=(f"127.0.2.{a}", 0))
+            s.close()
+        frames = [torch.randn(1, 3, 8, 8) for _ in range(3)]
+        expect(m, frames, stream(cm, listener.port, frames))
+        assert until(lambda: server.snapshot().active == 0 and server.snapshot().refused == 20)
+        assert until(lambda: not server._per_peer and not server._handshaking)
+    finally:
+        shut(server, listener)
 
 
 def test_sixteen_ends_at_once_each_get_their_own_answers_in_order(split):
@@ -179,6 +210,121 @@ def test_beyond_its_ends_the_server_says_busy(split):
         assert server.snapshot().turned_away == 1
     finally:
         shut(server, listener, first)
+
+
+class GatedListener(TcpServer):
+    """A listener whose first handshake waits at its verdict until ``gate`` is set: the test
+    fills the server meanwhile, as ends racing for the last place do."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate, self.at_verdict, self._first = threading.Event(), threading.Event(), True
+
+    def handshake(self, conn, peer, within_s=10.0, admit=lambda: True):
+        if not self._first:
+            return super().handshake(conn, peer, within_s, admit)
+        self._first = False
+
+        def late():
+            self.at_verdict.set()
+            self.gate.wait(30)
+            return admit()
+        return super().handshake(conn, peer, within_s, late)
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    import shutil
+    import subprocess
+    from coach_fx.runtime.links.tls import TlsConfig
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "c.pem", d / "c.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    return TlsConfig(cert=str(cert), key=str(key)), TlsConfig(ca=str(cert))
+
+
+@pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "tls"])
+def test_a_server_that_fills_during_a_handshake_tells_the_end_it_is_busy(split, with_tls, request):
+    cm, m = split
+    server_tls, end_tls = request.getfixturevalue("tls_pair") if with_tls else (None, None)
+    server, listener = serve(cm, ServerConfig(max_ends=1, handshake_s=30), listener=GatedListener(
+        "127.0.0.1", 0, token=TOKEN, timeout_s=10, tls=server_tls))
+    got = {}
+
+    def racer():
+        try:
+            got["end"] = connect("127.0.0.1", listener.port, TOKEN, 10.0, tls=end_tls)
+        except Exception as e:  # noqa: BLE001 - the outcome under test
+            got["error"] = e
+    t = threading.Thread(target=racer)
+    t.start()
+    first = None
+    try:
+        assert listener.at_verdict.wait(30)          # the racer has proved its token...
+        first = connect("127.0.0.1", listener.port, TOKEN, 10.0, tls=end_tls)   # ...the last place goes
+        assert until(lambda: server.snapshot().active == 1)
+        listener.gate.set()
+        t.join(30)
+        assert isinstance(got.get("error"), ServerBusy), got
+        assert "try later" in str(got["error"])
+        # and the end that got the place is served
+        end = EndWorker(first, cm.out_spec, StaticPolicy(cm.end_module, cm.boundary), StreamConfig(timeout_s=10))
+        frames = [torch.randn(1, 3, 8, 8) for _ in range(5)]
+        results, _ = end.run(frames)
+        end.close()
+        expect(m, frames, results)
+        first = None
+        with pytest.raises(ServerBusy):             # and a draining server says busy too, before TLS
+            server._stop.set()
+            connect("127.0.0.1", listener.port, TOKEN, 10.0, tls=end_tls)
+        assert server.snapshot().turned_away == 2
+    finally:
+        listener.gate.set()
+        shut(server, listener, *([first.sock] if first is not None else []))
+
+
+@pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "tls"])
+def test_a_full_server_says_busy_before_the_handshake_with_or_without_tls(split, with_tls, request):
+    cm, m = split
+    server_tls, end_tls = request.getfixturevalue("tls_pair") if with_tls else (None, None)
+    server, listener = serve(cm, ServerConfig(max_ends=1, evict_idle_s=600), listener=TcpServer(
+        "127.0.0.1", 0, token=TOKEN, timeout_s=10, tls=server_tls))
+    first = connect("127.0.0.1", listener.port, TOKEN, 10.0, tls=end_tls)
+    try:
+        assert until(lambda: server.snapshot().active == 1)
+        with pytest.raises(ServerBusy, match="try later"):
+            connect("127.0.0.1", listener.port, TOKEN, 10.0, tls=end_tls)
+        assert server.snapshot().turned_away == 1 and server.snapshot().refused == 0
+    finally:
+        shut(server, listener, first.sock)
+
+
+def test_a_new_end_takes_the_place_of_the_session_idle_longest(split):
+    cm, m = split
+    server, listener = serve(cm, ServerConfig(max_ends=2, evict_idle_s=0.3))
+    idle = [connect("127.0.0.1", listener.port, TOKEN, 10.0) for _ in range(2)]
+    try:
+        assert until(lambda: server.snapshot().active == 2)
+        time.sleep(0.5)   # the input: both sessions idle past evict_idle_s (not a wait for a thread)
+        frames = [torch.randn(1, 3, 8, 8) for _ in range(10)]
+        expect(m, frames, stream(cm, listener.port, frames))      # admitted, served
+        assert until(lambda: server.snapshot().ended >= 2)
+        st = server.snapshot()
+        assert st.sessions == 3 and st.turned_away == 0
+        gone = 0
+        for ep in idle:   # the one that gave its place was closed by the server
+            try:
+                ep.sock.settimeout(5)
+                gone += ep.sock.recv(1) == b""
+            except OSError:
+                gone += 1
+        assert gone >= 1
+    finally:
+        shut(server, listener, *(ep.sock for ep in idle))
 
 
 @pytest.fixture(scope="module")

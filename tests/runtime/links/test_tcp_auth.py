@@ -4,12 +4,13 @@ import threading
 
 import pytest
 
-from coach_fx.runtime.links.tcp import (AUTH_VERSION, HELLO, AuthError, IntegrityError, TcpServer,
+from coach_fx.runtime.links.tcp import (ADMITTED, AUTH_VERSION, HELLO, AuthError, IntegrityError, TcpServer,
                                         connect)
 
 TOKEN = b"0123456789abcdef-test-token"
-#: bytes each way before the first message: cloud -> end hello + proof, end -> cloud nonce + proof
-HANDSHAKE_DOWN, HANDSHAKE_UP = len(HELLO) + 2 + 32 + 32, 32 + 32
+#: bytes each way before the first message: cloud -> end hello + proof + verdict, end -> cloud
+#: nonce + proof
+HANDSHAKE_DOWN, HANDSHAKE_UP = len(HELLO) + 2 + 32 + 32 + len(ADMITTED), 32 + 32
 
 
 def pair_through(proxy_edit):
