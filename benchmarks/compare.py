@@ -2,6 +2,7 @@
 cloud-only across models, end devices, static uplinks and real bandwidth traces.
 
     python benchmarks/compare.py [--quick] [--out benchmarks/results] [--no-real]
+    python benchmarks/compare.py --natural [--quick]   # the headline: benchmarks/compare_natural.py
     python benchmarks/compare.py --trained [--quick]   # trained models: benchmarks/compare_trained.py
 
 Random weights: this grid times the models and shows the planner's balance; it cannot show
@@ -194,6 +195,12 @@ def geomean(xs: list[float]) -> float:
 
 
 def main() -> None:
+    if "--natural" in sys.argv[1:]:
+        # trained cuts on natural-looking frames, a fast cloud, ends sharing it: the headline
+        sys.path.insert(0, str(HERE))
+        from compare_natural import main as natural_main
+        natural_main(sys.argv[1:])
+        return
     if "--trained" in sys.argv[1:]:
         # the honest grid: trained models, practitioner baselines, test-split accuracy
         sys.path.insert(0, str(HERE))

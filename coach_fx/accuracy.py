@@ -173,12 +173,25 @@ class AccuracyOracle:
         #: (crossing name, chunk) -> the end half's value on that chunk, LRU by bytes
         self._values = CrossingValues()
         self._halves = Halves(gm)
+        #: the compiled model's own outputs, unquantized: what a searched plan's near changes
+        #: are measured from
         self.unquantized = self._run(self.gm)
+        #: what answers are kept against: ``Settings.accuracy.reference`` (the model a
+        #: ``train_cut`` student was made from: the student's own difference counts too), else
+        #: the compiled model itself
+        self.reference = settings.accuracy.reference
+        self.reference_out = self._run(self.reference) if self.reference is not None else self.unquantized
         if self.mode == "labels":
             if labels.shape[0] != n:
                 raise ValueError(f"calibration has {n} inputs but {labels.shape[0]} labels")
-            self.ref_right = self.unquantized.argmax(1) == labels.reshape(-1)
+            self.ref_right = self.reference_out.argmax(1) == labels.reshape(-1)
             self.ref_acc = self.ref_right.float().mean().item()
+        #: per sample: whether the model itself (no quantization) already changes or nearly
+        #: changes the reference's answer (the margin share of a fixed option, as for a codec);
+        #: none without a reference
+        self.own_harm = torch.zeros(self.unquantized.shape[0], dtype=torch.bool)
+        if self.reference is not None and self.mode != "l2":
+            self.own_harm = self._at_risk_rows(self.reference_out, self.unquantized, 0, self.n, CODEC_RISK_MARGIN)
 
     @property
     def budget(self) -> float:
@@ -239,8 +252,11 @@ class AccuracyOracle:
         codecs = {x: c for x, c in (codecs or {}).items() if x in cut}
         key = (tuple(sorted((x, b) for x, b in bits.items() if x in cut and b < 32 and x not in codecs)),
                tuple(sorted(codecs.items())))
-        if not key[0] and not key[1]:
-            return Tally(0.0, 0, self.n)
+        if not key[0] and not key[1]:   # nothing lossy crosses: the model itself
+            if self.reference is None:
+                return Tally(0.0, 0, self.n)
+            harmful = int(self.own_harm.sum()) if self.mode != "l2" else 0
+            return Tally(self._value(self.unquantized), harmful, self.n)
         tally = self._cache.get(key)
         if tally is not None and (tally.done(self.n) or not full):
             return tally
@@ -270,17 +286,24 @@ class AccuracyOracle:
         self._cache[key] = tally
         return tally
 
-    def _harmful(self, out: torch.Tensor, lo: int, hi: int, margin: float) -> int:
-        ref = self.unquantized[lo:hi]
+    def _at_risk_rows(self, ref: torch.Tensor, out: torch.Tensor, lo: int, hi: int, margin: float) -> torch.Tensor:
+        """Samples ``lo:hi`` whose kept answer (the label the reference got right, or the
+        reference's answer) ``out`` changed or nearly changed from ``ref``'s margin."""
         if self.mode == "labels":
             y = self.labels.reshape(-1)[lo:hi]
-            return int((self.ref_right[lo:hi] & _at_risk(ref, out, y, margin)).sum())
-        if self.mode == "agreement":
-            return int(_at_risk(ref, out, ref.argmax(1), margin).sum())
-        return 0
+            return self.ref_right[lo:hi] & _at_risk(ref, out, y, margin)
+        return _at_risk(ref, out, self.reference_out[lo:hi].argmax(1), margin)
+
+    def _harmful(self, out: torch.Tensor, lo: int, hi: int, margin: float) -> int:
+        """Samples harmed: by the split's quantization (near changes from the compiled model's
+        own outputs, ``margin``), or already by the model against the reference (``own_harm``)."""
+        if self.mode == "l2":
+            return 0
+        split = self._at_risk_rows(self.unquantized[lo:hi], out, lo, hi, margin)
+        return int((split | self.own_harm[lo:hi]).sum())
 
     def _value(self, out: torch.Tensor) -> float:
-        ref = self.unquantized
+        ref = self.reference_out
         if self.mode == "labels":
             right = out.argmax(1) == self.labels.reshape(-1)
             return self.ref_acc - right.float().mean().item()
@@ -326,7 +349,8 @@ class AccuracyOracle:
             return self.metric(end_nodes, bits, codecs)
         harmful = self._measure(end_nodes, bits, codecs, full=False).harmful
         cut = self.dag.crossing(end_nodes)
-        lossy = any(b < 32 for x, b in bits.items() if x in cut) or any(x in cut for x in (codecs or {}))
+        lossy = any(b < 32 for x, b in bits.items() if x in cut) or any(x in cut for x in (codecs or {})) \
+            or self.reference is not None   # the model itself differs from the reference
         if not lossy:
             return 0.0
         if self.budget <= 0:

@@ -56,7 +56,11 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
     if strategy == "manual" and "manual_bits" not in options and isinstance(bits, (int, Mapping)):
         options["manual_bits"] = bits
         kw["bits"] = DEFAULT_BITS
-    settings = Settings.from_options(options, **kw)
+    return compile_with(model, example_inputs, Settings.from_options(options, **kw))
+
+
+def compile_with(model: nn.Module, example_inputs: Any, settings: Settings) -> CompiledModel:
+    """``compile`` with its settings as one record (``cm.settings`` of another compile, changed)."""
     training = model.training
     # captured as it is (a train-mode forward may differ), planned in eval mode, and left
     # as it was: its buffers, flags and the random stream
@@ -72,6 +76,11 @@ def compile(model: nn.Module, example_inputs: Any, *, network: Any = None, end: 
     # too, e.g. frozen batch norm in a training model); the compiled model follows the model
     cm.training = training
     return cm
+
+
+#: How long ``connect()`` retries a cloud that is busy or not yet listening, before it says so
+#: (ends that start together share a server's handshake places per address).
+BUSY_RETRY_S = 5.0
 
 
 def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
@@ -184,7 +193,8 @@ def connect(target: "CompiledModel | OnlineModel | str | Path", address: "str | 
     policy, out_spec, whole = _end_side(target, secret, fallback == "local", mode)
 
     def dial() -> Any:
-        return dial_tcp(host, port, token=secret, timeout_s=config.timeout_s, shape=shape, tls=tls)
+        return dial_tcp(host, port, token=secret, timeout_s=config.timeout_s, shape=shape, tls=tls,
+                        retry_for=BUSY_RETRY_S)
     return RemoteModel(policy, out_spec, dial, config, whole_model=whole)
 
 
@@ -240,4 +250,4 @@ def parse_address(address: "str | tuple[str, int]") -> tuple[str, int]:
     return str(host), port
 
 
-__all__ = ["compile", "connect", "parse_address", "serve"]
+__all__ = ["compile", "compile_with", "connect", "parse_address", "serve"]

@@ -179,6 +179,10 @@ class AccuracySettings:
     calibration: Any = None
     #: Relative L2 error of the output allowed when there is no calibration data.
     output_tolerance: float = 0.02
+    #: The model plans are measured against, where it is not the one compiled: the model a
+    #: ``coach_fx.train_cut`` student was made from, so that the budget covers the student's
+    #: own difference too (None: the compiled model, unquantized).
+    reference: Any = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.accuracy_budget < 1:

@@ -86,6 +86,9 @@ def _module_flops(mod: nn.Module, args: tuple, out: Any) -> float:
             return 2.0 * seq_tokens * mod.embed_dim * (4 * mod.embed_dim + 2 * seq_len)
     if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
         return 4.0 * n_out
+    from coach_fx.passes.bottleneck import BottleneckDecoder, BottleneckEncoder
+    if isinstance(mod, (BottleneckEncoder, BottleneckDecoder)):
+        return mod.flops(n_out)
     return float(n_out)
 
 

@@ -25,14 +25,15 @@ class Batching:
     request of a batch at most ``max_wait_s`` for more (0: only what has already arrived is
     batched, no request waits for another).
 
-    While several ends share a server, a batch is also kept to at most ``shared_latency``
-    times the time of one request alone (measured at warm-up: a batch's fixed cost and its
-    cost per request): an end that sends now and then waits for at most about one batch in
-    progress and its own, so its latency stays within a few times what it is alone however
-    many ends keep the server busy. Batches still gain most of what batching gives where a
-    call's fixed cost dominates (resnet18 at 32x32 here: batches of about 12, 6x fewer CPU
-    per request than one at a time); None: ``max_batch`` alone decides (the most throughput,
-    at the price of the others' latency). One end alone is batched up to ``max_batch``."""
+    While several ends share a server and one of them sends now and then (a request sent with
+    none of its own unanswered, within the last second), a batch is also kept to at most
+    ``shared_latency`` times the time of one request alone (measured at warm-up: a batch's
+    fixed cost and its cost per request): that end waits for at most about one batch in
+    progress and its own, so its latency stays within a few times what it is alone however many
+    ends keep the server busy. Batches still gain most of what batching gives where a call's
+    fixed cost dominates (resnet18 at 32x32 here: batches of about 11, 6x less CPU per request
+    than one at a time). Ends that all keep requests in flight are batched up to ``max_batch``
+    (the most throughput: no one waits on them alone). None: ``max_batch`` always."""
 
     max_batch: int = 1
     max_wait_s: float = 0.0

@@ -109,7 +109,8 @@ def with_request_id(msg: bytes, req: int) -> bytes:
 
 def _one_end(address: tuple[str, int], token: bytes | str | None, tls: TlsConfig | None,
              messages: Sequence[bytes], spec: LoadSpec, rec: EndRecord) -> None:
-    ep = connect(address[0], address[1], token, spec.timeout_s, tls=tls)
+    # a server turns away handshakes beyond its share per address: ends that start together retry
+    ep = connect(address[0], address[1], token, spec.timeout_s, tls=tls, retry_for=spec.timeout_s)
     sent: dict[int, float] = {}
     room = threading.Semaphore(spec.inflight)
 

@@ -21,7 +21,8 @@ half as one batch.
   the batch), up to ``Batching.max_batch`` at a time, holding the first at most
   ``Batching.max_wait_s`` for more, and submits those for one plan as one batch to its
   engine (``runtime.compute.Compute``: ``CloudWorker`` in this process, or ``RayCompute``'s
-  replicas), keeping up to the engine's ``parallelism`` batches out; a reply thread hands
+  replicas), keeping up to the engine's ``parallelism`` batches out (while an end that sends
+  now and then shares the server, batches are kept to ``Batching.shared_latency``); a reply thread hands
   their replies to the sessions in submission order. A bad frame, or a request whose result
   is not finite, is that request's error reply (its neighbours in the batch are answered from
   the same run); a close request ends that end's session, not the server.
@@ -61,6 +62,9 @@ log = logging.getLogger("coach_fx.runtime")
 
 #: How often waiting threads look whether they were asked to stop (seconds).
 POLL_S = 0.2
+#: An end that sent a request with none unanswered counts as one that sends now and then
+#: (``FairQueue.light``) for this long.
+LIGHT_S = 1.0
 
 
 @dataclass
@@ -106,6 +110,7 @@ class _Session:
         self.pending: deque[tuple[bytes | _Eof, Arrival]] = deque()
         self.owed = 0                       # requests read and not yet answered
         self.heard = time.monotonic()       # when its last request arrived (or it started)
+        self.busy_at = -1e9                 # when it last sent with a request unanswered
         self.served = 0
         self.evicted = False                # its place went to a new end: its reader stops
         self.closed = threading.Event()     # its writer is done: nothing more is read or sent
@@ -124,6 +129,7 @@ class FairQueue:
         self._cv = threading.Condition()
         self._new: deque[_Session] = deque()    # sessions that had nothing waiting
         self._old: deque[_Session] = deque()    # sessions served and still waiting
+        self._light: dict[_Session, float] = {}  # sessions that sent with nothing owed, and when
 
     def put(self, s: _Session, msg: bytes | _Eof, arrival: Arrival) -> None:
         with self._cv:
@@ -131,9 +137,24 @@ class FairQueue:
                 self._new.append(s)
             s.pending.append((msg, arrival))
             if not isinstance(msg, _Eof):
+                now = time.monotonic()
+                if s.owed == 0:   # nothing unanswered when it sent: maybe an end that sends now and then
+                    self._light[s] = now
+                else:             # one that keeps requests in flight is none
+                    s.busy_at = now
                 s.owed += 1
-                s.heard = time.monotonic()
+                s.heard = now
             self._cv.notify()
+
+    def light(self, now: float) -> bool:
+        """Whether an end that sends now and then shares the server: one that sent within the
+        last ``LIGHT_S`` with nothing unanswered, and never more than one request at a time in
+        that while. Then batches are kept short for its sake."""
+        with self._cv:
+            for s, at in list(self._light.items()):
+                if now - at > LIGHT_S or s.closed.is_set():
+                    del self._light[s]
+            return any(now - s.busy_at > LIGHT_S for s in self._light)
 
     def answered(self, s: _Session) -> None:
         """One of ``s``'s requests has its reply out."""
@@ -415,7 +436,8 @@ class CloudServer:
         try:
             with fast_handoff():
                 while not self._done.is_set():
-                    most = self.config.batching.max_batch if self.stats.active <= 1 else self.shared_batch
+                    shared = self.stats.active > 1 and self._requests.light(time.monotonic())
+                    most = self.shared_batch if shared else self.config.batching.max_batch
                     batch = self._requests.take(most, self.config.batching.max_wait_s, self._done)
                     if not batch:
                         continue

@@ -29,7 +29,9 @@ STRATEGIES: dict[str, Callable[..., Plan]] = {
     "qdmp+int8": int8(qdmp, "qdmp+int8"),
     "end-only": end_only,
     "cloud-only": cloud_only,
+    "cloud-only+jpeg95": cloud_only_coded("jpeg95"),
     "cloud-only+jpeg90": cloud_only_coded("jpeg90"),
+    "cloud-only+jpeg75": cloud_only_coded("jpeg75"),
     "cloud-only+png": cloud_only_coded("png"),
     "brute-force": brute_force,
 }

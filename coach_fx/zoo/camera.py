@@ -34,6 +34,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -80,6 +81,24 @@ class Splits:
     train: Split
     calibration: Split
     test: Split
+
+
+@dataclass(frozen=True)
+class FrameSet:
+    """A labelled set of frames made from the digits: how one becomes a frame (``render``:
+    (N, 8, 8) digits, frame size, generator -> (N, 3, frame, frame) in [0, 1]), at what size,
+    how many frames each digit gives in the train (per epoch), calibration and test splits, the
+    training epochs of its models and its version (a cached model of another is retrained)."""
+
+    name: str
+    render: Callable[[Tensor, int, torch.Generator], Tensor]
+    frame: int
+    per_digit: tuple[int, int, int]
+    epochs: Mapping[str, int]
+    version: int
+
+    def size(self, frame: int | None) -> int:
+        return self.frame if frame is None else frame
 
 
 def _stream(seed: int, name: str) -> torch.Generator:
@@ -150,18 +169,7 @@ def render(images_8x8: Tensor, frame: int, generator: torch.Generator) -> Tensor
              + torch.sin(angle)[:, None, None] * ramp[None, :, None])      # (n, frame, frame)
     bg = bg + (0.1 * rand(n))[:, None, None, None] * light[:, None]
 
-    # The digit: size s (pixels) and top-left offset o; an affine grid maps each output pixel
-    # to the 8x8 digit (bilinear, zero ink outside), all frames in one grid_sample call.
-    size = frame * (0.45 + 0.30 * rand(n))
-    ox, oy = (frame - size) * rand(n), (frame - size) * rand(n)
-    scale = frame / size                                    # output normalized -> digit normalized
-    cx, cy = 2 * (ox + size / 2) / frame - 1, 2 * (oy + size / 2) / frame - 1
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = scale, -cx * scale
-    theta[:, 1, 1], theta[:, 1, 2] = scale, -cy * scale
-    grid = F.affine_grid(theta, [n, 1, frame, frame], align_corners=False)
-    ink = F.grid_sample(images_8x8.float().unsqueeze(1), grid, mode="bilinear",
-                        padding_mode="zeros", align_corners=False)           # (n, 1, frame, frame)
+    ink = place_digits(images_8x8, frame, g, 0.45, 0.30)           # (n, 1, frame, frame)
 
     # Ink: half the frames dark (pencil), half a saturated colour (pen: random hue,
     # HSV -> RGB with s in [0.7, 1], v in [0.3, 0.55]); slightly translucent.
@@ -176,6 +184,33 @@ def render(images_8x8: Tensor, frame: int, generator: torch.Generator) -> Tensor
     return out.clamp(0, 1).contiguous()
 
 
+def place_digits(images_8x8: Tensor, frame: int, g: torch.Generator, smallest: float,
+                 spread: float) -> Tensor:
+    """The digits' ink (N, 1, frame, frame) in [0, 1]: each upsampled (bilinear) to a random
+    ``smallest``..``smallest + spread`` of the frame at a random place, zero outside."""
+    n = images_8x8.shape[0]
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g)
+
+    # The digit: size s (pixels) and top-left offset o; an affine grid maps each output pixel
+    # to the 8x8 digit (bilinear, zero ink outside), all frames in one grid_sample call.
+    size = frame * (smallest + spread * rand(n))
+    ox, oy = (frame - size) * rand(n), (frame - size) * rand(n)
+    scale = frame / size                                    # output normalized -> digit normalized
+    cx, cy = 2 * (ox + size / 2) / frame - 1, 2 * (oy + size / 2) / frame - 1
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = scale, -cx * scale
+    theta[:, 1, 1], theta[:, 1, 2] = scale, -cy * scale
+    grid = F.affine_grid(theta, [n, 1, frame, frame], align_corners=False)
+    return F.grid_sample(images_8x8.float().unsqueeze(1), grid, mode="bilinear",
+                         padding_mode="zeros", align_corners=False)
+
+
+CAMERA = FrameSet("camera", render, FRAME, (1, 1, 1), EPOCHS, VERSION)
+"""Camera-like frames of the digits on smooth backgrounds (:func:`render`), 64x64."""
+
+
 def camera_digits(frame: int = FRAME, seed: int = 0) -> Splits:
     """The digits as camera frames, split 40/30/30 into train/calibration/test (disjoint).
 
@@ -186,14 +221,25 @@ def camera_digits(frame: int = FRAME, seed: int = 0) -> Splits:
     >>> s.test.x.shape, len(s.calibration.y)                 # doctest: +SKIP
     (torch.Size([540, 3, 64, 64]), 539)
     """
-    return Splits(*(_split(name, frame, seed) for name in ("train", "calibration", "test")))
+    return digit_frames(CAMERA, frame, seed)
 
 
-def _split(name: str, frame: int, seed: int) -> Split:
-    """One split of :func:`camera_digits` (rendered from its own stream, so alone it is the same)."""
+def digit_frames(frames: FrameSet, frame: int | None = None, seed: int = 0) -> Splits:
+    """The splits of a frame set (its train split as one epoch renders it), each rendered from
+    its own generator stream of ``seed``: the same on every call."""
+    return Splits(*(_split(name, frames.size(frame), seed, frames) for name in ("train", "calibration", "test")))
+
+
+_SPLITS = ("train", "calibration", "test")
+
+
+def _split(name: str, frame: int, seed: int, frames: FrameSet = CAMERA) -> Split:
+    """One split (rendered from its own stream, so alone it is the same): each of its digits
+    ``frames.per_digit`` times, each time on another background and place."""
     images, labels = _digits()
-    idx = split_indices(len(labels), seed)[("train", "calibration", "test").index(name)]
-    return Split(render(images[idx], frame, _stream(seed, name)), labels[idx])
+    k = _SPLITS.index(name)
+    idx = split_indices(len(labels), seed)[k].repeat(frames.per_digit[k])
+    return Split(frames.render(images[idx], frame, _stream(seed, name)), labels[idx])
 
 
 def build(name: str, num_classes: int = 10) -> nn.Module:
@@ -226,7 +272,7 @@ def top1(model: nn.Module, split: Split, batch: int = 256) -> float:
 
 
 def train(name: str, frame: int = FRAME, seed: int = 0, epochs: int | None = None,
-          limit: int | None = None, *, log: bool = True) -> nn.Module:
+          limit: int | None = None, *, log: bool = True, frames: FrameSet = CAMERA) -> nn.Module:
     """Train ``name`` from scratch on the training split; returns it in eval mode.
 
     Reproducible from ``seed`` (at a fixed thread count): the initial weights, the shuffling
@@ -237,13 +283,14 @@ def train(name: str, frame: int = FRAME, seed: int = 0, epochs: int | None = Non
 
     >>> model = train("resnet18", frame=32, epochs=1, limit=64)   # doctest: +SKIP
     """
-    epochs = EPOCHS.get(name, DEFAULT_EPOCHS) if epochs is None else epochs
+    epochs = frames.epochs.get(name, DEFAULT_EPOCHS) if epochs is None else epochs
     torch.manual_seed(seed)
     model = build(name)
     images, labels = _digits()
     idx = split_indices(len(labels), seed)[0]
     if limit is not None:
         idx = idx[:limit]
+    idx = idx.repeat(frames.per_digit[0])    # each digit this many times an epoch
     images, labels = images[idx], labels[idx]
     n = len(labels)
     steps = -(-n // BATCH)
@@ -257,7 +304,7 @@ def train(name: str, frame: int = FRAME, seed: int = 0, epochs: int | None = Non
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        x = render(images, frame, augment)
+        x = frames.render(images, frame, augment)
         perm = torch.randperm(n, generator=shuffle)
         total, seen = 0.0, 0
         for i in range(0, n, BATCH):
@@ -271,7 +318,7 @@ def train(name: str, frame: int = FRAME, seed: int = 0, epochs: int | None = Non
             sched.step()
             total, seen = total + loss.item() * len(b), seen + len(b)
         if log:
-            print(f"zoo {name} {frame}px epoch {epoch + 1}/{epochs} loss {total / max(seen, 1):.4f} "
+            print(f"zoo {frames.name} {name} {frame}px epoch {epoch + 1}/{epochs} loss {total / max(seen, 1):.4f} "
                   f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     return model.eval()
 
@@ -284,18 +331,21 @@ def _cache_root() -> Path:
     return Path(os.environ.get("COACH_CACHE", Path.home() / ".cache" / "coach_fx"))
 
 
-def cache_paths(name: str, frame: int = FRAME, seed: int = 0) -> tuple[Path, Path]:
+def cache_paths(name: str, frame: int = FRAME, seed: int = 0, frames: FrameSet = CAMERA) -> tuple[Path, Path]:
     """The (npz, json sidecar) paths of the cached weights of ``name``."""
-    stem = _cache_root() / f"zoo_{name}_{frame}px_s{seed}_v{VERSION}"
+    kind = "" if frames is CAMERA else f"{frames.name}_"
+    stem = _cache_root() / f"zoo_{kind}{name}_{frame}px_s{seed}_v{frames.version}"
     return stem.with_suffix(".npz"), stem.with_suffix(".json")
 
 
 def recipe(name: str, frame: int = FRAME, seed: int = 0, epochs: int | None = None,
-           limit: int | None = None) -> dict:
+           limit: int | None = None, frames: FrameSet = CAMERA) -> dict:
     """What the cached weights were trained with; a cache entry with another recipe is stale."""
     r = {"name": name, "frame": frame, "seed": seed,
-         "epochs": EPOCHS.get(name, DEFAULT_EPOCHS) if epochs is None else epochs,
-         "lr": LRS.get(name, LR), "version": VERSION}
+         "epochs": frames.epochs.get(name, DEFAULT_EPOCHS) if epochs is None else epochs,
+         "lr": LRS.get(name, LR), "version": frames.version}
+    if frames is not CAMERA:
+        r["frames"], r["per_digit"] = frames.name, list(frames.per_digit)
     if limit is not None:           # only tests train on part of the split
         r["limit"] = limit
     return r
@@ -341,12 +391,12 @@ def _try_load(name: str, npz: Path, side: Path, want: dict) -> tuple[nn.Module, 
 
 
 def _train_and_cache(name: str, frame: int, seed: int, want: dict,
-                     limit: int | None) -> tuple[nn.Module, dict]:
-    npz, side = cache_paths(name, frame, seed)
+                     limit: int | None, frames: FrameSet = CAMERA) -> tuple[nn.Module, dict]:
+    npz, side = cache_paths(name, frame, seed, frames)
     t0 = time.perf_counter()
-    model = train(name, frame, seed, epochs=want["epochs"], limit=limit)
+    model = train(name, frame, seed, epochs=want["epochs"], limit=limit, frames=frames)
     train_s = time.perf_counter() - t0
-    acc = top1(model, _split("test", frame, seed))
+    acc = top1(model, _split("test", frame, seed, frames))
     buf = io.BytesIO()
     np.savez(buf, **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
     data = buf.getvalue()
@@ -356,39 +406,42 @@ def _train_and_cache(name: str, frame: int, seed: int, want: dict,
     # npz first: if we die between the two, the old sidecar's hash no longer matches -> retrain.
     _atomic_write(npz, data)
     _atomic_write(side, (json.dumps(meta, indent=1) + "\n").encode())
-    print(f"zoo {name} {frame}px: test top-1 {acc:.4f}, trained in {train_s:.1f}s -> {npz}",
+    print(f"zoo {frames.name} {name} {frame}px: test top-1 {acc:.4f}, trained in {train_s:.1f}s -> {npz}",
           file=sys.stderr, flush=True)
     return model, meta
 
 
-def _load_or_train(name: str, frame: int, seed: int, epochs: int | None,
-                   limit: int | None) -> tuple[nn.Module, dict]:
-    want = recipe(name, frame, seed, epochs, limit)
-    npz, side = cache_paths(name, frame, seed)
+def _load_or_train(name: str, frame: int | None, seed: int, epochs: int | None,
+                   limit: int | None, frames: FrameSet = CAMERA) -> tuple[nn.Module, dict]:
+    frame = frames.size(frame)
+    want = recipe(name, frame, seed, epochs, limit, frames)
+    npz, side = cache_paths(name, frame, seed, frames)
     got = _try_load(name, npz, side, want)
-    return got if got is not None else _train_and_cache(name, frame, seed, want, limit)
+    return got if got is not None else _train_and_cache(name, frame, seed, want, limit, frames)
 
 
-def load_trained(name: str, frame: int = FRAME, seed: int = 0, *, epochs: int | None = None,
-                 limit: int | None = None) -> nn.Module:
+def load_trained(name: str, frame: int | None = None, seed: int = 0, *, epochs: int | None = None,
+                 limit: int | None = None, frames: FrameSet = CAMERA) -> nn.Module:
     """The trained model ``name`` in eval mode: loaded from the cache, or trained and cached.
 
     The sidecar's recipe must equal the current one and the npz's sha256 the recorded one
     (checked before the npz is parsed); otherwise a warning names the file and the mismatch
     and the model is retrained, both files rewritten atomically. ``epochs``/``limit`` are for
-    tests (they enter the recipe).
+    tests (they enter the recipe). ``frames``: the frame set it is trained on (default the
+    camera frames; ``coach_fx.zoo.natural.NATURAL`` for natural-looking ones); ``frame``
+    defaults to the set's size.
 
     >>> model = load_trained("mobilenet_v2")                 # doctest: +SKIP
     >>> model(camera_digits().test.x[:4]).shape              # doctest: +SKIP
     torch.Size([4, 10])
     """
-    return _load_or_train(name, frame, seed, epochs, limit)[0]
+    return _load_or_train(name, frame, seed, epochs, limit, frames)[0]
 
 
-def trained_accuracy(name: str, frame: int = FRAME, seed: int = 0) -> float:
+def trained_accuracy(name: str, frame: int | None = None, seed: int = 0, frames: FrameSet = CAMERA) -> float:
     """Test top-1 of the cached model ``name`` as recorded in its sidecar (trains if needed).
 
     >>> trained_accuracy("googlenet") >= 0.95                # doctest: +SKIP
     True
     """
-    return float(_load_or_train(name, frame, seed, None, None)[1]["test_top1"])
+    return float(_load_or_train(name, frame, seed, None, None, frames)[1]["test_top1"])

@@ -45,6 +45,7 @@ import hashlib
 import hmac
 import logging
 import os
+import random
 import select
 import socket
 import ssl
@@ -372,21 +373,35 @@ class _Watchdog:
 def connect(host: str, port: int, token: bytes | str | None = None, timeout_s: float = 30.0,
             shape: Trace | None = None, retry_for: float = 0.0,
             tls: TlsConfig | None = None, source: str | None = None) -> TcpEndpoint:
-    """Dial the cloud and authenticate both ways; retry refused connections for ``retry_for``
-    s. With ``tls`` the cloud's certificate is checked first (``ssl.SSLError`` if it fails).
-    ``source``: the local address to dial from (a host with several)."""
+    """Dial the cloud and authenticate both ways; for ``retry_for`` s retry a refused
+    connection, and a cloud that says it is busy (after a short, growing, jittered pause: ends
+    that dial together do not retry together). With ``tls`` the cloud's certificate is checked
+    first (``ssl.SSLError`` if it fails). ``source``: the local address to dial from (a host
+    with several)."""
     key = shared_token(token)
     ctx = tls.client_context() if tls is not None else None
     deadline = time.monotonic() + retry_for
+    pause = 0.05
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=min(timeout_s, 10.0),
                                             source_address=(source, 0) if source else None)
-            break
         except OSError as e:
             if time.monotonic() >= deadline:
                 raise PeerGone(f"cannot reach the cloud at {host}:{port}: {e}") from None
-            time.sleep(0.1)
+        else:
+            try:
+                return _authenticate(sock, host, port, key, ctx, tls, timeout_s, shape)
+            except ServerBusy:
+                if time.monotonic() >= deadline:
+                    raise
+        time.sleep(min(pause * (0.5 + random.random()), max(0.0, deadline - time.monotonic())))
+        pause = min(2 * pause, 1.0)
+
+
+def _authenticate(sock: socket.socket, host: str, port: int, key: bytes, ctx: "ssl.SSLContext | None",
+                  tls: TlsConfig | None, timeout_s: float, shape: Trace | None) -> TcpEndpoint:
+    """The end's side of the handshake on a connected ``sock`` (see the module docstring)."""
     busy = f"the cloud at {host}:{port} serves as many ends as it takes; try later"
     try:
         if ctx is not None:   # the clear preamble first: a busy server says so before TLS
