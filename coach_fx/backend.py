@@ -89,11 +89,14 @@ def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     weights = [example_inputs[i] for i in range(len(example_inputs)) if i not in set(keep)]
     # a train-mode graph updates its buffers each run: planning runs it many times, so they
     # are put back after (running statistics, num_batches_tracked)
-    with observing(weights, [lifted]):
-        with eval_calls(lifted):      # dropout and batch norm as deployed while planning
-            lifted, inputs, dag = prepare(lifted, inputs, settings)
-            plan, oracle = plan_model(lifted, inputs, dag, settings)
-        cm = CompiledModel(lifted, dag, plan, settings, inputs, oracle)
+    try:
+        with observing(weights, [lifted]):
+            with eval_calls(lifted):      # dropout and batch norm as deployed while planning
+                lifted, inputs, dag = prepare(lifted, inputs, settings)
+                plan, oracle = plan_model(lifted, inputs, dag, settings)
+            cm = CompiledModel(lifted, dag, plan, settings, inputs, oracle)
+    except Exception as e:  # noqa: BLE001 - a graph coach cannot split runs as the model's own code
+        return eager_fallback(gm, e)
     trainable = any(getattr(w, "requires_grad", False) for w in weights)
     COMPILED.append(cm)
 
@@ -107,3 +110,22 @@ def coach_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     run.compiled = cm  # type: ignore[attr-defined]
     return run
+
+
+#: Graphs the backend could not split and runs as they are, newest last: (a short description, why).
+FALLBACKS: list[tuple[str, str]] = []
+
+
+def eager_fallback(gm: fx.GraphModule, error: BaseException) -> Callable[..., Any]:
+    """The graph as dynamo gave it (the model's own code, unsplit), with a warning naming it
+    and why, as torch.compile backends fall back: e.g. a detector's post-processing, whose
+    shapes depend on the data (how many boxes survive)."""
+    import warnings
+    calls = [str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+    what = (f"a graph of {len(calls)} ops ({', '.join(dict.fromkeys(c.split('.')[-1] for c in calls[:40]))[:160]}"
+            f"{'...' if len(calls) > 40 else ''})")
+    why = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    FALLBACKS.append((what, why))
+    warnings.warn(f"backend='coach': cannot plan {what}; it runs unsplit, as the model's own code, on "
+                  f"this side ({why})", stacklevel=2)
+    return gm.forward

@@ -99,6 +99,9 @@ class LayerDAG:
                     raise ValueError(f"LayerDAG: nodes not in topological order ({u} -> {v})")
         self.outputs: tuple[str, ...] = tuple(dict.fromkeys(outputs))
         self.members: dict[str, tuple[str, ...]] = dict(members or {n: (n,) for n in self.nodes})
+        #: fx nodes in no DAG node: parameters, constants and input-independent tensors (computed
+        #: by whichever half reads them), size arithmetic. A plan can name them; they place nothing.
+        self.folded: frozenset[str] = frozenset()
         #: seconds per element to quantize+pack on the end / unpack+dequantize in the cloud,
         #: one pair for every bit width or a pair per bit width
         self.quant_s_per_elem = quant_s_per_elem
@@ -182,13 +185,20 @@ class LayerDAG:
 
     def resolve(self, names: Iterable[str]) -> frozenset[str]:
         """DAG nodes named by ``names``: a DAG node's own name, or the name of an fx node it
-        folds in (a ``chunk``'s ``getitem``: its group). An unknown name is a ``ValueError``."""
+        folds in (a ``chunk``'s ``getitem``: its group). Names of :attr:`folded` fx nodes
+        (parameters, input-independent tensors) place nothing and are left out (``ignored``
+        lists them). An unknown name is a ``ValueError``."""
         group = {m: g for g, ms in self.members.items() for m in ms}
-        unknown = [n for n in names if n not in self.info and n not in group]
+        names = list(names)
+        unknown = [n for n in names if n not in self.info and n not in group and n not in self.folded]
         if unknown:
             raise ValueError(f"unknown node(s) {unknown[:5]}: name DAG nodes (cm.dag.nodes, e.g. "
                              f"{list(self.nodes)[:4]}) or fx nodes they fold in")
-        return frozenset(n if n in self.info else group[n] for n in names)
+        return frozenset(n if n in self.info else group[n] for n in names if n in self.info or n in group)
+
+    def ignored(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` that :meth:`resolve` leaves out: folded fx nodes, in no DAG node."""
+        return [n for n in names if n in self.folded and n not in self.info]
 
     def quant_cost(self, bits: int) -> tuple[float, float]:
         """(end, cloud) seconds per element to send a float tensor with ``bits`` bits."""
@@ -280,8 +290,11 @@ class LayerDAG:
                 for a in n.all_input_nodes:
                     _classify_read(a, groups, None, dp, op)
                 outs = sorted(dp | op, key=lambda x: list(by_name).index(x))
-        return cls(inputs, nodes, data_preds, order_preds, outs,
-                   {g: tuple(ms) for g, ms in members.items()}, quant_s_per_elem)
+        dag = cls(inputs, nodes, data_preds, order_preds, outs,
+                  {g: tuple(ms) for g, ms in members.items()}, quant_s_per_elem)
+        dag.folded = frozenset(n.name for n in gm.graph.nodes
+                               if n.op not in ("placeholder", "output") and n.name not in groups)
+        return dag
 
 
 def _classify_read(a: fx.Node, groups: Mapping[str, str], me: str | None,

@@ -196,8 +196,10 @@ class EncodingSettings:
     """How crossing tensors may travel (``Settings.encoding``)."""
 
     bits: Sequence[int] = DEFAULT_BITS
-    #: Bits of a model input when it crosses raw (cloud-only): camera frames are 8-bit.
-    input_bits: int = 8
+    #: Bits of a model input when it crosses raw (cloud-only). None (the default): the
+    #: narrowest of ``bits`` with at least 8 (camera frames are 8-bit data; with ``bits=(32,)``
+    #: an input crosses as it is), or the widest of ``bits`` if none has 8 (``input_width``).
+    input_bits: int | None = None
     #: Image codecs an image-shaped model input (N, 1 or 3, H, W) may cross with, besides raw
     #: ``input_bits`` (``coach_fx.runtime.imagecodec``: "jpeg<quality>", "png"): what a camera
     #: would send, so coach's search space holds "send a JPEG to the cloud". ``()``: none.
@@ -220,8 +222,15 @@ class EncodingSettings:
         unknown = [c for c in self.tensor_codecs if c not in TENSOR_CODECS]
         if unknown:
             raise ValueError(f"unknown tensor codec(s) {unknown}; known: {sorted(TENSOR_CODECS)}")
-        if self.input_bits not in DEFAULT_BITS:
-            raise ValueError(f"input_bits must be one of {DEFAULT_BITS}, got {self.input_bits}")
+        if self.input_bits is not None and self.input_bits not in DEFAULT_BITS:
+            raise ValueError(f"input_bits must be one of {DEFAULT_BITS} or None, got {self.input_bits}")
+
+    @property
+    def input_width(self) -> int:
+        """The bits a model input crosses raw with: ``input_bits``, else as ``bits`` allows."""
+        if self.input_bits is not None:
+            return self.input_bits
+        return min([b for b in self.bits if b >= 8] or [max(self.bits)])
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,7 @@ class Settings:
     calibration = property(lambda self: self.accuracy.calibration)
     output_tolerance = property(lambda self: self.accuracy.output_tolerance)
     bits = property(lambda self: self.encoding.bits)
-    input_bits = property(lambda self: self.encoding.input_bits)
+    input_bits = property(lambda self: self.encoding.input_width)
     input_codecs = property(lambda self: self.encoding.input_codecs)
     tensor_codecs = property(lambda self: self.encoding.tensor_codecs)
     per_tensor_bits = property(lambda self: self.encoding.per_tensor_bits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 from coach_fx.optimize.problem import Problem
@@ -15,7 +16,14 @@ def manual(p: Problem, end_nodes: Sequence[str] | None, bits: int | Mapping[str,
     s = p.dag.resolve(end_nodes)
     cut = p.dag.crossing(s) if p.dag.is_closed(s) else ()
     b = plan_bits(p.dag, cut, bits) if not isinstance(bits, Mapping) else dict(bits)
-    return evaluate(p.dag, s, b, p.network, strategy="manual", objective=p.objective)
+    plan = evaluate(p.dag, s, b, p.network, strategy="manual", objective=p.objective)
+    ignored = p.dag.ignored(end_nodes)
+    if ignored:   # parameters and input-independent tensors: computed by whichever half reads them
+        plan.extra["ignored_end_nodes"] = ignored
+        warnings.warn(f"strategy='manual': {len(ignored)} of end_nodes name no DAG node (parameters or tensors "
+                      f"that depend on no input, e.g. {ignored[:3]}): they are computed by whichever half "
+                      "reads them, and were left out", stacklevel=4)
+    return plan
 
 
 def end_only(p: Problem) -> Plan:

@@ -190,3 +190,27 @@ def test_outputs_that_do_not_follow_the_batch_are_checked_whole():
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-2, rtol=1e-2)
     assert backend.COMPILED and backend.COMPILED[-1].oracle.whole
+
+
+def test_a_detector_s_graphs_that_cannot_be_split_run_as_its_own_code():
+    """torchvision's fasterrcnn: the graphs between dynamo's breaks that coach can plan are split;
+    one whose shapes depend on the data (the box pooler) cannot be, and runs unsplit as the
+    model's own code, with a warning naming it. With lossless crossings the result equals eager."""
+    torchvision = pytest.importorskip("torchvision")
+    import warnings
+    from coach_fx.backend import FALLBACKS
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=5).eval()
+    x = [torch.rand(3, 160, 160)]
+    compiled = torch.compile(m, backend="coach", options={"costs": "analytic", "progress": False, "bits": (32,)})
+    before = len(FALLBACKS)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, want = compiled(x), m(x)
+    assert len(FALLBACKS) > before
+    assert any("runs unsplit, as the model's own code" in str(w.message) for w in caught)
+    assert set(got[0]) == set(want[0]) == {"boxes", "labels", "scores"}
+    for k in want[0]:
+        assert torch.equal(got[0][k], want[0][k]) or torch.allclose(got[0][k].float(), want[0][k].float(), atol=1e-5)
