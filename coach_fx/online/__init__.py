@@ -198,6 +198,22 @@ def _check(x: tuple, example: tuple) -> None:
         raise InputError(f"expected {len(example)} input(s), got {len(x)}")
 
 
+#: The confidences an online plan's bits are checked at, the highest first (``online_confidence``).
+ONLINE_CONFIDENCES = (0.9, 0.75, 0.5)
+
+
+def online_confidence(budget: float, samples: int) -> float | None:
+    """The highest of :data:`ONLINE_CONFIDENCES` at which ``samples`` calibration samples can
+    show ``budget`` (``accuracy.samples_needed``); None (the measured disagreement alone) where
+    even the lowest cannot.
+
+    >>> online_confidence(0.0025, 539), online_confidence(0.005, 539)
+    (0.5, 0.9)
+    """
+    from coach_fx.accuracy import samples_needed
+    return next((c for c in ONLINE_CONFIDENCES if samples_needed(budget, c) <= samples), None)
+
+
 def compile_online(model: nn.Module, example_inputs: Any, *, calibration: Any = None,
                    accuracy_budget: float = 0.005, **options: Any) -> OnlineModel:
     """Compile ``model`` for online control: a plan per bandwidth band, sharing weights.
@@ -235,12 +251,12 @@ def compile_online(model: nn.Module, example_inputs: Any, *, calibration: Any = 
     kw: dict[str, Any] = dict(accuracy_budget=bits_budget, calibration=(calib_inputs, None),
                               online=online)
     # Online plans keep the raw 8-bit input (the per-request controller re-quantizes crossings;
-    # an image codec's size varies per frame) and the measured disagreement as their check:
-    # the cache takes part of the budget, which leaves too few calibration samples for the
-    # confidence bound of ``coach_fx.accuracy`` at the bits' share (pass
-    # ``accuracy_confidence`` to ask for it).
+    # an image codec's size varies per frame). Their bits are checked with a confidence margin
+    # as offline plans are (near changes count, a Clopper-Pearson bound), at the highest of
+    # ONLINE_CONFIDENCES the calibration set is large enough for at the bits' share of the
+    # budget (the cache takes the rest): what passes must hold on a real link's unseen frames.
     options.setdefault("input_codecs", ())
-    options.setdefault("accuracy_confidence", None)
+    options.setdefault("accuracy_confidence", online_confidence(bits_budget, len(calib_inputs)))
     settings = Settings.from_options(options, **kw)
     gm, inputs, dag = prepare(model, example_inputs, settings)
     oracle = AccuracyOracle(gm, dag, settings, inputs)

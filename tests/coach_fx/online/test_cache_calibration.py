@@ -47,7 +47,7 @@ def test_context_calibration_is_at_least_as_safe_on_a_local_stream():
     streams = [[2 * i + h for i in locality_stream(labels[h::2], 600, 10.0, seed=h)] for h in (0, 1)]
     for context in (False, True):
         st, mg, rate = tune_thresholds(feats, labels, streams, budget=0.01, capacity=3,
-                                           context=context)
+                                           context=context, lag=4)
         for s in streams:
             hits, wrong = replay(SemanticCache(st, mg, 3, 0.1, context=context), feats, labels, s, lag=4)
             assert wrong + 1 <= 0.01 * len(s)
