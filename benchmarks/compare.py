@@ -111,7 +111,7 @@ class Cell:
     def at(self, bits: int | None) -> Plan:
         if bits not in self._at:
             self._at[bits] = evaluate(self.dag, self.plan.end_nodes, bits, self.net,
-                                      input_bits=self.settings.input_bits)
+                                      input_bits=self.settings.input_width)
         return self._at[bits]
 
     def profile(self, min_bits: int | None = None) -> CutProfile:
@@ -119,7 +119,7 @@ class Cell:
         width from ``min_bits`` up (default: its own widths only)."""
         floor = min_bits if min_bits is not None else 32
         stages = tuple((b, self.at(b).t_end, self.at(b).t_cloud) for b in self.settings.bits if b >= floor)
-        return plan_profile(self.dag, self.plan, min_bits, self.settings.input_bits, stages or None)
+        return plan_profile(self.dag, self.plan, min_bits, self.settings.input_width, stages or None)
 
 
 def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # noqa: ANN001
@@ -138,13 +138,13 @@ def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # 
     for r in rates:
         sr = dataclasses.replace(settings, network=dataclasses.replace(cond.network, uplink_mbps=r))
         p, _ = plan_model(gm, inputs, dag, sr, strategy="coach", oracle=oracle)
-        here = evaluate(dag, off.end_nodes, off.bits, sr.network, input_bits=s.input_bits)
+        here = evaluate(dag, off.end_nodes, off.bits, sr.network, input_bits=s.input_width)
         if p.period > settings.online.switch_gain * here.period:   # not worth a switch (as compile_online)
             p = off
         if p.end_nodes not in ids:
             ids[p.end_nodes] = len(ids)
             cells[ids[p.end_nodes]] = Cell(dag, s, evaluate(dag, p.end_nodes, p.bits, cond.network,
-                                                            strategy="coach", input_bits=s.input_bits), cond.network)
+                                                            strategy="coach", input_bits=s.input_width), cond.network)
         band_ids.append(ids[p.end_nodes])
     edges, band_plans = band_edges(rates, band_ids)
     floors = {pid: oracle.min_bits(c.plan.end_nodes) if c.plan.cut else 32 for pid, c in cells.items()}

@@ -47,14 +47,14 @@ def bench_model(name: str, settings: Settings) -> dict:
         model, shape = load_model(name)
         example = (torch.randn(1, *shape),)
     gm, inputs, dag = prepare(model, example, settings)
-    free = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
+    free = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_width)
     got, t_search = _timed(lambda: coach(free))
     if dag.count_closed_sets(settings.max_plans) <= settings.max_plans:
         want, t_brute = _timed(lambda: brute_force(free, limit=settings.max_plans))
     else:   # too many plans for brute force: exactness is shown where it can run
         want, t_brute = None, float("nan")
     oracle = AccuracyOracle(gm, dag, settings, inputs)
-    real = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits, oracle)
+    real = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_width, oracle)
     plan, t_plan = _timed(lambda: coach(real))
     return {"model": name, "nodes": len(dag), "closed sets": dag.count_closed_sets(10**6),
             "search s": t_search, "brute s": t_brute,
@@ -75,7 +75,7 @@ def bench_digits(settings: Settings) -> dict | None:
                  calibration=(xc, yc))
     gm, inputs, dag = prepare(model, (xc[:64],), s)
     oracle = AccuracyOracle(gm, dag, s, inputs)
-    p = Problem(dag, s.network, s.objective, s.bits, s.input_bits, oracle)
+    p = Problem(dag, s.network, s.objective, s.bits, s.input_width, oracle)
     plan, t_plan = _timed(lambda: coach(p))
     evals = oracle.evals
     want, t_brute = _timed(lambda: brute_force(p))

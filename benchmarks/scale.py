@@ -64,7 +64,7 @@ def simulated(plans: dict) -> tuple[list[list], dict[int, float]]:
         cm = plans[k]
         # the one-end plan priced for k ends sharing the cloud
         naive = evaluate(cm.dag, single.end_nodes, single.bits, Network(UPLINK_MBPS),
-                         input_bits=cm.settings.input_bits, codecs=single.codecs or None,
+                         input_bits=cm.settings.input_width, codecs=single.codecs or None,
                          tensor_codec=single.tensor_codec)
         gains[k] = naive.period / cm.plan.period
         rows.append([k, ",".join(cm.plan.cut) or "-", len(cm.plan.end_nodes), f"{cm.plan.period * 1e3:.0f}",

@@ -176,10 +176,10 @@ class AccuracyOracle:
         #: the compiled model's own outputs, unquantized: what a searched plan's near changes
         #: are measured from
         self.unquantized = self._run(self.gm)
-        #: what answers are kept against: ``Settings.accuracy.reference`` (the model a
+        #: what answers are kept against: ``Settings.reference`` (the model a
         #: ``train_cut`` student was made from: the student's own difference counts too), else
         #: the compiled model itself
-        self.reference = settings.accuracy.reference
+        self.reference = settings.reference
         self.reference_out = self._run(self.reference) if self.reference is not None else self.unquantized
         if self.mode == "labels":
             if labels.shape[0] != n:
@@ -365,7 +365,7 @@ class AccuracyOracle:
                  codecs: Mapping[str, str] | None = None) -> int | None:
         """Fewest uniform bits for the crossing tensors that meet the budget.
 
-        Model inputs that cross keep ``Settings.input_bits`` (or go through ``codecs``). None
+        Model inputs that cross keep ``Settings.input_width`` (or go through ``codecs``). None
         when even the most bits allowed break the budget. A binary search, not a scan from the
         fewest up: a scan would be cheaper (a failing check stops within its first samples) but
         tries more widths per cut, and every extra try is a chance for a width that is not good
@@ -374,7 +374,7 @@ class AccuracyOracle:
         end_nodes = frozenset(end_nodes)
         allowed = sorted(allowed or self.settings.bits)
         cut = self.dag.crossing(end_nodes)
-        ib = self.settings.input_bits
+        ib = self.settings.input_width
         def ok(b: int) -> bool:
             return self.ok(end_nodes, plan_bits(self.dag, cut, b, ib), codecs)
         if not any(self.dag.info[x].quantizable for x in cut if x not in self.dag.inputs):

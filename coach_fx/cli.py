@@ -94,7 +94,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
     with torch_threads(a.threads):
         times = measure_node_times(gm, inputs, a.repeat)
         # what a crossing costs this device per element, at every width a plan may use
-        quant = {b: measure_quant_cost(bits=b) for b in sorted(set(settings.bits) | {settings.input_bits}) if b < 32}
+        quant = {b: measure_quant_cost(bits=b) for b in sorted(set(settings.bits) | {settings.input_width}) if b < 32}
     path = write_profile(a.out, a.device, times, node_ops(gm), quant)
     print(f"wrote {path}: {len(times)} node times, measured {a.repeat} times each at batch {a.batch}; "
           f"quantization costs at {len(quant)} widths")

@@ -324,7 +324,7 @@ class CompiledModel(nn.Module):
             with torch.no_grad(), torch_threads(self.settings.threads):
                 t_end = median_time(lambda: self.end_module(*x), repeat)
             self.plan = dataclasses.replace(
-                p, costs=dataclasses.replace(p.costs, t_end=self.settings.end.seconds(t_end)),
+                p, t_end=self.settings.end.seconds(t_end),
                 extra={**p.extra, "model_t_end": p.t_end, "remeasured": True, "end_host_s": t_end})
             return self.plan
         with torch.no_grad(), torch_threads(self.settings.threads):
@@ -337,12 +337,10 @@ class CompiledModel(nn.Module):
             t_end = median_time(end, repeat)
             t_cloud = median_time(cloud, repeat)
         net = self.settings.network
-        costs = dataclasses.replace(
-            p.costs, t_end=self.settings.end.seconds(t_end),
-            t_cloud=(self.settings.cloud.seconds(t_cloud) + net.rtt_ms / 2e3
-                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES)))
         self.plan = dataclasses.replace(
-            p, costs=costs,
+            p, t_end=self.settings.end.seconds(t_end),
+            t_cloud=(self.settings.cloud.seconds(t_cloud) + net.rtt_ms / 2e3
+                     + net.down_seconds(self.dag.output_bytes() + MESSAGE_HEADER_BYTES)),
             extra={**p.extra, "model_t_end": p.t_end, "model_t_cloud": p.t_cloud,
                    "remeasured": True, "end_host_s": t_end, "cloud_host_s": t_cloud})
         return self.plan

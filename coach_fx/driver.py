@@ -28,7 +28,7 @@ from coach_fx.optimize.simple import manual
 from coach_fx.optimize.trace import plan_for_trace, varies
 from coach_fx.passes.annotate import annotate, keeps_effect
 from coach_fx.passes.capture import capture
-from coach_fx.plan import AccuracyCheck, Plan
+from coach_fx.plan import Plan
 from coach_fx.settings import Settings
 
 
@@ -86,37 +86,37 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
     """Plan an already prepared model with ``strategy`` (default: the settings')."""
     strategy = strategy or settings.strategy
     if strategy == "manual":   # the caller's plan as asked; its accuracy is reported, not enforced
-        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_bits)
+        problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_width)
         plan = manual(problem, settings.end_nodes, settings.manual_bits)
         try:
             oracle = oracle or AccuracyOracle(gm, dag, settings, inputs)
             return checked(plan, oracle), oracle
         except Exception as e:  # noqa: BLE001 - a model the oracle cannot run: say so, plan as asked
             note = f"accuracy not measured: the oracle cannot run this model ({type(e).__name__}: {e})"
-            return dataclasses.replace(plan, check=AccuracyCheck(note=note)), None
+            return dataclasses.replace(plan, note=note), None
     if oracle is None and strategy not in ("end-only",):
         oracle = AccuracyOracle(gm, dag, settings, inputs)
     # baselines are what their papers do: only coach's own searches code crossings
     coding = settings.tensor_codecs if strategy in CODING_STRATEGIES else ()
     problem = Problem(dag, settings.network, settings.objective, settings.bits,
-                      settings.input_bits, oracle, settings.input_codecs, coding)
+                      settings.input_width, oracle, settings.input_codecs, coding)
     kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
     if strategy == "coach":
-        kw = {"time_limit_s": settings.search.max_search_s}
+        kw = {"time_limit_s": settings.max_search_s}
     plan = solve(strategy, problem, **kw)
     if plan.extra.get("proven") is False:
-        warnings.warn(f"coach: the search stopped after max_search_s={settings.search.max_search_s} s "
+        warnings.warn(f"coach: the search stopped after max_search_s={settings.max_search_s} s "
                       f"with its best plan so far, at most {plan.extra['gap']:.1%} from the optimum's "
                       "bound; raise max_search_s for the proven optimum", stacklevel=3)
     if strategy == "coach" and varies(settings.network):
-        plan = plan_for_trace(problem, plan, settings.input_bits)
+        plan = plan_for_trace(problem, plan, settings.input_width)
     if strategy in CODING_STRATEGIES and settings.per_tensor_bits:
         plan = per_tensor_bits(problem, plan)
     return checked(plan, oracle), oracle
 
 
 def checked(plan: Plan, oracle: AccuracyOracle | None) -> Plan:
-    """``plan`` with the oracle's verdict (``Plan.check``): the measured metric, whether it
+    """``plan`` with the oracle's verdict (``Plan.accuracy``): the measured metric, whether it
     is within the budget, and a note saying what was measured how."""
     if oracle is None:
         return plan
@@ -126,8 +126,8 @@ def checked(plan: Plan, oracle: AccuracyOracle | None) -> Plan:
     note = f"{what} {metric:.4f}; check: {oracle.describe()}"
     if oracle.bounded:
         note += f" (bound {oracle.bound(plan.end_nodes, plan.bits, plan.codecs):.4f})"
-    return dataclasses.replace(plan, check=AccuracyCheck(
-        metric, oracle.ok(plan.end_nodes, plan.bits, plan.codecs), note))
+    return dataclasses.replace(plan, accuracy=metric,
+                               accuracy_ok=oracle.ok(plan.end_nodes, plan.bits, plan.codecs), note=note)
 
 
 __all__ = ["checked", "observing", "plan_model", "prepare", "traced"]

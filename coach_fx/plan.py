@@ -26,64 +26,33 @@ from coach_fx.settings import Network
 
 
 @dataclass(frozen=True)
-class StageCosts:
-    """A plan's priced stage times (seconds, on the emulated devices) and message bytes."""
-
-    t_end: float
-    t_link: float
-    t_cloud: float
-    bytes_sent: int
-
-
-@dataclass(frozen=True)
-class Encoding:
-    """How each crossing travels: its bits, and the codecs that apply."""
-
-    bits: dict[str, int]
-    #: model input name -> image codec it crosses with ("jpeg90", "png"); others as ``bits``
-    codecs: dict[str, str] = field(default_factory=dict)
-    #: crossing -> lossless codec of its packed codes ("deflate"), where it shortens them
-    tensor_codecs: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AccuracyCheck:
-    """The accuracy oracle's verdict on a plan: the measured metric (drop, disagreement or
-    relative L2; ``note`` says which and how it was checked) and whether it is in budget."""
-
-    metric: float | None = None
-    ok: bool | None = None
-    note: str = ""
-
-
-@dataclass(frozen=True)
 class Plan:
     """Where the model is cut, how many bits each crossing tensor gets, and what that costs.
 
     Immutable: a re-measured or re-checked plan is a new one (``dataclasses.replace``), never
-    written into one that other objects share. ``plan.t_end``, ``plan.bits``,
-    ``plan.accuracy`` and the like read its parts."""
+    written into one that other objects share."""
 
     strategy: str
     end_nodes: tuple[str, ...]
     cut: tuple[str, ...]
-    encoding: Encoding
-    costs: StageCosts
+    #: how each crossing travels: its bits ...
+    bits: dict[str, int]
+    #: ... the model inputs that cross as an image (input name -> "jpeg90", "png"), others as ``bits``
+    codecs: dict[str, str]
+    #: ... and the crossings whose packed codes travel coded (-> "deflate"), where that shortens them
+    tensor_codecs: dict[str, str]
+    #: the priced stage times (seconds, on the emulated devices) and message bytes
+    t_end: float
+    t_link: float
+    t_cloud: float
+    bytes_sent: int
     objective: str = "throughput"
-    check: AccuracyCheck = field(default_factory=AccuracyCheck)
+    #: the accuracy oracle's verdict: the measured metric (drop, disagreement or relative L2;
+    #: ``note`` says which and how it was checked) and whether it is within the budget
+    accuracy: float | None = None
+    accuracy_ok: bool | None = None
+    note: str = ""
     extra: dict = field(default_factory=dict)
-
-    # the parts, read as one plan
-    t_end = property(lambda self: self.costs.t_end)
-    t_link = property(lambda self: self.costs.t_link)
-    t_cloud = property(lambda self: self.costs.t_cloud)
-    bytes_sent = property(lambda self: self.costs.bytes_sent)
-    bits = property(lambda self: self.encoding.bits)
-    codecs = property(lambda self: self.encoding.codecs)
-    tensor_codecs = property(lambda self: self.encoding.tensor_codecs)
-    accuracy = property(lambda self: self.check.metric)
-    accuracy_ok = property(lambda self: self.check.ok)
-    note = property(lambda self: self.check.note)
 
     def as_dict(self) -> dict:
         """The plan as plain data, flat (``plan.json``), without ``extra``."""
@@ -242,5 +211,4 @@ def evaluate(dag: LayerDAG, end_nodes: Iterable[str], bits: int | Mapping[str, i
         t_link = network.up_seconds(nbytes) + half_rtt
         t_cloud += network.down_seconds(dag.output_bytes() + MESSAGE_HEADER_BYTES) + half_rtt
     order = tuple(v for v in dag.nodes if v in s)
-    return Plan(strategy, order, cut, Encoding(b, coded, tensor_coded),
-                StageCosts(t_end, t_link, t_cloud, nbytes), objective)
+    return Plan(strategy, order, cut, b, coded, tensor_coded, t_end, t_link, t_cloud, nbytes, objective)

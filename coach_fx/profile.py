@@ -173,7 +173,7 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
     quant = {}
     # every width a plan may price: the search's and the model input's (it crosses at
     # ``input_bits`` whatever ``bits`` holds)
-    for b in sorted(set(settings.bits) | {settings.input_bits}):
+    for b in sorted(set(settings.bits) | {settings.input_width}):
         if b >= 32:
             continue
         # the end quantizes and packs, the cloud unpacks and dequantizes: each device's own
@@ -285,8 +285,8 @@ def tensor_codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], dag: L
     if not settings.tensor_codecs:
         return {}
     widths = {x: [b for b in settings.bits if b < 32] for x in dag.nodes if dag.info[x].quantizable}
-    widths.update({x: [settings.input_bits] for x in dag.inputs
-                   if dag.info[x].quantizable and settings.input_bits < 32})
+    widths.update({x: [settings.input_width] for x in dag.inputs
+                   if dag.info[x].quantizable and settings.input_width < 32})
     timed = settings.costs == "measured"    # analytic costs price coding at a fixed rate
     sizes: dict[tuple[str, str, int], list[int]] = {}
     times: dict[tuple[str, str, int], list[tuple[float, float]]] = {}

@@ -129,26 +129,33 @@ class Device:
         return host_s * self.slowdown * self.load
 
 
-def replace_grouped(obj: Any, groups: Mapping[str, type], kw: dict[str, Any]) -> Any:
-    """A copy of the record ``obj`` with ``kw`` changed, where a key is one of its fields or a
-    field of one of its ``groups`` (group name -> record type), named by its own name."""
-    top = {k: kw.pop(k) for k in list(kw) if k in obj.__dataclass_fields__}
-    owner = {f: g for g, c in groups.items() for f in c.__dataclass_fields__}
-    unknown = sorted(set(kw) - set(owner))
+def replace_checked(obj: Any, kw: Mapping[str, Any], what: str = "coach option") -> Any:
+    """``dataclasses.replace(obj, **kw)``, an unknown keyword a ``TypeError`` that names it and
+    lists the known ones (``Settings.replace``, ``OnlineSettings.of``)."""
+    unknown = sorted(set(kw) - set(obj.__dataclass_fields__))
     if unknown:
-        known = sorted(set(obj.__dataclass_fields__) | set(owner))
-        raise TypeError(f"unknown coach option(s) {unknown}; known: {known}")
-    for g in groups:
-        mine = {k: v for k, v in kw.items() if owner[k] == g}
-        if mine:
-            top[g] = dataclasses.replace(top.get(g, getattr(obj, g)), **mine)
-    return dataclasses.replace(obj, **top)
+        raise TypeError(f"unknown {what}(s) {unknown}; known: {sorted(obj.__dataclass_fields__)}")
+    return dataclasses.replace(obj, **kw)
 
 
 @dataclass(frozen=True)
-class SearchSettings:
-    """How the plan is searched for (``Settings.search``)."""
+class Settings:
+    """Everything ``coach_fx.compile`` takes, one flat record passed down instead of globals
+    (TensorRT's ``CompilationSettings`` style): the network, the two devices, how the plan is
+    searched, what it must keep of the model's answers, how crossings may travel, how the model
+    is traced and measured, and online control.
 
+    Example::
+
+        >>> Settings.of(bits=(8,), costs="analytic").bits
+        (8,)
+    """
+
+    network: Network = field(default_factory=Network)
+    end: Device = field(default_factory=lambda: Device("end", slowdown=4.0))
+    cloud: Device = field(default_factory=lambda: Device("cloud", slowdown=1.0))
+
+    # ---- the search
     strategy: str = "coach"
     objective: str = "throughput"
     #: For ``strategy="manual"``: the end set and bits (an int for all, or name -> bits).
@@ -160,15 +167,7 @@ class SearchSettings:
     #: (``plan.extra["proven"]``, with the gap left), instead of searching on (None: no limit).
     max_search_s: float | None = 300.0
 
-    def __post_init__(self) -> None:
-        if self.objective not in ("throughput", "latency"):
-            raise ValueError(f"objective must be 'throughput' or 'latency', got {self.objective!r}")
-
-
-@dataclass(frozen=True)
-class AccuracySettings:
-    """What a plan must keep of the model's answers (``Settings.accuracy``)."""
-
+    # ---- what a plan must keep of the model's answers
     accuracy_budget: float = 0.005
     #: One-sided confidence of the accuracy check: a plan passes when the upper confidence
     #: bound of its rate of changed answers (Clopper-Pearson, ``coach_fx.accuracy``) is within
@@ -184,24 +183,14 @@ class AccuracySettings:
     #: own difference too (None: the compiled model, unquantized).
     reference: Any = None
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.accuracy_budget < 1:
-            raise ValueError(f"accuracy_budget must be in [0, 1), got {self.accuracy_budget}")
-        if self.accuracy_confidence is not None and not 0 < self.accuracy_confidence < 1:
-            raise ValueError(f"accuracy_confidence must be in (0, 1) or None, got {self.accuracy_confidence}")
-
-
-@dataclass(frozen=True)
-class EncodingSettings:
-    """How crossing tensors may travel (``Settings.encoding``)."""
-
+    # ---- how crossing tensors may travel
     bits: Sequence[int] = DEFAULT_BITS
     #: Bits of a model input when it crosses raw (cloud-only). None (the default): the
     #: narrowest of ``bits`` with at least 8 (camera frames are 8-bit data; with ``bits=(32,)``
     #: an input crosses as it is), or the widest of ``bits`` if none has 8 (``input_width``).
     input_bits: int | None = None
     #: Image codecs an image-shaped model input (N, 1 or 3, H, W) may cross with, besides raw
-    #: ``input_bits`` (``coach_fx.runtime.imagecodec``: "jpeg<quality>", "png"): what a camera
+    #: ``input_width`` (``coach_fx.runtime.imagecodec``: "jpeg<quality>", "png"): what a camera
     #: would send, so coach's search space holds "send a JPEG to the cloud". ``()``: none.
     input_codecs: Sequence[str] = ("jpeg95", "jpeg90", "jpeg75", "png")
     #: Lossless codecs the packed codes of a quantized crossing may travel with
@@ -212,31 +201,7 @@ class EncodingSettings:
     #: where that is cheaper and the budget holds (``optimize.problem.per_tensor_bits``).
     per_tensor_bits: bool = True
 
-    def __post_init__(self) -> None:
-        bad = [b for b in self.bits if b not in DEFAULT_BITS]
-        if bad or not self.bits:
-            raise ValueError(f"bits must be a non-empty subset of {DEFAULT_BITS}; got {tuple(self.bits)}")
-        for name, codecs in (("input_codecs", self.input_codecs), ("tensor_codecs", self.tensor_codecs)):
-            if isinstance(codecs, str):
-                raise ValueError(f"{name} must be a sequence of codec names, got the string {codecs!r}")
-        unknown = [c for c in self.tensor_codecs if c not in TENSOR_CODECS]
-        if unknown:
-            raise ValueError(f"unknown tensor codec(s) {unknown}; known: {sorted(TENSOR_CODECS)}")
-        if self.input_bits is not None and self.input_bits not in DEFAULT_BITS:
-            raise ValueError(f"input_bits must be one of {DEFAULT_BITS} or None, got {self.input_bits}")
-
-    @property
-    def input_width(self) -> int:
-        """The bits a model input crosses raw with: ``input_bits``, else as ``bits`` allows."""
-        if self.input_bits is not None:
-            return self.input_bits
-        return min([b for b in self.bits if b >= 8] or [max(self.bits)])
-
-
-@dataclass(frozen=True)
-class PrepareSettings:
-    """How the model is traced and measured (``Settings.prepare``)."""
-
+    # ---- how the model is traced and measured
     costs: str = "measured"
     profile_repeat: int = 5
     #: torch intra-op threads for profiling and for in-process streams (None: torch's default).
@@ -252,71 +217,45 @@ class PrepareSettings:
     #: Called with (done, total, label) during long work instead of the default bar.
     progress_fn: Callable[[int, int, str], None] | None = None
 
-    def __post_init__(self) -> None:
-        if self.costs not in ("measured", "analytic"):
-            raise ValueError(f"costs must be 'measured' or 'analytic', got {self.costs!r}")
-
-
-#: The groups of :class:`Settings` whose fields ``Settings.of`` and ``Settings.replace`` take
-#: by their own names (``bits=``, ``costs=``...), as ``coach_fx.compile`` does.
-GROUPS = {"search": SearchSettings, "accuracy": AccuracySettings, "encoding": EncodingSettings,
-          "prepare": PrepareSettings}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``coach_fx.compile`` takes, passed down instead of globals: the network, the
-    two devices, and one record per concern. ``Settings.of(bits=(8,), costs="analytic")``
-    takes the groups' fields by their own names; ``settings.bits`` and the like read them.
-
-    Example::
-
-        >>> Settings.of(bits=(8,), costs="analytic").encoding.bits
-        (8,)
-    """
-
-    network: Network = field(default_factory=Network)
-    end: Device = field(default_factory=lambda: Device("end", slowdown=4.0))
-    cloud: Device = field(default_factory=lambda: Device("cloud", slowdown=1.0))
-    search: SearchSettings = field(default_factory=SearchSettings)
-    accuracy: AccuracySettings = field(default_factory=AccuracySettings)
-    encoding: EncodingSettings = field(default_factory=EncodingSettings)
-    prepare: PrepareSettings = field(default_factory=PrepareSettings)
     #: Online control (``coach_fx.compile_online``).
     online: OnlineSettings = field(default_factory=OnlineSettings)
 
-    # the groups' fields, read by their own names
-    strategy = property(lambda self: self.search.strategy)
-    objective = property(lambda self: self.search.objective)
-    end_nodes = property(lambda self: self.search.end_nodes)
-    manual_bits = property(lambda self: self.search.manual_bits)
-    max_plans = property(lambda self: self.search.max_plans)
-    accuracy_budget = property(lambda self: self.accuracy.accuracy_budget)
-    accuracy_confidence = property(lambda self: self.accuracy.accuracy_confidence)
-    calibration = property(lambda self: self.accuracy.calibration)
-    output_tolerance = property(lambda self: self.accuracy.output_tolerance)
-    bits = property(lambda self: self.encoding.bits)
-    input_bits = property(lambda self: self.encoding.input_width)
-    input_codecs = property(lambda self: self.encoding.input_codecs)
-    tensor_codecs = property(lambda self: self.encoding.tensor_codecs)
-    per_tensor_bits = property(lambda self: self.encoding.per_tensor_bits)
-    costs = property(lambda self: self.prepare.costs)
-    profile_repeat = property(lambda self: self.prepare.profile_repeat)
-    threads = property(lambda self: self.prepare.threads)
-    remeasure = property(lambda self: self.prepare.remeasure)
-    leaf_modules = property(lambda self: self.prepare.leaf_modules)
-    progress = property(lambda self: self.prepare.progress)
-    progress_fn = property(lambda self: self.prepare.progress_fn)
+    def __post_init__(self) -> None:
+        if self.objective not in ("throughput", "latency"):
+            raise ValueError(f"objective must be 'throughput' or 'latency', got {self.objective!r}")
+        if not 0 <= self.accuracy_budget < 1:
+            raise ValueError(f"accuracy_budget must be in [0, 1), got {self.accuracy_budget}")
+        if self.accuracy_confidence is not None and not 0 < self.accuracy_confidence < 1:
+            raise ValueError(f"accuracy_confidence must be in (0, 1) or None, got {self.accuracy_confidence}")
+        bad = [b for b in self.bits if b not in DEFAULT_BITS]
+        if bad or not self.bits:
+            raise ValueError(f"bits must be a non-empty subset of {DEFAULT_BITS}; got {tuple(self.bits)}")
+        for name, codecs in (("input_codecs", self.input_codecs), ("tensor_codecs", self.tensor_codecs)):
+            if isinstance(codecs, str):
+                raise ValueError(f"{name} must be a sequence of codec names, got the string {codecs!r}")
+        unknown = [c for c in self.tensor_codecs if c not in TENSOR_CODECS]
+        if unknown:
+            raise ValueError(f"unknown tensor codec(s) {unknown}; known: {sorted(TENSOR_CODECS)}")
+        if self.input_bits is not None and self.input_bits not in DEFAULT_BITS:
+            raise ValueError(f"input_bits must be one of {DEFAULT_BITS} or None, got {self.input_bits}")
+        if self.costs not in ("measured", "analytic"):
+            raise ValueError(f"costs must be 'measured' or 'analytic', got {self.costs!r}")
+
+    @property
+    def input_width(self) -> int:
+        """The bits a model input crosses raw with: ``input_bits``, else as ``bits`` allows."""
+        if self.input_bits is not None:
+            return self.input_bits
+        return min([b for b in self.bits if b >= 8] or [max(self.bits)])
 
     @classmethod
     def of(cls, **kw: Any) -> "Settings":
-        """Settings from keywords: ``network``, ``end``, ``cloud``, ``online``, a group, or any
-        field of a group by its own name (an unknown name is a ``TypeError`` naming it)."""
+        """Settings from keywords (an unknown name is a ``TypeError`` naming it)."""
         return cls().replace(**kw)
 
     def replace(self, **kw: Any) -> "Settings":
-        """A copy with these keywords changed (the names :meth:`of` takes)."""
-        return replace_grouped(self, GROUPS, kw)
+        """A copy with these fields changed (an unknown name is a ``TypeError`` naming it)."""
+        return replace_checked(self, kw)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None, **kw: Any) -> "Settings":

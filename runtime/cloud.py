@@ -28,7 +28,8 @@ from coach_fx.runtime.codec import entries_to_payload, output_to_entries, payloa
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint
-from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, WireError, decode, encode, peek_header)
+from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, ReplyStats, WireError, decode,
+                                  encode, peek_header)
 from coach_fx.runtime.wire_sizes import packed_nbytes, row_quantized
 
 log = logging.getLogger("coach_fx.runtime")
@@ -339,9 +340,8 @@ def _batch_costs(batched: Callable[..., Any], floats: tuple, most: int, repeat: 
 
 
 def reply_stats(took: float, msg: bytes, arrival: Arrival) -> Entry:
-    """A reply's figures for the end: [cloud compute s, request bytes, wire s, arrival time s
-    on the cloud's clock, ends sharing the cloud]."""
-    return Entry.stats([took, float(len(msg)), float(arrival.wire_s), float(arrival.at_s), float(arrival.ends)])
+    """A reply's figures for the end (``wire.ReplyStats``), as its stats entry."""
+    return ReplyStats(took, float(len(msg)), float(arrival.wire_s), float(arrival.at_s), float(arrival.ends)).entry()
 
 
 def zero_payload(boundary: Boundary) -> tuple | None:

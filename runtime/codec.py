@@ -177,12 +177,5 @@ def entries_to_output(entries: Sequence[Entry], spec: Any) -> Any:
         raise WireError(f"result does not match the model's output structure: {e}") from None
 
 
-def stats_of(entries: Sequence[Entry]) -> list[float]:
-    for e in entries:
-        if e.kind == STATS:
-            return e.value().tolist()
-    return []
-
-
 __all__ = ["payload_to_entries", "entries_to_payload", "quantized_entry", "output_to_entries", "entries_to_output",
-           "stats_of"]
+]

@@ -28,10 +28,13 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections import deque
 from typing import Sequence
 
+from coach_fx.runtime.wire import ReplyStats
 from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.wire_sizes import ALL_BITS
@@ -88,32 +91,25 @@ class ArrivalSampler:
         """Request ``req`` will bring no figures (an error reply)."""
         self.sent_at.pop(req, None)
 
-    def sample(self, req: int, st: list[float]) -> list[float]:
-        """A reply's figures ``[cloud s, bytes, wire s, arrival]`` with the wire time made the
-        bandwidth sample, and a fifth where the arrival told anything: 1 if only a lower bound.
-        A server's fifth figure, the ends sharing the cloud, comes back sixth (the fifth NaN
-        where the arrival told nothing)."""
-        out = self._sample(req, st[:4])
-        if len(st) > 4:
-            out = [*out[:4], out[4] if len(out) > 4 else math.nan, st[4]]
-        return out
-
-    def _sample(self, req: int, st: list[float]) -> list[float]:
+    def sample(self, req: int, st: ReplyStats | None) -> ReplyStats | None:
+        """A reply's figures with its wire time made the bandwidth sample (``wire_s``; 0 where
+        the arrival told nothing) and ``lower_bound`` set where that is only a lower bound."""
         sent = self.sent_at.pop(req, None)
-        if sent is None or len(st) < 4 or st[3] <= 0:
+        if st is None or sent is None or st.arrival_s <= 0:
             return st
-        delay = st[3] - sent
+        delay = st.arrival_s - sent
         self._min_delay = delay if self._min_delay is None else min(self._min_delay, delay)
-        prev, self._prev = self._prev, (sent, st[3], delay, st[1])
-        if prev is None or st[3] <= prev[1]:
-            return [*st[:2], 0.0, st[3]]
+        prev, self._prev = self._prev, (sent, st.arrival_s, delay, st.request_bytes)
+        if prev is None or st.arrival_s <= prev[1]:
+            return dataclasses.replace(st, wire_s=0.0)
         between = sent - prev[0]
         if prev[2] - self._min_delay > between + QUEUED_MARGIN_S:
-            return [*st[:2], st[3] - prev[1], st[3], 0.0]
+            return dataclasses.replace(st, wire_s=st.arrival_s - prev[1])
         if between > BOUND_MAX_GAP_S:     # sends this far apart bound the rate too low to tell
-            return [*st[:2], 0.0, st[3]]
+            return dataclasses.replace(st, wire_s=0.0)
         # the bound is the previous request's rate; sized as this one, it takes this long
-        return [*st[:2], st[1] * (between + QUEUED_MARGIN_S) / prev[3], st[3], 1.0]
+        return dataclasses.replace(st, wire_s=st.request_bytes * (between + QUEUED_MARGIN_S) / prev[3],
+                                   lower_bound=True)
 
 
 class BandwidthEstimator:

@@ -48,7 +48,7 @@ from coach_fx.runtime.config import Bands, PolicyConfig
 from coach_fx.runtime.controller import OnlineController
 from coach_fx.runtime.features import lookup_features
 from coach_fx.runtime.plans import OnlinePlans, Variant
-from coach_fx.runtime.wire import FLAG_CACHE_HIT, Entry, encode
+from coach_fx.runtime.wire import FLAG_CACHE_HIT, Entry, ReplyStats, encode
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Policy(Protocol):
     def prepare(self, i: int, x: tuple) -> Prepared:
         """Frame ``i``: the message to send and/or its answer on the end."""
 
-    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+    def on_result(self, i: int, out: Any, stats: ReplyStats | None, audit: bool) -> None:
         """A result came back (``audit``: for a frame already answered on the end)."""
 
     def finish_on_end_wait_s(self, i: int, inflight: int, silence_s: float) -> float:
@@ -105,7 +105,7 @@ class StaticPolicy:
         return Prepared(encode(i, payload_to_entries(self.boundary, self.end_module(*x)), 0,
                                self.plan_id), end_host_s=self.end_host_s)
 
-    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+    def on_result(self, i: int, out: Any, stats: ReplyStats | None, audit: bool) -> None:
         """A result came back (``audit``: for a frame already answered on the end)."""
 
     def warm_up(self, x: tuple, slowdown: float) -> None:
@@ -268,13 +268,12 @@ class OnlinePolicy:
             return Prepared(msg, None, False, ref)
         return Prepared(msg, self.answers[cached], True, ref)
 
-    def on_result(self, i: int, out: Any, stats: Sequence[float], audit: bool) -> None:
+    def on_result(self, i: int, out: Any, stats: ReplyStats | None, audit: bool) -> None:
         with self._lock:
             ctx = self._ctx.pop(i, None)
-            if len(stats) >= 3:
-                self.control.on_result(ctx[0] if ctx else None, stats[1], stats[2], stats[0],
-                                       lower_bound=len(stats) > 4 and stats[4] > 0,
-                                       ends=stats[5] if len(stats) > 5 else 1.0)
+            if stats is not None:
+                self.control.on_result(ctx[0] if ctx else None, stats.request_bytes, stats.wire_s, stats.cloud_s,
+                                       lower_bound=stats.lower_bound, ends=stats.ends)
             try:
                 y = self.label(out)
             except ValueError:
@@ -329,7 +328,7 @@ class OnlinePolicy:
         out = v.finish_on_end.module(*vals)
         with self._lock:
             audit = self._ctx.get(i, (None, None, None))[2] is not None
-        self.on_result(i, out, (), audit)
+        self.on_result(i, out, None, audit)
         if not audit:
             self.finished_on_end += 1
             self.bits_used[bits] -= 1     # counted as sent in prepare; it went nowhere

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from coach_fx.runtime.codec import entries_to_output, stats_of
+from coach_fx.runtime.codec import entries_to_output
 from coach_fx.runtime.controller import ArrivalSampler
 from coach_fx.runtime.emulation import emulate
 from coach_fx.runtime.links.base import Endpoint, LinkError, LinkTimeout
-from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, decode
+from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, ReplyStats, decode
 from coach_fx.runtime.stats import PENDING, Ledger, Outcomes
 
 if TYPE_CHECKING:
@@ -364,19 +364,19 @@ class StreamSession:
                             self.cv.notify_all()
                     continue
                 out = entries_to_output(entries, w.out_spec)
-                st = self.sampler.sample(req, stats_of(entries))
+                st = self.sampler.sample(req, ReplyStats.of(entries))
                 with self.cv:
                     audit = req in self.audits
                     if audit:
                         self.audits.discard(req)
-                        self.busy.cloud += st[0] if st else 0.0
+                        self.busy.cloud += st.cloud_s if st else 0.0
                     elif req not in self.inflight or not self.ledger.pending(req):
                         self.outcomes.dropped += 1     # late or repeated: already settled
                         continue
                     else:
                         del self.inflight[req]
-                        self.busy.cloud += st[0] if st else 0.0
-                        self.busy.wire += st[2] if len(st) > 2 else 0.0
+                        self.busy.cloud += st.cloud_s if st else 0.0
+                        self.busy.wire += st.wire_s if st else 0.0
                         self._set_result(req, out)
                 w.policy.on_result(req, out, st, audit)
         except RemoteError as e:

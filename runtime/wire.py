@@ -208,6 +208,41 @@ class Entry:
         return self.data
 
 
+@dataclass(frozen=True)
+class ReplyStats:
+    """What a reply tells the end beside the model's output, in one stats entry: the cloud's
+    compute seconds for the request, the request's bytes, its seconds on the wire as the cloud
+    saw it arrive (0: it told nothing), when it arrived on the cloud's clock, and the ends that
+    shared the cloud then. ``lower_bound`` is the end's own note (never sent): the end's
+    sampler made ``wire_s`` a lower bound of the time the link would need (``runtime.controller``).
+
+    Encoded (:meth:`entry`) and decoded (:meth:`of`) here only: every hop reads the fields by
+    name."""
+
+    cloud_s: float = 0.0
+    request_bytes: float = 0.0
+    wire_s: float = 0.0
+    arrival_s: float = 0.0
+    ends: float = 1.0
+    lower_bound: bool = False
+
+    #: the figures on the wire, in this order
+    FIELDS = ("cloud_s", "request_bytes", "wire_s", "arrival_s", "ends")
+
+    def entry(self) -> "Entry":
+        return Entry.stats([float(getattr(self, f)) for f in self.FIELDS])
+
+    @classmethod
+    def of(cls, entries: Sequence["Entry"]) -> "ReplyStats | None":
+        """The stats entry of a reply's entries (None where it has none); a shorter one (an
+        older cloud) leaves the later figures at their defaults."""
+        for e in entries:
+            if e.kind == STATS:
+                values = e.value().tolist()
+                return cls(**dict(zip(cls.FIELDS, (float(v) for v in values))))
+        return None
+
+
 def _payload_parts(e: Entry) -> list[memoryview]:
     """An entry's payload, in parts copied once each into the message."""
     if e.kind == QUANT and isinstance(e.scale, torch.Tensor):   # a token tensor's rows lead

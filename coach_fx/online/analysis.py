@@ -252,7 +252,7 @@ class CutAnalysis:
             return None
         # model inputs that cross are quantized like the rest, up to their source's bits
         p = evaluate(self.dag, end_nodes, info.min_bits, Network(rate),
-                     input_bits=min(info.min_bits, self.settings.input_bits))
+                     input_bits=min(info.min_bits, self.settings.input_width))
         t_end, t_cloud = p.t_end, p.t_cloud
         if self.settings.costs == "measured" and not info.boundary.end_only:
             # the per-node sums miss the per-request work around the halves (quantize, encode,
@@ -333,15 +333,15 @@ class CutAnalysis:
 
 def _pinned_bits(c: Any) -> int | None:
     """None for a float tensor, whose bits the controller picks (a model input too, up to
-    ``Settings.input_bits``: see ``_caps``); everything else goes as it is (32)."""
+    ``Settings.input_width``: see ``_caps``); everything else goes as it is (32)."""
     is_float = c.shape is not None and c.dtype is not None and c.dtype.is_floating_point
     return None if is_float else 32
 
 
 def _caps(dag: Any, boundary: Any, settings: Settings) -> tuple[int | None, ...]:
-    """A model input is worth at most ``Settings.input_bits`` (the bits of its source); fewer
+    """A model input is worth at most ``Settings.input_width`` (the bits of its source); fewer
     when the link is slow and accuracy allows, like any crossing tensor."""
-    return tuple(settings.input_bits if c.dag_node in dag.inputs else None for c in boundary.crossings)
+    return tuple(settings.input_width if c.dag_node in dag.inputs else None for c in boundary.crossings)
 
 
 def _flat(out: Any) -> torch.Tensor:

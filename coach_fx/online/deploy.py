@@ -59,7 +59,7 @@ def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
         info = cal.info(c)
         p = offline_plan if c == offline_plan.end_nodes else evaluate(
             dag, c, info.min_bits if info.min_bits < 32 else 32, s.network,
-            strategy="coach-online", input_bits=min(info.min_bits, settings.input_bits))
+            strategy="coach-online", input_bits=min(info.min_bits, settings.input_width))
         cm = CompiledModel(cal.gm, dag, p, s, inputs, cal.oracle)
         if settings.costs == "measured" and settings.remeasure:
             cm.remeasure()

@@ -296,7 +296,7 @@ def test_inputs_that_are_not_batch_first_are_checked_whole():
         kw = dict(strategy="manual", end_nodes=["enc"], bits=8) if bits == 8 else {}
         cm = coach_fx.compile(m, (src, mask), costs="analytic", progress=False, **kw)
         assert cm.batch is None                       # no shared batch dimension: shapes fixed
-        assert cm.plan.check is not None and cm.plan.check.metric is not None
+        assert cm.plan.accuracy is not None
         with torch.no_grad():
             assert ((cm(src, mask) - m(src, mask)).norm() / m(src, mask).norm()).item() < 0.05
     with pytest.raises(ValueError, match="share none"):

@@ -141,7 +141,7 @@ def test_a_compiled_model_is_trained_and_planned_again_with_its_settings(digits)
                           network=coach_fx.Network(0.5), costs="analytic", progress=False)
     again = coach_fx.train_cut(cm, batches, cuts=["a_1"], reduction=4, epochs=5, progress=False)
     assert isinstance(again, coach_fx.CompiledModel)
-    assert again.settings.accuracy.reference is cm.gm and again.settings.network == cm.settings.network
+    assert again.settings.reference is cm.gm and again.settings.network == cm.settings.network
     assert len(bottlenecks(again.gm)) == 1
 
 

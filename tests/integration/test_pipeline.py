@@ -181,13 +181,15 @@ def test_cloud_batches_what_arrived_together_with_the_same_replies():
     batched = cloud.handle_batch(msgs)
     assert cloud.served - served == 5
     _, spec = tree_flatten(m(frames[0]))
-    from coach_fx.runtime.codec import entries_to_output, stats_of
+    from coach_fx.runtime.codec import entries_to_output
+    from coach_fx.runtime.wire import ReplyStats
     for i, (reply, f) in enumerate(zip(batched, frames)):
         req, _, flags, entries = decode(reply)
         assert req == i and not flags & FLAG_ERROR
         assert torch.allclose(entries_to_output(entries, spec), m(f), atol=1e-5)
         # request bytes, wire s, arrival s, ends sharing the cloud (one here)
-        assert stats_of(entries)[1:] == [float(len(msgs[i][0])), 0.001 * i, 0.002 * i, 1.0]
+        st = ReplyStats.of(entries)
+        assert (st.request_bytes, st.wire_s, st.arrival_s, st.ends) == (float(len(msgs[i][0])), 0.001 * i, 0.002 * i, 1.0)
     # a close among them: message by message, the close answered with None
     close = (encode((1 << 64) - 1, [], FLAG_CONTROL), Arrival())
     assert cloud.handle_batch([msgs[0], close])[1] is None

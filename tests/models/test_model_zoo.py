@@ -54,7 +54,7 @@ def test_a_model_compiles_splits_like_eager_and_plans_like_brute_force(name):
         out32 = _first_float(_middle_split(cm, 32)(*x))
         out8 = _first_float(_middle_split(cm, 8)(*x))
     assert (out32 - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    free = Problem(cm.dag, NET, "throughput", cm.settings.bits, cm.settings.input_bits)
+    free = Problem(cm.dag, NET, "throughput", cm.settings.bits, cm.settings.input_width)
     if cm.dag.count_closed_sets(20_000) <= 20_000:
         assert coach(free).score == pytest.approx(brute_force(free).score, rel=1e-9)
     error = ((out8 - ref).norm() / ref.norm()).item()

@@ -1,6 +1,8 @@
 import math
 import pytest
 
+from coach_fx.runtime.wire import ReplyStats
+
 from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.controller import (QUEUED_MARGIN_S, ArrivalSampler, BandwidthEstimator, BitController,
                                          OnlineController, PlanSwitcher)
@@ -122,7 +124,7 @@ def sampler():
 
 
 def reply(st, req, nbytes, arrived):
-    return st.sample(req, [0.001, float(nbytes), 0.0, arrived])
+    return st.sample(req, ReplyStats(0.001, float(nbytes), 0.0, arrived))
 
 
 def test_a_request_sent_while_the_one_before_was_in_the_link_measures_the_rate():
@@ -130,10 +132,10 @@ def test_a_request_sent_while_the_one_before_was_in_the_link_measures_the_rate()
     # a 1 Mbit/s link, 1 ms away, clocks 100 s apart: a small request alone (its delay is the
     # least: the baseline), then two 1250-byte requests sent together
     st.sent_at.update({5: 9.0, 0: 10.0, 1: 10.0001})
-    assert reply(st, 5, 12, 109.0011)[2] == 0.0           # nothing to compare with yet
+    assert reply(st, 5, 12, 109.0011).wire_s == 0.0       # nothing to compare with yet
     reply(st, 0, 1250, 110.011)                           # 1 ms + 10 ms on the wire
     second = reply(st, 1, 1250, 110.021)                  # waited behind it: 10 ms more
-    assert second[2] == pytest.approx(0.010) and second[4] == 0.0
+    assert second.wire_s == pytest.approx(0.010) and not second.lower_bound
 
 
 def test_a_request_after_an_idle_link_is_only_a_lower_bound():
@@ -142,23 +144,34 @@ def test_a_request_after_an_idle_link_is_only_a_lower_bound():
     reply(st, 0, 1250, 110.002)
     second = reply(st, 1, 1250, 110.022)                  # sent after the first had arrived
     # the link moved 1250 bytes within the 20 ms between the sends (and the margin)
-    assert second[4] == 1.0
-    assert second[2] == pytest.approx(0.02 + QUEUED_MARGIN_S)
-    assert reply(st, 2, 1250, 110.502)[2] == 0.0          # half a second apart: no news
+    assert second.lower_bound
+    assert second.wire_s == pytest.approx(0.02 + QUEUED_MARGIN_S)
+    assert reply(st, 2, 1250, 110.502).wire_s == 0.0      # half a second apart: no news
 
 
 def test_an_in_process_reply_keeps_its_exact_wire_time():
     st = sampler()
     st.sent_at[0] = 1.0
-    assert st.sample(0, [0.001, 100.0, 0.02, 0.0]) == [0.001, 100.0, 0.02, 0.0]
-    assert st.sample(7, [0.001, 100.0, 0.02, 5.0]) == [0.001, 100.0, 0.02, 5.0]   # never sent here
+    figures = ReplyStats(0.001, 100.0, 0.02, 0.0)
+    assert st.sample(0, figures) == figures
+    assert st.sample(7, ReplyStats(0.001, 100.0, 0.02, 5.0)) == ReplyStats(0.001, 100.0, 0.02, 5.0)   # never sent here
+    assert st.sample(1, None) is None
 
 
-def test_a_server_s_ends_count_comes_back_sixth():
+def test_a_server_s_ends_count_reaches_the_end_by_name():
     st = sampler()
     st.sent_at[0] = 1.0
-    got = st.sample(0, [0.001, 100.0, 0.02, 0.0, 8.0])      # in-process arrival: nothing to tell
-    assert got[:4] == [0.001, 100.0, 0.02, 0.0] and math.isnan(got[4]) and got[5] == 8.0
+    got = st.sample(0, ReplyStats(0.001, 100.0, 0.02, 0.0, ends=8.0))   # in-process arrival: nothing to tell
+    assert (got.cloud_s, got.request_bytes, got.wire_s, got.ends, got.lower_bound) == (0.001, 100.0, 0.02, 8.0, False)
+
+
+def test_reply_stats_travel_in_one_entry_and_an_older_cloud_s_shorter_one_reads_back():
+    from coach_fx.runtime.wire import Entry, decode, encode
+    figures = ReplyStats(0.004, 1234.0, 0.003, 17.5, 4.0)
+    _, _, _, entries = decode(encode(3, [Entry.of_value(1.0), figures.entry()]))
+    assert ReplyStats.of(entries) == figures
+    assert ReplyStats.of([Entry.stats([0.004, 1234.0, 0.003])]) == ReplyStats(0.004, 1234.0, 0.003)
+    assert ReplyStats.of([Entry.of_value(1.0)]) is None
 
 
 def test_a_shared_cloud_pushes_the_controller_to_plans_with_less_cloud_work():

@@ -2,6 +2,8 @@ import dataclasses
 import math
 
 import pytest
+
+from coach_fx.runtime.wire import ReplyStats
 import torch
 
 from coach_fx._compat import tree_flatten
@@ -50,7 +52,7 @@ def test_bits_on_the_wire_follow_the_bandwidth(tiny_split):
         assert plan == 0 and req == i
         bits.append(entries[0].bits if entries[0].kind == QUANT else 32)
         n = len(prep.msg)
-        policy.on_result(i, model(x), [0.001, float(n), n * 8 / (mbps * 1e6)], False)
+        policy.on_result(i, model(x), ReplyStats(0.001, float(n), n * 8 / (mbps * 1e6)), False)
         # the cloud decodes what was sent at any bits into the float crossing it expects
         out = cloud(*entries_to_payload(boundary, entries, accept_quantized=True))
         assert torch.allclose(out, model(x), atol=0.5)
@@ -83,7 +85,7 @@ def test_a_hit_answers_on_the_end_and_sends_nothing(tiny_split):
     policy = online_policy([v], audit_rate=0.0)
     first = policy.prepare(0, (x,))
     assert not first.answered and first.msg is not None   # nothing confirmed yet
-    policy.on_result(0, model(x), [], False)                 # the cloud's answer teaches it
+    policy.on_result(0, model(x), None, False)                 # the cloud's answer teaches it
     again = policy.prepare(1, (x,))
     assert again.answered and again.msg is None
     assert torch.equal(again.answer, model(x))
@@ -103,16 +105,16 @@ def test_a_context_cache_answers_for_the_stream_s_latest_class_only(tiny_split):
     y[0, int(model(x).argmax())] = 1.0
     other = torch.roll(y, 1, dims=1)
     policy.prepare(0, (x,))
-    policy.on_result(0, y, [], False)                   # x's class learned; the stream is on it
+    policy.on_result(0, y, None, False)                   # x's class learned; the stream is on it
     assert policy.prepare(1, (x,)).answered
     # a later request (one not looked up, say) was answered with another class: the stream
     # has moved on, and x's features no longer answer on the end ...
-    policy.on_result(2, other, [], False)
+    policy.on_result(2, other, None, False)
     assert not policy.prepare(3, (x,)).answered
     # ... until an answer for a later request says the stream is back on x's class; a late
     # answer for an earlier request does not change that
-    policy.on_result(3, y, [], False)
-    policy.on_result(1, other, [], False)
+    policy.on_result(3, y, None, False)
+    policy.on_result(1, other, None, False)
     assert policy.prepare(4, (x,)).answered
 
 
@@ -135,7 +137,7 @@ def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_t
     policy = online_policy([v], audit_rate=0.0, end_slowdown=10.0)
     miss = policy.prepare(0, (x,))
     assert miss.end_host_s == pytest.approx(1.2e-3)          # end half + lookup + send
-    policy.on_result(0, model(x), [0.001, 100.0, 1e-6], False)  # a very fast link: end-bound
+    policy.on_result(0, model(x), ReplyStats(0.001, 100.0, 1e-6), False)  # a very fast link: end-bound
     hit = policy.prepare(1, (x,))
     assert hit.answered and hit.msg is None
     assert hit.end_host_s == pytest.approx(5e-4)
@@ -155,11 +157,11 @@ def test_audited_hit_is_sent_flagged_and_a_wrong_center_corrected(tiny_split):
     policy.prepare(0, (x,))
     wrong = torch.zeros(1, 3)
     wrong[0, (int(model(x).argmax()) + 1) % 3] = 1.0        # a poisoned answer for this frame
-    policy.on_result(0, wrong, [], False)
+    policy.on_result(0, wrong, None, False)
     prep = policy.prepare(1, (x,))
     assert prep.answered and prep.msg is not None
     assert decode(prep.msg)[2] & FLAG_CACHE_HIT
-    policy.on_result(1, model(x), [], True)                   # the audit's reply
+    policy.on_result(1, model(x), None, True)                   # the audit's reply
     assert policy.corrections == 1
     assert int(policy.prepare(2, (x,)).answer.argmax()) == int(model(x).argmax())
 
@@ -219,12 +221,12 @@ def test_a_request_is_finished_on_the_end_when_the_link_is_backlogged_or_stalled
     assert policy.finish_on_end_wait_s(0, 8, 0.011) == 0.0
     assert policy.finish_on_end_wait_s(1, 8, 1.0) == math.inf        # not the request waiting
     # a link that carries one message per 1 ms: 7 ahead hold 7 ms < 10 ms, wait for it
-    policy.on_result(0, model(x), [0.001, float(nbytes), 1e-3], False)
+    policy.on_result(0, model(x), ReplyStats(0.001, float(nbytes), 1e-3), False)
     prep = policy.prepare(1, (x,))
     assert policy.finish_on_end_wait_s(1, 8, 0.0) == pytest.approx(0.010)
     # one per 5 ms: 35 ms of link time ahead, the end would idle: finish it there now
     for k in range(5):
-        policy.on_result(1, model(x), [0.001, float(nbytes), 5e-3], False)
+        policy.on_result(1, model(x), ReplyStats(0.001, float(nbytes), 5e-3), False)
     assert policy.finish_on_end_wait_s(1, 8, 0.0) == 0.0
     bits_before = sum(policy.bits_used.values())
     done = policy.finish_on_end(1)
@@ -249,7 +251,7 @@ def test_a_cache_looking_up_inside_the_end_half_skips_the_rest_on_a_hit(tiny_spl
     # a miss runs the rest of the end half and sends what the end half would have sent
     assert not miss.answered and tails == [1]
     assert miss.msg == reference.prepare(0, (x,)).msg
-    policy.on_result(0, model(x), [], False)
+    policy.on_result(0, model(x), None, False)
     hit = policy.prepare(1, (x,))
     assert hit.answered and hit.msg is None and tails == [1]    # the rest never ran
     assert torch.equal(hit.answer, model(x))
@@ -268,7 +270,7 @@ def test_a_coded_plan_sends_coded_codes_and_learns_their_size(tiny_split):
     assert entries[0].kind == QUANT and entries[0].codec_name == "deflate"
     out = cloud(*entries_to_payload(boundary, entries, accept_quantized=True))
     assert torch.allclose(out, model(torch.zeros_like(x)), atol=0.5)
-    policy.on_result(0, model(x), [0.001, float(len(prep.msg)), 0.01], False)
+    policy.on_result(0, model(x), ReplyStats(0.001, float(len(prep.msg)), 0.01), False)
     policy.prepare(1, (torch.zeros_like(x),))         # with an estimate: the controller picks bits
     learned = policy.control.bit_controllers[0].size_factor
     assert learned and all(f < 1.0 for f in learned.values())   # smaller than the 50 % expected
