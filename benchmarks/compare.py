@@ -136,7 +136,7 @@ def run_cells(gm, inputs, dag, oracle, settings: Settings, cond: Condition):  # 
     cells, ids = {0: Cell(dag, s, off, cond.network)}, {off.end_nodes: 0}
     band_ids = []
     for r in rates:
-        sr = dataclasses.replace(settings, network=dataclasses.replace(cond.network, uplink_mbps=r))
+        sr = settings.replace(network=cond.network.at_rate(r))
         p, _ = plan_model(gm, inputs, dag, sr, strategy="coach", oracle=oracle)
         here = evaluate(dag, off.end_nodes, off.bits, sr.network, input_bits=s.input_width)
         if p.period > settings.online.switch_gain * here.period:   # not worth a switch (as compile_online)

@@ -66,6 +66,16 @@ class Network:
             raise ValueError(f"trace {path} has mean rate 0")
         return cls(uplink_mbps=mean, downlink_mbps=downlink_mbps, rtt_ms=rtt_ms, trace=trace)
 
+    def at_rate(self, uplink_mbps: float) -> "Network":
+        """This network with its uplink at a fixed ``uplink_mbps`` (a band plan's rate): every
+        other field kept (downlink, rtt, efficiency), the trace dropped. The one way to say
+        "the network at rate r".
+
+        >>> Network(10, rtt_ms=20, efficiency=0.95).at_rate(2).efficiency
+        0.95
+        """
+        return dataclasses.replace(self, uplink_mbps=uplink_mbps, trace=None)
+
     @property
     def down_mbps(self) -> float:
         return self.downlink_mbps if self.downlink_mbps is not None else self.uplink_mbps

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,30 +45,46 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"coach quantize supports bits {QUANT_BITS}; got {bits}")
 
 
+#: The smallest scale: a constant tensor has range 0, and any positive scale represents it.
+TINY_SCALE = float(np.float32(torch.finfo(torch.float32).tiny * 1e6))
+
+
+def affine_params(lo: Any, hi: Any, bits: int, xp: Any = torch) -> tuple[Any, Any]:
+    """The quantizer's one rule, for torch tensors or numpy arrays (``xp``): the range
+    ``lo``..``hi`` widened to hold 0, ``scale = range / (2**bits - 1)`` (at least
+    :data:`TINY_SCALE`), ``zero = round(-lo / scale)`` clipped to the codes (float32, round half
+    to even on both). Every quantizer here (the op, the numpy fast path, the per-sample fake
+    quantizer) takes its scale and zero point from this."""
+    qmax = (1 << bits) - 1
+    zeros = xp.zeros_like(lo)
+    lo, hi = xp.minimum(lo, zeros), xp.maximum(hi, zeros)
+    scale = xp.maximum((hi - lo) / qmax, zeros + TINY_SCALE)
+    return scale, xp.clip(xp.round(-lo / scale), 0, qmax)
+
+
+def half_scale(amax: Tensor) -> Tensor:
+    """16 bits' power-of-two scale: the largest magnitude ``amax`` lands near 2**14, so half's
+    range is used in full, neither overflowing large nor flushing tiny activations."""
+    return torch.exp2(torch.ceil(torch.log2(amax.float().clamp_min(torch.finfo(torch.float32).tiny))) - 14)
+
+
 def _qparams(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Scale and zero point of ``x`` at ``bits``: 0-d, or per row (shape ``(..., 1)``) for a
     token tensor (``quant_rows``)."""
-    qmax = (1 << bits) - 1
     if row_quantized(x.shape, bits):
         lo, hi = x.amin(-1, keepdim=True).float(), x.amax(-1, keepdim=True).float()
     else:
         lo, hi = x.min().float(), x.max().float()
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    # A constant tensor has range 0; any positive scale represents it exactly.
-    scale = torch.clamp((hi - lo) / qmax, min=torch.finfo(torch.float32).tiny * 1e6)
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax).to(torch.int32)
-    return scale, zero
+    scale, zero = affine_params(lo, hi, bits)
+    return scale, zero.to(torch.int32)
 
 
 def quantize_impl(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """The body of ``coach::quantize`` as a plain function (the runtime calls it per request
     without the dispatcher's overhead; the graphs call the op)."""
     _check_bits(bits)
-    if bits == 16:
-        # A power of two (exact to apply) that puts the largest magnitude near 2**14: half's
-        # range is then used in full, neither overflowing large nor flushing tiny activations.
-        amax = x.detach().abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-        scale = torch.exp2(torch.ceil(torch.log2(amax)) - 14)
+    if bits == 16:   # a power of two: exact to apply
+        scale = half_scale(x.detach().abs().max())
         return (x.detach().float() / scale).to(torch.float16), scale, x.new_zeros((), dtype=torch.int32)
     scale, zero = _qparams(x.detach(), bits)
     q = torch.clamp(torch.round(x.detach().float() / scale) + zero, 0, (1 << bits) - 1)
@@ -131,7 +148,6 @@ def pack_impl(codes: Tensor, bits: int) -> Tensor:
     return (stream.reshape(-1, 8) << _shifts(8, flat.device)).sum(1, dtype=torch.uint8)
 
 
-_TINY_SCALE = np.float32(torch.finfo(torch.float32).tiny * 1e6)
 _SHIFTS64 = {b: np.arange(8, dtype=np.uint64) * np.uint64(b) for b in QUANT_BITS if b < 8}
 
 
@@ -154,12 +170,9 @@ def quantize_pack_cpu(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     rows = row_quantized(x.shape, bits)
     a = x.detach().float().numpy().reshape(-1, x.shape[-1] if rows else max(x.numel(), 1))
     qmax = np.float32((1 << bits) - 1)
-    lo = np.minimum(a.min(1, initial=np.inf), np.float32(0.0))
-    hi = np.maximum(a.max(1, initial=-np.inf), np.float32(0.0))
-    scale = np.maximum((hi - lo) / qmax, _TINY_SCALE)
+    scale, zero = affine_params(a.min(1, initial=np.inf), a.max(1, initial=-np.inf), bits, np)
     if not np.isfinite(scale).all():
         raise ValueError(f"cannot quantize a tensor holding inf or nan to {bits} bits")
-    zero = np.clip(np.rint(-lo / scale), 0, qmax)
     q = np.clip(np.rint(a / scale[:, None]) + zero[:, None], 0, qmax).astype(np.uint8).reshape(-1)
     if bits < 8:
         # LSB first, as pack_impl lays it out: eight codes fill ``bits`` bytes exactly, so
@@ -264,13 +277,9 @@ def fake_quantize_per_sample(x: Tensor, bits: int, group: int = 1) -> Tensor:
     else:
         flat = x.detach().reshape(n // max(group, 1), -1).float()
     if bits == 16:
-        amax = flat.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-        scale = torch.exp2(torch.ceil(torch.log2(amax)) - 14)[:, None]
+        scale = half_scale(flat.abs().amax(1))[:, None]
         return ((flat / scale).half().float() * scale).to(x.dtype).reshape(x.shape)
     qmax = (1 << bits) - 1
-    lo = flat.amin(1).clamp(max=0.0)
-    hi = flat.amax(1).clamp(min=0.0)
-    scale = ((hi - lo) / qmax).clamp(min=torch.finfo(torch.float32).tiny * 1e6)[:, None]
-    zero = torch.round(-lo[:, None] / scale).clamp(0, qmax)
+    scale, zero = affine_params(flat.amin(1)[:, None], flat.amax(1)[:, None], bits)
     q = torch.clamp(torch.round(flat / scale) + zero, 0, qmax)
     return ((q - zero) * scale).to(x.dtype).reshape(x.shape)

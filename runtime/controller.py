@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import math
 from collections import deque
 from typing import Sequence
 

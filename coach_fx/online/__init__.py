@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -179,8 +178,7 @@ class OnlineModel:
         if v.end_only:
             raise ValueError("the offline plan runs the whole model on the end device: it sends nothing, "
                              "so no rate makes its link the bottleneck")
-        compute = max((v.times.host_s or p.t_end / self.settings.end.slowdown) * self.settings.end.slowdown,
-                      p.t_cloud)
+        compute = max(self.settings.end.seconds(v.times.host_s) if v.times.host_s else p.t_end, p.t_cloud)
         return v.message_bytes() * 8 / compute / 1e6
 
     def report(self) -> str:
@@ -274,7 +272,7 @@ def _compile(cal: CutAnalysis, inputs: tuple, rates: list[float]) -> OnlineModel
     net = settings.network
 
     def at(rate: float) -> Settings:
-        return dataclasses.replace(settings, network=Network(rate, net.downlink_mbps, net.rtt_ms))
+        return settings.replace(network=net.at_rate(rate))
 
     offline_plan = plan_model(gm, inputs, dag, settings, oracle=oracle)[0]
     offline = offline_plan.end_nodes

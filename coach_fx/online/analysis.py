@@ -251,7 +251,7 @@ class CutAnalysis:
         if info.min_bits >= 32 and any(b is None for b in info.bits.pinned):
             return None
         # model inputs that cross are quantized like the rest, up to their source's bits
-        p = evaluate(self.dag, end_nodes, info.min_bits, Network(rate),
+        p = evaluate(self.dag, end_nodes, info.min_bits, self.settings.network.at_rate(rate),
                      input_bits=min(info.min_bits, self.settings.input_width))
         t_end, t_cloud = p.t_end, p.t_cloud
         if self.settings.costs == "measured" and not info.boundary.end_only:

@@ -27,7 +27,6 @@ from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CutProfile, EndHalf, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
 from coach_fx.runtime.wire_sizes import TENSOR_HEADER_BYTES, packed_nbytes, row_param_bytes, tensor_bytes, token_rows
-from coach_fx.settings import Network
 from coach_fx.timing import quiet_times
 
 if TYPE_CHECKING:
@@ -54,8 +53,7 @@ def deploy(cal: "CutAnalysis", inputs: tuple, ids: dict[tuple, int],
     dep = Deployment({}, {}, {}, None)
     for c, pid in ids.items():
         r = rate_of.get(c)
-        s = settings if r is None else dataclasses.replace(
-            settings, network=Network(r, net.downlink_mbps, net.rtt_ms))
+        s = settings if r is None else settings.replace(network=net.at_rate(r))
         info = cal.info(c)
         p = offline_plan if c == offline_plan.end_nodes else evaluate(
             dag, c, info.min_bits if info.min_bits < 32 else 32, s.network,

@@ -28,10 +28,10 @@ def report(om: "OnlineModel") -> str:
     for pid, p in om.plans.items():
         v = om.variants[pid]
         c, t = v.cache, v.times
-        slow = om.settings.end.slowdown * 1e3
+        ms = lambda host_s: om.settings.end.seconds(host_s) * 1e3  # noqa: E731 - the end's ms for host seconds
         rows.append([pid, ", ".join(p.cut) or "nothing (end-only)", v.profile.min_bits,
-                     (t.host_s or 0) * slow,
-                     f"+{t.lookup_s * slow:.2f} / {t.hit_s * slow:.2f}" if t.hit_s is not None else "-",
+                     ms(t.host_s or 0),
+                     f"+{ms(t.lookup_s):.2f} / {ms(t.hit_s):.2f}" if t.hit_s is not None else "-",
                      p.t_cloud * 1e3,
                      f"{v.finish_on_end.host_s * slow:.2f}" if v.finish_on_end is not None else "-",
                      f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"

@@ -142,3 +142,25 @@ def test_replanning_for_another_network_reuses_the_analyses(online):
     assert {p: v.cut for p, v in fast.plans.items()} == {p: v.cut for p, v in fresh.plans.items()}
     assert fast.plans[fast.offline].cut != om.plans[om.offline].cut or fast.bands != om.bands
     assert fast.analysis._info is om.analysis._info and fast.analysis._times is om.analysis._times
+
+
+def test_band_plans_are_priced_on_the_user_s_link_efficiency(online):
+    """Every band's plan is priced on the user's network at that band's rate, its efficiency
+    (and rtt, downlink) kept: ``Network.at_rate`` is the one way to say the network at rate r."""
+    from coach_fx.plan import evaluate
+    _, om, _, _ = online
+    net = Network(4.0, rtt_ms=10.0, efficiency=0.5)
+    om2 = om.for_network(net, bands_mbps=(1.0, 4.0, 16.0))
+    checked = 0
+    for p in om2.plans.values():
+        if not p.cut:
+            continue
+        at = [evaluate(om2.dag, p.end_nodes, p.bits, n, input_bits=om2.settings.input_width).t_link
+              for n in (net, *(net.at_rate(r) for r in (1.0, 4.0, 16.0)))]
+        lossless = [evaluate(om2.dag, p.end_nodes, p.bits, Network(r, rtt_ms=10.0),
+                             input_bits=om2.settings.input_width).t_link for r in (1.0, 4.0, 16.0)]
+        assert any(abs(p.t_link - t) < 1e-9 for t in at), (p.t_link, at)
+        assert not any(abs(p.t_link - t) < 1e-9 for t in lossless)
+        checked += 1
+    assert checked >= 1
+    assert net.at_rate(2.0) == Network(2.0, rtt_ms=10.0, efficiency=0.5)
