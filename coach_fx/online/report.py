@@ -33,7 +33,7 @@ def report(om: "OnlineModel") -> str:
                      ms(t.host_s or 0),
                      f"+{ms(t.lookup_s):.2f} / {ms(t.hit_s):.2f}" if t.hit_s is not None else "-",
                      p.t_cloud * 1e3,
-                     f"{v.finish_on_end.host_s * slow:.2f}" if v.finish_on_end is not None else "-",
+                     f"{ms(v.finish_on_end.host_s):.2f}" if v.finish_on_end is not None else "-",
                      f"{c.hit_rate:.0%} @ sim>={c.sim_threshold}, margin>={c.margin}, grid {c.grid}"
                      + (f", at {c.at}" if c.at else "") + (", context" if c.context else "")
                      if c else "off",
