@@ -110,15 +110,16 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
         >>> with coach_fx.serve("plan_dir", port=0, token=token) as server:   # doctest: +SKIP
         ...     print(server.address); server.wait()
     """
-    from coach_fx.runtime.cloud import CloudWorker
-    from coach_fx.runtime.config import ENGINES, Batching, RaySettings, ServerConfig, StreamConfig
+    from coach_fx.runtime.compute import ENGINES, EngineSpec
+    from coach_fx.runtime.compute import engine as build_engine
+    from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
     from coach_fx.runtime.links.credentials import shared_token
     from coach_fx.runtime.links.tcp import TcpServer
     from coach_fx.runtime.server import CloudServer, warm_up
     from coach_fx.saved_online import cloud_halves
 
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
     secret = shared_token(token)
     halves, meta = cloud_halves(plan_dir, secret)
     online = meta.get("kind") == "online"
@@ -126,12 +127,8 @@ def serve(plan_dir: str | Path, host: str = "127.0.0.1", port: int = 29517, *,
         config = StreamConfig(cloud_slowdown=meta["cloud"]["slowdown"],
                               batching=Batching(SERVE_MAX_BATCH, SERVE_MAX_WAIT_S))
     device = device or meta["cloud"].get("device", "cpu")
-    if engine == "ray":
-        from coach_fx.runtime.ray_compute import RayCompute
-        compute = RayCompute(str(plan_dir), secret, halves, config, ray or RaySettings(), adaptive=online,
-                             name=f"coach-{port or os.getpid()}", device=device)
-    else:
-        compute = CloudWorker(halves, None, config, adaptive=online, device=device)
+    compute = build_engine(engine, EngineSpec(halves, config, online, device, str(plan_dir), secret, ray,
+                                              name=f"coach-{port or os.getpid()}"))
     try:   # warm before the port is bound: an end that dials finds a server that answers
         warm_up(compute)
         listener = TcpServer(host, port, token=secret, timeout_s=config.timeout_s, tls=tls)

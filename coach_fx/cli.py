@@ -30,7 +30,7 @@ from coach_fx.device_profile import node_ops, write_profile
 from coach_fx.driver import plan_model, prepare, traced
 from coach_fx.profile import measure_node_times, measure_quant_cost, torch_threads
 from coach_fx.zoo.models import load_model
-from coach_fx.optimize import COMPARED, STRATEGIES
+from coach_fx.optimize import STRATEGIES, compared
 from coach_fx.settings import Device, Network, Settings
 
 
@@ -104,7 +104,7 @@ def cmd_profile(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     model, shape = _model(a)
     x = torch.randn(a.batch, *shape)
-    strategies = list(COMPARED) if a.strategy == "all" else [a.strategy]
+    strategies = list(compared()) if a.strategy == "all" else [a.strategy]
     settings = _settings(a, strategies[0])
     t0 = time.perf_counter()
     gm, inputs, dag = prepare(model, (x,), settings)
@@ -147,7 +147,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
               f"time, so other processes' load does not count); end device {end}, cloud {cloud}")
     t0 = time.perf_counter()
     gm, inputs, dag = prepare(model, (x,), settings)
-    plans, oracle = _plans(gm, inputs, dag, settings, COMPARED)
+    plans, oracle = _plans(gm, inputs, dag, settings, compared())
     cm = CompiledModel(gm, dag, plans[0], settings, inputs, oracle)
     with torch.no_grad():
         ref = model(x)

@@ -17,7 +17,8 @@ import torch
 
 from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
 from coach_fx.progress import Progress
-from coach_fx.runtime.config import ENGINES, Batching, RaySettings
+from coach_fx.runtime.compute import ENGINES
+from coach_fx.runtime.config import Batching, RaySettings
 from coach_fx.runtime.links.tls import TlsConfig
 
 
@@ -305,7 +306,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
                                 "request alone (0: no such bound, batches of up to --max-batch)")
             p.add_argument("--device", default=None, metavar="cpu|cuda",
                            help="where the cloud halves run (default: the plan's cloud device)")
-            p.add_argument("--engine", choices=ENGINES, default="builtin",
+            p.add_argument("--engine", choices=tuple(ENGINES), default="builtin",
                            help="where the cloud halves run: this process (builtin) or the replicas "
                                 "of a Ray Serve deployment (ray; pip install 'coach-fx[ray]')")
             p.add_argument("--ray-address", default=None, metavar="ADDR",

@@ -22,7 +22,7 @@ from coach_fx.accuracy import AccuracyOracle
 from coach_fx.compiled import InputError, example_tuple
 from coach_fx.profile import build_dag
 from coach_fx.dag import LayerDAG
-from coach_fx.optimize import Problem, solve
+from coach_fx.optimize import STRATEGIES, Problem
 from coach_fx.optimize.problem import per_tensor_bits
 from coach_fx.optimize.simple import manual
 from coach_fx.optimize.trace import plan_for_trace, varies
@@ -77,10 +77,6 @@ def traced(model: nn.Module | fx.GraphModule, example_inputs: Any, settings: Set
     return gm, inputs
 
 
-#: The strategies whose plans may code their quantized crossings (``Settings.tensor_codecs``).
-CODING_STRATEGIES = ("coach", "brute-force")
-
-
 def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Settings,
                strategy: str | None = None, oracle: AccuracyOracle | None = None) -> tuple[Plan, AccuracyOracle | None]:
     """Plan an already prepared model with ``strategy`` (default: the settings')."""
@@ -94,23 +90,22 @@ def plan_model(gm: fx.GraphModule, inputs: tuple, dag: LayerDAG, settings: Setti
         except Exception as e:  # noqa: BLE001 - a model the oracle cannot run: say so, plan as asked
             note = f"accuracy not measured: the oracle cannot run this model ({type(e).__name__}: {e})"
             return dataclasses.replace(plan, note=note), None
-    if oracle is None and strategy not in ("end-only",):
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES) + ['manual']}")
+    how = STRATEGIES[strategy]
+    if oracle is None and how.needs_oracle:
         oracle = AccuracyOracle(gm, dag, settings, inputs)
     # baselines are what their papers do: only coach's own searches code crossings
-    coding = settings.tensor_codecs if strategy in CODING_STRATEGIES else ()
-    problem = Problem(dag, settings.network, settings.objective, settings.bits,
-                      settings.input_width, oracle, settings.input_codecs, coding)
-    kw = {"limit": settings.max_plans} if strategy == "brute-force" else {}
-    if strategy == "coach":
-        kw = {"time_limit_s": settings.max_search_s}
-    plan = solve(strategy, problem, **kw)
+    problem = Problem(dag, settings.network, settings.objective, settings.bits, settings.input_width, oracle,
+                      settings.input_codecs, settings.tensor_codecs if how.codes else ())
+    plan = how.run(problem, **how.options(settings))
     if plan.extra.get("proven") is False:
         warnings.warn(f"coach: the search stopped after max_search_s={settings.max_search_s} s "
                       f"with its best plan so far, at most {plan.extra['gap']:.1%} from the optimum's "
                       "bound; raise max_search_s for the proven optimum", stacklevel=3)
-    if strategy == "coach" and varies(settings.network):
+    if how.trace_aware and varies(settings.network):
         plan = plan_for_trace(problem, plan, settings.input_width)
-    if strategy in CODING_STRATEGIES and settings.per_tensor_bits:
+    if how.codes and settings.per_tensor_bits:
         plan = per_tensor_bits(problem, plan)
     return checked(plan, oracle), oracle
 

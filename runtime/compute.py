@@ -10,9 +10,11 @@ end gets its answers in order whichever replica computed them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from coach_fx.runtime.cloud import Arrival, CloudHalf
+from coach_fx.runtime.config import RaySettings, StreamConfig
 
 #: What a submitted batch gives back when asked: one reply per request (None: a close).
 Replies = Callable[[], "list[bytes | None]"]
@@ -41,3 +43,43 @@ class Compute(Protocol):
 
     def close(self) -> None:
         """Release what it holds (replicas, threads)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is built from: the cloud halves by plan id, how the cloud runs them,
+    whether requests carry their own bits (an online model), the device, and for an engine
+    whose workers load the plan themselves its directory, token, settings and name."""
+
+    halves: dict[int, CloudHalf]
+    config: StreamConfig
+    adaptive: bool = False
+    device: str = "cpu"
+    plan_dir: str | None = None
+    key: bytes | None = None
+    ray: RaySettings | None = None
+    name: str = "coach"
+
+
+def _builtin(spec: EngineSpec) -> Compute:
+    from coach_fx.runtime.cloud import CloudWorker
+    return CloudWorker(spec.halves, None, spec.config, adaptive=spec.adaptive, device=spec.device)
+
+
+def _ray(spec: EngineSpec) -> Compute:
+    from coach_fx.runtime.ray_compute import RayCompute   # the optional extra, imported on use
+    return RayCompute(str(spec.plan_dir), spec.key, spec.halves, spec.config, spec.ray or RaySettings(),
+                      adaptive=spec.adaptive, name=spec.name, device=spec.device)
+
+
+#: Where a server's cloud halves run, by name: ``"builtin"`` in its own process, ``"ray"`` on
+#: Ray Serve. Adding an engine is a module with a ``Compute`` and one entry here.
+ENGINES: dict[str, Callable[[EngineSpec], Compute]] = {"builtin": _builtin, "ray": _ray}
+
+
+def engine(name: str, spec: EngineSpec) -> Compute:
+    """The engine ``name`` built from ``spec`` (an unknown name is a ``ValueError`` naming them)."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {name!r}")
+    return ENGINES[name](spec)
+

@@ -128,10 +128,6 @@ class ServerConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-#: Where a server's cloud halves run: ``"builtin"`` in its own process, ``"ray"`` on Ray Serve.
-ENGINES = ("builtin", "ray")
-
-
 @dataclass(frozen=True)
 class RaySettings:
     """How ``coach serve --engine ray`` runs the cloud halves: replicas of a Ray Serve

@@ -104,3 +104,13 @@ def int8(fn, name: str):  # noqa: ANN001, ANN201 - small adapter
         return fn(p, bits=8, name=name)
     run.__name__ = name
     return run
+
+
+from coach_fx.optimize import Strategy, register  # noqa: E402 - the registry imports this module
+
+for _name, _run in (("neurosurgeon", neurosurgeon), ("dads", dads), ("dads-dsh", dads_dsh), ("qdmp", qdmp)):
+    register(Strategy(_name, _run))
+    register(Strategy(f"{_name}+int8", int8(_run, f"{_name}+int8")))
+for _codec in ("jpeg95", "jpeg90", "jpeg75", "png"):
+    # the quality-90 JPEG and the PNG stand for the rest in ``coach plan --strategy all``
+    register(Strategy(f"cloud-only+{_codec}", cloud_only_coded(_codec), compared=_codec in ("jpeg90", "png")))

@@ -20,3 +20,9 @@ def brute_force(p: Problem, limit: int = 200_000, allowed: Sequence[int] | None 
     if best is None:
         raise ValueError("brute-force: no plan meets the accuracy budget with the allowed bits")
     return best
+
+
+from coach_fx.optimize import Strategy, register  # noqa: E402 - the registry imports this module
+
+register(Strategy("brute-force", brute_force, codes=True, compared=False,
+                  options=lambda settings: {"limit": settings.max_plans}))

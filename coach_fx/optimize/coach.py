@@ -188,3 +188,12 @@ def coach(p: Problem, block_limit: int = 4096, program_limit: int | None = None,
     if not proven:
         extra.update(proven=False, gap=gap)
     return dataclasses.replace(best, extra={**best.extra, **extra})
+
+
+def _options(settings: Any) -> dict:
+    return {"time_limit_s": settings.max_search_s}
+
+
+from coach_fx.optimize import Strategy, register  # noqa: E402 - the registry imports this module
+
+register(Strategy("coach", coach, codes=True, options=_options, trace_aware=True))

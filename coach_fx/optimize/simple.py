@@ -33,3 +33,9 @@ def end_only(p: Problem) -> Plan:
 def cloud_only(p: Problem) -> Plan:
     """Everything in the cloud; the raw input crosses at ``input_bits``."""
     return p.price((), 32, "cloud-only")
+
+
+from coach_fx.optimize import Strategy, register  # noqa: E402 - the registry imports this module
+
+register(Strategy("end-only", end_only, needs_oracle=False))
+register(Strategy("cloud-only", cloud_only))
