@@ -69,7 +69,8 @@ class CutTraining:
     epochs: int = 2
     lr: float = 3e-3
     temperature: float = 2.0
-    #: also train the layers that read each decoder (the teacher's own layers otherwise stay)
+    #: also train the teacher's layers after the bottlenecks (the cloud's side of every cut:
+    #: they learn to read the restored tensor), not only the bottlenecks themselves
     finetune: bool = False
     seed: int = 0
     checkpoint: str | Path | None = None
@@ -236,10 +237,11 @@ def _inputs_of(batch: Any) -> tuple:
 
 def _trainable(student: fx.GraphModule, opts: CutTraining) -> list[tuple[str, nn.Parameter]]:
     names = {f"coach_cut_{k}_{side}" for k in range(len(bottlenecks(student))) for side in ("enc", "dec")}
-    if opts.finetune:   # the modules that read a decoder
+    if opts.finetune:   # every module after the first decoder
+        after = False
         for n in student.graph.nodes:
-            if n.op == "call_module" and any(a.op == "call_module" and str(a.target).endswith("_dec")
-                                             for a in n.all_input_nodes):
+            after = after or (n.op == "call_module" and str(n.target).endswith("_dec"))
+            if after and n.op == "call_module":
                 names.add(str(n.target))
     return [(k, p) for k, p in student.named_parameters() if any(k.startswith(m + ".") for m in names)]
 
@@ -275,11 +277,17 @@ def _train(teacher: fx.GraphModule, student: fx.GraphModule, data: Iterable[Any]
         enc.train(), dec.train()
         hooks.append(enc.register_forward_hook(lambda m, a, o, k=k: seen.__setitem__(k, (a[0], None))))
         hooks.append(dec.register_forward_hook(lambda m, a, o, k=k: seen.__setitem__(k, (seen[k][0], o))))
-    opt = torch.optim.AdamW([p for _, p in params], lr=opts.lr, weight_decay=1e-4)
+    # the teacher's own layers (``finetune``) move ten times slower than the new bottlenecks:
+    # they only adapt to the restored tensor (at the bottlenecks' rate they forget, here at
+    # once: a resnet18 fell to chance in one epoch)
+    own = {id(p) for enc, dec in pairs for m in (enc, dec) for p in m.parameters()}
+    groups = [{"params": [p for _, p in params if id(p) in own], "lr": opts.lr},
+              {"params": [p for _, p in params if id(p) not in own], "lr": opts.lr / 10}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr, weight_decay=1e-4)
     steps_per_epoch = len(data) if hasattr(data, "__len__") else None   # type: ignore[arg-type]
     total = steps_per_epoch * opts.epochs if steps_per_epoch else None
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=total, pct_start=0.1) \
-        if total else None
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total,
+                                                pct_start=0.1) if total else None
     step = _resume(opts, params, opt, sched)
     g = torch.Generator().manual_seed(opts.seed + 1)
     bar = Progress("training cut", opts.progress)

@@ -78,22 +78,24 @@ class BottleneckDecoder(nn.Module):
     """The cloud's side: back to the tensor the rest of the model reads. A linear map from the
     code (a 1x1, or for ``stride`` > 1 a transposed, convolution: with the encoder, a linear
     autoencoder that ``init_from`` starts at the principal components), then a residual
-    refinement (1x1 to ``hidden`` channels, ReLU, 1x1 back; zero at the start)."""
+    refinement that sees each pixel's neighbours (3x3 to ``hidden`` channels, ReLU, 3x3 back;
+    zero at the start): the detail a patch's few components lose is guessed from its
+    surroundings, on the cloud, where a few million multiply-adds cost little."""
 
     def __init__(self, spec: BottleneckSpec) -> None:
         super().__init__()
-        hidden = spec.hidden or max(spec.in_channels, 16)
+        hidden = spec.hidden or max(16, spec.in_channels // 2)
         self.linear = (nn.Conv2d(spec.channels, spec.in_channels, 1) if spec.stride == 1 else
                        nn.ConvTranspose2d(spec.channels, spec.in_channels, spec.stride, spec.stride))
-        self.expand = nn.Conv2d(spec.in_channels, hidden, 1)
+        self.expand = nn.Conv2d(spec.in_channels, hidden, 3, padding=1)
         self.act = nn.ReLU()
-        self.restore = nn.Conv2d(hidden, spec.in_channels, 1)
+        self.restore = nn.Conv2d(hidden, spec.in_channels, 3, padding=1)
         nn.init.zeros_(self.restore.weight)
         nn.init.zeros_(self.restore.bias)
 
     def flops(self, n_out: int) -> float:
         """Multiply-adds x 2 for an output of ``n_out`` elements (``passes.annotate``)."""
-        per_pixel = self.linear.in_channels + 2 * self.expand.out_channels   # linear, then the refinement
+        per_pixel = self.linear.in_channels + 2 * 9 * self.expand.out_channels   # linear, then the refinement
         return 2.0 * n_out * per_pixel
 
     def forward(self, code: Tensor) -> Tensor:
