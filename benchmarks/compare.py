@@ -6,7 +6,7 @@ cloud-only across models, end devices, static uplinks and real bandwidth traces.
     python benchmarks/compare.py --trained [--quick]   # trained models: benchmarks/compare_trained.py
 
 Random weights: this grid times the models and shows the planner's balance; it cannot show
-accuracy (see RESULTS.md). The claims come from ``--trained``.
+accuracy (see RESULTS.md). The claims come from ``--natural`` (and the camera grid ``--trained``).
 
 Every cell (model x end slowdown x network x method) is planned on the same LayerDAG with the
 same measured costs and accuracy budget (relative L2 of the output <= 2 % on the example input),
@@ -25,7 +25,7 @@ trace) and a camera stream at 15 and 30 frames/s, queueing included, over 300 fr
 and 10 s).
 
 Writes ``compare.csv``, ``sim_vs_real.csv`` and PNG plots (with the ``bench`` extra) to
-``--out``, and ``benchmarks/RESULTS.md``. Ends with ``RESULT compare: ...``.
+``--out``, and ``benchmarks/results/random_weights.md``. Ends with ``RESULT compare: ...``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from coach_fx.runtime.plans import CutProfile, Sizes
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.simulate import simulate
 from coach_fx.settings import Device, Network, Settings
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "traces"
@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="default: benchmarks/results (a --quick run: "
                     "benchmarks/results/quick, so it never overwrites the committed results)")
     ap.add_argument("--no-real", action="store_true", help="skip the real runs (no sim_error)")
-    # RESULTS.md holds the trained grid's claims (--trained); this one is timing only
+    # RESULTS.md holds the natural grid's claims (--natural); this one is timing only
     ap.add_argument("--results-md", default=str(HERE / "results" / "random_weights.md"))
     a = ap.parse_args()
     if a.out is None:

@@ -22,7 +22,7 @@ rates; coded sizes at their mean over the frames); single-request latency with e
 Ends with ``RESULT compare_trained: geomean_throughput_gain=... max_throughput_gain=...
 min_throughput_ratio=... max_test_accuracy_drop=... min_latency_gain=...``. A ``--quick`` run
 writes only ``benchmarks/results/quick/compare_trained.csv``; the full run writes
-``benchmarks/results/compare_trained.csv`` and rewrites ``benchmarks/RESULTS.md``.
+``benchmarks/results/compare_trained.csv`` and rewrites ``benchmarks/results/compare_trained.md``.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trained", action="store_true", help="(accepted for compare.py's dispatch)")
     ap.add_argument("--quick", action="store_true", help="resnet18, slowdown 4, 3 networks (< 3 min)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results (--quick: benchmarks/results/quick)")
-    ap.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--results-md", default=str(HERE / "results" / "compare_trained.md"))
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS)
                     + " (rows go to compare_trained_<models>.csv; merge with --summarize)")
     ap.add_argument("--summarize", nargs="+", metavar="CSV", default=None,

@@ -135,7 +135,7 @@ def main() -> None:
     from coach_fx.runtime.links import InProcessLink
     from coach_fx.runtime.links.kernel import ShapedLink, kernel_link_unavailable
     from coach_fx.settings import Device, Network
-    from coach_fx.traces import Trace
+    from coach_fx.runtime.traces import Trace
     from coach_fx.zoo.digits import digits_splits, load_digits_model
     from coach_fx.zoo.streams import locality_stream
 

@@ -21,7 +21,7 @@ from tabulate import tabulate
 import coach_fx
 from coach_fx.runtime.cloud import Arrival, CloudHalf, CloudWorker
 from coach_fx.runtime.loadgen import record
-from coach_fx.timing import median_time
+from coach_fx.runtime.timing import median_time
 
 BATCHES = (1, 8, 32)
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from coach_fx.runtime.links.gloo import GlooEndpoint
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 role, port, size, count, mbps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 ep = GlooEndpoint(role, "127.0.0.1", port, timeout_s=60, shape=Trace.constant(mbps) if role == "end" else None)

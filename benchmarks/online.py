@@ -57,7 +57,7 @@ from coach_fx.online import MODES, compile_online
 from coach_fx.zoo.streams import locality_stream
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.settings import Device, Network
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 TRACES = {"norway-hsdpa": "norway-hsdpa/norway_bus_20", "mahimahi-lte": "mahimahi-lte/ATT-LTE-driving.up"}

@@ -25,7 +25,7 @@ _EXPORTS = {
     "evaluate": "coach_fx.plan", "Device": "coach_fx.settings", "Network": "coach_fx.settings",
     "Settings": "coach_fx.settings", "OnlineSettings": "coach_fx.online_settings",
     "RaySettings": "coach_fx.runtime.config", "StreamConfig": "coach_fx.runtime.config",
-    "Trace": "coach_fx.traces", "train_cut": "coach_fx.cut_training", "CutTraining": "coach_fx.cut_training",
+    "Trace": "coach_fx.runtime.traces", "train_cut": "coach_fx.cut_training", "CutTraining": "coach_fx.cut_training",
 }
 
 __all__ = list(_EXPORTS)

@@ -228,7 +228,7 @@ class AccuracyOracle:
     def _sent(self, value: Any, kind: str, bits: int, codec: str | None) -> Any:
         """What the cloud half receives for a crossing value, as deployed (per request)."""
         if codec is not None:
-            from coach_fx.runtime.imagecodec import roundtrip
+            from coach_fx.passes.imagecodec import roundtrip
             return roundtrip(value, codec)
         if kind == "quant" and self.whole:   # one request: the whole tensor (a scale per token)
             if value.dim() == 0:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from coach_fx.runtime.links.tls import TlsConfig
     from coach_fx.runtime.client import RemoteModel
     from coach_fx.runtime.server import CloudServer
-    from coach_fx.traces import Trace
+    from coach_fx.runtime.traces import Trace
 
 #: How a server batches by default: up to this many requests, the first held at most this long.
 SERVE_MAX_BATCH = 32

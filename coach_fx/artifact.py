@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 
 import coach_fx.passes.ops  # noqa: F401 - the halves call torch.ops.coach.*
-from coach_fx._compat import treespec_dumps, treespec_loads
+from coach_fx.passes._compat import treespec_dumps, treespec_loads
 from coach_fx.graphfile import DTYPES, LoadedHalf, build_half, parse_graph, parse_tensors, save_exported
 from coach_fx.passes.boundary import Boundary, Crossing
 
@@ -134,7 +134,7 @@ class SavedHalf(SavedMeta):
 def _payload_dims(boundary: Boundary) -> tuple | None:
     """Dynamic shapes of the cloud half's inputs: an image crossing's coded length varies per
     request (up to its codec's bound); everything else is as in the example."""
-    from coach_fx.runtime.imagecodec import max_payload_bytes
+    from coach_fx.passes.imagecodec import max_payload_bytes
 
     dims: list[Any] = []
     for c in boundary.crossings:

@@ -28,9 +28,9 @@ from coach_fx.profile import torch_threads
 from coach_fx.dag import LayerDAG
 from coach_fx.passes.partition import partition
 from coach_fx.plan import Plan
-from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES
+from coach_fx.passes.wire_sizes import MESSAGE_HEADER_BYTES
 from coach_fx.settings import Settings
-from coach_fx.timing import median_time
+from coach_fx.runtime.timing import median_time
 
 
 class InputError(ValueError):
@@ -200,7 +200,7 @@ class CompiledModel(nn.Module):
         spec = self.gm.meta.get("coach_out_spec")
         if spec is None:
             return out
-        from coach_fx._compat import tree_flatten, tree_unflatten
+        from coach_fx.passes._compat import tree_flatten, tree_unflatten
         return tree_unflatten(tree_flatten(out)[0], spec)
 
     # -------------------------------------------------------------- streams
@@ -210,7 +210,7 @@ class CompiledModel(nn.Module):
         if getattr(self, "_out_spec", None) is None and "coach_out_spec" in self.gm.meta:
             self._out_spec = self.gm.meta["coach_out_spec"]
         if getattr(self, "_out_spec", None) is None:
-            from coach_fx._compat import tree_flatten
+            from coach_fx.passes._compat import tree_flatten
             with torch.no_grad():
                 self._out_spec = tree_flatten(self.gm(*self.example_inputs))[1]
         return self._out_spec

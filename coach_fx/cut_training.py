@@ -41,9 +41,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.passes.annotate import meta
-from coach_fx.passes.bottleneck import BottleneckSpec, bottlenecks, init_from, insert_bottlenecks
+from coach_fx.passes.bottleneck import ARCHITECTURE, BottleneckSpec, bottlenecks, init_from, insert_bottlenecks
 from coach_fx.progress import Progress
 from coach_fx.settings import Settings
 
@@ -93,6 +93,7 @@ class CutTraining:
             d.pop(k)
         d["cuts"] = list(d["cuts"]) if d["cuts"] is not None else None
         d["bits"] = list(d["bits"])
+        d["architecture"] = ARCHITECTURE
         return d
 
 

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from coach_fx.dag_sets import PlanSpaceTooLarge, articulations, closed_masks
 from coach_fx.passes.annotate import NodeMeta, constant_nodes, keeps_effect, meta
-from coach_fx.runtime.wire_sizes import token_rows
+from coach_fx.passes.wire_sizes import token_rows
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ def _serve_tcp(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from coach_fx.artifact import make_frames, plan_meta
     from coach_fx.runtime.config import StreamConfig
-    from coach_fx.traces import Trace
+    from coach_fx.runtime.traces import Trace
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -254,7 +254,7 @@ class OutputWriter:
         self.n = 0
 
     def add(self, name: str, out: Any) -> None:
-        from coach_fx._compat import tree_flatten
+        from coach_fx.passes._compat import tree_flatten
         k, self.n = self.n, self.n + 1
         if self.kind is None:
             return

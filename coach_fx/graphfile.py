@@ -46,7 +46,7 @@ import torch
 import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
-from coach_fx._compat import tree_unflatten, treespec_dumps, treespec_loads
+from coach_fx.passes._compat import tree_unflatten, treespec_dumps, treespec_loads
 from coach_fx.graph_ops import ALLOWED_OPS
 
 log = logging.getLogger("coach_fx")
@@ -246,7 +246,7 @@ def build_half(doc: dict, tensors: dict[str, torch.Tensor] | None, source: str) 
     to ``tensors`` (its own tensor file's, or a shared store: halves built with one store share
     its tensors)."""
     import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach.*
-    import coach_fx.runtime.imagecodec  # noqa: F401 - registers torch.ops.coach.image_*
+    import coach_fx.passes.imagecodec  # noqa: F401 - registers torch.ops.coach.image_*
     if tensors is None:
         raise GraphFileError(f"{source}: its tensors are in a shared store, and none was given")
     nodes = doc.get("nodes")

@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 from coach_fx.dag import LayerDAG
 # every message and tensor size is the wire format's (one home: ``coach_fx.runtime.wire``)
-from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.passes.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 from coach_fx.settings import Network
 
 

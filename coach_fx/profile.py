@@ -19,6 +19,7 @@ import math
 import statistics
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -28,11 +29,11 @@ from coach_fx.dag import CodecCost, LayerDAG
 from coach_fx.passes.annotate import NodeMeta
 from coach_fx.progress import Progress
 from coach_fx.runtime.wire import Entry
-from coach_fx.runtime.wire_sizes import packed_nbytes, row_param_bytes
+from coach_fx.passes.wire_sizes import packed_nbytes, row_param_bytes
 from coach_fx.device_profile import device_times, node_ops, quant_costs
 from coach_fx.inputs import calibration_parts
 from coach_fx.settings import Settings
-from coach_fx.timing import busy_since, clock, quiet_times, run_times
+from coach_fx.runtime.timing import busy_since, clock, quiet_times, run_times
 
 HOST_FLOPS = 20e9            # FLOP/s of the modelled host in the analytic model
 HOST_BYTES_PER_S = 10e9      # memory bandwidth of the modelled host
@@ -192,12 +193,53 @@ def _build_dag(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Sett
     return dag
 
 
+@dataclass(frozen=True)
+class CodecMeasure:
+    """Real coded sizes of real frames and this host's coding times."""
+
+    sizes: tuple[int, ...]   # payload bytes per sample, its header included
+    encode_s: float          # median seconds to encode one sample
+    decode_s: float          # median seconds to decode one sample
+
+    def quantile(self, q: float = 0.95) -> int:
+        """The size (bytes) that ``q`` of the samples stay within (nearest rank)."""
+        if not self.sizes:
+            return 0
+        s = sorted(self.sizes)
+        return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def measure_codec(x: torch.Tensor, codec: str, repeat: int = 3) -> CodecMeasure:
+    """Encode and decode each sample of ``x`` (N, C, H, W) with an image codec
+    (``passes.imagecodec``) on its own, ``repeat`` times.
+
+    >>> measure_codec(torch.rand(2, 3, 16, 16), "jpeg90").encode_s > 0      # doctest: +SKIP
+    True
+    """
+    from coach_fx.passes.imagecodec import decode, encode, parse
+    codec = parse(codec)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    sizes, enc, dec = [], [], []
+    for s in x.unbind(0):
+        s = s.unsqueeze(0)
+        for _ in range(max(1, repeat)):
+            t0 = clock()
+            p = encode(s, codec)
+            enc.append(busy_since(t0))
+            t1 = clock()
+            decode(p, codec, tuple(s.shape), s.dtype)
+            dec.append(busy_since(t1))
+        sizes.append(p.numel())
+    return CodecMeasure(tuple(sizes), statistics.median(enc), statistics.median(dec))
+
+
 def codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings
                 ) -> dict[str, dict[str, CodecCost]]:
     """Per image-shaped model input, what each image codec costs per request: the
     ``CODEC_QUANTILE`` of the coded sizes of real frames and the measured coding times
     (analytic costs: a fixed rate per element), each device's own."""
-    from coach_fx.runtime.imagecodec import applicable, measure
+    from coach_fx.passes.imagecodec import applicable
     try:
         import torchvision.io  # noqa: F401 - the coders
     except ImportError:
@@ -217,7 +259,7 @@ def codec_costs(gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Set
         per_request = ex.shape[0]
         costs = {}
         for codec in codecs:
-            m = measure(sample, codec, repeat=1 if settings.costs == "analytic" else 3)
+            m = measure_codec(sample, codec, repeat=1 if settings.costs == "analytic" else 3)
             if settings.costs == "analytic":
                 enc = dec = ANALYTIC_CODEC_S_PER_ELEM * ex[0].numel()
             else:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from coach_fx._compat import treespec_dumps
+from coach_fx.passes._compat import treespec_dumps
 from coach_fx.artifact import (FORMAT, ONLINE_FILE, ArtifactError, PlanFiles, SavedMeta, boundary_from_json,
                                boundary_to_json, export_batched, write_manifest)
 from coach_fx.graphfile import save_exported, write_store

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from coach_fx.runtime.packed_codec import TENSOR_CODECS
-from coach_fx.runtime.wire_sizes import ALL_BITS
+from coach_fx.passes.packed_codec import TENSOR_CODECS
+from coach_fx.passes.wire_sizes import ALL_BITS
 from coach_fx.online_settings import OnlineSettings
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 #: Goodput over the shaped rate measured for our TCP link behind ``tc tbf`` (18.9 / 4.8 / 9.4
 #: Mbit/s at 20 / 5 / 10, ``tests/integration/test_tbf.py``): price a real TCP link with
@@ -200,11 +200,11 @@ class Settings:
     #: an input crosses as it is), or the widest of ``bits`` if none has 8 (``input_width``).
     input_bits: int | None = None
     #: Image codecs an image-shaped model input (N, 1 or 3, H, W) may cross with, besides raw
-    #: ``input_width`` (``coach_fx.runtime.imagecodec``: "jpeg<quality>", "png"): what a camera
+    #: ``input_width`` (``coach_fx.passes.imagecodec``: "jpeg<quality>", "png"): what a camera
     #: would send, so coach's search space holds "send a JPEG to the cloud". ``()``: none.
     input_codecs: Sequence[str] = ("jpeg95", "jpeg90", "jpeg75", "png")
     #: Lossless codecs the packed codes of a quantized crossing may travel with
-    #: (``coach_fx.runtime.packed_codec.TENSOR_CODECS``: "deflate"); the planner prices each plan with
+    #: (``coach_fx.passes.packed_codec.TENSOR_CODECS``: "deflate"); the planner prices each plan with
     #: and without, from coded sizes measured on calibration frames. ``()``: none.
     tensor_codecs: Sequence[str] = ("deflate",)
     #: After the exact search (one width per plan), give each crossing tensor its own width

@@ -34,6 +34,9 @@ from coach_fx.passes.ops import fake_quantize_per_sample
 PREFIX = "coach_cut_"
 
 
+#: The bottleneck modules' layout (their parameters): a checkpoint of another is not resumed.
+ARCHITECTURE = 2
+
 @dataclass(frozen=True)
 class BottleneckSpec:
     """A bottleneck for a (N, C, H, W) tensor: ``channels`` code channels, every ``stride`` x

@@ -157,7 +157,7 @@ def _capture(model: nn.Module, example_inputs: Sequence[Any], leaf_modules: Sequ
     except Exception as export_exc:  # noqa: BLE001
         second = f"torch.export failed at {_user_frame(export_exc, model)}: {_construct(export_exc)}"
     try:
-        from coach_fx._compat import dynamo_export
+        from coach_fx.passes._compat import dynamo_export
         gm = dynamo_export(model, tuple(example_inputs))
         gm = _plain_graph_module(gm)
         gm.meta["coach_capture"] = "dynamo"
@@ -180,7 +180,7 @@ def _plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
     The input-guard call is dropped too: ``CompiledModel`` checks input shapes itself.
     """
-    from coach_fx._compat import tree_unflatten
+    from coach_fx.passes._compat import tree_unflatten
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}

@@ -3,7 +3,7 @@
 They are ``torch.library.custom_op``s with fake implementations, so a graph that holds them
 survives ``split_module``, ``torch.export`` and inductor. Quantization is uniform affine per
 tensor with plain integer tensors (no ``torch.ao``), or per token for a (batch, tokens,
-features) tensor (``runtime.wire_sizes.token_rows``: scale and zero point of shape
+features) tensor (``passes.wire_sizes.token_rows``: scale and zero point of shape
 ``(batch, tokens, 1)``, so small tokens keep their precision)::
 
     q  = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)      # uint8 codes
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 # the bit widths (32 = the tensor as is, no op at all) are the wire format's
-from coach_fx.runtime.wire_sizes import QUANT_BITS, packed_nbytes, row_quantized
+from coach_fx.passes.wire_sizes import QUANT_BITS, packed_nbytes, row_quantized
 
 
 

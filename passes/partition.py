@@ -21,7 +21,7 @@ Before/after for ``y = fc(relu(conv(x)))`` cut after ``relu`` with 8 bits::
 ``mode="train"`` replaces quantize/pack/unpack/dequantize by ``coach::fake_quantize``, whose
 gradient passes straight through, so ``loss.backward()`` reaches both halves.
 
-``codecs`` sends a model input that crosses as images (``runtime.imagecodec``: each sample
+``codecs`` sends a model input that crosses as images (``passes.imagecodec``: each sample
 8-bit quantized, then JPEG or PNG coded), what a deployed camera sends; cloud-only with
 ``codecs={"x": "jpeg90"}``::
 
@@ -41,9 +41,9 @@ import torch
 import torch.fx as fx
 
 import coach_fx.passes.ops  # noqa: F401 - registers torch.ops.coach
-from coach_fx.runtime.packed_codec import TENSOR_CODECS
-from coach_fx.runtime.wire_sizes import ALL_BITS
-import coach_fx.runtime.imagecodec as imagecodec  # registers torch.ops.coach.image_*
+from coach_fx.passes.packed_codec import TENSOR_CODECS
+from coach_fx.passes.wire_sizes import ALL_BITS
+import coach_fx.passes.imagecodec as imagecodec  # registers torch.ops.coach.image_*
 from coach_fx.dag import dag_groups
 from coach_fx.passes.annotate import constant_nodes, meta, mutated_input
 from coach_fx.passes.boundary import Boundary, Crossing
@@ -188,7 +188,7 @@ def partition(gm: fx.GraphModule, end_nodes: Iterable[str], bits: Mapping[str, i
 
     ``bits`` maps DAG node names (or model input names) to bits; a crossing value that is a
     float tensor and not listed goes with 32 bits. ``codecs`` maps model input names to an
-    image codec (``runtime.imagecodec``: "jpeg<q>", "png"): such an input, where it crosses,
+    image codec (``passes.imagecodec``: "jpeg<q>", "png"): such an input, where it crosses,
     travels as images (``Crossing.kind == "image"``; its bits do not apply). ``tensor_codecs``
     maps DAG node names to a lossless codec for their packed codes (``runtime.wire``'s
     ``TENSOR_CODECS``: "deflate"), applied on the wire; the halves do not change. ``shapes``

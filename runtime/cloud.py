@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 
-from coach_fx._compat import tree_flatten, tree_unflatten
+from coach_fx.passes._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.boundary import Boundary
 from coach_fx.runtime.codec import entries_to_payload, output_to_entries, payload_to_floats
 from coach_fx.runtime.config import StreamConfig
@@ -30,7 +30,7 @@ from coach_fx.runtime.emulation import emulate, fast_handoff
 from coach_fx.runtime.links.base import Endpoint
 from coach_fx.runtime.wire import (CLOSE_ID, FLAG_CONTROL, FLAG_ERROR, FLAG_RESULT, Entry, ReplyStats, WireError, decode,
                                   encode, peek_header)
-from coach_fx.runtime.wire_sizes import packed_nbytes, row_quantized
+from coach_fx.passes.wire_sizes import packed_nbytes, row_quantized
 
 log = logging.getLogger("coach_fx.runtime")
 

@@ -5,7 +5,7 @@ for a quantized tensor or the value itself; the cloud module takes the same flat
 decoded entries are checked against the boundary (count, kind, shape, bits, dtype), so a
 well-formed message for another plan is refused too.
 
-An ``"image"`` crossing (a model input sent as JPEG/PNG, ``runtime.imagecodec``) is one raw
+An ``"image"`` crossing (a model input sent as JPEG/PNG, ``passes.imagecodec``) is one raw
 1-D uint8 entry: its length is bounded here, its sample and image headers are checked by the
 cloud half's ``coach::image_decode`` before it decodes; it is never re-quantized.
 """
@@ -17,12 +17,12 @@ from typing import Any, Sequence
 
 import torch
 
-from coach_fx._compat import tree_flatten, tree_unflatten
+from coach_fx.passes._compat import tree_flatten, tree_unflatten
 from coach_fx.passes.boundary import Boundary, Crossing
 from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu, unpack_impl
-from coach_fx.runtime.imagecodec import max_payload_bytes
+from coach_fx.passes.imagecodec import max_payload_bytes
 from coach_fx.runtime.wire import MAX_RANK, QUANT, RAW, STATS, Entry, WireError
-from coach_fx.runtime.wire_sizes import QUANT_BITS, TENSOR_HEADER_BYTES, message_bytes, tensor_bytes, token_rows
+from coach_fx.passes.wire_sizes import QUANT_BITS, TENSOR_HEADER_BYTES, message_bytes, tensor_bytes, token_rows
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

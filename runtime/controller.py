@@ -36,7 +36,7 @@ from typing import Sequence
 from coach_fx.runtime.wire import ReplyStats
 from coach_fx.runtime.config import Bands, ControlConfig
 from coach_fx.runtime.plans import CutProfile
-from coach_fx.runtime.wire_sizes import ALL_BITS
+from coach_fx.passes.wire_sizes import ALL_BITS
 
 #: A cloud shared by several ends moves the controller to another plan only when that plan's
 #: period under the load is this much shorter than the band's plan's.

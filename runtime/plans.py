@@ -23,7 +23,7 @@ from typing import Any, Callable
 from coach_fx.passes.boundary import Boundary
 from coach_fx.runtime.codec import crossing_bytes
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, mode_of
-from coach_fx.runtime.wire_sizes import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
+from coach_fx.passes.wire_sizes import TENSOR_HEADER_BYTES, message_bytes, tensor_bytes
 
 
 @dataclass(frozen=True)

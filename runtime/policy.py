@@ -39,9 +39,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.passes.boundary import Boundary
-from coach_fx.timing import median_time
+from coach_fx.runtime.timing import median_time
 from coach_fx.runtime.cache import SemanticCache
 from coach_fx.runtime.codec import payload_to_entries, quantized_entry
 from coach_fx.runtime.config import Bands, PolicyConfig

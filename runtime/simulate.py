@@ -36,7 +36,7 @@ from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.controller import OnlineController
 from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.stats import Outcomes, StageBusy, Stats, steady_throughput
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 def simulate(plans: dict[int, CutProfile], n: int, trace: Trace | float, *, fps: float | None = None,

@@ -39,8 +39,8 @@ from typing import Any, Sequence
 
 import torch
 
-from coach_fx.runtime.packed_codec import CODEC_NAMES, TENSOR_CODECS, CodecError, deflate, inflate
-from coach_fx.runtime.wire_sizes import (ENTRY_STRUCT, MESSAGE_STRUCT, QUANT_BITS, ROW_PARAM_BYTES,
+from coach_fx.passes.packed_codec import CODEC_NAMES, TENSOR_CODECS, CodecError, deflate, inflate
+from coach_fx.passes.wire_sizes import (WireError, ENTRY_STRUCT, MESSAGE_STRUCT, QUANT_BITS, ROW_PARAM_BYTES,
                                          packed_nbytes, quant_rows)
 
 
@@ -81,10 +81,6 @@ class Limits:
 
 
 LIMITS = Limits()
-
-
-class WireError(ValueError):
-    """A message that is malformed, truncated, corrupted, too large or of another version."""
 
 
 @dataclass

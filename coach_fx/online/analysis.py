@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.accuracy import AccuracyOracle
 from coach_fx.online.cache_calibration import ThresholdSearch, safe_floor, similarity_bits
 from coach_fx.zoo.streams import locality_stream
@@ -30,10 +30,10 @@ from coach_fx.passes.split import SplitError, split_at
 from coach_fx.plan import evaluate
 from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CacheSetup, CrossingBits, Sizes
-from coach_fx.runtime.wire_sizes import QUANT_BITS
+from coach_fx.passes.wire_sizes import QUANT_BITS
 from coach_fx.runtime.policy import mean_end_s
 from coach_fx.settings import Network, Settings
-from coach_fx.timing import quiet_time, quiet_times
+from coach_fx.runtime.timing import quiet_time, quiet_times
 
 
 def _batched(fn: Callable[..., Any], inputs: tuple, batch: int) -> list[Any]:

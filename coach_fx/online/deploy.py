@@ -26,8 +26,8 @@ from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyCon
 from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CutProfile, EndHalf, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
-from coach_fx.runtime.wire_sizes import TENSOR_HEADER_BYTES, packed_nbytes, row_param_bytes, tensor_bytes, token_rows
-from coach_fx.timing import quiet_times
+from coach_fx.passes.wire_sizes import TENSOR_HEADER_BYTES, packed_nbytes, row_param_bytes, tensor_bytes, token_rows
+from coach_fx.runtime.timing import quiet_times
 
 if TYPE_CHECKING:
     from coach_fx.online.analysis import CutAnalysis, CutInfo

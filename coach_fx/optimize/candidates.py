@@ -23,7 +23,7 @@ from typing import Sequence
 
 from coach_fx.dag import LayerDAG
 from coach_fx.dag_sets import PlanSpaceTooLarge, articulations, closed_masks
-from coach_fx.runtime.wire_sizes import tensor_bytes
+from coach_fx.passes.wire_sizes import tensor_bytes
 
 
 class _Space:

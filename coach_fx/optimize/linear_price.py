@@ -20,7 +20,7 @@ import numpy as np
 
 from coach_fx.optimize.problem import Problem
 from coach_fx.plan import crossing_price, usable_codecs
-from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.passes.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Iterable
 import networkx as nx
 
 from coach_fx.optimize.problem import Problem
-from coach_fx.runtime.wire_sizes import tensor_bytes
+from coach_fx.passes.wire_sizes import tensor_bytes
 
 _E, _C = ("__end__",), ("__cloud__",)
 

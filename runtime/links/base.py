@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Protocol
 
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 #: The largest message a link accepts; the announced length is checked before allocating.
 MAX_MESSAGE = 1 << 30

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from coach_fx.runtime.links.base import MAX_MESSAGE, LinkError, LinkTimeout, PeerGone, RealClock, TokenBucket
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 def _first_line(e: BaseException) -> str:

@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from coach_fx.runtime.links.base import Clock, LinkTimeout, PeerGone, RealClock, as_trace
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 class Channel:

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Sequence
 
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 #: tbf's bucket and queue: a 32 kbit burst and 50 ms of queue at the current rate, the
 #: figures ``tests/integration/test_tbf.py`` measured goodput with (``TCP_EFFICIENCY``).

@@ -58,7 +58,7 @@ from coach_fx.runtime.links.base import (MAX_MESSAGE, LinkError, LinkTimeout, Pe
                                          ThrottledLog, TokenBucket)
 from coach_fx.runtime.links.credentials import AuthError, shared_token
 from coach_fx.runtime.links.tls import TlsConfig
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 log = logging.getLogger("coach_fx.runtime")
 

@@ -191,7 +191,7 @@ def test_a_varying_trace_is_planned_across_its_rates(objective):
     from coach_fx.optimize.trace import TRACE_QUANTILES, expected_latency
     from coach_fx.plan import evaluate
     from coach_fx.settings import Device, Network, Settings
-    from coach_fx.traces import Trace
+    from coach_fx.runtime.traces import Trace
     m = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.ReLU(), nn.Conv2d(4, 16, 3, padding=1),
                       nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 4)).eval()
     x = torch.randn(1, 3, 32, 32)   # 3 KB at 8 bits; 256 values after the first layer

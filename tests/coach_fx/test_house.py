@@ -1,5 +1,6 @@
-"""The house's one size rule, read from the source tree: no function of ``coach_fx/``,
-``passes/`` or ``runtime/`` is over 80 lines. Modules and records have no size limit: a module
+"""The house's rules read from the source tree: no function of ``coach_fx/``, ``passes/`` or
+``runtime/`` is over 80 lines; ``passes/`` never imports ``runtime/``, and ``runtime/`` imports
+``coach_fx/`` only through its documented deploy interface. Modules and records have no size limit: a module
 is as long as its one role needs and a record has the fields it has (issue #32); a rule about
 their sizes only made the tree split by length instead of by role."""
 
@@ -24,3 +25,33 @@ def test_no_function_is_over_80_lines(path):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > MAX_FUNCTION]
     assert not long, f"{path.name}: functions over {MAX_FUNCTION} lines: {long}"
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (absolute imports, at any depth of the file)."""
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            out.update(a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            out.add(n.module)
+            out.update(f"{n.module}.{a.name}" for a in n.names)
+    return out
+
+
+def test_passes_never_import_the_runtime():
+    bad = {str(p.relative_to(ROOT)): sorted(m for m in _imports(p) if m.startswith("coach_fx.runtime"))
+           for p in (ROOT / "passes").rglob("*.py")}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_the_runtime_imports_coach_fx_only_through_the_deploy_interface():
+    from coach_fx.runtime import DEPLOY_INTERFACE
+    inside = ("coach_fx.runtime", "coach_fx.passes")
+    bad = {}
+    for p in (ROOT / "runtime").rglob("*.py"):
+        found = sorted(m for m in _imports(p) if (m == "coach_fx" or m.startswith("coach_fx."))
+                       and not m.startswith(inside) and not m.startswith(DEPLOY_INTERFACE))
+        if found:
+            bad[str(p.relative_to(ROOT))] = found
+    assert not bad

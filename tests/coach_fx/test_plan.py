@@ -4,7 +4,7 @@ import pytest
 
 from coach_fx.dag import LayerDAG, NodeData
 from coach_fx.plan import evaluate
-from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
+from coach_fx.passes.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, tensor_bytes
 from coach_fx.settings import Network
 
 

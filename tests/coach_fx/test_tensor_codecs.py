@@ -8,7 +8,7 @@ from torch import nn
 import coach_fx
 from coach_fx.dag import CodecCost, LayerDAG, NodeData
 from coach_fx.plan import evaluate, mean_bytes
-from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, packed_nbytes
+from coach_fx.passes.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES, packed_nbytes
 from coach_fx.settings import Network, Settings
 
 

@@ -16,7 +16,7 @@ import torch
 
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.links.kernel import ShapedLink, kernel_link_unavailable
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 from coach_fx.zoo.streams import locality_stream
 
 TOKEN = "a shared secret for the deploy test"

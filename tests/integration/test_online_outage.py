@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.passes.partition import partition
 from coach_fx.runtime.cloud import CloudWorker
 from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyConfig, StreamConfig
@@ -14,7 +14,7 @@ from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.plans import CrossingBits, CutProfile, EndHalf, FinishOnEnd, Sizes, Variant
 from coach_fx.runtime.policy import OnlinePolicy
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 def variant(gm, dag, end_nodes, pid, min_bits=4, compute_s=0.01):

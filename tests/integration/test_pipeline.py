@@ -156,7 +156,7 @@ def test_killed_cloud_gives_clear_error_within_timeout(saved, free_port):
 
 
 def test_cloud_batches_what_arrived_together_with_the_same_replies():
-    from coach_fx._compat import tree_flatten
+    from coach_fx.passes._compat import tree_flatten
     from coach_fx.runtime.codec import payload_to_entries
     from coach_fx.runtime.wire import FLAG_CONTROL, FLAG_ERROR, decode, encode
 

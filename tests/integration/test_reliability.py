@@ -25,7 +25,7 @@ from coach_fx.runtime.end import EndWorker, RequestFailed
 from coach_fx.runtime.policy import StaticPolicy
 from coach_fx.runtime.links.tcp import AuthError, TcpServer, connect
 from coach_fx.runtime.wire import Entry, WireError, decode, encode
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 # the installed console script: run from the source folder, "python -m coach_fx.cli" would
 # import the source tree, which has no coach_fx.passes (pyproject maps it from passes/)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from coach_fx.runtime.links.kernel import ShapedLink, kernel_link_unavailable
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 SCHEDULE = [(20, 2.0), (5, 2.0), (10, 2.0)]   # (Mbit/s, seconds)
 

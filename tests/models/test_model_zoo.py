@@ -24,7 +24,7 @@ MODELS = SMALL_MODELS
 
 
 def _first_float(out) -> torch.Tensor:  # noqa: ANN001
-    leaves = coach_fx._compat.tree_flatten(out)[0]
+    leaves = coach_fx.passes._compat.tree_flatten(out)[0]
     return next(t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 

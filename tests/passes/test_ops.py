@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import coach_fx.passes.ops as ops
-from coach_fx.runtime.wire_sizes import packed_nbytes
+from coach_fx.passes.wire_sizes import packed_nbytes
 
 c = torch.ops.coach
 

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.driver import prepare
 from coach_fx.passes.partition import partition
-from coach_fx.runtime import imagecodec as ic
+from coach_fx.passes import imagecodec as ic
 from coach_fx.runtime.codec import entries_to_payload, payload_to_entries
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.cloud import CloudWorker

@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.passes.partition import partition
 from coach_fx.runtime.cloud import Arrival, CloudWorker
 from coach_fx.runtime.codec import entries_to_output, payload_to_entries

@@ -6,7 +6,7 @@ import pytest
 from coach_fx.runtime.wire import ReplyStats
 import torch
 
-from coach_fx._compat import tree_flatten
+from coach_fx.passes._compat import tree_flatten
 from coach_fx.passes.partition import partition
 from coach_fx.runtime.codec import entries_to_payload, quantized_entry
 from coach_fx.runtime.cloud import CloudWorker

@@ -5,7 +5,7 @@ import pytest
 from coach_fx.runtime.controller import OnlineController
 from coach_fx.runtime.plans import CutProfile, Sizes
 from coach_fx.runtime.simulate import simulate
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 def plan(t_end, t_cloud, nbytes, **kw):
@@ -70,7 +70,7 @@ def test_the_controller_drives_bits_over_a_step_trace(tmp_path):
 
 
 def test_a_trace_that_ships_with_coach_fx_loads_by_name_on_a_fresh_clone():
-    from coach_fx.traces import SHIPPED_TRACES, Trace
+    from coach_fx.runtime.traces import SHIPPED_TRACES, Trace
     t = Trace.load("norway_bus_1")                     # no ../shared needed
     assert (SHIPPED_TRACES / "norway_bus_1").is_file() and 0.5 < t.mean_mbps < 8
     with pytest.raises(FileNotFoundError, match="norway_bus_1"):

@@ -32,7 +32,7 @@ def test_roundtrip_every_kind():
 
 
 def test_header_sizes_match_cost_model():
-    from coach_fx.runtime.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
+    from coach_fx.passes.wire_sizes import MESSAGE_HEADER_BYTES, TENSOR_HEADER_BYTES
     msg = encode(1, [Entry.raw(torch.zeros(10))])
     assert len(msg) == MESSAGE_HEADER_BYTES + TENSOR_HEADER_BYTES + 40
 
@@ -108,7 +108,7 @@ def _token_message(codec=None):
 @pytest.mark.parametrize("codec", [None, "deflate"])
 def test_a_token_tensor_travels_with_its_row_scales(codec):
     import coach_fx.passes.ops as ops
-    from coach_fx.runtime.wire_sizes import message_bytes, tensor_bytes, token_rows
+    from coach_fx.passes.wire_sizes import message_bytes, tensor_bytes, token_rows
     x, msg = _token_message(codec)
     if codec is None:
         assert len(msg) == message_bytes([tensor_bytes(x.numel(), x.numel() * 4, True, 4, token_rows(x.shape))])

@@ -7,9 +7,9 @@ import torch
 
 from coach_fx.passes.ops import quantize_pack_cpu
 from coach_fx.runtime.codec import quantized_entry
-from coach_fx.runtime.packed_codec import TENSOR_CODECS
+from coach_fx.passes.packed_codec import TENSOR_CODECS
 from coach_fx.runtime.wire import QUANT, VERSION, Entry, WireError, decode, encode
-from coach_fx.runtime.wire_sizes import packed_nbytes
+from coach_fx.passes.wire_sizes import packed_nbytes
 
 
 def sparse(shape=(1, 16, 8, 8), seed=0):

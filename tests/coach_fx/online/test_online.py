@@ -8,7 +8,7 @@ from coach_fx.online import MODES, band_rates, compile_online
 from coach_fx.zoo.streams import locality_stream
 from coach_fx.runtime.links import InProcessLink, VirtualClock
 from coach_fx.settings import Device, Network
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 @pytest.fixture(scope="module")

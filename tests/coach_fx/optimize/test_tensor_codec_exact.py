@@ -7,7 +7,7 @@ import pytest
 
 from coach_fx.dag import CodecCost
 from coach_fx.optimize import Problem, brute_force, coach
-from coach_fx.runtime.wire_sizes import packed_nbytes
+from coach_fx.passes.wire_sizes import packed_nbytes
 from coach_fx.settings import Network
 
 from .test_coach_exact import BITS, CASES, SetOracle

@@ -1,7 +1,7 @@
 import pytest
 
 from coach_fx.runtime.links import InProcessLink, LinkTimeout, PeerGone, TokenBucket, VirtualClock
-from coach_fx.traces import Trace
+from coach_fx.runtime.traces import Trace
 
 
 def test_constant_rate_and_latency_on_virtual_clock():

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 import struct
 import warnings
 import zlib
@@ -45,8 +44,7 @@ import torch
 from torch import Tensor
 
 from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu
-from coach_fx.runtime.wire import WireError
-from coach_fx.timing import busy_since, clock
+from coach_fx.passes.wire_sizes import WireError
 
 #: the codecs the planner offers for an image input (its search space)
 CODECS_DEFAULT = ("jpeg95", "jpeg90", "jpeg75", "jpeg50", "png")
@@ -283,41 +281,6 @@ def roundtrip(x: Tensor, codec: str | ImageCodec) -> Tensor:
     return decode(encode(x, codec), codec, tuple(x.shape), x.dtype).to(x.device)
 
 
-# ------------------------------------------------------------------------------ measure
-@dataclass(frozen=True)
-class CodecMeasure:
-    """Real coded sizes of real frames and this host's coding times."""
-
-    sizes: tuple[int, ...]   # payload bytes per sample, its header included
-    encode_s: float          # median seconds to encode one sample
-    decode_s: float          # median seconds to decode one sample
-
-    def quantile(self, q: float = 0.95) -> int:
-        """The size (bytes) that ``q`` of the samples stay within (nearest rank)."""
-        if not self.sizes:
-            return 0
-        s = sorted(self.sizes)
-        return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
-def measure(x: Tensor, codec: str | ImageCodec, repeat: int = 3) -> CodecMeasure:
-    """Encode and decode each sample of ``x`` (N, C, H, W) on its own, ``repeat`` times."""
-    codec = parse(codec)
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    sizes, enc, dec = [], [], []
-    for s in x.unbind(0):
-        s = s.unsqueeze(0)
-        for _ in range(max(1, repeat)):
-            t0 = clock()
-            p = encode(s, codec)
-            enc.append(busy_since(t0))
-            t1 = clock()
-            decode(p, codec, tuple(s.shape), s.dtype)
-            dec.append(busy_since(t1))
-        sizes.append(p.numel())
-    return CodecMeasure(tuple(sizes), statistics.median(enc), statistics.median(dec))
-
 
 # ------------------------------------------------------------------------------ graph ops
 @torch.library.custom_op("coach::image_encode", mutates_args=())
@@ -364,6 +327,6 @@ def _rt_backward(ctx, grad: Tensor):  # noqa: ANN001
 image_roundtrip.register_autograd(_rt_backward, setup_context=_rt_setup)
 
 
-__all__ = ["CODECS_DEFAULT", "SAMPLE_HEADER", "ImageCodec", "CodecMeasure", "parse", "applicable",
-           "max_payload_bytes", "encode", "decode", "roundtrip", "measure", "jpeg_header",
+__all__ = ["CODECS_DEFAULT", "SAMPLE_HEADER", "ImageCodec", "parse", "applicable",
+           "max_payload_bytes", "encode", "decode", "roundtrip", "jpeg_header",
            "png_header", "image_encode", "image_decode", "image_roundtrip"]

@@ -17,6 +17,12 @@ import math
 import struct
 from typing import Sequence
 
+class WireError(ValueError):
+    """A message that is malformed, truncated, corrupted, too large or of another version (here,
+    beside the sizes, so that the image codecs of ``passes`` raise the error ``runtime.wire``
+    raises; ``coach_fx.runtime.wire.WireError`` is the same class)."""
+
+
 #: message header: magic, version, flags, request id, plan id, entry count, crc32
 MESSAGE_STRUCT = struct.Struct("<4sHHQHHI")
 #: entry header: kind, dtype, bits, rank, shape, scale, zero point, byte count, codec

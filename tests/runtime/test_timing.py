@@ -2,8 +2,8 @@ import types
 
 import pytest
 
-import coach_fx.timing as timing
-from coach_fx.timing import busy_since, run_times
+import coach_fx.runtime.timing as timing
+from coach_fx.runtime.timing import busy_since, run_times
 
 
 class FakeTime(types.SimpleNamespace):

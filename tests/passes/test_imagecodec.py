@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from coach_fx.passes.ops import fake_quantize_per_sample, roundtrip as op_roundtrip
-from coach_fx.runtime import imagecodec as ic
+from coach_fx.passes import imagecodec as ic
+from coach_fx.profile import measure_codec
 from coach_fx.runtime.wire import WireError
 
 H = ic.SAMPLE_HEADER.size
@@ -79,7 +80,7 @@ def test_payload_layout():
 def test_measure_sizes_are_the_real_payload_sizes():
     x = smooth(5, 3, 24, 24)
     for codec in ("jpeg90", "png"):
-        m = ic.measure(x, codec, repeat=2)
+        m = measure_codec(x, codec, repeat=2)
         assert m.sizes == tuple(len(ic.encode(x[i:i + 1], codec)) for i in range(5))
         assert sum(m.sizes) == len(ic.encode(x, codec))
         assert m.encode_s > 0 and m.decode_s > 0

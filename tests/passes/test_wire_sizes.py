@@ -14,7 +14,7 @@ from coach_fx.plan import evaluate
 from coach_fx.runtime.codec import payload_to_entries, quantized_entry
 from coach_fx.runtime.plans import CrossingBits, CutProfile, EndHalf, Sizes, Variant
 from coach_fx.runtime.wire import Entry, encode
-from coach_fx.runtime.wire_sizes import ALL_BITS, TENSOR_HEADER_BYTES, message_bytes, tensor_bytes, token_rows
+from coach_fx.passes.wire_sizes import ALL_BITS, TENSOR_HEADER_BYTES, message_bytes, tensor_bytes, token_rows
 from coach_fx.settings import Network, Settings
 
 DTYPES = (torch.float32, torch.float16, torch.int64)

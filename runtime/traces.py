@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 MAHIMAHI_PACKET_BYTES = 1500
-#: Traces that ship with the package (``coach_fx/data/traces``), loadable by name alone.
+#: Traces that ship with the package (``runtime/data/traces``, installed with ``coach_fx.runtime``), loadable by name alone.
 SHIPPED_TRACES = Path(__file__).resolve().parent / "data" / "traces"
 
 
