@@ -54,7 +54,7 @@ from coach_fx.plan import Plan, evaluate
 from coach_fx.progress import Progress
 from coach_fx.runtime.config import Bands
 from coach_fx.runtime.controller import OnlineController
-from coach_fx.runtime.plans import CutProfile, Sizes
+from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.simulate import simulate
 from coach_fx.settings import Device, Network, Settings
@@ -184,8 +184,7 @@ def real_run(gm, dag, inputs, oracle, settings: Settings, plan: Plan, cond: Cond
     link = InProcessLink(cond.trace, cond.network.down_mbps, cond.network.rtt_ms / 2e3)
     _, stats = cm.stream(xs, link=link)
     p = cm.plan
-    sim = simulate({0: CutProfile(Sizes(own_bytes=p.bytes_sent), 32, p.t_end, p.t_cloud,
-                                  end_only=len(p.end_nodes) == len(dag.nodes))}, frames, cond.trace)
+    sim = simulate({0: plan_profile(dag, p, None, settings.input_width)}, frames, cond.trace)
     return stats.throughput, sim.throughput
 
 

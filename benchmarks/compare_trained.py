@@ -44,7 +44,8 @@ from coach_fx.driver import plan_model, prepare
 from coach_fx.optimize.trace import TRACE_STARTS
 from coach_fx.profile import build_dag, host_times, torch_threads
 from coach_fx.plan import Plan, mean_bytes
-from coach_fx.runtime.plans import CutProfile, Sizes
+from coach_fx.online.deploy import plan_profile
+from coach_fx.runtime.plans import CutProfile
 from coach_fx.runtime.simulate import simulate
 from coach_fx.settings import Device, Network, Settings
 
@@ -76,8 +77,7 @@ def conditions(quick: bool) -> list[Condition]:
 
 def sim_plan(dag, plan: Plan) -> CutProfile:  # noqa: ANN001
     """The plan as the simulator runs it: its own widths and codecs, coded sizes at their mean."""
-    return CutProfile(Sizes(own_bytes=mean_bytes(dag, plan)), 32, plan.t_end, plan.t_cloud,
-                      end_only=len(plan.end_nodes) == len(dag.nodes))
+    return plan_profile(dag, plan, None, 8)   # a fixed plan sends its own bytes (own_bytes)
 
 
 def measure(dag, plan: Plan, cond: Condition) -> tuple[float, float]:  # noqa: ANN001

@@ -40,7 +40,7 @@ from coach_fx.graphfile import save_exported, write_store
 from coach_fx.runtime.cloud import CloudHalf
 from coach_fx.runtime.config import Bands
 from coach_fx.runtime.plans import (CacheSetup, CrossingBits, CutProfile, EndHalf, EndTimes, FinishOnEnd,
-                                    OnlinePlans, Sizes, Variant)
+                                    OnlinePlans, Variant)
 from coach_fx.runtime.policy import as_tuple
 from coach_fx.runtime.links.credentials import shared_token
 
@@ -171,13 +171,7 @@ def variant_to_json(v: Variant) -> dict:
 def variant_from_json(pid: int, rec: dict) -> Variant:
     """A variant from ``variant_to_json`` (its end half still to be loaded)."""
     p, b, c = rec["profile"], rec["bits"], rec["cache"]
-    s = p["sizes"]
-    sizes = Sizes(_ints(s["quant_numel"]), _ints(s["quant_raw_bytes"]), int(s["raw_bytes"]),
-                  s["n_tensors"], s["codec"], tuple((int(w), float(f)) for w, f in s["coded_share"]),
-                  s["own_bytes"], _ints(s.get("quant_rows", ())))
-    stage = tuple((int(w), float(e), float(cl)) for w, e, cl in p["stage_s"]) if p["stage_s"] else None
-    profile = CutProfile(sizes, int(p["min_bits"]), float(p["t_end"]), float(p["t_cloud"]), stage,
-                         bool(p["end_only"]), float(p["hit_rate"]), p["t_hit"])
+    profile = CutProfile.from_json(p)
     plan_bits = b["plan"] if isinstance(b["plan"], int) else _ints(b["plan"])
     bits = CrossingBits(tuple(b["pinned"]), plan_bits, tuple(b["caps"]) if b["caps"] is not None else None)
     cache = None if c is None else CacheSetup(

@@ -92,6 +92,20 @@ class CutProfile:
     def link_seconds(self, bits: int, mbps: float) -> float:
         return self.message_bytes(bits) * 8 / (mbps * 1e6)
 
+    @classmethod
+    def from_json(cls, p: dict) -> "CutProfile":
+        """The record from ``dataclasses.asdict`` of one, as a plan directory keeps it (the one
+        place besides ``coach_fx.online.deploy.plan_profile``, the builder from an offline
+        ``Plan``, that makes one)."""
+        s = p["sizes"]
+        ints = lambda xs: tuple(int(v) for v in xs)  # noqa: E731 - JSON lists of counts
+        sizes = Sizes(ints(s["quant_numel"]), ints(s["quant_raw_bytes"]), int(s["raw_bytes"]),
+                      s["n_tensors"], s["codec"], tuple((int(w), float(f)) for w, f in s["coded_share"]),
+                      s["own_bytes"], ints(s.get("quant_rows", ())))
+        stage = tuple((int(w), float(e), float(c)) for w, e, c in p["stage_s"]) if p["stage_s"] else None
+        return cls(sizes, int(p["min_bits"]), float(p["t_end"]), float(p["t_cloud"]), stage,
+                   bool(p["end_only"]), float(p["hit_rate"]), p["t_hit"])
+
     def end_s(self, bits: int | None) -> float:
         """The end stage with ``bits`` (its own for a width ``stage_s`` does not list)."""
         for b, e, _ in self.stage_s or ():

@@ -55,3 +55,27 @@ def test_the_runtime_imports_coach_fx_only_through_the_deploy_interface():
         if found:
             bad[str(p.relative_to(ROOT))] = found
     assert not bad
+
+
+#: record -> the modules that build it (each record's builder, and its own decoder)
+BUILDERS = {
+    "CutProfile": {"coach_fx/online/deploy.py",   # plan_profile: from an offline Plan
+                   "runtime/plans.py"},           # CutProfile.from_json: from a plan directory
+    "ReplyStats": {"runtime/cloud.py",            # reply_stats: the cloud's figures for one reply
+                   "runtime/wire.py"},            # ReplyStats.of: from the reply's entry
+}
+
+
+def test_each_hand_off_record_is_built_in_one_place():
+    from coach_fx.online.deploy import plan_profile          # noqa: F401 - the builders exist
+    from coach_fx.runtime.cloud import reply_stats           # noqa: F401
+    from coach_fx.runtime.plans import CutProfile
+    from coach_fx.runtime.wire import ReplyStats
+    assert callable(CutProfile.from_json) and callable(ReplyStats.of)
+    found: dict[str, set[str]] = {name: set() for name in BUILDERS}
+    for p in MODULES + sorted((ROOT / "benchmarks").glob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in BUILDERS:
+                found[n.func.id].add(str(p.relative_to(ROOT)))
+    for name, where in found.items():
+        assert where <= BUILDERS[name], f"{name} is built outside its builders: {sorted(where - BUILDERS[name])}"
