@@ -290,6 +290,22 @@ class OnlinePolicy:
             else:
                 cache.confirm(feat, y, i)
 
+    def learn(self, plan_id: int, feat: Any, label: int, out: Any = None) -> None:
+        """Learn an answer as if the cloud had confirmed it for plan ``plan_id``'s cache: the
+        lookup features ``feat`` are of class ``label``, whose output is ``out`` (None: keep
+        the last one). For a warm start, and for timing a lookup at compile time on a cache
+        in a known state (``coach_fx.online.deploy.end_path``).
+
+        >>> policy.learn(0, features, 3, torch.zeros(1, 10))       # doctest: +SKIP
+        """
+        with self._lock:
+            if out is not None:
+                self.answers[label] = out
+            cache = self.caches.get(plan_id)
+            if cache is None:
+                raise ValueError(f"plan {plan_id} has no semantic cache (plans with one: {sorted(self.caches)})")
+            cache.confirm(feat, label)
+
     def _note(self, i: int, label: int) -> None:
         # the stream's latest known answer, for every plan's cache: the context is the
         # stream's, whichever plan (or none, lookups skipped) answered

@@ -189,8 +189,7 @@ def end_path(v: Any, x: tuple, capacity: int, use: bool, hit: bool) -> Callable[
     p = OnlinePolicy([v], Bands(start=v.plan_id),
                      PolicyConfig(ControlConfig(switching=False),
                                   CacheConfig(enabled=use, capacity=capacity, audit_rate=0.0)))
-    store = p.caches.get(v.plan_id) if use else None
-    if store is not None:
+    if use and v.cache is not None:
         with torch.no_grad():
             if v.end.lookup_split is not None:
                 f = pooled_features(list(v.end.lookup_split[0](*x)), v.cache.grid)
@@ -203,10 +202,9 @@ def end_path(v: Any, x: tuple, capacity: int, use: bool, hit: bool) -> Callable[
         # of them is the input's own class instead
         for k in range(1 if hit else 0, capacity):
             far = -(f + rng.random(f.shape))
-            store.confirm(far / np.linalg.norm(far), k)
+            p.learn(v.plan_id, far / np.linalg.norm(far), k)
         if hit:
-            store.confirm(f, 0)
-            p.answers[0] = torch.zeros(1)
+            p.learn(v.plan_id, f, 0, torch.zeros(1))
 
     def run() -> Any:
         with torch.no_grad():
