@@ -337,7 +337,7 @@ def _save(opts: CutTraining, params: list[tuple[str, nn.Parameter]], opt: torch.
     from safetensors.torch import save_file
     tensors = {f"param/{k}": p.detach().contiguous() for k, p in params}
     state = opt.state_dict()["state"]
-    for i, (k, _) in enumerate(params):
+    for i, k in enumerate(_in_optimizer_order(params, opt)):
         for name, v in state.get(i, {}).items():
             if isinstance(v, Tensor):
                 tensors[f"opt/{k}/{name}"] = v.detach().reshape(v.shape or (1,)).contiguous()
@@ -347,6 +347,13 @@ def _save(opts: CutTraining, params: list[tuple[str, nn.Parameter]], opt: torch.
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def _in_optimizer_order(params: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer) -> list[str]:
+    """The parameters' names in the order the optimizer numbers its state (its groups' order:
+    with ``finetune`` the bottlenecks' group comes first, not the model's order)."""
+    name = {id(p): k for k, p in params}
+    return [name[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
 def _resume(opts: CutTraining, params: list[tuple[str, nn.Parameter]], opt: torch.optim.Optimizer,
@@ -369,7 +376,9 @@ def _resume(opts: CutTraining, params: list[tuple[str, nn.Parameter]], opt: torc
             for k, p in by_name.items():
                 p.copy_(f.get_tensor(f"param/{k}"))
         state = {}
-        for i, (k, p) in enumerate(params):
+        by_name = dict(params)
+        for i, k in enumerate(_in_optimizer_order(params, opt)):
+            p = by_name[k]
             entry = {}
             for name in ("step", "exp_avg", "exp_avg_sq"):
                 if f"opt/{k}/{name}" in keys:

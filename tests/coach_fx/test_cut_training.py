@@ -101,9 +101,11 @@ def test_the_planner_prices_the_code_and_measures_against_the_original_model(dig
     assert abs(cm.plan.accuracy - (top1(m, xc, yc) - top1(cm, xc, yc))) < 1e-6
 
 
-def test_training_is_deterministic_and_resumes_from_its_checkpoint(digits, tmp_path):
+@pytest.mark.parametrize("finetune", [False, True], ids=["bottlenecks", "finetuned"])
+def test_training_is_deterministic_and_resumes_from_its_checkpoint(digits, tmp_path, finetune):
+    # finetuned: two parameter groups, numbered by the optimizer in group order
     m, batches, _, _ = digits
-    opts = dict(cuts=["a_1"], reduction=4, epochs=3, progress=False, checkpoint_every=5)
+    opts = dict(cuts=["a_1"], reduction=4, epochs=3, progress=False, checkpoint_every=5, finetune=finetune)
     a = coach_fx.train_cut(m, batches, **opts)
     b = coach_fx.train_cut(m, batches, **opts)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
