@@ -162,7 +162,7 @@ def run_model(name: str, conds: list, ends: list[int], rows: list[dict], rates: 
                     plans[f"coach {v.name}"] = (v, plan_model(v.gm, v.inputs, dags[v.name], _settings(v, k, cond.network),
                                                               strategy="coach", oracle=v.oracle)[0])
                 except ValueError as e:   # no plan of the student within the budget: say so
-                    print(f"  {name} K={k} {cond.network}: coach {v.name}: {e}", file=sys.stderr)
+                    print(f"  {name} K={k} {cond.name}: coach {v.name}: {e}", file=sys.stderr)
             for m, (v, p) in plans.items():
                 thr, single = measure(dags[v.name], p, cond)
                 rows.append(dict(model=name, ends=k, network=cond.name, method=m, throughput=thr,
