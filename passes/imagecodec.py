@@ -43,7 +43,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu
+from coach_fx.passes.ops import dequantize_impl, quantize_pack_cpu, straight_through
 from coach_fx.passes.wire_sizes import WireError
 
 #: the codecs the planner offers for an image input (its search space)
@@ -311,20 +311,7 @@ def image_roundtrip(x: Tensor, codec: str) -> Tensor:
     return roundtrip(x.detach(), codec)
 
 
-@image_roundtrip.register_fake
-def _(x: Tensor, codec: str) -> Tensor:
-    return torch.empty_like(x)
-
-
-def _rt_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature
-    pass
-
-
-def _rt_backward(ctx, grad: Tensor):  # noqa: ANN001
-    return grad, None
-
-
-image_roundtrip.register_autograd(_rt_backward, setup_context=_rt_setup)
+straight_through(image_roundtrip)
 
 
 __all__ = ["CODECS_DEFAULT", "SAMPLE_HEADER", "ImageCodec", "parse", "applicable",

@@ -236,20 +236,16 @@ def fake_quantize(x: Tensor, bits: int) -> Tensor:
     return dequantize(q, s, z, bits, x.dtype)
 
 
-@fake_quantize.register_fake
-def _(x: Tensor, bits: int) -> Tensor:
-    return torch.empty_like(x)
+def straight_through(op: Any) -> Any:
+    """Give a ``custom_op`` of ``(x, one non-tensor argument) -> like x`` a fake kernel (an
+    empty tensor like ``x``) and a straight-through gradient (``x``'s gradient passes as it is):
+    the fake quantizer and the image codecs' training round trip."""
+    op.register_fake(lambda x, arg: torch.empty_like(x))
+    op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+    return op
 
 
-def _fq_setup(ctx, inputs, output) -> None:  # noqa: ANN001 - torch.library signature
-    pass
-
-
-def _fq_backward(ctx, grad: Tensor):  # noqa: ANN001
-    return grad, None
-
-
-fake_quantize.register_autograd(_fq_backward, setup_context=_fq_setup)
+straight_through(fake_quantize)
 
 
 def roundtrip(x: Tensor, bits: int) -> Tensor:
