@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE))
 
 from serve import HOST, TOKEN, build_plan, start_server  # noqa: E402 - the plan and server of serve.py
 
-from coach_fx.api import SERVE_MAX_BATCH  # noqa: E402
+from coach_fx.deploy.service import SERVE_MAX_BATCH  # noqa: E402
 from coach_fx.runtime.config import Batching, ServerConfig  # noqa: E402
 
 #: The scale a poisoning end sends: finite after dequantizing at 8 bits, inf after a layer.
@@ -58,15 +58,16 @@ VICTIM_INFLIGHT = 4
 # ---------------------------------------------------------------------------- the child processes
 def recorded(plan_dir: Path, n: int = 16, poison: bool = False) -> list[bytes]:
     """Requests a real end sends (its end half on random frames), poisoned if asked."""
-    from coach_fx.artifact import load_half, make_frames
+    from coach_fx.deploy import open_plan
+    from coach_fx.deploy.inputs import make_frames
     from coach_fx.runtime.codec import payload_to_entries
     from coach_fx.runtime.wire import encode
 
-    end = load_half(plan_dir, "end", key=TOKEN)
+    end = open_plan(plan_dir, "end", key=TOKEN)
     out = []
     with torch.no_grad():
-        for k, x in enumerate(make_frames(end.input_specs, n, seed=7)):
-            entries = payload_to_entries(end.boundary, end.module(*x))
+        for k, x in enumerate(make_frames(end.inputs, n, seed=7)):
+            entries = payload_to_entries(end.boundary, end.end(*x))
             if poison:
                 for e in entries:
                     if e.kind_name == "quant":

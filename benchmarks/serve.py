@@ -55,7 +55,7 @@ import torch
 from tabulate import tabulate
 
 import coach_fx
-from coach_fx.api import SERVE_MAX_BATCH
+from coach_fx.deploy.service import SERVE_MAX_BATCH
 from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 
 HERE = Path(__file__).resolve().parent
@@ -75,21 +75,22 @@ def build_plan(plan_dir: Path) -> None:
     cm = coach_fx.compile(model, (x,), strategy="manual", end_nodes=["conv1", "bn1", "relu"],
                           bits=8, costs="analytic", progress=False)
     cm.save(str(plan_dir), key=TOKEN)
-    meta = json.loads((plan_dir / "plan.json").read_text())
-    if not meta.get("batched"):
+    from coach_fx.deploy import open_plan
+    if open_plan(plan_dir, "cloud", key=TOKEN).cloud[0].batched is None:
         raise SystemExit("the saved plan has no batched cloud half: the server would not batch")
 
 
 def cloud_alone(plan_dir: Path, batches: tuple[int, ...] = (1, 16), repeat: int = 20) -> dict[int, float]:
     """The batched cloud half's time per request (ms) at each batch size, run alone in this
     process (median of ``repeat``): how much batching can save before any serving overhead."""
-    from coach_fx.artifact import load_half, make_frames
+    from coach_fx.deploy import open_plan
+    from coach_fx.deploy.inputs import make_frames
     from coach_fx.runtime.codec import payload_to_floats
 
-    end, cloud = load_half(plan_dir, "end", key=TOKEN), load_half(plan_dir, "cloud", key=TOKEN)
+    end, cloud = open_plan(plan_dir, "end", key=TOKEN), open_plan(plan_dir, "cloud", key=TOKEN).cloud[0]
     out = {}
     with torch.no_grad():
-        floats = payload_to_floats(cloud.boundary, end.module(*make_frames(end.input_specs, 1)[0]))
+        floats = payload_to_floats(cloud.boundary, end.end(*make_frames(end.inputs, 1)[0]))
         for b in batches:
             xs = [torch.cat([v] * b) for v in floats]
             for _ in range(5):
@@ -107,12 +108,13 @@ def warm_server(server, plan_dir: Path, max_batch: int) -> None:  # noqa: ANN001
     """Run the server's cloud halves once per batch size before the ends come (a fresh
     exported module's first runs are several times slower)."""
     from coach_fx.runtime.codec import payload_to_floats
-    from coach_fx.artifact import load_half, make_frames
+    from coach_fx.deploy import open_plan
+    from coach_fx.deploy.inputs import make_frames
 
-    end = load_half(plan_dir, "end", key=TOKEN)
+    end = open_plan(plan_dir, "end", key=TOKEN)
     half = server.engine.plans[0]
     with torch.no_grad():
-        payload = end.module(*make_frames(end.input_specs, 1, seed=123)[0])
+        payload = end.end(*make_frames(end.inputs, 1, seed=123)[0])
         for _ in range(5):
             half.module(*payload)
         floats = payload_to_floats(half.boundary, payload)

@@ -34,7 +34,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from coach_fx.artifact import load_half, make_frames
+    from coach_fx.deploy import open_plan
+    from coach_fx.deploy.inputs import make_frames
     from coach_fx.runtime.config import StreamConfig
     from coach_fx.runtime.end import EndWorker
     from coach_fx.runtime.links.credentials import shared_token
@@ -44,11 +45,11 @@ def main() -> None:
 
     plan_dir, index = sys.argv[1], int(sys.argv[2])
     token = shared_token(None)   # $COACH_TOKEN: never on the command line
-    half = load_half(plan_dir, "end", key=token)
+    half = open_plan(plan_dir, "end", key=token)
     with torch.no_grad():   # a fresh exported module's first runs are several times slower
-        warm = make_frames(half.input_specs, 1, seed=10_000 + index)[0]
+        warm = make_frames(half.inputs, 1, seed=10_000 + index)[0]
         for _ in range(20):
-            half.module(*warm)
+            half.end(*warm)
     reply({"loaded": True})
 
     worker = frames = None
@@ -56,11 +57,11 @@ def main() -> None:
         cmd = json.loads(line)
         op = cmd["op"]
         if op == "connect":
-            frames = make_frames(half.input_specs, int(cmd["frames"]), seed=index)
+            frames = make_frames(half.inputs, int(cmd["frames"]), seed=index)
             t0 = time.perf_counter()
             ep = connect(cmd["host"], int(cmd["port"]), token, timeout_s=30.0, retry_for=10.0)
             took = time.perf_counter() - t0
-            worker = EndWorker(ep, half.out_spec, StaticPolicy(half.module, half.boundary),
+            worker = EndWorker(ep, half.out_spec, StaticPolicy(half.end, half.boundary),
                                StreamConfig(timeout_s=30.0))
             reply({"ready": True, "connect_s": took})
         elif op == "go":

@@ -18,7 +18,7 @@ from typing import Any
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "compile": "coach_fx.api", "serve": "coach_fx.api", "connect": "coach_fx.api", "CompiledModel": "coach_fx.compiled",
+    "compile": "coach_fx.api", "serve": "coach_fx.deploy.service", "connect": "coach_fx.deploy.service", "CompiledModel": "coach_fx.compiled",
     "InputError": "coach_fx.compiled", "LayerDAG": "coach_fx.dag",
     "compile_online": "coach_fx.online", "OnlineModel": "coach_fx.online",
     "CaptureError": "coach_fx.passes.capture", "Plan": "coach_fx.plan",

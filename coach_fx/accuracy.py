@@ -44,7 +44,7 @@ from coach_fx.passes.annotate import _tensors
 from coach_fx.passes.ops import fake_quantize_per_sample
 from coach_fx.plan import plan_bits
 from coach_fx.batch_halves import batch_size as common_batch
-from coach_fx.inputs import calibration_parts
+from coach_fx.settings import calibration_parts
 from coach_fx.settings import Settings
 
 

@@ -273,21 +273,11 @@ class CompiledModel(nn.Module):
 
             >>> cm.save("plan_dir", whole=True, key=open("token").read())   # doctest: +SKIP
         """
-        from coach_fx.artifact import save
-        net = self.settings.network
-        meta = {"plan": self.plan.as_dict(),
-                "network": {"uplink_mbps": net.uplink_mbps, "downlink_mbps": net.down_mbps,
-                            "rtt_ms": net.rtt_ms},
-                "end": {"name": self.settings.end.name, "slowdown": self.settings.end.slowdown},
-                "cloud": {"name": self.settings.cloud.name, "slowdown": self.settings.cloud.slowdown,
-                          "device": self.settings.cloud.device},
-                "predicted": self.predicted()}
+        from coach_fx.deploy.save import save_compiled
         was = self.training
         self.eval()
         try:
-            return str(save(path, self.end_module, self.cloud_module, self.boundary,
-                            self.example_inputs, self.out_spec, meta, self.gm if whole else None,
-                            key=key, batched=self.batched_cloud_module))
+            return str(save_compiled(self, path, whole=whole, key=key))
         finally:
             self.train(was)
 

@@ -31,7 +31,7 @@ from coach_fx.progress import Progress
 from coach_fx.runtime.wire import Entry
 from coach_fx.passes.wire_sizes import packed_nbytes, row_param_bytes
 from coach_fx.device_profile import device_times, node_ops, quant_costs
-from coach_fx.inputs import calibration_parts
+from coach_fx.settings import calibration_parts
 from coach_fx.settings import Settings
 from coach_fx.runtime.timing import busy_since, clock, quiet_times, run_times
 

@@ -276,3 +276,14 @@ class Settings:
         if isinstance(merged.get("network"), (int, float)):
             merged["network"] = Network(uplink_mbps=float(merged["network"]))
         return cls.of(**merged)
+
+
+def calibration_parts(calibration: Any) -> tuple[tuple, Any]:
+    """``Settings.calibration`` as (model inputs as a tuple, labels or None): it may be
+    ``(inputs, labels)``, ``(inputs, None)``, a tensor, or a tuple of the model's inputs."""
+    import torch
+    c = calibration
+    if isinstance(c, (tuple, list)) and len(c) == 2 and (c[1] is None or isinstance(c[1], torch.Tensor)) \
+            and isinstance(c[0], (torch.Tensor, tuple, list)):
+        return (tuple(c[0]) if isinstance(c[0], (tuple, list)) else (c[0],)), c[1]
+    return (tuple(c) if isinstance(c, (tuple, list)) else (c,)), None

@@ -3,10 +3,10 @@
 Layers: ``runtime`` imports ``coach_fx.passes`` (the boundary contract, the quantizer, the wire
 sizes, the image codecs) and itself, never the compile side (``coach_fx``'s driver, optimizer,
 accuracy oracle, networkx). Its one door into ``coach_fx`` is the deploy interface,
-:data:`DEPLOY_INTERFACE`: the plan-directory reader (``coach_fx.saved_online``, which opens a
-saved plan through ``coach_fx.artifact`` and ``coach_fx.graphfile``), imported where a Ray
-replica loads a plan itself (``runtime/ray_compute.py``). ``passes`` never imports ``runtime``.
+:data:`DEPLOY_INTERFACE`: the deploy layer (``coach_fx.deploy``: a plan directory opened into a
+typed ``SavedPlan``), imported where a Ray replica loads a plan itself
+(``runtime/ray_compute.py``). ``passes`` never imports ``runtime``.
 """
 
 #: the ``coach_fx`` modules ``runtime`` may import (tests/coach_fx/test_house.py checks it)
-DEPLOY_INTERFACE = ("coach_fx.saved_online",)
+DEPLOY_INTERFACE = ("coach_fx.deploy",)

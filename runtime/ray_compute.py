@@ -58,11 +58,11 @@ class CloudReplica:
 
     def __init__(self, plan_dir: str, key: bytes | None, cloud_slowdown: float, adaptive: bool,
                  threads: int, device: str) -> None:
-        from coach_fx.saved_online import cloud_halves
+        from coach_fx.deploy import open_plan
         if threads:   # as many torch threads as the CPUs Ray reserved for it (not every core)
             torch.set_num_threads(threads)
-        halves, _ = cloud_halves(plan_dir, key)
-        self.worker = CloudWorker(halves, None, StreamConfig(cloud_slowdown=cloud_slowdown),
+        halves = open_plan(plan_dir, "cloud", key=key).cloud
+        self.worker = CloudWorker(dict(halves), None, StreamConfig(cloud_slowdown=cloud_slowdown),
                                   adaptive=adaptive, device=device)
         self.worker.warm_up()
 

@@ -129,7 +129,7 @@ class OnlineModel:
             >>> om.save("online_dir", key=token)                                 # doctest: +SKIP
             >>> rm = coach_fx.connect("online_dir", "cloud:29517", token=token)  # doctest: +SKIP
         """
-        from coach_fx.saved_online import save_online
+        from coach_fx.deploy.save import save_online
         return str(save_online(self, path, key=key, whole=whole))
 
     def stream(self, frames: Iterable[Any], *, mode: str = "full", link: Any = None,

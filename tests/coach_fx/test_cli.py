@@ -45,16 +45,16 @@ def test_serve_refuses_a_gloo_host_it_cannot_keep(capsys):
 
 def test_plan_save_signs_with_the_token_file(tmp_path, capsys):
     import json
-    from coach_fx.artifact import ArtifactError, load_half
+    from coach_fx.deploy import ArtifactError, open_plan
     token = tmp_path / "token"
     token.write_text("a-token-of-at-least-16-bytes\n")
     d = tmp_path / "plan"
     assert main(["plan", "--model", "digits", "--costs", "analytic", "--save", str(d),
                  "--token-file", str(token)]) == 0
     assert "hmac_sha256" in json.loads((d / "manifest.json").read_text())
-    load_half(d, "end", key="a-token-of-at-least-16-bytes")
+    open_plan(d, "end", key="a-token-of-at-least-16-bytes")
     with pytest.raises(ArtifactError):
-        load_half(d, "end", key="another-token-of-16-bytes")
+        open_plan(d, "end", key="another-token-of-16-bytes")
 
 
 def test_serve_with_ray_names_what_is_wrong(capsys):

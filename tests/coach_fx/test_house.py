@@ -63,6 +63,8 @@ BUILDERS = {
                    "runtime/plans.py"},           # CutProfile.from_json: from a plan directory
     "ReplyStats": {"runtime/cloud.py",            # reply_stats: the cloud's figures for one reply
                    "runtime/wire.py"},            # ReplyStats.of: from the reply's entry
+    "SavedPlan": {"coach_fx/deploy/saved_plan.py"},   # open_plan: a plan directory, opened once
+    "PlanFiles": {"coach_fx/deploy/saved_plan.py"},   # the verified reader, made only by open_plan
 }
 
 
@@ -71,6 +73,7 @@ def test_each_hand_off_record_is_built_in_one_place():
     from coach_fx.runtime.cloud import reply_stats           # noqa: F401
     from coach_fx.runtime.plans import CutProfile
     from coach_fx.runtime.wire import ReplyStats
+    from coach_fx.deploy import open_plan                    # noqa: F401
     assert callable(CutProfile.from_json) and callable(ReplyStats.of)
     found: dict[str, set[str]] = {name: set() for name in BUILDERS}
     for p in MODULES + sorted((ROOT / "benchmarks").glob("*.py")):
@@ -79,3 +82,35 @@ def test_each_hand_off_record_is_built_in_one_place():
                 found[n.func.id].add(str(p.relative_to(ROOT)))
     for name, where in found.items():
         assert where <= BUILDERS[name], f"{name} is built outside its builders: {sorted(where - BUILDERS[name])}"
+
+
+#: the names of a plan directory's files: only the deploy layer may name them
+PLAN_FILE_NAMES = ("plan.json", "online.json", "manifest.json", "weights.tensors")
+
+
+def test_only_the_deploy_layer_names_a_plan_directory_s_files():
+    found = {}
+    for p in MODULES + sorted((ROOT / "benchmarks").glob("*.py")):
+        rel = str(p.relative_to(ROOT))
+        if rel.startswith("coach_fx/deploy/"):
+            continue
+        names = {n.value for n in ast.walk(ast.parse(p.read_text()))
+                 if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in PLAN_FILE_NAMES}
+        if names:
+            found[rel] = sorted(names)
+    assert not found
+
+
+def test_a_deployment_loads_no_compile_side(tmp_path):
+    """A cloud server, an end, ``coach serve``/``coach run`` and the Ray replicas import no
+    optimizer, accuracy oracle, driver or networkx. (Run from an empty folder: ``python -c``
+    puts the current folder first on the path, and the source tree is not the package.)"""
+    import subprocess
+    import sys
+    code = ("import sys, coach_fx, coach_fx.runtime.server, coach_fx.runtime.client, coach_fx.deploy, "
+            "coach_fx.deploy.cli, coach_fx.cli, coach_fx.runtime.ray_compute; coach_fx.serve; coach_fx.connect; "
+            "bad = [m for m in ('networkx', 'scipy', 'coach_fx.optimize', 'coach_fx.accuracy', "
+            "'coach_fx.driver', 'coach_fx.compiled') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr

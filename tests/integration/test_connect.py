@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import coach_fx
-from coach_fx.api import parse_address
+from coach_fx.deploy.service import parse_address
 from coach_fx.runtime.config import StreamConfig
 from coach_fx.runtime.links.base import LinkError
 from coach_fx.runtime.session import RequestFailed
@@ -182,7 +182,8 @@ def test_coach_run_input_folder_writes_each_image_s_top1(plan, free_port, tmp_pa
     order, with the model's top-1 class on that image as the plan's input."""
     from PIL import Image
 
-    from coach_fx.inputs import read_inputs
+    from coach_fx.deploy.inputs import read_inputs
+    from coach_fx.deploy.schema import InputSpec
     cm, m, d = plan
     pics = tmp_path / "pics"
     pics.mkdir()
@@ -201,8 +202,7 @@ def test_coach_run_input_folder_writes_each_image_s_top1(plan, free_port, tmp_pa
     assert run.returncode == 0, run.stdout + run.stderr
     assert "12 frames from" in run.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    want = [(name, int(cm(x).argmax(1))) for name, (x,) in read_inputs(pics, [{"shape": [1, 3, 8, 8],
-                                                                               "dtype": "torch.float32"}])]
+    want = [(name, int(cm(x).argmax(1))) for name, (x,) in read_inputs(pics, (InputSpec((1, 3, 8, 8), torch.float32),))]
     assert [(r["source"], r["top1"][0]) for r in rows] == want
     bad = subprocess.run([COACH, "run", str(d), "--port", str(free_port), "--input", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=120, env=ENV)

@@ -27,8 +27,15 @@ SEED = 7
 
 
 def _summary_bits(summary):
-    bits = {int(b): n for b, n in summary["bits"].items()}
-    return max(bits, key=bits.get) if bits else None
+    """The median width of the requests sent (not the most used one: with two widths in near
+    equal use, as a trace that swings between rates gives, the mode flips on a few requests)."""
+    bits = sorted((int(b), n) for b, n in summary["bits"].items())
+    half, seen = sum(n for _, n in bits) / 2, 0
+    for b, n in bits:
+        seen += n
+        if seen >= half:
+            return b
+    return None
 
 
 def test_an_online_model_across_a_shaped_link_decides_as_in_process(online_digits, shared_dir, tmp_path):
@@ -106,7 +113,11 @@ def test_an_online_model_across_a_shaped_link_decides_as_in_process(online_digit
     assert abs(hits_real - hits_mine) <= 0.15, (s, mine)
     assert b_real is not None and b_mine is not None
     assert abs(widths.index(b_real) - widths.index(b_mine)) <= 1, (s, mine)
-    assert (s["switches"] > 0) == (mine["switches"] > 0), (s, mine)
+    # the same plans in about the same shares (whether a borderline rate switches for a few
+    # frames, the real link and its emulation may differ on)
+    real_share = {int(k): v / n for k, v in s["plans"].items()}
+    mine_share = {int(k): v / len(outs) for k, v in mine["plans"].items()}
+    assert all(abs(real_share.get(k, 0) - mine_share.get(k, 0)) <= 0.25 for k in real_share | mine_share), (s, mine)
     assert "served" in served
 
 

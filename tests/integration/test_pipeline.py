@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import coach_fx
-from coach_fx.artifact import load_half, make_frames
+from coach_fx.deploy import open_plan
+from coach_fx.deploy.inputs import make_frames
 from coach_fx.runtime.links import InProcessLink
 from coach_fx.runtime.cloud import Arrival, CloudWorker
 from coach_fx.runtime.config import Batching, StreamConfig
@@ -101,19 +102,19 @@ def saved(tmp_path_factory):
 
 def test_save_loads_each_half_alone(saved):
     cm, d = saved
-    end, cloud = load_half(d, "end"), load_half(d, "cloud")
+    end, cloud = open_plan(d, "end"), open_plan(d, "cloud")
     assert end.boundary == cm.boundary == cloud.boundary
     x = torch.randn(1, 3, 12, 12)
     with torch.no_grad():
-        out = cloud.module(*end.module(x))
+        out = cloud.cloud[0].module(*end.end(x))
         assert torch.allclose(out["logits"], cm(x)["logits"], atol=1e-5)
-    assert sum(p.numel() for p in end.module.parameters()) < sum(p.numel() for p in cm.gm.parameters())
+    assert sum(p.numel() for p in end.end.parameters()) < sum(p.numel() for p in cm.gm.parameters())
 
 
 def test_two_processes_over_gloo_match_in_process(saved, tmp_path, free_port):
     cm, d = saved
     port = free_port
-    frames = make_frames(load_half(d, "end").input_specs, 6, seed=3)
+    frames = make_frames(open_plan(d).inputs, 6, seed=3)
     want, _ = cm.stream(frames)
     serve = subprocess.Popen(_coach("serve", d, "--port", port, "--timeout", 30, "--link", "gloo", "--host", "0.0.0.0"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

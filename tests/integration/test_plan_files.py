@@ -18,7 +18,7 @@ GIB = 1 << 30
 PROBE = textwrap.dedent("""
     import json, os, sys
     import coach_fx
-    from coach_fx.artifact import ArtifactError
+    from coach_fx.deploy import ArtifactError
 
     def kib(field):
         for line in open("/proc/self/status"):

@@ -162,20 +162,16 @@ def test_in_process_pipeline_and_a_bad_frame_fails_only_itself():
     assert not decode(good)[2] & FLAG_ERROR
 
 
-def test_a_saved_plan_carries_the_codec_and_any_coded_length():
-    import tempfile
-
-    from coach_fx import artifact
+def test_a_saved_plan_carries_the_codec_and_any_coded_length(tmp_path):
+    import coach_fx
+    from coach_fx.deploy import open_plan
 
     x = frames(1)
-    m, gm, _ = prepared(x)
-    e, c, b = partition(gm, (), {}, codecs={"x": "jpeg75"})
-    _, spec = tree_flatten(m(x))
-    with tempfile.TemporaryDirectory() as d:
-        artifact.save(d, e, c, b, (x,), spec, {})
-        end, cloud = artifact.load_half(d, "end"), artifact.load_half(d, "cloud")
-        assert end.boundary == b and cloud.boundary.crossings[0].codec == "jpeg75"
-        for f in (frames(1), torch.rand(1, 3, 16, 16)):     # coded lengths differ
-            with torch.no_grad():
-                p = end.module(f)
-                assert torch.equal(cloud.module(*p), c(*e(f)))
+    cm = coach_fx.compile(Tiny().eval(), (x,), strategy="cloud-only+jpeg75", costs="analytic", progress=False)
+    cm.save(tmp_path)
+    end, cloud = open_plan(tmp_path, "end"), open_plan(tmp_path, "cloud")
+    assert end.boundary == cm.boundary and cloud.boundary.crossings[0].codec == "jpeg75"
+    for f in (frames(1), torch.rand(1, 3, 16, 16)):     # coded lengths differ
+        with torch.no_grad():
+            p = end.end(f)
+            assert torch.equal(cloud.cloud[0].module(*p), cm.cloud_module(*cm.end_module(f)))

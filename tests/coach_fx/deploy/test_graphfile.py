@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import coach_fx
-from coach_fx.artifact import ArtifactError, load_half
-from coach_fx.graphfile import GraphFileError, resolve_target
+from coach_fx.deploy import ArtifactError, open_plan
+from coach_fx.deploy.graphfile import GraphFileError, resolve_target
 
 
 class Net(nn.Module):
@@ -36,16 +36,16 @@ def saved(tmp_path_factory):
 
 def test_halves_load_back_and_compute_what_the_split_did(saved):
     cm, m, d = saved
-    end, cloud, whole = load_half(d, "end"), load_half(d, "cloud"), load_half(d, "model")
+    end, cloud = open_plan(d, "end", whole=True), open_plan(d, "cloud").cloud[0]
     for _ in range(3):
         x = torch.randn(1, 3, 8, 8)
         with torch.no_grad():
-            got = cloud.module(*end.module(x))
+            got = cloud.module(*end.end(x))
             want = cm(x)
             assert torch.equal(got["logits"], want["logits"]) and torch.equal(got["feat"], want["feat"])
-            assert torch.allclose(whole.module(x)["logits"], m(x)["logits"], atol=1e-6)
+            assert torch.allclose(end.whole(x)["logits"], m(x)["logits"], atol=1e-6)
     # the end half holds the end's weights only
-    assert sum(p.numel() for p in end.module.parameters()) < sum(p.numel() for p in m.parameters())
+    assert sum(p.numel() for p in end.end.parameters()) < sum(p.numel() for p in m.parameters())
 
 
 def test_no_file_is_a_pickle_or_an_archive(saved):
@@ -67,7 +67,7 @@ def test_a_changed_file_is_refused_before_it_is_read(saved, tmp_path, victim):
     data[len(data) // 2] ^= 1
     (copy / victim).write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="SHA-256"):
-        load_half(copy, "cloud")
+        open_plan(copy, "cloud")
 
 
 WALKS = ["aten.__class__.__class__", "aten.__class__.__getstate__", "aten.__class__.__str__",
@@ -84,7 +84,7 @@ def test_a_graph_may_call_only_allow_listed_full_names(name):
 
 
 def test_every_allow_listed_name_is_a_real_operator():
-    from coach_fx.graph_ops import ALLOWED_OPS
+    from coach_fx.deploy.graph_ops import ALLOWED_OPS
     assert resolve_target("aten.conv2d.default") is torch.ops.aten.conv2d.default
     assert resolve_target("operator.getitem") is __import__("operator").getitem
     for name in ALLOWED_OPS:
@@ -94,8 +94,8 @@ def test_every_allow_listed_name_is_a_real_operator():
 
 def test_a_half_calling_an_unlisted_operator_is_saved_decomposed(tmp_path, caplog):
     """aten.logit is not on the list; its core ATen decomposition is, and computes the same."""
-    from coach_fx.graph_ops import ALLOWED_OPS
-    from coach_fx.graphfile import build_half, parse_graph, parse_tensors, save_exported
+    from coach_fx.deploy.graph_ops import ALLOWED_OPS
+    from coach_fx.deploy.graphfile import build_half, parse_graph, parse_tensors, save_exported
     assert "aten.logit.default" not in ALLOWED_OPS
 
     class Logit(nn.Module):
@@ -119,7 +119,7 @@ def test_a_directory_without_manifest_is_refused(saved, tmp_path):
     shutil.copytree(d, copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="manifest"):
-        load_half(copy, "end")
+        open_plan(copy, "end")
     doc = json.loads((d / "manifest.json").read_text())
     assert set(doc["sha256"]) == {p.name for p in d.iterdir()} - {"manifest.json"}
 
@@ -136,16 +136,16 @@ def signed(saved, tmp_path_factory):
 
 
 def test_a_signed_plan_loads_only_with_its_token(signed):
-    assert load_half(signed, "cloud", key=KEY).module is not None
-    load_half(signed, "cloud")                       # no token here: the hashes are still checked
+    assert open_plan(signed, "cloud", key=KEY).cloud[0].module is not None
+    open_plan(signed, "cloud")                       # no token here: the hashes are still checked
     with pytest.raises(ArtifactError, match="not signed with this side's token"):
-        load_half(signed, "cloud", key="another-token-of-16-bytes")
+        open_plan(signed, "cloud", key="another-token-of-16-bytes")
 
 
 def test_a_side_with_a_token_refuses_an_unsigned_plan(saved):
     _, _, d = saved
     with pytest.raises(ArtifactError, match="not signed"):
-        load_half(d, "end", key=KEY)
+        open_plan(d, "end", key=KEY)
 
 
 @pytest.mark.parametrize("forged", [None, "0" * 64])
@@ -165,12 +165,12 @@ def test_rewritten_files_with_rewritten_hashes_are_refused(signed, tmp_path, for
         doc["hmac_sha256"] = forged
     (copy / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match="signed"):
-        load_half(copy, "cloud", key=KEY)
+        open_plan(copy, "cloud", key=KEY)
 
 
 def test_the_batched_cloud_half_is_saved_and_batches(saved, signed):
     cm, m, _ = saved
-    half = load_half(signed, "cloud", key=KEY)
+    half = open_plan(signed, "cloud", key=KEY).cloud[0]
     assert half.batched is not None
     xs = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
@@ -181,17 +181,17 @@ def test_the_batched_cloud_half_is_saved_and_batches(saved, signed):
 
 
 def _tensor_file(path):
-    from coach_fx.graphfile import parse_tensors
+    from coach_fx.deploy.graphfile import parse_tensors
     return parse_tensors(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), str(path))
 
 
 def _graph(path, tensors):
-    from coach_fx.graphfile import build_half, parse_graph
+    from coach_fx.deploy.graphfile import build_half, parse_graph
     return build_half(parse_graph(path.read_bytes(), str(path)), tensors, str(path))
 
 
 def test_halves_saved_with_a_shared_store_write_each_weight_once_and_share_it(tmp_path):
-    from coach_fx.graphfile import save_exported, write_store
+    from coach_fx.deploy.graphfile import save_exported, write_store
     torch.manual_seed(0)
     m = Net().eval()
     x = torch.randn(1, 3, 8, 8)
@@ -216,7 +216,7 @@ def test_halves_saved_with_a_shared_store_write_each_weight_once_and_share_it(tm
 
 
 def test_tensors_are_aligned_in_their_file_and_share_its_buffer(tmp_path):
-    from coach_fx.graphfile import ALIGN, parse_tensors, write_store
+    from coach_fx.deploy.graphfile import ALIGN, parse_tensors, write_store
     ts = {"a": torch.randn(3), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2, 7).half(),
           "empty": torch.empty(0, 4)}
     write_store(ts, tmp_path / "t.tensors")
@@ -233,7 +233,7 @@ def test_tensors_are_aligned_in_their_file_and_share_its_buffer(tmp_path):
                                     b'"offset": 0, "nbytes": 8}}', b'{"a": {"dtype": "float32", "shape": [4], '
                                     b'"offset": 0, "nbytes": 16}}'])
 def test_a_bad_tensor_file_is_a_clear_error(header):
-    from coach_fx.graphfile import parse_tensors
+    from coach_fx.deploy.graphfile import parse_tensors
     raw = len(header).to_bytes(8, "little") + header + bytes(8)
     with pytest.raises(GraphFileError, match="tensor|header"):
         parse_tensors(torch.frombuffer(bytearray(raw), dtype=torch.uint8), "t")

@@ -1,4 +1,4 @@
-"""The operators a saved graph may call (``coach_fx.graphfile``), by full name.
+"""The operators a saved graph may call (``coach_fx.deploy.graphfile``), by full name.
 
 A plan directory's graph names each call as ``namespace.operator.overload``; the loader looks
 the whole name up here before it resolves anything, so a file cannot reach any other Python
@@ -11,7 +11,7 @@ transformers models coach is tested with and for common layers (convolutions, no
 pooling, resampling; the training-IR forms such as ``aten.conv2d.default`` beside their core
 decompositions), the shape assertions of dynamic shapes, and coach's own boundary and image
 ops. Adding an operator is adding its full name here; it must be a real operator
-(``tests/coach_fx/test_graphfile.py`` resolves every entry).
+(``tests/coach_fx/deploy/test_graphfile.py`` resolves every entry).
 """
 
 ALLOWED_OPS: frozenset[str] = frozenset((

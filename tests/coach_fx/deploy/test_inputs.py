@@ -1,13 +1,14 @@
-"""coach run --input: images, .npy files and errors that name the problem."""
+"""coach run --input: images, .npy files and errors that name the problem; synthetic frames."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from coach_fx.inputs import read_inputs
+from coach_fx.deploy.inputs import make_frames, read_inputs
+from coach_fx.deploy.schema import InputSpec
 
-SPEC = [{"shape": [1, 3, 8, 8], "dtype": "torch.float32"}]
+SPEC = (InputSpec((1, 3, 8, 8), torch.float32),)
 
 
 def test_a_folder_of_images_becomes_the_plan_s_inputs_in_name_order(tmp_path):
@@ -22,7 +23,7 @@ def test_a_folder_of_images_becomes_the_plan_s_inputs_in_name_order(tmp_path):
         want = torch.nn.functional.interpolate(img.float().div(255)[None], size=(8, 8), mode="bilinear",
                                                antialias=True, align_corners=False)
         assert x.shape == (1, 3, 8, 8) and torch.allclose(x, want)
-    gray = list(read_inputs(tmp_path / "f0.png", [{"shape": [2, 1, 4, 4], "dtype": "torch.float32"}]))
+    gray = list(read_inputs(tmp_path / "f0.png", (InputSpec((2, 1, 4, 4), torch.float32),)))
     assert gray[0][1][0].shape == (2, 1, 4, 4)
 
 
@@ -50,3 +51,11 @@ def test_bad_inputs_are_named(tmp_path):
         list(read_inputs(tmp_path / "bad.png", SPEC))
     with pytest.raises(ValueError, match="2 inputs"):
         read_inputs(tmp_path / "c.npy", SPEC * 2)
+
+
+def test_synthetic_frames_follow_the_specs_and_the_seed():
+    specs = (InputSpec((2, 3), torch.float32), InputSpec((4,), torch.int64))
+    a, b = make_frames(specs, 3, seed=1), make_frames(specs, 3, seed=1)
+    assert len(a) == 3 and all(torch.equal(p, q) for fa, fb in zip(a, b) for p, q in zip(fa, fb))
+    assert [(t.shape, t.dtype) for t in a[0]] == [((2, 3), torch.float32), ((4,), torch.int64)]
+    assert not torch.equal(make_frames(specs, 1, seed=2)[0][0], a[0][0])

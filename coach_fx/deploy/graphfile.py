@@ -5,7 +5,7 @@ code when it is loaded: a plan directory written that way is code. Here a half i
 
     <stem>.graph.json   the ``torch.export`` graph: one record per node, every call target the
                         full name of an operator on an explicit allow-list
-                        (``coach_fx.graph_ops``: ``aten.conv2d.default``, ...; a few
+                        (``coach_fx.deploy.graph_ops``: ``aten.conv2d.default``, ...; a few
                         ``operator`` functions for size arithmetic), every
                         argument a node name, a number, a string, a list or a tagged
                         dtype / device / layout / memory format; the output's tree structure
@@ -22,7 +22,7 @@ allow-list as a whole string (no attribute is walked for it), so nothing in the 
 a Python object outside the list, and no loader that executes code is ever called. A half that
 calls an operator outside the list is saved decomposed to the core ATen operators (which the
 list holds), with a warning. Reading is from bytes already checked against a plan's manifest
-(``coach_fx.artifact.PlanFiles``): this module opens no file it parses.
+(``coach_fx.deploy.files.PlanFiles``): this module opens no file it parses.
 
 Example::
 
@@ -47,7 +47,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from coach_fx.passes._compat import tree_unflatten, treespec_dumps, treespec_loads
-from coach_fx.graph_ops import ALLOWED_OPS
+from coach_fx.deploy.graph_ops import ALLOWED_OPS
 
 log = logging.getLogger("coach_fx")
 
@@ -86,7 +86,7 @@ def save_exported(ep: torch.export.ExportedProgram, stem: Path,
                       and isinstance(n.target, torch._ops.OpOverload)} - ALLOWED_OPS)
     if outside:   # e.g. a rarely used aten op: its core ATen decomposition is on the list
         log.warning("coach_fx: this half calls %s, outside the operators a plan file may name "
-                    "(coach_fx.graph_ops); saving it decomposed to core ATen operators", ", ".join(outside))
+                    "(coach_fx.deploy.graph_ops); saving it decomposed to core ATen operators", ", ".join(outside))
         ep = ep.run_decompositions()
     sig = ep.graph_signature
     tensors = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
@@ -160,7 +160,7 @@ def _target_name(target: Any) -> str:
         name = _op_name(target)
         if name not in ALLOWED_OPS:
             raise GraphFileError(f"cannot save a call to {name}: not on the operator allow-list "
-                                 "(coach_fx.graph_ops), even decomposed to core ATen")
+                                 "(coach_fx.deploy.graph_ops), even decomposed to core ATen")
         return name
     name = getattr(target, "__name__", None)
     if name in OPERATORS and OPERATORS[name] is target:
@@ -320,7 +320,7 @@ def build_half(doc: dict, tensors: dict[str, torch.Tensor] | None, source: str) 
 
 def resolve_target(name: Any) -> Any:
     """The operator a saved graph names: an allow-listed full name (``aten.conv2d.default``,
-    ``coach_fx.graph_ops``) or one of :data:`OPERATORS` (``operator.getitem``). The whole string
+    ``coach_fx.deploy.graph_ops``) or one of :data:`OPERATORS` (``operator.getitem``). The whole string
     is looked up in the list before anything is resolved, so no part of it can walk to another
     attribute (``aten.__class__...`` is simply not on it)."""
     if isinstance(name, str):

@@ -1,7 +1,7 @@
 """``coach serve`` and ``coach run``: the two sides of a saved plan (the cloud, serving many
 ends at once; an end streaming frames to it), their options, the shared token from
-``--token-file`` or ``$COACH_TOKEN`` and TLS from ``--tls-*``. ``coach_fx.cli`` builds the
-whole command line.
+``--token-file`` or ``$COACH_TOKEN`` and TLS from ``--tls-*``. ``coach_fx.cli`` sends these
+two commands here (nothing of the compile side is loaded); ``coach --help`` lists them too.
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ from typing import Any, Iterator
 
 import torch
 
-from coach_fx.api import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
+from coach_fx.deploy.service import SERVE_MAX_BATCH, SERVE_MAX_WAIT_S
 from coach_fx.progress import Progress
 from coach_fx.runtime.compute import ENGINES
 from coach_fx.runtime.config import Batching, RaySettings
 from coach_fx.runtime.links.tls import TlsConfig
 
 
+#: The commands of this side of ``coach``.
+DEPLOY_COMMANDS = ("serve", "run")
 #: What ``--host`` may be with ``--link gloo``: its store listens on every interface anyway.
 GLOO_HOSTS = ("0.0.0.0", "::")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from coach_fx.artifact import load_half
+    from coach_fx.deploy import open_plan
     from coach_fx.runtime.cloud import CloudWorker
     from coach_fx.runtime.config import StreamConfig
     from coach_fx.runtime.links.gloo import GlooEndpoint
@@ -38,10 +40,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         return _serve_tcp(a)
     if a.engine != "builtin":
         raise SystemExit("coach serve: --engine ray serves over --link tcp (the gloo link has one end, no front door)")
-    half = load_half(a.dir, "cloud", key=token_of(a))
-    slowdown = a.slowdown if a.slowdown is not None else half.meta["cloud"]["slowdown"]
+    saved = open_plan(a.dir, "cloud", key=token_of(a))
+    if saved.online:
+        raise SystemExit(f"coach serve: {a.dir} holds an online model: serve it over --link tcp (its requests "
+                         "carry their plan and bits, which the gloo link's cloud does not read)")
+    slowdown = a.slowdown if a.slowdown is not None else saved.cloud_slowdown
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout)
-    plans = {0: (half.module, half.boundary)}
+    plans = {0: (saved.cloud[0].module, saved.boundary)}
     print(f"coach serve: cloud half of {a.dir} on {a.host}:{a.port} (gloo, slowdown "
           f"{slowdown}); waiting for the end side", flush=True)
     ep = GlooEndpoint("cloud", a.host, a.port, timeout_s=a.timeout)
@@ -86,18 +91,17 @@ def ray_of(a: argparse.Namespace) -> RaySettings | None:
 
 def _serve_tcp(a: argparse.Namespace) -> int:
     """``coach serve`` over TCP: many ends at once (``coach_fx.serve``); SIGTERM drains."""
-    from coach_fx.api import serve
-    from coach_fx.artifact import plan_meta
+    from coach_fx.deploy.service import serve
+    from coach_fx.deploy import open_plan
     from coach_fx.runtime.config import Batching, ServerConfig, StreamConfig
 
     ray = ray_of(a)   # a bad --autoscale fails before anything is read
     token = token_of(a)
-    # only plan.json here: coach_fx.serve loads (and verifies) the half itself
-    cloud = plan_meta(a.dir, token)["cloud"]
-    slowdown = a.slowdown if a.slowdown is not None else cloud["slowdown"]
+    saved = open_plan(a.dir, "cloud", key=token)   # opened once: coach_fx.serve takes it as it is
+    slowdown = a.slowdown if a.slowdown is not None else saved.cloud_slowdown
     config = StreamConfig(cloud_slowdown=slowdown, timeout_s=a.timeout,
                           batching=Batching(a.max_batch, a.max_wait_ms / 1e3, a.shared_latency or None))
-    device = a.device or cloud.get("device", "cpu")
+    device = a.device or saved.cloud_device
     tls = tls_of(a)
     # the handler only notes the signal (installed before anything can be announced); the
     # main thread drains, so that the summary follows the drain and no thread outlives it
@@ -110,7 +114,7 @@ def _serve_tcp(a: argparse.Namespace) -> int:
     server = None
     drained: bool | None = None
     try:
-        server = serve(a.dir, a.host, a.port, token=token, tls=tls, config=config,
+        server = serve(saved, a.host, a.port, token=token, tls=tls, config=config,
                        limits=ServerConfig(max_ends=a.max_ends), sessions=a.sessions or None,
                        engine=a.engine, ray=ray, device=device)
         signal.signal(signal.SIGTERM, on_term)   # ray.init installs its own (it aborts the process)
@@ -153,15 +157,17 @@ def _serve_tcp(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from coach_fx.artifact import make_frames, plan_meta
+    from coach_fx.deploy import open_plan
+    from coach_fx.deploy.inputs import make_frames
     from coach_fx.runtime.config import StreamConfig
     from coach_fx.runtime.traces import Trace
 
     if a.threads:
         torch.set_num_threads(a.threads)
     token = token_of(a)
-    meta = plan_meta(a.dir, token)   # the halves are loaded (and verified) by what runs them
-    online = meta.get("kind") == "online"
+    # opened once, its end side verified; connect (or the gloo end) runs it as it is
+    saved = open_plan(a.dir, "end", key=token, whole=a.fallback == "local")
+    online = saved.online
     if online and a.link != "tcp":
         raise ValueError(f"{a.dir} holds an online model: it runs over --link tcp (its requests "
                          "carry their plan and bits, which the gloo link's cloud does not read)")
@@ -169,13 +175,13 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise ValueError(f"--mode is for an online model (om.save); {a.dir} holds one compiled plan")
     shape = Trace.load(a.trace, scale=a.trace_scale) if a.trace else (
         Trace.constant(a.uplink_mbps) if a.uplink_mbps else None)
-    slowdown = a.slowdown if a.slowdown is not None else meta["end"]["slowdown"]
+    slowdown = a.slowdown if a.slowdown is not None else saved.end_slowdown
     if a.input is not None:
-        from coach_fx.inputs import read_inputs
-        source = read_inputs(a.input, meta["inputs"])
+        from coach_fx.deploy.inputs import read_inputs
+        source = read_inputs(a.input, saved.inputs)
         named, total = iter(source), source.count
     else:
-        named = ((f"synthetic[{k}]", x) for k, x in enumerate(make_frames(meta["inputs"], a.synthetic, a.seed)))
+        named = ((f"synthetic[{k}]", x) for k, x in enumerate(make_frames(saved.inputs, a.synthetic, a.seed)))
         total = a.synthetic
     config = StreamConfig(end_slowdown=slowdown, timeout_s=a.timeout, fallback=a.fallback)
     names: list[str] = []
@@ -188,7 +194,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     bar = Progress("coach run", enabled=not a.quiet)
     if a.link == "tcp":
         import coach_fx
-        with coach_fx.connect(a.dir, (a.host, a.port), token=token, tls=tls_of(a), fallback=a.fallback,
+        with coach_fx.connect(saved, (a.host, a.port), token=token, tls=tls_of(a), fallback=a.fallback,
                               config=config, shape=shape, mode=a.mode) as rm:
             for k, out in enumerate(rm.stream(frames())):
                 writer.add(names[k], out)
@@ -197,7 +203,7 @@ def cmd_run(a: argparse.Namespace) -> int:
             stats = rm.stats()
             summary = rm.policy.summary() if online else None
     else:
-        stats, summary = _run_gloo(a, shape, config, frames(), names, writer), None
+        stats, summary = _run_gloo(a, saved, shape, config, frames(), names, writer), None
     bar.close()
     writer.close()
     rate = f"trace {a.trace} x{a.trace_scale}" if a.trace else (
@@ -216,22 +222,17 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _run_gloo(a: argparse.Namespace, shape: Any, config: Any, frames: Iterator[tuple],
+def _run_gloo(a: argparse.Namespace, saved: Any, shape: Any, config: Any, frames: Iterator[tuple],
               names: list[str], writer: "OutputWriter") -> Any:
     """The end side over torch.distributed (trusted networks): one stream, no reconnects."""
-    from coach_fx.artifact import load_half
-    half = load_half(a.dir, "end", key=token_of(a))
-    if half.boundary.end_only:
-        raise ValueError(f"{a.dir} holds an end-only plan: nothing to send to a cloud")
     from coach_fx.runtime.end import EndWorker
     from coach_fx.runtime.links.gloo import GlooEndpoint
-    from coach_fx.runtime.policy import StaticPolicy
 
-    whole = load_half(a.dir, "model", key=token_of(a)).module if a.fallback == "local" else None
+    policy = saved.end_policy()   # refuses an end-only plan
     ep = GlooEndpoint("end", a.host, a.port, timeout_s=a.timeout, shape=shape)
-    worker = EndWorker(ep, half.out_spec, StaticPolicy(half.module, half.boundary), config, whole_model=whole)
+    worker = EndWorker(ep, saved.out_spec, policy, config, whole_model=saved.whole)
     try:
-        outs, stats = worker.run(frames, predicted=half.meta.get("predicted"))
+        outs, stats = worker.run(frames, predicted=saved.predicted)
         worker.close()
     finally:
         ep.close()
@@ -354,3 +355,37 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--fallback", choices=["local", "error"], default=None,
                            help="when the cloud fails: run requests locally (needs a plan saved "
                                 "with --save-whole) or fail them; reconnects meanwhile")
+
+
+def main(argv: list[str]) -> int:
+    """``coach serve ...`` or ``coach run ...`` (``argv`` starts with the command)."""
+    import os
+    import sys
+
+    ap = argparse.ArgumentParser(prog="coach", description="the two sides of a saved plan")
+    add_deploy_commands(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
+    a = ap.parse_args(argv)
+    if a.cmd == "serve" and a.link == "gloo" and a.host not in GLOO_HOSTS:
+        # torch.distributed's store binds every interface whatever address it is given:
+        # accepting 127.0.0.1 would promise what gloo does not do
+        ap.error(f"--link gloo listens on every interface (torch.distributed's store cannot bind "
+                 f"one address), so --host {a.host} would not hold: pass --host 0.0.0.0 on a "
+                 "trusted network, or use --link tcp (authenticated, binds only --host)")
+    if a.cmd == "serve" and a.link == "gloo" and (a.tls_cert or a.tls_ca):
+        ap.error("--link gloo has no TLS; use --link tcp")
+    try:
+        rc = (cmd_serve if a.cmd == "serve" else cmd_run)(a)
+        if a.cmd == "serve":
+            # daemon threads (a session's writer, a link's receiver) may still be inside torch
+            # when the interpreter tears torch down: that aborts ("terminate called...") now
+            # and then. The server has stopped and said so; leave without the teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+        return rc
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as e:
+        print(f"coach: error: {e}", file=sys.stderr)
+        # a failed gloo link may leave a receive posted; its C++ teardown would abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)

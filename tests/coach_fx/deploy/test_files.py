@@ -9,36 +9,18 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 
-import coach_fx
-from coach_fx import artifact
-from coach_fx.artifact import ArtifactError, PlanFiles, load_half
-from coach_fx.graphfile import GraphFileError
+from coach_fx.deploy import files as plan_files
+from coach_fx.deploy import open_plan
+from coach_fx.deploy.files import ArtifactError, PlanFiles
+from coach_fx.deploy.graphfile import GraphFileError
 
 KEY = "a-token-of-at-least-16-bytes"
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.head(self.stem(x).mean((2, 3)))
-
-
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory):
-    torch.manual_seed(0)
-    m = Net().eval()
-    x = torch.randn(1, 3, 8, 8)
-    cm = coach_fx.compile(m, (x,), strategy="manual", end_nodes=["stem_0", "stem_1"], bits=8,
-                          costs="analytic", progress=False)
-    d = tmp_path_factory.mktemp("plan")
-    cm.save(d, key=KEY)
-    return cm, x, d
+def plan(net_plan):
+    return net_plan
 
 
 def resign(d, key=KEY):
@@ -50,7 +32,7 @@ def resign(d, key=KEY):
     if key is None:
         doc.pop("hmac_sha256", None)
     else:
-        doc["hmac_sha256"] = artifact._manifest_mac(key.encode(), doc["sha256"], doc["bytes"])
+        doc["hmac_sha256"] = plan_files._manifest_mac(key.encode(), doc["sha256"], doc["bytes"])
     (d / "manifest.json").write_text(json.dumps(doc))
 
 
@@ -75,7 +57,7 @@ def test_a_graph_naming_anything_off_the_allow_list_is_refused_before_it_runs(pl
     built = []
     monkeypatch.setattr(torch.fx, "GraphModule", lambda *a: built.append(a))   # nothing may be built
     with pytest.raises(GraphFileError, match="not an allowed operator"):
-        load_half(d, "cloud", key=KEY if signed else None)
+        open_plan(d, "cloud", key=KEY if signed else None)
     assert built == []
 
 
@@ -97,8 +79,8 @@ def test_a_file_swapped_after_it_is_opened_changes_nothing_loaded(plan, tmp_path
             os.replace(d / "swap.json", path)      # the next open would see the attacker's file
         return fd
 
-    monkeypatch.setattr(artifact.os, "open", open_then_swap)
-    half = load_half(d, "cloud", key=KEY)
+    monkeypatch.setattr(plan_files.os, "open", open_then_swap)
+    half = open_plan(d, "cloud", key=KEY).cloud[0]
     assert opened.count("cloud.graph.json") == 1 and opened.count("cloud.tensors") == 1
     assert len(opened) == len(set(opened))       # no file of the plan opened twice
     with torch.no_grad():
@@ -119,9 +101,9 @@ def test_a_file_rewritten_in_place_while_read_is_refused(plan, tmp_path, monkeyp
                 f.write(bytes([last[0] ^ 1]))
         return fd
 
-    monkeypatch.setattr(artifact.os, "open", open_then_rewrite)
+    monkeypatch.setattr(plan_files.os, "open", open_then_rewrite)
     with pytest.raises(ArtifactError, match="SHA-256"):
-        load_half(d, "cloud", key=KEY)
+        open_plan(d, "cloud", key=KEY)
 
 
 def test_a_file_of_another_size_is_refused_unread(plan, tmp_path, monkeypatch):
@@ -130,8 +112,8 @@ def test_a_file_of_another_size_is_refused_unread(plan, tmp_path, monkeypatch):
         f.write(b"\0" * 10)
     files = PlanFiles(d, KEY)
     read = []
-    real = artifact.hashlib.sha256
-    monkeypatch.setattr(artifact.hashlib, "sha256", lambda *a: read.append(1) or real(*a))
+    real = plan_files.hashlib.sha256
+    monkeypatch.setattr(plan_files.hashlib, "sha256", lambda *a: read.append(1) or real(*a))
     with pytest.raises(ArtifactError, match="lists"):
         files.tensors("cloud.tensors")
     assert read == []      # refused on its size: not a byte hashed
@@ -142,7 +124,7 @@ def test_a_fifo_planted_for_a_file_is_refused_without_hanging(plan, tmp_path):
     (d / "cloud.tensors").unlink()
     os.mkfifo(d / "cloud.tensors")
     with pytest.raises(ArtifactError, match="not a regular file"):
-        load_half(d, "cloud", key=KEY)
+        open_plan(d, "cloud", key=KEY)
 
 
 def test_a_huge_crossing_shape_is_refused_before_anything_is_allocated(plan, tmp_path):
@@ -152,7 +134,7 @@ def test_a_huge_crossing_shape_is_refused_before_anything_is_allocated(plan, tmp
     (d / "plan.json").write_text(json.dumps(meta))
     resign(d)
     with pytest.raises(ArtifactError, match="the wire carries at most"):
-        load_half(d, "cloud", key=KEY)
+        open_plan(d, "cloud", key=KEY)
 
 
 def test_the_manifest_lists_sizes_and_its_signature_covers_them(plan, tmp_path):

@@ -1,11 +1,12 @@
-"""The user's own inputs for ``coach run --input``: a folder of images (PNG/JPEG, decoded with
+"""Frames for a saved plan's inputs (``SavedPlan.inputs``): synthetic ones (``make_frames``, for
+warm-ups, tests and ``coach run --synthetic``) and the user's own for ``coach run --input``: a folder of images (PNG/JPEG, decoded with
 Pillow, resized to the plan's input shape, as floats in [0, 1]), a single image, a
 ``.npy`` file or a folder of them (loaded with ``allow_pickle=False``), or a video file where
 this torchvision can decode one. Frames are read lazily, one at a time.
 
 Example::
 
-    >>> frames = read_inputs("photos/", [{"shape": [1, 3, 64, 64], "dtype": "torch.float32"}])  # doctest: +SKIP
+    >>> frames = read_inputs("photos/", (InputSpec((1, 3, 64, 64), torch.float32),))  # doctest: +SKIP
     >>> name, (x,) = next(iter(frames))                                                     # doctest: +SKIP
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+
+from coach_fx.deploy.schema import InputSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm")
@@ -91,18 +94,16 @@ class Frames:
             yield t[k:k + b].to(self.dtype)
 
 
-def read_inputs(path: str | Path, input_specs: Sequence[dict]) -> Frames:
-    """The frames at ``path`` for a plan whose inputs are ``input_specs`` (``SavedHalf.input_specs``:
-    one input; images need it to be (N, 1 or 3, H, W))."""
+def read_inputs(path: str | Path, inputs: Sequence[InputSpec]) -> Frames:
+    """The frames at ``path`` for a plan whose inputs are ``inputs`` (``SavedPlan.inputs``: one
+    input; images need it to be (N, 1 or 3, H, W))."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--input {p}: no such file or folder")
-    if len(input_specs) != 1:
-        raise ValueError(f"the plan takes {len(input_specs)} inputs; --input feeds plans of one input "
+    if len(inputs) != 1:
+        raise ValueError(f"the plan takes {len(inputs)} inputs; --input feeds plans of one input "
                          "(use coach_fx.connect from Python for more)")
-    shape = tuple(input_specs[0]["shape"])
-    from coach_fx.artifact import _dtype
-    dtype = _dtype(input_specs[0]["dtype"])
+    shape, dtype = inputs[0].shape, inputs[0].dtype
     files = _files(p) if p.is_dir() else [p]
     if not files:
         raise ValueError(f"--input {p}: no images, .npy or video files in it")
@@ -113,6 +114,21 @@ def read_inputs(path: str | Path, input_specs: Sequence[dict]) -> Frames:
     if all(f.suffix.lower() in IMAGE_SUFFIXES for f in files):
         count = len(files)
     return Frames(p, shape, dtype, count)
+
+
+def make_frames(inputs: Sequence[InputSpec], n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` random frames matching a saved plan's ``inputs`` (the same for the same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = []
+    for _ in range(n):
+        xs = []
+        for spec in inputs:
+            if spec.dtype.is_floating_point:
+                xs.append(torch.randn(spec.shape, generator=g).to(spec.dtype))
+            else:
+                xs.append(torch.randint(0, 10, spec.shape, generator=g).to(spec.dtype))
+        frames.append(tuple(xs))
+    return frames
 
 
 def _files(folder: Path) -> list[Path]:
@@ -133,15 +149,4 @@ def _video_frames(f: Path) -> Iterator[torch.Tensor]:
         yield img if img.shape[0] == 3 else img[:3]
 
 
-__all__ = ["Frames", "IMAGE_SUFFIXES", "read_inputs"]
-
-
-def calibration_parts(calibration: Any) -> tuple[tuple, Any]:
-    """``Settings.calibration`` as (model inputs as a tuple, labels or None): it may be
-    ``(inputs, labels)``, ``(inputs, None)``, a tensor, or a tuple of the model's inputs."""
-    import torch
-    c = calibration
-    if isinstance(c, (tuple, list)) and len(c) == 2 and (c[1] is None or isinstance(c[1], torch.Tensor)) \
-            and isinstance(c[0], (torch.Tensor, tuple, list)):
-        return (tuple(c[0]) if isinstance(c[0], (tuple, list)) else (c[0],)), c[1]
-    return (tuple(c) if isinstance(c, (tuple, list)) else (c,)), None
+__all__ = ["Frames", "IMAGE_SUFFIXES", "make_frames", "read_inputs"]
