@@ -1,6 +1,8 @@
 """The house's rules read from the source tree: no function of ``coach_fx/``, ``passes/`` or
 ``runtime/`` is over 80 lines; ``passes/`` never imports ``runtime/``, and ``runtime/`` imports
-``coach_fx/`` only through its documented deploy interface. Modules and records have no size limit: a module
+``coach_fx/`` only through its documented deploy interface; each hand-off record has its one
+builder; only the deploy layer names a plan directory's files, and a deployment (server, end,
+``coach serve``/``run``) loads no compile side. Modules and records have no size limit: a module
 is as long as its one role needs and a record has the fields it has (issue #32); a rule about
 their sizes only made the tree split by length instead of by role."""
 
@@ -63,6 +65,8 @@ BUILDERS = {
                    "runtime/plans.py"},           # CutProfile.from_json: from a plan directory
     "ReplyStats": {"runtime/cloud.py",            # reply_stats: the cloud's figures for one reply
                    "runtime/wire.py"},            # ReplyStats.of: from the reply's entry
+    "OnlinePlans": {"coach_fx/online/__init__.py",    # OnlineModel.online_plans: from its variants
+                    "coach_fx/deploy/saved_plan.py"},  # open_plan: from a plan directory
     "SavedPlan": {"coach_fx/deploy/saved_plan.py"},   # open_plan: a plan directory, opened once
     "PlanFiles": {"coach_fx/deploy/saved_plan.py"},   # the verified reader, made only by open_plan
 }
