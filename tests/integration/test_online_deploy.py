@@ -141,10 +141,18 @@ def test_a_saved_online_model_serves_every_plan_and_connect_runs_its_policy(onli
         for target in (plan, om):
             with coach_fx.connect(target, server.address, token=TOKEN, fallback="local",
                                   config=StreamConfig(end_slowdown=10.0)) as rm:
-                got = torch.tensor([int(o.argmax(1)) for o in rm.stream(frames)])
-                summary = rm.policy.summary()
-                assert rm.stats().n == len(frames)
-            assert (got == unquantized).float().mean() >= 0.97, summary
+                # the probing starts from the first lower bound, which a slower host makes lower
+                # (its sends are further apart): the stream goes on, at most 4 times, until the
+                # estimate has climbed past the band's edge
+                got: list[int] = []
+                for _ in range(4):
+                    got += [int(o.argmax(1)) for o in rm.stream(frames)]
+                    summary = rm.policy.summary()
+                    if summary["switches"]:
+                        break
+                assert rm.stats().n == len(got)         # every frame of every pass answered
+            got = torch.tensor(got)
+            assert (got == unquantized.repeat(len(got) // len(frames))).float().mean() >= 0.97, summary
             assert summary["hits"] > 0 and rm.outcomes.answered_on_end == summary["hits"]
             assert summary["switches"] >= 1, summary
         assert server.snapshot().served > 0
