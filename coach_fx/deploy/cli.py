@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import signal
 import threading
 from pathlib import Path
@@ -359,9 +361,6 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str]) -> int:
     """``coach serve ...`` or ``coach run ...`` (``argv`` starts with the command)."""
-    import os
-    import sys
-
     ap = argparse.ArgumentParser(prog="coach", description="the two sides of a saved plan")
     add_deploy_commands(ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND"))
     a = ap.parse_args(argv)
