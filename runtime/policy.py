@@ -137,6 +137,19 @@ def mean_end_s(miss_s: float, hit_s: float, answered: float) -> float:
     return answered * hit_s + (1 - answered) * miss_s
 
 
+#: how much longer the pipeline's slowest stage may get by cache lookups before the policy
+#: skips them (``OnlinePolicy._cache_pays``)
+LOOKUP_SLACK = 1.25
+
+
+def bottleneck_with_cache(end_s: float, link_s: float, cloud_s: float, sent: float) -> float:
+    """The pipeline's slowest stage per request with semantic-cache lookups: the end's mean
+    work with them (``end_s``), the link and the cloud for the ``sent`` share of requests (the
+    rest answered on the end). Without lookups it is ``max(end, link, cloud)``: lookups pay
+    when this is no more (the planner's and the runtime's one rule)."""
+    return max(end_s, link_s * sent, cloud_s * sent)
+
+
 def label_of(out: Any) -> int:
     """The class a classifier's output names: argmax of its first tensor."""
     leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -364,17 +377,19 @@ class OnlinePolicy:
         return mean_end_s(miss, v.times.hit_s if v.times.hit_s is not None else miss, self.answered_share(v))
 
     def _cache_pays(self, v: Variant) -> bool:
-        """Whether a lookup is worth its end time now: a hit saves link and cloud time (and the
-        end's quantize and encode), a miss costs the lookup; while the end device is the
-        bottleneck by a margin and lookups cost it more than its hits save, skip them."""
+        """Whether a lookup is worth its end time now: the pipeline's bottleneck with lookups
+        (the end's mean work with them; the link and the cloud only for the share not answered
+        on the end, ``bottleneck_with_cache``, the planner's rule) against it without, which
+        lookups may lengthen by up to ``LOOKUP_SLACK`` (a hit is answered at once and sends
+        nothing: latency and bytes that a few percent of throughput buy)."""
         mbps = self.control.estimator.mbps
         if mbps is None or v.times.host_s is None:
             return True
-        if self._cached_end_s(v) <= v.times.host_s:
-            return True
-        end = self._cached_end_s(v) * self.end_slowdown
         link = self.control.link_seconds(v.plan_id, v.profile.min_bits, mbps)
-        return max(link, self.control.cloud_s.get(v.plan_id, 0.0)) > 0.8 * end
+        cloud = self.control.cloud_s.get(v.plan_id, 0.0)
+        with_cache = bottleneck_with_cache(self._cached_end_s(v) * self.end_slowdown, link, cloud,
+                                           1.0 - self.answered_share(v))
+        return with_cache <= LOOKUP_SLACK * max(v.times.host_s * self.end_slowdown, link, cloud)
 
     def end_stage_s(self, v: Variant) -> float | None:
         """The end stage of plan ``v`` on the emulated device (None: not measured)."""
@@ -402,4 +417,5 @@ class OnlinePolicy:
                 "estimate_mbps": self.control.estimator.mbps}
 
 
-__all__ = ["OnlinePolicy", "Policy", "Prepared", "StaticPolicy", "label_of", "mean_end_s"]
+__all__ = ["OnlinePolicy", "Policy", "Prepared", "StaticPolicy", "bottleneck_with_cache", "label_of",
+           "mean_end_s"]

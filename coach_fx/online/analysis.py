@@ -31,7 +31,7 @@ from coach_fx.plan import evaluate
 from coach_fx.runtime.features import pooled_features
 from coach_fx.runtime.plans import CacheSetup, CrossingBits, Sizes
 from coach_fx.passes.wire_sizes import QUANT_BITS
-from coach_fx.runtime.policy import mean_end_s
+from coach_fx.runtime.policy import bottleneck_with_cache, mean_end_s
 from coach_fx.settings import Network, Settings
 from coach_fx.runtime.timing import quiet_time, quiet_times
 
@@ -264,11 +264,11 @@ class CutAnalysis:
         if cache is None or not with_cache:
             return plain
         # with the cache: its lookups cost end time, its hits save link and cloud time (the
-        # runtime skips lookups while they do not pay, so never worse than without)
+        # runtime skips lookups while they do not pay, ``OnlinePolicy._cache_pays``)
         sent = 1.0 - cache.hit_rate * (1 - self.audit_rate)
         if self.settings.costs == "measured":
             t_end = self.settings.end.seconds(self.end_cached_s(end_nodes))
-        cached = (max(t_end, p.t_link * sent, t_cloud * sent), t_end + sent * (p.t_link + t_cloud))
+        cached = (bottleneck_with_cache(t_end, p.t_link, t_cloud, sent), t_end + sent * (p.t_link + t_cloud))
         return min(plain, cached)
 
     def end_host_s(self, end_nodes: tuple, cache: bool = True, hit: bool = False) -> float:

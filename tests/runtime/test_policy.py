@@ -14,7 +14,7 @@ from coach_fx.runtime.config import Bands, CacheConfig, ControlConfig, PolicyCon
 from coach_fx.runtime.end import EndWorker
 from coach_fx.runtime.links import InProcessLink, VirtualClock
 from coach_fx.runtime.plans import CacheSetup, CrossingBits, CutProfile, EndHalf, EndTimes, FinishOnEnd, Sizes, Variant
-from coach_fx.runtime.policy import OnlinePolicy
+from coach_fx.runtime.policy import OnlinePolicy, bottleneck_with_cache
 from coach_fx.runtime.wire import FLAG_CACHE_HIT, QUANT, WireError, decode
 
 
@@ -145,8 +145,29 @@ def test_a_hit_is_charged_its_own_end_work_and_lookups_run_while_hits_save_end_t
     # lookups go on although the end is the bottleneck
     assert policy.end_stage_s(v) < v.times.host_s * 10
     assert policy._cache_pays(v)
-    # with hits as dear as misses they would only slow an end-bound stream down
+    # with hits as dear as misses they would only slow an end-bound stream down: by 20 % they
+    # may (a hit answers at once and sends nothing), by 40 % not
     v.times.hit_s = 1.2e-3
+    assert policy._cache_pays(v)
+    v.times = EndTimes(1e-3, 4e-4, 1.4e-3)
+    assert not policy._cache_pays(v)
+
+
+def test_lookups_go_on_while_the_link_is_the_bottleneck_though_they_cost_the_end(tiny_split):
+    model, gm, dag, x = tiny_split
+    v, _, _ = variant(gm, dag, upto(dag, "relu"), 0, cache=cache_setup())
+    v.times = EndTimes(1e-3, 5e-4, 1.5e-3)       # hits no cheaper than misses: lookups only cost the end
+    policy = online_policy([v], audit_rate=0.0, end_slowdown=10.0)
+    policy.prepare(0, (x,))
+    # a slow link (its message 0.2 s on the wire): answering a share of requests on the end
+    # takes that share off it
+    policy.on_result(0, model(x), ReplyStats(1e-6, float(v.message_bytes()), 0.2), False)
+    link = policy.control.link_seconds(0, v.profile.min_bits, policy.control.estimator.mbps)
+    assert link > 2 * policy.end_stage_s(v)
+    assert policy._cache_pays(v)
+    assert bottleneck_with_cache(15e-3, link, 0.0, 0.5) < max(10e-3, link)
+    # the same link but an end 10x slower still: the end is the bottleneck, the lookups only add to it
+    policy.end_slowdown = 1000.0
     assert not policy._cache_pays(v)
 
 
