@@ -145,8 +145,8 @@ LOOKUP_SLACK = 1.25
 def bottleneck_with_cache(end_s: float, link_s: float, cloud_s: float, sent: float) -> float:
     """The pipeline's slowest stage per request with semantic-cache lookups: the end's mean
     work with them (``end_s``), the link and the cloud for the ``sent`` share of requests (the
-    rest answered on the end). Without lookups it is ``max(end, link, cloud)``: lookups pay
-    when this is no more (the planner's and the runtime's one rule)."""
+    rest answered on the end); ``sent=1``: without lookups. The planner prices a cut with the
+    better of the two, the runtime looks up while it stays within ``LOOKUP_SLACK`` of it."""
     return max(end_s, link_s * sent, cloud_s * sent)
 
 
@@ -389,7 +389,7 @@ class OnlinePolicy:
         cloud = self.control.cloud_s.get(v.plan_id, 0.0)
         with_cache = bottleneck_with_cache(self._cached_end_s(v) * self.end_slowdown, link, cloud,
                                            1.0 - self.answered_share(v))
-        return with_cache <= LOOKUP_SLACK * max(v.times.host_s * self.end_slowdown, link, cloud)
+        return with_cache <= LOOKUP_SLACK * bottleneck_with_cache(v.times.host_s * self.end_slowdown, link, cloud, 1.0)
 
     def end_stage_s(self, v: Variant) -> float | None:
         """The end stage of plan ``v`` on the emulated device (None: not measured)."""

@@ -259,7 +259,7 @@ class CutAnalysis:
             # the cache lookup), which decides between close cuts on a slow end device
             t_end = self.settings.end.seconds(self.end_host_s(end_nodes, False))
             t_cloud = self.settings.cloud.seconds(self.cloud_host_s(end_nodes))
-        plain = (max(t_end, p.t_link, t_cloud), t_end + p.t_link + t_cloud)
+        plain = (bottleneck_with_cache(t_end, p.t_link, t_cloud, 1.0), t_end + p.t_link + t_cloud)
         cache = info.cache.setup
         if cache is None or not with_cache:
             return plain
